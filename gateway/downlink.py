@@ -1,0 +1,144 @@
+"""The paced sender: one task per connection that writes text and Opus to the device in order.
+
+Text frames go out at their position in the queue without costing time; audio frames follow the
+:class:`~gateway.pacing.PlayoutClock`; `tts stop` waits until the device has played what it was
+sent. ``abort()`` empties the queue and wakes a sleeping sender at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import Awaitable, Callable
+
+from gateway import protocol
+from gateway.pacing import PlayoutClock
+from gateway.turns import Action, Audio, Flush, Stop, Text
+
+log = logging.getLogger("gateway.downlink")
+
+Send = Callable[[str | bytes], Awaitable[None]]
+
+
+class PacedSender:
+    """Orders and paces everything the gateway sends to one device during replies."""
+
+    def __init__(
+        self,
+        send: Send,
+        session_id: str,
+        version: int,
+        frame_s: float,
+        lead_frames: int,
+        stop_margin_s: float,
+        on_first_audio: Callable[[], None] | None = None,
+        on_stop: Callable[[Stop], Awaitable[None]] | None = None,
+    ) -> None:
+        self._send = send
+        self.session_id = session_id
+        self.version = version
+        self.clock = PlayoutClock(frame_s, lead_frames)
+        self.stop_margin_s = stop_margin_s
+        self._queue: deque[Action] = deque()
+        self._wake = asyncio.Event()
+        self._interrupt = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._on_first_audio = on_first_audio
+        self._on_stop = on_stop
+        self._awaiting_first_audio = False
+        self.frames_sent = 0
+        self.late_frames = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"downlink-{self.session_id}")
+
+    async def close(self) -> None:
+        self._queue.clear()
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+
+    def push(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Flush):
+                self._drop_queue()
+                continue
+            self._queue.append(action)
+        if actions:
+            self._wake.set()
+
+    def abort(self) -> None:
+        """Drop everything queued and stop waiting; the caller sends `tts stop` itself."""
+        self._drop_queue()
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def _drop_queue(self) -> None:
+        self._queue.clear()
+        self._interrupt.set()
+        self._wake.set()
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Sleep unless interrupted; True if the full time passed."""
+        if seconds <= 0:
+            return not self._interrupt.is_set()
+        try:
+            await asyncio.wait_for(self._interrupt.wait(), seconds)
+            return False
+        except asyncio.TimeoutError:
+            return True
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            self._interrupt.clear()
+            action = self._queue.popleft()
+            try:
+                await self._perform(action)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a dead socket ends the session elsewhere
+                log.debug("downlink send failed: %s", exc)
+                self._queue.clear()
+
+    async def _perform(self, action: Action) -> None:
+        if isinstance(action, Text):
+            if action.kind == "stt":
+                await self._send(protocol.stt(self.session_id, action.text))
+            elif action.kind == "tts_start":
+                self.clock.reset()
+                self._awaiting_first_audio = True
+                await self._send(protocol.tts_start(self.session_id))
+            elif action.kind == "emotion":
+                await self._send(protocol.llm_emotion(self.session_id, action.emotion))
+            elif action.kind == "sentence_start":
+                await self._send(protocol.sentence_start(self.session_id, action.text))
+        elif isinstance(action, Audio):
+            delay = self.clock.delay(time.monotonic())
+            if not await self._sleep(delay):
+                return  # aborted while waiting: the frame is dropped with the queue
+            now = time.monotonic()
+            self.clock.sent(now)
+            await self._send(protocol.encode_audio(action.opus, self.version, int(now * 1000) & 0xFFFFFFFF))
+            self.frames_sent += 1
+            if self._awaiting_first_audio:
+                self._awaiting_first_audio = False
+                if self._on_first_audio:
+                    self._on_first_audio()
+        elif isinstance(action, Stop):
+            wait = self.clock.buffered(time.monotonic()) + self.stop_margin_s
+            if not await self._sleep(wait):
+                return
+            await self._send(protocol.tts_stop(self.session_id))
+            if self._on_stop:
+                await self._on_stop(action)

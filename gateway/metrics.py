@@ -1,0 +1,16 @@
+"""The gateway's Prometheus metrics."""
+
+from prometheus_client import Counter, Gauge
+
+from shared.metrics import DROPPED, ERRORS, histogram
+
+__all__ = ["DROPPED", "ERRORS"]
+
+SESSIONS = Gauge("xz_gateway_sessions", "Open device WebSocket sessions")
+MESSAGES_IN = Counter("xz_gateway_messages_in_total", "JSON messages from devices, by type", ["type"])
+FRAMES_IN = Counter("xz_gateway_audio_frames_in_total", "Uplink Opus frames forwarded to VAD")
+FRAMES_OUT = Counter("xz_gateway_audio_frames_out_total", "Downlink Opus frames sent to devices")
+ABORTS = Counter("xz_gateway_aborts_total", "Aborts received from devices")
+TURNS = Counter("xz_gateway_turns_total", "Replies played to the end")
+OTA_REQUESTS = Counter("xz_gateway_ota_requests_total", "OTA requests, by method and result", ["method", "result"])
+TEXT_TURN_FIRST_AUDIO = histogram("xz_gateway_text_turn_first_audio_seconds", "Typed-text turn to first downlink audio frame")

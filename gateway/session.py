@@ -1,0 +1,321 @@
+"""One device connection: hello, listen/abort handling, uplink to NATS, downlink from NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from gateway import metrics as m
+from gateway import protocol
+from gateway.downlink import PacedSender
+from gateway.turns import Stop, TurnAssembler
+from shared import logging as xlog
+from shared.messages import AudioFrameMeta, Control, OutEvent, UserTurn, VadClaim, VadClaimAck, new_turn_id
+from shared.settings import GatewaySettings
+from shared.subjects import Subjects
+
+log = logging.getLogger("gateway.session")
+
+_PUNCT = re.compile(r"[\s\.,!?;:，。！？；：、~～\"'“”‘’]+")
+
+
+def normalise_wake_word(text: str) -> str:
+    return _PUNCT.sub("", text).lower()
+
+
+class DeviceSession:
+    """State that must live next to the socket: hello, listen mode, turns, paced downlink."""
+
+    def __init__(
+        self,
+        ws: ServerConnection,
+        nc: NATS,
+        settings: GatewaySettings,
+        subjects: Subjects,
+        device_id: str,
+        client_id: str,
+        version: int,
+    ) -> None:
+        self.ws = ws
+        self.nc = nc
+        self.settings = settings
+        self.subjects = subjects
+        self.device_id = device_id
+        self.client_id = client_id
+        self.version = version
+        self.session_id = str(uuid.uuid4())
+        self.hello: protocol.Hello | None = None
+        self.mode = "auto"
+        self.assembler = TurnAssembler()
+        self.downlink = PacedSender(
+            self._send,
+            self.session_id,
+            version,
+            settings.frame_duration / 1000,
+            settings.prebuffer_frames,
+            settings.stop_tail_ms / 1000,
+            on_first_audio=self._first_audio,
+            on_stop=self._reply_done,
+        )
+        self._out_sub = None
+        self._claimed = asyncio.Event()
+        self._claim_task: asyncio.Task | None = None
+        self._closing = False
+        self._last_turn_activity = time.monotonic()
+        self._turn_started_at: dict[str, float] = {}
+        self._watchdog: asyncio.Task | None = None
+        self._wake_words = {normalise_wake_word(w) for w in settings.wake_words}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        """Serve the connection until it closes."""
+        xlog.set_session(self.session_id)
+        m.SESSIONS.inc()
+        log.info("connected", extra={"fields": {"device_id": self.device_id, "client_id": self.client_id, "protocol_version": self.version}})
+        try:
+            if not await self._await_hello():
+                return
+            self.downlink.start()
+            self._watchdog = asyncio.create_task(self._turn_watchdog())
+            async for message in self.ws:
+                await self._on_message(message)
+        except ConnectionClosed:
+            pass
+        finally:
+            await self._cleanup()
+            m.SESSIONS.dec()
+            log.info("disconnected")
+
+    async def _await_hello(self) -> bool:
+        deadline = time.monotonic() + self.settings.hello_timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.info("no hello in time, closing")
+                m.DROPPED.labels("gateway", "hello_timeout").inc()
+                await self.ws.close(1008, "hello timeout")
+                return False
+            try:
+                message = await asyncio.wait_for(self.ws.recv(), remaining)
+            except asyncio.TimeoutError:
+                continue
+            if isinstance(message, bytes):
+                m.DROPPED.labels("gateway", "audio_before_hello").inc()
+                continue
+            try:
+                parsed = protocol.parse_message(message)
+            except protocol.ProtocolError as exc:
+                self._bad_input(exc)
+                continue
+            if isinstance(parsed, protocol.Hello):
+                await self._on_hello(parsed)
+                return True
+            m.DROPPED.labels("gateway", "message_before_hello").inc()
+            log.info("message before hello ignored", extra={"fields": {"type": type(parsed).__name__}})
+
+    async def _on_hello(self, hello: protocol.Hello) -> None:
+        self.hello = hello
+        await self._send(protocol.server_hello(self.session_id, self.settings.sample_rate, self.settings.frame_duration, self.version))
+        self._out_sub = await self.nc.subscribe(self.subjects.out(self.session_id), cb=self._on_out)
+        self._claim_task = asyncio.create_task(self._claim_vad())
+        log.info("hello", extra={"fields": {"features": hello.features, "uplink_rate": hello.audio.sample_rate, "uplink_frame_ms": hello.audio.frame_duration}})
+
+    async def _claim_vad(self) -> None:
+        claim = VadClaim(
+            session_id=self.session_id,
+            device_id=self.device_id,
+            sample_rate=self.hello.audio.sample_rate if self.hello else 16000,
+            frame_duration=self.hello.audio.frame_duration if self.hello else 60,
+            mode=self.mode,  # type: ignore[arg-type]
+        )
+        for attempt in range(5):
+            try:
+                reply = await self.nc.request(self.subjects.vad_claim, claim.encode(), timeout=self.settings.claim_timeout_s)
+                ack = VadClaimAck.decode(reply.data)
+                log.info("vad claimed", extra={"fields": {"worker": ack.worker_id}})
+                self._claimed.set()
+                return
+            except Exception as exc:  # noqa: BLE001
+                log.warning("vad claim failed (attempt %d): %s", attempt + 1, exc)
+                m.ERRORS.labels("gateway", "vad_claim").inc()
+                await asyncio.sleep(0.5 * (attempt + 1))
+        log.error("no VAD worker took the session; speech will not be heard")
+
+    async def _cleanup(self) -> None:
+        self._closing = True
+        if self._watchdog:
+            self._watchdog.cancel()
+        if self._claim_task and not self._claim_task.done():
+            self._claim_task.cancel()
+        await self.downlink.close()
+        if self._out_sub is not None:
+            try:
+                await self._out_sub.unsubscribe()
+            except Exception:  # noqa: BLE001
+                pass
+            await self._publish_ctl(Control(session_id=self.session_id, kind="close"))
+
+    # ------------------------------------------------------------------ device -> server
+
+    async def _on_message(self, message: str | bytes) -> None:
+        if isinstance(message, bytes):
+            await self._on_audio(message)
+            return
+        try:
+            parsed = protocol.parse_message(message)
+        except protocol.ProtocolError as exc:
+            self._bad_input(exc)
+            return
+        m.MESSAGES_IN.labels(type(parsed).__name__.lower()).inc()
+        if isinstance(parsed, protocol.Hello):
+            # A second hello just gets another reply (protocol.md §3.2).
+            await self._send(protocol.server_hello(self.session_id, self.settings.sample_rate, self.settings.frame_duration, self.version))
+        elif isinstance(parsed, protocol.Listen):
+            await self._on_listen(parsed)
+        elif isinstance(parsed, protocol.Abort):
+            await self._on_abort(parsed)
+        elif isinstance(parsed, protocol.Ping):
+            await self._send(protocol.pong())
+        elif isinstance(parsed, protocol.Mcp):
+            log.debug("mcp message from device", extra={"fields": {"payload_id": parsed.payload.get("id")}})
+        else:
+            m.DROPPED.labels("gateway", "unknown_type").inc()
+            log.info("unknown message type ignored", extra={"fields": {"type": parsed.type}})
+
+    def _bad_input(self, exc: protocol.ProtocolError) -> None:
+        m.DROPPED.labels("gateway", exc.reason).inc()
+        log.info("bad input dropped", extra={"fields": {"reason": exc.reason, "detail": str(exc)[:120]}})
+
+    async def _on_audio(self, data: bytes) -> None:
+        try:
+            opus, _timestamp = protocol.decode_audio(data, self.version)
+        except protocol.ProtocolError as exc:
+            self._bad_input(exc)
+            return
+        if not self._claimed.is_set():
+            try:
+                await asyncio.wait_for(self._claimed.wait(), self.settings.claim_timeout_s)
+            except asyncio.TimeoutError:
+                m.DROPPED.labels("gateway", "no_vad_owner").inc()
+                return
+        m.FRAMES_IN.inc()
+        await self.nc.publish(self.subjects.audio(self.session_id), opus)
+
+    async def _on_listen(self, listen: protocol.Listen) -> None:
+        log.info("listen", extra={"fields": {"state": listen.state, "mode": listen.mode, "text": listen.text}})
+        if listen.state == "start":
+            self.mode = listen.mode or "auto"
+            await self._publish_ctl(Control(session_id=self.session_id, kind="listen_start", mode=self.mode))  # type: ignore[arg-type]
+        elif listen.state == "stop":
+            await self._publish_ctl(Control(session_id=self.session_id, kind="listen_stop"))
+        elif listen.state == "detect":
+            text = (listen.text or "").strip()
+            await self._publish_ctl(Control(session_id=self.session_id, kind="detect", text=text))
+            if not text:
+                return
+            if normalise_wake_word(text) in self._wake_words:
+                # The device goes on with `listen start`; the greeting comes with a later issue.
+                log.info("wake word", extra={"fields": {"text": text}})
+                return
+            await self._text_turn(text)
+
+    async def _text_turn(self, text: str) -> None:
+        """Typed text (`listen detect` that is no wake word) is a user turn (protocol.md §6.7)."""
+        turn_id = new_turn_id()
+        self.assembler.begin_text_turn(turn_id)
+        self._turn_started_at[turn_id] = time.monotonic()
+        turn = UserTurn(session_id=self.session_id, turn_id=turn_id, device_id=self.device_id, text=text, source="text")
+        with xlog.bind(turn_id=turn_id):
+            log.info("text turn", extra={"fields": {"text": text}})
+        await self.nc.publish(self.subjects.llm(self.session_id), turn.encode())
+
+    async def _on_abort(self, abort: protocol.Abort) -> None:
+        turn_id, _was_started = self.assembler.abort()
+        self.downlink.abort()
+        # Always answer with `tts stop`: a button-abort device stays in speaking until it comes.
+        await self._send(protocol.tts_stop(self.session_id))
+        m.ABORTS.inc()
+        with xlog.bind(turn_id=turn_id):
+            log.info("abort", extra={"fields": {"reason": abort.reason}})
+        await self._publish_ctl(Control(session_id=self.session_id, kind="abort", turn_id=turn_id))
+
+    async def _publish_ctl(self, ctl: Control) -> None:
+        if ctl.kind != "close" and not self._claimed.is_set():
+            try:
+                await asyncio.wait_for(self._claimed.wait(), self.settings.claim_timeout_s)
+            except asyncio.TimeoutError:
+                pass
+        try:
+            await self.nc.publish(self.subjects.ctl(self.session_id), ctl.encode())
+        except Exception as exc:  # noqa: BLE001
+            m.ERRORS.labels("gateway", "publish").inc()
+            log.warning("control publish failed: %s", exc)
+
+    # ------------------------------------------------------------------ NATS -> device
+
+    async def _on_out(self, msg: Msg) -> None:
+        if self._closing:
+            return
+        meta = AudioFrameMeta.from_headers(msg.headers)
+        before = self.assembler.dropped
+        if meta is not None:
+            actions = self.assembler.on_audio(meta.turn_id, meta.seq, meta.index, msg.data)
+        else:
+            try:
+                event = OutEvent.decode(msg.data)
+            except Exception:  # noqa: BLE001
+                m.DROPPED.labels("gateway", "bad_out_event").inc()
+                return
+            with xlog.bind(turn_id=event.turn_id):
+                log.debug("event", extra={"fields": {"kind": event.kind, "seq": event.seq}})
+                if event.kind in ("stt", "error"):
+                    log.info(event.kind, extra={"fields": {"text": event.text}})
+            actions = self.assembler.on_event(event)
+        if self.assembler.dropped > before:
+            m.DROPPED.labels("gateway", "stale_turn").inc(self.assembler.dropped - before)
+        if actions:
+            self._last_turn_activity = time.monotonic()
+            self.downlink.push(actions)
+
+    def _first_audio(self) -> None:
+        turn_id = self.assembler.current_turn_id
+        started = self._turn_started_at.pop(turn_id, None) if turn_id else None
+        if started is not None:
+            m.TEXT_TURN_FIRST_AUDIO.observe(time.monotonic() - started)
+
+    async def _reply_done(self, stop: Stop) -> None:
+        with xlog.bind(turn_id=stop.turn_id):
+            log.info("reply played", extra={"fields": {"frames_sent": self.downlink.frames_sent}})
+        m.TURNS.inc()
+        if stop.close_after:
+            await self.ws.close()
+
+    async def _turn_watchdog(self) -> None:
+        """End a turn that produces nothing for too long, so the device is never left hanging."""
+        while True:
+            await asyncio.sleep(1.0)
+            if self.assembler.current_turn_id is None:
+                continue
+            if self.downlink.pending:
+                self._last_turn_activity = time.monotonic()
+                continue
+            if time.monotonic() - self._last_turn_activity > self.settings.turn_timeout_s:
+                log.warning("turn timed out")
+                m.ERRORS.labels("gateway", "turn_timeout").inc()
+                self.downlink.push(self.assembler.timeout())
+
+    async def _send(self, data: str | bytes) -> None:
+        await self.ws.send(data)
+        if isinstance(data, bytes):
+            m.FRAMES_OUT.inc()

@@ -1,0 +1,1 @@
+"""Common code for every xiaozhi service: messages, subjects, settings, NATS, logging, metrics."""

@@ -1,0 +1,73 @@
+"""NATS connection helper: reconnect for ever, log what happens, drain on shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import nats
+from nats.aio.client import Client as NATS
+
+from shared.settings import NatsSettings
+
+log = logging.getLogger("shared.bus")
+
+
+async def connect(settings: NatsSettings, name: str, *, retry_first: bool = True) -> NATS:
+    """Connect to NATS with unlimited reconnects; wait for the first connection if asked.
+
+    A service started before NATS (or while it restarts) keeps retrying instead of failing.
+    """
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats error: %s", exc)
+
+    async def on_disconnected() -> None:
+        log.warning("nats disconnected")
+
+    async def on_reconnected() -> None:
+        log.info("nats reconnected", extra={"fields": {"url": nc.connected_url.geturl() if nc.connected_url else None}})
+
+    async def on_closed() -> None:
+        log.info("nats connection closed")
+
+    nc = NATS()
+    delay = 0.2
+    while True:
+        try:
+            await nc.connect(
+                servers=[u.strip() for u in settings.url.split(",") if u.strip()],
+                name=name,
+                connect_timeout=settings.connect_timeout_s,
+                max_reconnect_attempts=settings.max_reconnect_attempts,
+                reconnect_time_wait=settings.reconnect_wait_s,
+                allow_reconnect=True,
+                error_cb=on_error,
+                disconnected_cb=on_disconnected,
+                reconnected_cb=on_reconnected,
+                closed_cb=on_closed,
+                # Large enough for an utterance of 30 s of Opus and more.
+                pending_size=64 * 1024 * 1024,
+            )
+            log.info("nats connected", extra={"fields": {"url": settings.url}})
+            return nc
+        except Exception as exc:  # noqa: BLE001 - any failure to connect is retried
+            if not retry_first:
+                raise
+            log.warning("nats connect failed, retrying: %s", exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+async def drain(nc: NATS, timeout_s: float) -> None:
+    """Finish in-flight messages, then close; never hang past ``timeout_s``."""
+    if nc.is_closed:
+        return
+    try:
+        await asyncio.wait_for(nc.drain(), timeout_s)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("nats drain did not finish cleanly: %s", exc)
+        try:
+            await nc.close()
+        except Exception:  # noqa: BLE001
+            pass

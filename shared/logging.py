@@ -1,0 +1,110 @@
+"""Structured logging: one JSON object per line, stamped with the service, session and turn.
+
+Use :func:`bind` (a context manager) around work on a session or turn; every log line inside
+it, including lines from awaited coroutines, carries those ids. Extra fields go in
+``log.info("msg", extra={"fields": {...}})`` or through :func:`event`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import logging
+import sys
+import time
+from typing import Any, Iterator
+
+_session: contextvars.ContextVar[str | None] = contextvars.ContextVar("session_id", default=None)
+_turn: contextvars.ContextVar[str | None] = contextvars.ContextVar("turn_id", default=None)
+_service = {"name": "xiaozhi"}
+
+
+@contextlib.contextmanager
+def bind(session_id: str | None = None, turn_id: str | None = None) -> Iterator[None]:
+    """Stamp every log line inside the block with this session and turn."""
+    tokens = []
+    if session_id is not None:
+        tokens.append((_session, _session.set(session_id)))
+    if turn_id is not None:
+        tokens.append((_turn, _turn.set(turn_id)))
+    try:
+        yield
+    finally:
+        for var, token in reversed(tokens):
+            var.reset(token)
+
+
+def set_session(session_id: str | None) -> None:
+    """Bind the session for the rest of the current task."""
+    _session.set(session_id)
+
+
+def set_turn(turn_id: str | None) -> None:
+    """Bind the turn for the rest of the current task."""
+    _turn.set(turn_id)
+
+
+class JsonFormatter(logging.Formatter):
+    """Formats a record as one JSON line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "service": _service["name"],
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        session = getattr(record, "session_id", None) or _session.get()
+        turn = getattr(record, "turn_id", None) or _turn.get()
+        if session:
+            out["session_id"] = session
+        if turn:
+            out["turn_id"] = turn
+        fields = getattr(record, "fields", None)
+        if fields:
+            out.update(fields)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """Human-readable lines for a terminal, with the same ids."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        session = getattr(record, "session_id", None) or _session.get()
+        turn = getattr(record, "turn_id", None) or _turn.get()
+        ids = ""
+        if session:
+            ids += f" s={session[:8]}"
+        if turn:
+            ids += f" t={turn[:8]}"
+        fields = getattr(record, "fields", None) or {}
+        extra = "".join(f" {k}={v}" for k, v in fields.items())
+        line = (
+            f"{time.strftime('%H:%M:%S', time.localtime(record.created))}.{int(record.msecs):03d} "
+            f"{record.levelname[0]} {_service['name']}{ids} {record.getMessage()}{extra}"
+        )
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup(service: str, level: str = "INFO", json_lines: bool = True) -> None:
+    """Configure the root logger for a service process."""
+    _service["name"] = service
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("nats", "websockets", "aiohttp.access", "faster_whisper"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def event(logger: logging.Logger, msg: str, level: int = logging.INFO, **fields: Any) -> None:
+    """Log ``msg`` with structured ``fields``."""
+    logger.log(level, msg, extra={"fields": fields})

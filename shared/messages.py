@@ -1,0 +1,241 @@
+"""Typed messages that travel between stages over NATS.
+
+Every message of a turn carries the session id and the turn id, so that a stale turn can be
+recognised and dropped anywhere ("turn fencing"). JSON messages are pydantic models; audio
+travels as raw bytes with its metadata in NATS headers (see :class:`AudioFrameMeta`).
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+ListenMode = Literal["auto", "manual", "realtime"]
+
+
+def new_turn_id() -> str:
+    """A fresh, unique turn id."""
+    return uuid.uuid4().hex[:16]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Message(BaseModel):
+    """Base class: JSON (de)serialisation to and from NATS payloads."""
+
+    model_config = {"extra": "ignore"}
+
+    def encode(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def decode(cls, data: bytes):
+        return cls.model_validate_json(data)
+
+
+class VadClaim(Message):
+    """Gateway asks a VAD worker to own a session's uplink audio."""
+
+    session_id: str
+    device_id: str = ""
+    sample_rate: int = 16000
+    frame_duration: int = 60
+    mode: ListenMode = "auto"
+
+
+class VadClaimAck(Message):
+    """A VAD worker has subscribed to the session and owns it now."""
+
+    session_id: str
+    worker_id: str
+
+
+class Control(Message):
+    """Session control, published by the gateway on ``xz.ctl.<S>``."""
+
+    session_id: str
+    kind: Literal["listen_start", "listen_stop", "detect", "abort", "close"]
+    mode: ListenMode | None = None
+    turn_id: str | None = None
+    text: str | None = None
+
+
+class Utterance(Message):
+    """Metadata of one finished utterance, VAD -> ASR. The body follows the JSON header."""
+
+    session_id: str
+    turn_id: str
+    device_id: str = ""
+    sample_rate: int = 16000
+    speech_end_ms: int = Field(default_factory=now_ms)
+    frames: int = 0
+
+    def pack(self, opus_frames: list[bytes]) -> bytes:
+        """JSON header, then each Opus packet prefixed by its 2-byte big-endian length."""
+        header = self.model_copy(update={"frames": len(opus_frames)}).encode()
+        parts = [struct.pack(">I", len(header)), header]
+        for frame in opus_frames:
+            parts.append(struct.pack(">H", len(frame)))
+            parts.append(frame)
+        return b"".join(parts)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> tuple["Utterance", list[bytes]]:
+        """Inverse of :meth:`pack`; raises ValueError on a truncated or malformed body."""
+        if len(data) < 4:
+            raise ValueError("utterance too short")
+        (hlen,) = struct.unpack_from(">I", data, 0)
+        if 4 + hlen > len(data):
+            raise ValueError("utterance header truncated")
+        meta = cls.decode(data[4 : 4 + hlen])
+        frames: list[bytes] = []
+        pos = 4 + hlen
+        while pos < len(data):
+            if pos + 2 > len(data):
+                raise ValueError("utterance frame length truncated")
+            (flen,) = struct.unpack_from(">H", data, pos)
+            pos += 2
+            if pos + flen > len(data):
+                raise ValueError("utterance frame truncated")
+            frames.append(data[pos : pos + flen])
+            pos += flen
+        if len(frames) != meta.frames:
+            raise ValueError(f"utterance says {meta.frames} frames, body has {len(frames)}")
+        return meta, frames
+
+
+class UserTurn(Message):
+    """One user turn as text, ASR or gateway -> LLM."""
+
+    session_id: str
+    turn_id: str
+    device_id: str = ""
+    text: str
+    source: Literal["asr", "text"] = "asr"
+    language: str | None = None
+    speech_end_ms: int | None = None
+
+
+class SentenceJob(Message):
+    """One sentence to synthesise, LLM -> TTS. ``seq`` orders sentences within a turn."""
+
+    session_id: str
+    turn_id: str
+    seq: int
+    text: str
+    voice: str | None = None
+    sample_rate: int = 24000
+    frame_duration: int = 60
+
+
+OutKind = Literal["stt", "emotion", "sentence_start", "sentence_end", "turn_end", "error"]
+
+
+class OutEvent(Message):
+    """An event for the device, any stage -> the gateway holding the session (``xz.out.<S>``).
+
+    - ``stt``: the recognised user text; opens the turn on the device.
+    - ``emotion``: the reply's emotion, once per turn.
+    - ``sentence_start`` / ``sentence_end``: brackets sentence ``seq``'s audio frames;
+      ``sentence_end.frames`` says how many frames the sentence had.
+    - ``turn_end``: no more sentences after ``sentences`` of them; ``close_after`` asks the
+      gateway to close the connection once the reply has played.
+    - ``error``: the turn failed; ``text`` is a short message for logs.
+    """
+
+    kind: OutKind
+    session_id: str
+    turn_id: str
+    seq: int = 0
+    text: str = ""
+    emotion: str = ""
+    frames: int = 0
+    sentences: int = 0
+    close_after: bool = False
+
+
+# Audio frames on xz.out.<S> carry their metadata in NATS headers.
+HDR_KIND = "Xz-Kind"
+HDR_TURN = "Xz-Turn"
+HDR_SEQ = "Xz-Seq"
+HDR_INDEX = "Xz-Index"
+KIND_AUDIO = "audio"
+
+
+class AudioFrameMeta(BaseModel):
+    """Metadata of one downlink Opus frame: which turn, which sentence, which frame."""
+
+    turn_id: str
+    seq: int
+    index: int
+
+    def headers(self) -> dict[str, str]:
+        return {
+            HDR_KIND: KIND_AUDIO,
+            HDR_TURN: self.turn_id,
+            HDR_SEQ: str(self.seq),
+            HDR_INDEX: str(self.index),
+        }
+
+    @classmethod
+    def from_headers(cls, headers: dict[str, str] | None) -> "AudioFrameMeta | None":
+        """The frame's metadata, or None when the headers do not describe an audio frame."""
+        if not headers or headers.get(HDR_KIND) != KIND_AUDIO:
+            return None
+        try:
+            return cls(
+                turn_id=headers[HDR_TURN], seq=int(headers[HDR_SEQ]), index=int(headers[HDR_INDEX])
+            )
+        except (KeyError, ValueError):
+            return None
+
+
+class ToolCall(Message):
+    """Request to a tools worker: call ``name`` with ``arguments``."""
+
+    session_id: str = ""
+    turn_id: str = ""
+    device_id: str = ""
+    name: str
+    arguments: dict = Field(default_factory=dict)
+
+
+class ToolResult(Message):
+    """A tool's answer.
+
+    ``action`` says what the LLM worker does with it: ``response`` speaks ``text`` directly,
+    ``reqllm`` feeds it back to the LLM, ``none`` only records it, ``error`` means the call failed.
+    """
+
+    name: str
+    ok: bool = True
+    action: Literal["response", "reqllm", "none", "error"] = "reqllm"
+    text: str = ""
+
+
+class ToolSpec(Message):
+    """One tool's OpenAI-style function schema."""
+
+    name: str
+    description: str
+    parameters: dict = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+    def openai(self) -> dict:
+        return {
+            "type": "function",
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": self.parameters,
+            },
+        }
+
+
+class ToolList(Message):
+    tools: list[ToolSpec] = Field(default_factory=list)

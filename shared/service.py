@@ -1,0 +1,98 @@
+"""The common lifecycle of a service process: settings, logging, NATS, metrics, signals.
+
+A service is an object with ``start(nc)``, ``stop()`` and ``health()``; :func:`run` wires it
+up, serves ``/metrics`` and ``/healthz``, and on SIGTERM/SIGINT stops taking work, drains NATS
+and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from typing import Any, Callable, Protocol
+
+from nats.aio.client import Client as NATS
+
+from shared import bus, metrics
+from shared import logging as xlog
+from shared.settings import Settings, load_settings
+
+log = logging.getLogger("shared.service")
+
+
+class Service(Protocol):
+    """What :func:`run` needs from a service."""
+
+    name: str
+
+    async def start(self, nc: NATS) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def health(self) -> dict[str, Any]: ...
+
+
+def parse_args(name: str, argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"xiaozhi run {name}", description=f"Run the {name} service.")
+    parser.add_argument("--config", help="YAML settings file (default: $XZ_CONFIG)")
+    parser.add_argument("--nats", help="NATS URL (overrides settings)")
+    parser.add_argument("--metrics-port", type=int, help="port for /metrics and /healthz (0: any free)")
+    return parser.parse_args(argv)
+
+
+def run(name: str, factory: Callable[[Settings], Service], metrics_port: Callable[[Settings], int], argv: list[str] | None = None) -> int:
+    """Run a service until SIGTERM/SIGINT. Returns the process exit code."""
+    args = parse_args(name, argv)
+    try:
+        settings = load_settings(args.config)
+    except Exception as exc:  # noqa: BLE001
+        print(f"{name}: bad settings: {exc}", file=sys.stderr)
+        return 2
+    if args.nats:
+        settings.nats.url = args.nats
+    xlog.setup(name, settings.log_level, settings.log_json)
+    port = args.metrics_port if args.metrics_port is not None else metrics_port(settings)
+    try:
+        return asyncio.run(_serve(name, settings, factory, port))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _serve(name: str, settings: Settings, factory: Callable[[Settings], Service], port: int) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    log.info("starting", extra={"fields": {"pid": os.getpid()}})
+    service = await asyncio.to_thread(factory, settings)
+    nc = await bus.connect(settings.nats, name=f"{name}-{os.getpid()}")
+    metrics.NATS_CONNECTED.labels(name).set(1)
+
+    def health() -> dict[str, Any]:
+        state = service.health()
+        connected = nc.is_connected
+        metrics.NATS_CONNECTED.labels(name).set(1 if connected else 0)
+        state.setdefault("ok", True)
+        state["ok"] = bool(state["ok"] and connected)
+        state["nats"] = "connected" if connected else ("reconnecting" if nc.is_reconnecting else "down")
+        state["service"] = name
+        return state
+
+    await service.start(nc)
+    runner, bound = await metrics.start_server(settings.metrics_host, port, health)
+    log.info("ready", extra={"fields": {"metrics_port": bound}})
+    await stop.wait()
+    log.info("stopping")
+    try:
+        await asyncio.wait_for(service.stop(), settings.nats.drain_timeout_s)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("service stop failed: %s", exc)
+    await bus.drain(nc, settings.nats.drain_timeout_s)
+    await runner.cleanup()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,180 @@
+"""Typed settings for every service: defaults in code, an optional YAML file, ``XZ_*`` env vars.
+
+Precedence (highest first): environment variables, the YAML file, the defaults below.
+Nested fields use ``__`` in environment variables, e.g. ``XZ_NATS__URL=nats://host:4222`` or
+``XZ_VAD__MIN_SILENCE_MS=900``. The YAML file is named by ``XZ_CONFIG`` or ``--config``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+try:  # pydantic-settings >= 2.2
+    from pydantic_settings import YamlConfigSettingsSource
+except ImportError:  # pragma: no cover
+    YamlConfigSettingsSource = None  # type: ignore[assignment]
+
+
+class NatsSettings(BaseModel):
+    """How to reach NATS."""
+
+    url: str = "nats://127.0.0.1:4222"
+    prefix: str = "xz"
+    connect_timeout_s: float = 5.0
+    # Keep retrying for ever: a service must outlive a NATS restart.
+    max_reconnect_attempts: int = -1
+    reconnect_wait_s: float = 0.5
+    drain_timeout_s: float = 10.0
+
+
+class MetricsSettings(BaseModel):
+    """Where a service serves ``/metrics`` and ``/healthz``. Port 0 picks a free port."""
+
+    host: str = "0.0.0.0"
+    port: int | None = None
+
+
+class GatewaySettings(BaseModel):
+    host: str = "0.0.0.0"
+    ws_port: int = 8000
+    http_port: int = 8003
+    ws_path: str = "/xiaozhi/v1/"
+    # The address devices use to reach us; auto-detected from the LAN interface when unset.
+    public_host: str | None = None
+    # Overrides the WebSocket URL handed out by OTA (e.g. behind a reverse proxy).
+    websocket_url: str | None = None
+    timezone_offset_minutes: int | None = None  # None: the server's local offset
+    metrics_port: int = 9100
+    # Downlink audio, announced in the hello.
+    sample_rate: int = 24000
+    frame_duration: int = 60
+    # Pacing (protocol.md §4.4): frames sent at once, then one per frame duration.
+    prebuffer_frames: int = 5
+    # After the last frame, wait this long before `tts stop` so the device plays its buffer.
+    stop_tail_ms: int = 420
+    hello_timeout_s: float = 10.0
+    claim_timeout_s: float = 2.0
+    max_ws_message_bytes: int = 65536
+    # A turn that produces nothing for this long is ended with `tts stop`.
+    turn_timeout_s: float = 30.0
+    wake_words: list[str] = Field(default_factory=lambda: ["你好小智", "你好小志", "小爱同学", "hi esp", "hey jarvis"])
+
+
+class VadSettings(BaseModel):
+    metrics_port: int = 9101
+    # Silero speech probability above which a window counts as speech, and below which it
+    # counts as silence (hysteresis).
+    threshold: float = 0.5
+    neg_threshold: float = 0.35
+    webrtc_aggressiveness: int = 2
+    # End of turn after this much silence. 700 ms lets people pause for breath without being
+    # cut off, and still answers quickly.
+    min_silence_ms: int = 700
+    # Speech shorter than this is noise (a cough, a click), not an utterance.
+    min_speech_ms: int = 250
+    # Audio kept before the detected speech onset, so the first syllable is not clipped.
+    preroll_ms: int = 300
+    max_utterance_s: float = 30.0
+
+
+class AsrSettings(BaseModel):
+    metrics_port: int = 9102
+    # "tiny.en" (packaged, English), "base" (packaged, multilingual) or a CTranslate2 model dir.
+    model: str = "tiny.en"
+    language: str | None = "en"
+    beam_size: int = 1
+    threads: int = 2
+    initial_prompt: str | None = None
+
+
+class LlmSettings(BaseModel):
+    metrics_port: int = 9103
+    backend: Literal["llamacpp", "openai"] = "llamacpp"
+    # llama.cpp: a GGUF file; default is the packaged SmolLM2-135M-Instruct.
+    model_path: str | None = None
+    n_ctx: int = 2048
+    threads: int = 2
+    # OpenAI-compatible server (vLLM, Ollama, llama.cpp server).
+    base_url: str = "http://127.0.0.1:8080/v1"
+    api_key: str = "none"
+    model: str = "default"
+    request_timeout_s: float = 60.0
+    system_prompt: str = (
+        "You are Xiaozhi, a friendly voice assistant. Answer in one to three short spoken "
+        "sentences. Do not use lists, markdown or emojis."
+    )
+    history_turns: int = 6
+    history_ttl_s: int = 3600
+    max_tokens: int = 120
+    temperature: float = 0.3
+    tools: bool = True
+    tool_timeout_s: float = 10.0
+    max_tool_rounds: int = 3
+    voice: str | None = None
+    error_reply: str = "Sorry, I could not think of an answer just now."
+
+
+class TtsSettings(BaseModel):
+    metrics_port: int = 9104
+    # Path to a Piper voice (.onnx with its .onnx.json beside it); default: packaged en_US joe.
+    voice: str | None = None
+    length_scale: float | None = None
+
+
+class ToolsSettings(BaseModel):
+    metrics_port: int = 9105
+    timezone: str | None = None  # IANA name; default: the server's local time zone
+
+
+class Settings(BaseSettings):
+    """All settings of all services; each service reads its own section."""
+
+    model_config = SettingsConfigDict(env_prefix="XZ_", env_nested_delimiter="__", extra="ignore")
+
+    log_level: str = "INFO"
+    log_json: bool = True
+    metrics_host: str = "0.0.0.0"
+    nats: NatsSettings = Field(default_factory=NatsSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    vad: VadSettings = Field(default_factory=VadSettings)
+    asr: AsrSettings = Field(default_factory=AsrSettings)
+    llm: LlmSettings = Field(default_factory=LlmSettings)
+    tts: TtsSettings = Field(default_factory=TtsSettings)
+    tools: ToolsSettings = Field(default_factory=ToolsSettings)
+
+    _yaml_file: Any = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        yaml_file = _YAML_FILE.get("path")
+        if yaml_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        return tuple(sources)
+
+
+_YAML_FILE: dict[str, str | None] = {"path": None}
+
+
+def load_settings(config_path: str | os.PathLike | None = None) -> Settings:
+    """Load settings from defaults, the YAML file (argument or ``XZ_CONFIG``) and ``XZ_*`` env."""
+    path = config_path or os.environ.get("XZ_CONFIG")
+    if path and not Path(path).is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    _YAML_FILE["path"] = str(path) if path else None
+    try:
+        return Settings()
+    finally:
+        _YAML_FILE["path"] = None

@@ -1,0 +1,91 @@
+"""Every NATS subject name used by the services, in one place.
+
+Subjects are the API between stages. ``<S>`` is a session id. A namespace prefix (default
+``xz``) lets several deployments share one NATS server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Queue group names: one per stage, so replicas share work.
+QUEUE_VAD = "vad"
+QUEUE_ASR = "asr"
+QUEUE_LLM = "llm"
+QUEUE_TTS = "tts"
+QUEUE_TOOLS = "tools"
+
+
+@dataclass(frozen=True)
+class Subjects:
+    """Builds subject names under one namespace prefix."""
+
+    prefix: str = "xz"
+
+    def audio(self, session_id: str) -> str:
+        """Uplink Opus frames, gateway -> owning VAD worker."""
+        return f"{self.prefix}.audio.{session_id}"
+
+    def ctl(self, session_id: str) -> str:
+        """Session control (listen start/stop, abort, close), gateway -> whoever works on S."""
+        return f"{self.prefix}.ctl.{session_id}"
+
+    @property
+    def vad_claim(self) -> str:
+        """Request/reply: a VAD worker takes ownership of a session."""
+        return f"{self.prefix}.vad.claim"
+
+    def asr(self, session_id: str) -> str:
+        """One finished utterance, VAD -> any ASR worker."""
+        return f"{self.prefix}.asr.{session_id}"
+
+    @property
+    def asr_all(self) -> str:
+        return f"{self.prefix}.asr.*"
+
+    def llm(self, session_id: str) -> str:
+        """One user turn (text), ASR or gateway -> any LLM worker."""
+        return f"{self.prefix}.llm.{session_id}"
+
+    @property
+    def llm_all(self) -> str:
+        return f"{self.prefix}.llm.*"
+
+    def tts(self, session_id: str) -> str:
+        """One sentence to speak, LLM -> any TTS worker."""
+        return f"{self.prefix}.tts.{session_id}"
+
+    @property
+    def tts_all(self) -> str:
+        return f"{self.prefix}.tts.*"
+
+    def out(self, session_id: str) -> str:
+        """Events and Opus frames for the device, any stage -> the gateway holding S."""
+        return f"{self.prefix}.out.{session_id}"
+
+    def device_mcp(self, session_id: str) -> str:
+        """Request/reply: JSON-RPC to the device's own MCP server, via its gateway."""
+        return f"{self.prefix}.device.{session_id}.mcp"
+
+    def tool(self, name: str) -> str:
+        """Request/reply: call one server-side tool."""
+        return f"{self.prefix}.tools.call.{name}"
+
+    @property
+    def tools_all(self) -> str:
+        return f"{self.prefix}.tools.call.*"
+
+    @property
+    def tools_list(self) -> str:
+        """Request/reply: the schemas of every server-side tool."""
+        return f"{self.prefix}.tools.list"
+
+    # JetStream key-value buckets.
+    @property
+    def kv_history(self) -> str:
+        return f"{self.prefix}_history"
+
+
+def session_from_subject(subject: str) -> str:
+    """The session id is the last token of every per-session subject."""
+    return subject.rsplit(".", 1)[-1]

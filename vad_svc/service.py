@@ -1,0 +1,238 @@
+"""The VAD worker: owns sessions it claims, decodes their Opus, and cuts utterances for ASR."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import socket
+import time
+from collections import deque
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from prometheus_client import Counter, Gauge
+
+from shared import logging as xlog
+from shared.audio import OpusDecoder
+from shared.messages import Control, Utterance, VadClaim, VadClaimAck, new_turn_id, now_ms
+from shared.metrics import DROPPED, ERRORS, histogram
+from shared.settings import Settings, VadSettings
+from shared.subjects import QUEUE_VAD, Subjects
+from vad_svc.detector import Segmenter, SegmenterConfig, SileroModel, SpeechScorer
+
+log = logging.getLogger("vad_svc")
+
+SESSIONS = Gauge("xz_vad_sessions", "Sessions owned by this VAD worker")
+FRAMES = Counter("xz_vad_frames_total", "Uplink Opus frames processed")
+UTTERANCES = Counter("xz_vad_utterances_total", "Utterances sent to ASR, by how they ended", ["reason"])
+DECISION_DELAY = histogram("xz_vad_end_of_turn_delay_seconds", "Last speech window to end-of-turn decision")
+FRAME_SECONDS = histogram("xz_vad_frame_processing_seconds", "Time to decode and score one frame")
+
+
+class SessionStream:
+    """The VAD state of one session: decoder, detectors, listen mode, the utterance so far."""
+
+    def __init__(self, claim: VadClaim, settings: VadSettings, model: SileroModel) -> None:
+        self.session_id = claim.session_id
+        self.device_id = claim.device_id
+        self.settings = settings
+        self.frame_ms = claim.frame_duration or 60
+        self.mode = claim.mode
+        self.decoder = OpusDecoder(16000)
+        self.scorer = SpeechScorer(model, settings.webrtc_aggressiveness)
+        self.segmenter = Segmenter(
+            SegmenterConfig(
+                threshold=settings.threshold,
+                neg_threshold=settings.neg_threshold,
+                min_silence_ms=settings.min_silence_ms,
+                min_speech_ms=settings.min_speech_ms,
+                max_utterance_ms=int(settings.max_utterance_s * 1000),
+            )
+        )
+        self.preroll: deque[bytes] = deque(maxlen=max(1, math.ceil(settings.preroll_ms / self.frame_ms)))
+        self.utterance: list[bytes] | None = None
+        self.manual: list[bytes] = []
+        self.max_frames = int(settings.max_utterance_s * 1000 / self.frame_ms)
+        self.last_seen = time.monotonic()
+        self.subs: list[Any] = []
+
+    def reset(self) -> None:
+        self.scorer.reset()
+        self.segmenter.reset()
+        self.decoder.reset()
+        self.preroll.clear()
+        self.utterance = None
+        self.manual = []
+
+    def on_frame(self, packet: bytes) -> tuple[list[bytes], str, float] | None:
+        """Feed one Opus packet; returns (packets, reason, silence_s) when an utterance ends."""
+        self.last_seen = time.monotonic()
+        if self.mode == "manual":
+            if len(self.manual) < self.max_frames:
+                self.manual.append(packet)
+            return None
+        try:
+            pcm = self.decoder.decode(packet)
+        except Exception:  # noqa: BLE001 - garbage from the device is dropped, not fatal
+            DROPPED.labels("vad", "bad_opus").inc()
+            return None
+        finished: tuple[list[bytes], str, float] | None = None
+        for prob in self.scorer.push(pcm):
+            decision = self.segmenter.push(prob)
+            if decision == "start":
+                self.utterance = list(self.preroll)
+                self.preroll.clear()
+            elif decision == "end" and self.utterance is not None:
+                self.utterance.append(packet)
+                reason = "max_length" if self.segmenter.silence_ms < self.settings.min_silence_ms else "silence"
+                finished = (self.utterance, reason, self.segmenter.silence_ms / 1000)
+                self.utterance = None
+                self.scorer.reset()
+                return finished
+            elif decision == "discard":
+                UTTERANCES.labels("too_short").inc()
+                self.utterance = None
+        if self.utterance is not None:
+            self.utterance.append(packet)
+        else:
+            self.preroll.append(packet)
+        return None
+
+    def stop(self) -> list[bytes] | None:
+        """`listen stop`: in manual mode everything since `listen start` is the utterance."""
+        if self.mode == "manual":
+            packets, self.manual = self.manual, []
+            min_frames = max(1, int(self.settings.min_speech_ms / self.frame_ms))
+            return packets if len(packets) >= min_frames else None
+        if self.utterance is not None and self.segmenter.speech_ms >= self.settings.min_speech_ms:
+            packets, self.utterance = self.utterance, None
+            self.segmenter.reset()
+            return packets
+        return None
+
+
+class VadWorker:
+    """Claims sessions from the gateway and runs their streams."""
+
+    name = "vad"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.vad = settings.vad
+        self.subjects = Subjects(settings.nats.prefix)
+        self.model = SileroModel()
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}"
+        self.streams: dict[str, SessionStream] = {}
+        self.nc: NATS | None = None
+        self._gc_task: asyncio.Task | None = None
+        self._claim_sub = None
+
+    async def start(self, nc: NATS) -> None:
+        self.nc = nc
+        self._claim_sub = await nc.subscribe(self.subjects.vad_claim, queue=QUEUE_VAD, cb=self._on_claim)
+        self._gc_task = asyncio.create_task(self._gc())
+
+    async def stop(self) -> None:
+        if self._gc_task:
+            self._gc_task.cancel()
+        if self._claim_sub is not None:
+            await self._claim_sub.unsubscribe()
+
+    def health(self) -> dict[str, Any]:
+        return {"ok": True, "sessions": len(self.streams), "worker": self.worker_id}
+
+    async def _on_claim(self, msg: Msg) -> None:
+        try:
+            claim = VadClaim.decode(msg.data)
+        except Exception:  # noqa: BLE001
+            DROPPED.labels("vad", "bad_claim").inc()
+            return
+        assert self.nc is not None
+        stream = self.streams.get(claim.session_id)
+        if stream is None:
+            stream = SessionStream(claim, self.vad, self.model)
+            sid = claim.session_id
+            stream.subs = [
+                await self.nc.subscribe(self.subjects.audio(sid), cb=lambda m, s=sid: self._on_audio(s, m)),
+                await self.nc.subscribe(self.subjects.ctl(sid), cb=lambda m, s=sid: self._on_ctl(s, m)),
+            ]
+            self.streams[sid] = stream
+            SESSIONS.set(len(self.streams))
+        with xlog.bind(session_id=claim.session_id):
+            log.info("claimed session", extra={"fields": {"device_id": claim.device_id, "mode": claim.mode}})
+        await msg.respond(VadClaimAck(session_id=claim.session_id, worker_id=self.worker_id).encode())
+
+    async def _on_audio(self, session_id: str, msg: Msg) -> None:
+        stream = self.streams.get(session_id)
+        if stream is None:
+            return
+        FRAMES.inc()
+        started = time.perf_counter()
+        result = stream.on_frame(msg.data)
+        FRAME_SECONDS.observe(time.perf_counter() - started)
+        if result is not None:
+            packets, reason, silence_s = result
+            DECISION_DELAY.observe(max(0.0, silence_s))
+            await self._emit(stream, packets, reason, speech_end_ms=now_ms() - int(silence_s * 1000))
+
+    async def _on_ctl(self, session_id: str, msg: Msg) -> None:
+        stream = self.streams.get(session_id)
+        if stream is None:
+            return
+        try:
+            ctl = Control.decode(msg.data)
+        except Exception:  # noqa: BLE001
+            DROPPED.labels("vad", "bad_control").inc()
+            return
+        stream.last_seen = time.monotonic()
+        with xlog.bind(session_id=session_id):
+            if ctl.kind == "listen_start":
+                stream.reset()
+                stream.mode = ctl.mode or "auto"
+                log.info("listening", extra={"fields": {"mode": stream.mode}})
+            elif ctl.kind == "listen_stop":
+                packets = stream.stop()
+                if packets:
+                    await self._emit(stream, packets, "listen_stop", speech_end_ms=now_ms())
+            elif ctl.kind in ("detect", "abort"):
+                # Wake-word pre-roll and audio around an abort are not a user turn.
+                stream.reset()
+            elif ctl.kind == "close":
+                await self._drop(session_id)
+
+    async def _emit(self, stream: SessionStream, packets: list[bytes], reason: str, speech_end_ms: int) -> None:
+        assert self.nc is not None
+        turn_id = new_turn_id()
+        utterance = Utterance(session_id=stream.session_id, turn_id=turn_id, device_id=stream.device_id, speech_end_ms=speech_end_ms)
+        UTTERANCES.labels(reason).inc()
+        with xlog.bind(session_id=stream.session_id, turn_id=turn_id):
+            log.info("utterance", extra={"fields": {"frames": len(packets), "reason": reason, "seconds": round(len(packets) * stream.frame_ms / 1000, 2)}})
+        try:
+            await self.nc.publish(self.subjects.asr(stream.session_id), utterance.pack(packets))
+        except Exception as exc:  # noqa: BLE001
+            ERRORS.labels("vad", "publish").inc()
+            log.warning("utterance publish failed: %s", exc)
+
+    async def _drop(self, session_id: str) -> None:
+        stream = self.streams.pop(session_id, None)
+        if stream is None:
+            return
+        for sub in stream.subs:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # noqa: BLE001
+                pass
+        SESSIONS.set(len(self.streams))
+        with xlog.bind(session_id=session_id):
+            log.info("released session")
+
+    async def _gc(self) -> None:
+        """Release sessions that went silent without a close (gateway died)."""
+        while True:
+            await asyncio.sleep(30)
+            cutoff = time.monotonic() - 600
+            for sid in [s for s, st in self.streams.items() if st.last_seen < cutoff]:
+                await self._drop(sid)
