@@ -68,8 +68,13 @@ class DeviceSession:
             on_stop=self._reply_done,
         )
         self._out_sub = None
-        self._claimed = asyncio.Event()
+        # Uplink (audio and control) goes through one ordered queue, published once a VAD
+        # worker owns the session, so nothing sent before the claim completes is lost.
+        self._claim_done = asyncio.Event()
+        self._claimed = False
+        self._uplink: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue(maxsize=256)
         self._claim_task: asyncio.Task | None = None
+        self._pump_task: asyncio.Task | None = None
         self._closing = False
         self._last_turn_activity = time.monotonic()
         self._turn_started_at: dict[str, float] = {}
@@ -129,6 +134,7 @@ class DeviceSession:
         await self._send(protocol.server_hello(self.session_id, self.settings.sample_rate, self.settings.frame_duration, self.version))
         self._out_sub = await self.nc.subscribe(self.subjects.out(self.session_id), cb=self._on_out)
         self._claim_task = asyncio.create_task(self._claim_vad())
+        self._pump_task = asyncio.create_task(self._pump_uplink())
         log.info("hello", extra={"fields": {"features": hello.features, "uplink_rate": hello.audio.sample_rate, "uplink_frame_ms": hello.audio.frame_duration}})
 
     async def _claim_vad(self) -> None:
@@ -144,20 +150,42 @@ class DeviceSession:
                 reply = await self.nc.request(self.subjects.vad_claim, claim.encode(), timeout=self.settings.claim_timeout_s)
                 ack = VadClaimAck.decode(reply.data)
                 log.info("vad claimed", extra={"fields": {"worker": ack.worker_id}})
-                self._claimed.set()
+                self._claimed = True
+                self._claim_done.set()
                 return
             except Exception as exc:  # noqa: BLE001
                 log.warning("vad claim failed (attempt %d): %s", attempt + 1, exc)
                 m.ERRORS.labels("gateway", "vad_claim").inc()
                 await asyncio.sleep(0.5 * (attempt + 1))
         log.error("no VAD worker took the session; speech will not be heard")
+        self._claim_done.set()
+
+    async def _pump_uplink(self) -> None:
+        await self._claim_done.wait()
+        while True:
+            subject, payload, is_audio = await self._uplink.get()
+            if is_audio and not self._claimed:
+                m.DROPPED.labels("gateway", "no_vad_owner").inc()
+                continue
+            try:
+                await self.nc.publish(subject, payload)
+            except Exception as exc:  # noqa: BLE001
+                m.ERRORS.labels("gateway", "publish").inc()
+                log.warning("uplink publish failed: %s", exc)
+
+    def _enqueue_uplink(self, subject: str, payload: bytes, is_audio: bool) -> None:
+        try:
+            self._uplink.put_nowait((subject, payload, is_audio))
+        except asyncio.QueueFull:
+            m.DROPPED.labels("gateway", "uplink_queue_full").inc()
 
     async def _cleanup(self) -> None:
         self._closing = True
         if self._watchdog:
             self._watchdog.cancel()
-        if self._claim_task and not self._claim_task.done():
-            self._claim_task.cancel()
+        for task in (self._claim_task, self._pump_task):
+            if task and not task.done():
+                task.cancel()
         await self.downlink.close()
         if self._out_sub is not None:
             try:
@@ -203,14 +231,8 @@ class DeviceSession:
         except protocol.ProtocolError as exc:
             self._bad_input(exc)
             return
-        if not self._claimed.is_set():
-            try:
-                await asyncio.wait_for(self._claimed.wait(), self.settings.claim_timeout_s)
-            except asyncio.TimeoutError:
-                m.DROPPED.labels("gateway", "no_vad_owner").inc()
-                return
         m.FRAMES_IN.inc()
-        await self.nc.publish(self.subjects.audio(self.session_id), opus)
+        self._enqueue_uplink(self.subjects.audio(self.session_id), opus, True)
 
     async def _on_listen(self, listen: protocol.Listen) -> None:
         log.info("listen", extra={"fields": {"state": listen.state, "mode": listen.mode, "text": listen.text}})
@@ -251,11 +273,9 @@ class DeviceSession:
         await self._publish_ctl(Control(session_id=self.session_id, kind="abort", turn_id=turn_id))
 
     async def _publish_ctl(self, ctl: Control) -> None:
-        if ctl.kind != "close" and not self._claimed.is_set():
-            try:
-                await asyncio.wait_for(self._claimed.wait(), self.settings.claim_timeout_s)
-            except asyncio.TimeoutError:
-                pass
+        if ctl.kind != "close":
+            self._enqueue_uplink(self.subjects.ctl(self.session_id), ctl.encode(), False)
+            return
         try:
             await self.nc.publish(self.subjects.ctl(self.session_id), ctl.encode())
         except Exception as exc:  # noqa: BLE001

@@ -225,6 +225,9 @@ class ToolSpec(Message):
     name: str
     description: str
     parameters: dict = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    # Words that show a request is about this tool. Small models over-call tools, so by
+    # default a tool is offered only on turns that mention one of these (see llm_svc.tools).
+    keywords: list[str] = Field(default_factory=list)
 
     def openai(self) -> dict:
         return {

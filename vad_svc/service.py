@@ -155,9 +155,16 @@ class VadWorker:
         if stream is None:
             stream = SessionStream(claim, self.vad, self.model)
             sid = claim.session_id
+
+            async def on_audio(m: Msg, s: str = sid) -> None:
+                await self._on_audio(s, m)
+
+            async def on_ctl(m: Msg, s: str = sid) -> None:
+                await self._on_ctl(s, m)
+
             stream.subs = [
-                await self.nc.subscribe(self.subjects.audio(sid), cb=lambda m, s=sid: self._on_audio(s, m)),
-                await self.nc.subscribe(self.subjects.ctl(sid), cb=lambda m, s=sid: self._on_ctl(s, m)),
+                await self.nc.subscribe(self.subjects.audio(sid), cb=on_audio),
+                await self.nc.subscribe(self.subjects.ctl(sid), cb=on_ctl),
             ]
             self.streams[sid] = stream
             SESSIONS.set(len(self.streams))

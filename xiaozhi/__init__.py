@@ -1,0 +1,1 @@
+"""The ``xiaozhi`` command: run services, start the local stack, simulate a device."""

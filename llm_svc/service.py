@@ -1,0 +1,250 @@
+"""The LLM worker: user turn in; stt, emotion and numbered sentences out, as early as possible.
+
+For each turn it echoes the user text (``stt``) to the gateway, streams the model's answer
+through the sentence splitter, and sends each sentence to TTS with the turn id and a sequence
+number. Tool calls go to tools_svc over NATS; a result marked ``response`` is spoken directly,
+one marked ``reqllm`` is fed back to the model for another round. An abort for the turn
+cancels the generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from prometheus_client import Counter, Gauge
+
+from llm_svc.backends import BackendError, LlmBackend, ToolCallRequest, make_backend
+from llm_svc.history import HistoryStore
+from llm_svc.sentences import SentenceSplitter, detect_emotion, speakable
+from llm_svc.tools import ToolClient, relevant_tools
+from shared import logging as xlog
+from shared.messages import Control, OutEvent, SentenceJob, UserTurn
+from shared.metrics import DROPPED, ERRORS, histogram
+from shared.settings import Settings
+from shared.subjects import QUEUE_LLM, Subjects
+
+log = logging.getLogger("llm_svc")
+
+FIRST_TOKEN = histogram("xz_llm_first_token_seconds", "Turn received to first token")
+FIRST_SENTENCE = histogram("xz_llm_first_sentence_seconds", "Turn received to first sentence sent to TTS")
+TURN_SECONDS = histogram("xz_llm_turn_seconds", "Turn received to last sentence sent")
+TOKENS = Counter("xz_llm_tokens_total", "Text deltas streamed from the backend")
+TURNS = Counter("xz_llm_turns_total", "Turns handled, by outcome", ["outcome"])
+TOOL_CALLS = Counter("xz_llm_tool_calls_total", "Tool calls requested by the model, by tool and outcome", ["tool", "outcome"])
+IN_FLIGHT = Gauge("xz_llm_in_flight", "Turns being answered now")
+
+
+class TurnContext:
+    """What one turn has produced so far: the sequence counter and the spoken text."""
+
+    def __init__(self, turn: UserTurn) -> None:
+        self.turn = turn
+        self.seq = 0
+        self.spoken: list[str] = []
+        self.emotion_sent = False
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.cancel = threading.Event()
+
+
+class LlmWorker:
+    name = "llm"
+
+    def __init__(self, settings: Settings, backend: LlmBackend | None = None) -> None:
+        self.settings = settings
+        self.llm = settings.llm
+        self.subjects = Subjects(settings.nats.prefix)
+        self.backend = backend or make_backend(self.llm)
+        self.history = HistoryStore(self.subjects.kv_history, self.llm.history_turns, self.llm.history_ttl_s)
+        self.nc: NATS | None = None
+        self.tools: ToolClient | None = None
+        self._sub = None
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self, nc: NATS) -> None:
+        self.nc = nc
+        await self.history.open(nc)
+        self.tools = ToolClient(nc, self.subjects, self.llm.tool_timeout_s)
+        self._sub = await nc.subscribe(self.subjects.llm_all, queue=QUEUE_LLM, cb=self._on_turn)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=self.settings.nats.drain_timeout_s)
+        await self.backend.close()
+
+    def health(self) -> dict[str, Any]:
+        return {"ok": True, "backend": self.backend.name, "in_flight": len(self._tasks)}
+
+    async def _on_turn(self, msg: Msg) -> None:
+        try:
+            turn = UserTurn.decode(msg.data)
+        except Exception:  # noqa: BLE001
+            DROPPED.labels("llm", "bad_turn").inc()
+            return
+        task = asyncio.create_task(self._answer(turn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer(self, turn: UserTurn) -> None:
+        assert self.nc is not None
+        ctx = TurnContext(turn)
+        out = self.subjects.out(turn.session_id)
+        with xlog.bind(session_id=turn.session_id, turn_id=turn.turn_id):
+            IN_FLIGHT.inc()
+            async def on_ctl(m: Msg) -> None:
+                self._on_ctl(ctx, m)
+
+            ctl_sub = await self.nc.subscribe(self.subjects.ctl(turn.session_id), cb=on_ctl)
+            try:
+                await self.nc.publish(out, OutEvent(kind="stt", session_id=turn.session_id, turn_id=turn.turn_id, text=turn.text).encode())
+                log.info("turn", extra={"fields": {"text": turn.text, "source": turn.source}})
+                outcome = await self._converse(ctx)
+                TURNS.labels(outcome).inc()
+            except Exception:  # noqa: BLE001 - never leave the device without an ending
+                ERRORS.labels("llm", "turn").inc()
+                TURNS.labels("error").inc()
+                log.exception("turn failed")
+                if not ctx.cancel.is_set():
+                    await self._speak(ctx, self.llm.error_reply)
+            finally:
+                try:
+                    await ctl_sub.unsubscribe()
+                except Exception:  # noqa: BLE001
+                    pass
+                IN_FLIGHT.dec()
+            if ctx.cancel.is_set():
+                log.info("turn aborted")
+                return
+            await self._ensure_emotion(ctx, "")
+            await self.nc.publish(out, OutEvent(kind="turn_end", session_id=turn.session_id, turn_id=turn.turn_id, sentences=ctx.seq).encode())
+            TURN_SECONDS.observe(time.perf_counter() - ctx.started)
+            reply = " ".join(ctx.spoken)
+            log.info("reply", extra={"fields": {"sentences": ctx.seq, "text": reply[:300], "seconds": round(time.perf_counter() - ctx.started, 3)}})
+            if reply:
+                await self.history.append(turn.session_id, turn.text, reply)
+
+    @staticmethod
+    def _on_ctl(ctx: TurnContext, msg: Msg) -> None:
+        """An abort of this turn (or the session closing) cancels the generation."""
+        try:
+            ctl = Control.decode(msg.data)
+        except Exception:  # noqa: BLE001
+            return
+        if ctl.kind == "close" or (ctl.kind == "abort" and ctl.turn_id in (None, ctx.turn.turn_id)):
+            ctx.cancel.set()
+
+    async def _converse(self, ctx: TurnContext) -> str:
+        """Run the model (and its tool rounds) for one turn; returns the outcome label."""
+        turn = ctx.turn
+        messages: list[dict[str, Any]] = [{"role": "system", "content": self._system_prompt()}]
+        messages += await self.history.load(turn.session_id)
+        messages.append({"role": "user", "content": turn.text})
+        offered = []
+        if self.llm.tools and self.tools is not None:
+            offered = relevant_tools(turn.text, await self.tools.list())
+        for round_no in range(self.llm.max_tool_rounds + 1):
+            tools = offered if round_no < self.llm.max_tool_rounds else []
+
+            splitter = SentenceSplitter()
+            calls: list[ToolCallRequest] = []
+            try:
+                async for delta in self._stream_with_retry(messages, tools, ctx):
+                    if ctx.cancel.is_set():
+                        return "aborted"
+                    if isinstance(delta, ToolCallRequest):
+                        calls.append(delta)
+                        continue
+                    if ctx.first_token_at is None:
+                        ctx.first_token_at = time.perf_counter()
+                        FIRST_TOKEN.observe(ctx.first_token_at - ctx.started)
+                    TOKENS.inc()
+                    for sentence in splitter.push(delta):
+                        await self._speak(ctx, sentence, splitter.raw)
+            except BackendError as exc:
+                ERRORS.labels("llm", "backend").inc()
+                log.error("backend failed: %s", exc)
+                await self._speak(ctx, self.llm.error_reply)
+                return "backend_error"
+            for sentence in splitter.flush():
+                await self._speak(ctx, sentence, splitter.raw)
+            if not calls or ctx.cancel.is_set():
+                return "aborted" if ctx.cancel.is_set() else "ok"
+            feed_back = False
+            messages.append({
+                "role": "assistant",
+                "content": splitter.raw or None,
+                "tool_calls": [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls],
+            })
+            for call in calls:
+                assert self.tools is not None
+                result = await self.tools.call(call.name, call.arguments, turn.session_id, turn.turn_id, turn.device_id)
+                TOOL_CALLS.labels(call.name if result.action != "error" or result.ok else "invalid", "ok" if result.ok else "error").inc()
+                log.info("tool result", extra={"fields": {"tool": call.name, "arguments": call.arguments, "ok": result.ok, "action": result.action, "text": result.text[:200]}})
+                messages.append({"role": "tool", "tool_call_id": call.id, "name": call.name, "content": result.text})
+                if result.action == "response" and result.ok:
+                    await self._speak(ctx, result.text)
+                elif result.action in ("reqllm", "error"):
+                    feed_back = True
+            if not feed_back:
+                return "ok"
+            # The next round answers with the results. A tool already called this turn is not
+            # offered again, so a model that keeps calling cannot loop.
+            called = {c.name for c in calls}
+            offered = [t for t in offered if t.name not in called]
+        return "ok"
+
+    async def _stream_with_retry(self, messages: list[dict[str, Any]], tools: list, ctx: TurnContext):
+        """Stream from the backend; retry once on a transient error before any output."""
+        attempt = 0
+        while True:
+            produced = False
+            try:
+                async for delta in self.backend.stream(messages, tools, ctx.cancel):
+                    produced = True
+                    yield delta
+                return
+            except BackendError as exc:
+                if exc.transient and not produced and attempt == 0:
+                    attempt += 1
+                    log.warning("transient backend error, retrying: %s", exc)
+                    await asyncio.sleep(0.2)
+                    continue
+                raise
+
+    def _system_prompt(self) -> str:
+        now = time.strftime("%A, %B %d, %Y")
+        return f"{self.llm.system_prompt}\nToday is {now}."
+
+    async def _ensure_emotion(self, ctx: TurnContext, text: str) -> None:
+        if ctx.emotion_sent:
+            return
+        ctx.emotion_sent = True
+        assert self.nc is not None
+        turn = ctx.turn
+        await self.nc.publish(
+            self.subjects.out(turn.session_id),
+            OutEvent(kind="emotion", session_id=turn.session_id, turn_id=turn.turn_id, emotion=detect_emotion(text)).encode(),
+        )
+
+    async def _speak(self, ctx: TurnContext, sentence: str, raw: str = "") -> None:
+        """Send one sentence to TTS with the next sequence number."""
+        sentence = speakable(sentence)
+        if not sentence or ctx.cancel.is_set():
+            return
+        assert self.nc is not None
+        await self._ensure_emotion(ctx, raw or sentence)
+        turn = ctx.turn
+        if ctx.seq == 0:
+            FIRST_SENTENCE.observe(time.perf_counter() - ctx.started)
+        job = SentenceJob(session_id=turn.session_id, turn_id=turn.turn_id, seq=ctx.seq, text=sentence, voice=self.llm.voice, sample_rate=self.settings.gateway.sample_rate, frame_duration=self.settings.gateway.frame_duration)
+        ctx.seq += 1
+        ctx.spoken.append(sentence)
+        await self.nc.publish(self.subjects.tts(turn.session_id), job.encode())

@@ -1,0 +1,28 @@
+"""``get_time``: the current time, date and weekday, spoken directly."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from shared.messages import ToolCall, ToolResult, ToolSpec
+
+SPEC = ToolSpec(
+    name="get_time",
+    description="Get the current local time, date and day of the week.",
+    parameters={"type": "object", "properties": {}, "required": []},
+    keywords=["time", "clock", "date", "day", "today", "weekday", "hour", "o'clock", "几点", "时间", "日期", "星期", "今天"],
+)
+
+
+def describe(now: dt.datetime) -> str:
+    """A sentence a person would say, e.g. 'It is 4:05 PM on Tuesday, November 24, 2026.'"""
+    hour = now.strftime("%I").lstrip("0") or "12"
+    return f"It is {hour}:{now:%M} {now:%p} on {now:%A}, {now:%B} {now.day}, {now.year}."
+
+
+async def call(request: ToolCall, context: dict[str, Any]) -> ToolResult:
+    tz_name = context.get("timezone")
+    now = dt.datetime.now(ZoneInfo(tz_name)) if tz_name else dt.datetime.now().astimezone()
+    return ToolResult(name=SPEC.name, action="response", text=describe(now))

@@ -1,0 +1,141 @@
+"""The TTS worker: one sentence in, paced-ready 60 ms Opus frames out to the session's gateway.
+
+Frames are published as soon as each phrase is synthesised, bracketed by ``sentence_start`` and
+``sentence_end`` events that carry the sentence's ``seq``; the gateway orders sentences of a turn
+by ``seq``, so several workers can synthesise one turn in parallel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from prometheus_client import Counter, Gauge
+
+from shared import logging as xlog
+from shared.audio import FrameCutter, OpusEncoder, Resampler
+from shared.messages import AudioFrameMeta, OutEvent, SentenceJob
+from shared.metrics import DROPPED, ERRORS, histogram
+from shared.settings import Settings
+from shared.subjects import QUEUE_TTS, Subjects, session_from_subject
+from tts_svc.engine import PiperEngine, TtsEngine
+
+log = logging.getLogger("tts_svc")
+
+FIRST_FRAME = histogram("xz_tts_first_frame_seconds", "Sentence received to its first Opus frame published")
+SENTENCE_SECONDS = histogram("xz_tts_sentence_seconds", "Time to synthesise and encode one sentence")
+RTF = histogram("xz_tts_real_time_factor", "Synthesis time divided by audio duration")
+SENTENCES = Counter("xz_tts_sentences_total", "Sentences synthesised, by outcome", ["outcome"])
+IN_FLIGHT = Gauge("xz_tts_in_flight", "Sentences being synthesised now")
+
+_DONE = object()
+
+
+class TtsWorker:
+    name = "tts"
+
+    def __init__(self, settings: Settings, engine: TtsEngine | None = None) -> None:
+        self.settings = settings
+        self.subjects = Subjects(settings.nats.prefix)
+        self.engine = engine or PiperEngine(settings.tts.voice, settings.tts.length_scale)
+        self._voices: dict[str, TtsEngine] = {}
+        self._voice_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="piper")
+        self.nc: NATS | None = None
+        self._sub = None
+
+    async def start(self, nc: NATS) -> None:
+        self.nc = nc
+        await asyncio.get_running_loop().run_in_executor(self._pool, lambda: list(self.engine.synthesize("Ready.")))
+        self._sub = await nc.subscribe(self.subjects.tts_all, queue=QUEUE_TTS, cb=self._on_sentence)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def health(self) -> dict[str, Any]:
+        return {"ok": True, "voice": getattr(self.engine, "name", "custom")}
+
+    def _engine_for(self, voice: str | None) -> TtsEngine:
+        if not voice:
+            return self.engine
+        with self._voice_lock:
+            engine = self._voices.get(voice)
+            if engine is None:
+                engine = PiperEngine(voice)
+                self._voices[voice] = engine
+            return engine
+
+    async def _on_sentence(self, msg: Msg) -> None:
+        try:
+            job = SentenceJob.decode(msg.data)
+        except Exception:  # noqa: BLE001
+            DROPPED.labels("tts", "bad_job").inc()
+            log.warning("bad sentence job dropped", extra={"session_id": session_from_subject(msg.subject)})
+            return
+        with xlog.bind(session_id=job.session_id, turn_id=job.turn_id):
+            IN_FLIGHT.inc()
+            try:
+                await self._synthesise(job)
+            finally:
+                IN_FLIGHT.dec()
+
+    async def _synthesise(self, job: SentenceJob) -> None:
+        assert self.nc is not None
+        out = self.subjects.out(job.session_id)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        started = time.perf_counter()
+        await self.nc.publish(out, OutEvent(kind="sentence_start", session_id=job.session_id, turn_id=job.turn_id, seq=job.seq, text=job.text).encode())
+
+        def work() -> None:
+            try:
+                engine = self._engine_for(job.voice)
+                encoder = OpusEncoder(job.sample_rate, job.frame_duration)
+                resampler = Resampler(engine.sample_rate, job.sample_rate)
+                cutter = FrameCutter(encoder.frame_samples)
+                for chunk in engine.synthesize(job.text):
+                    for frame in cutter.push(resampler.push(chunk)):
+                        loop.call_soon_threadsafe(queue.put_nowait, encoder.encode(frame))
+                for frame in cutter.push(resampler.push(np.zeros(0, dtype=np.int16), last=True)) + cutter.flush():
+                    loop.call_soon_threadsafe(queue.put_nowait, encoder.encode(frame))
+            except Exception as exc:  # noqa: BLE001
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+
+        future = loop.run_in_executor(self._pool, work)
+        index = 0
+        failed = False
+        while True:
+            item = await queue.get()
+            if item is _DONE:
+                break
+            if isinstance(item, Exception):
+                failed = True
+                ERRORS.labels("tts", "synthesis").inc()
+                log.error("synthesis failed: %s", item)
+                continue
+            if index == 0:
+                FIRST_FRAME.observe(time.perf_counter() - started)
+            meta = AudioFrameMeta(turn_id=job.turn_id, seq=job.seq, index=index)
+            await self.nc.publish(out, item, headers=meta.headers())
+            index += 1
+        await future
+        elapsed = time.perf_counter() - started
+        # Always close the sentence, even a failed one, so the turn can go on to the next.
+        await self.nc.publish(out, OutEvent(kind="sentence_end", session_id=job.session_id, turn_id=job.turn_id, seq=job.seq, frames=index).encode())
+        SENTENCE_SECONDS.observe(elapsed)
+        audio_s = index * job.frame_duration / 1000
+        if audio_s:
+            RTF.observe(elapsed / audio_s)
+        SENTENCES.labels("error" if failed else "ok").inc()
+        log.info("sentence", extra={"fields": {"seq": job.seq, "frames": index, "seconds": round(elapsed, 3), "text": job.text[:80]}})

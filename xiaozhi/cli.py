@@ -1,0 +1,213 @@
+"""The ``xiaozhi`` command.
+
+    xiaozhi up                 start NATS (embedded) and every service; print the device URLs
+    xiaozhi run <service>      run one service (gateway, vad, asr, llm, tts, tools)
+    xiaozhi sim --wav F        talk to a server as a simulated device
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from xiaozhi.stack import DEFAULT_METRICS_PORTS, MODULES, SERVICES, Stack, pick_port
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "run" and len(argv) > 1 and argv[1] in MODULES:
+        return run_service(argv[1], argv[2:])
+    parser = argparse.ArgumentParser(prog="xiaozhi", description="xiaozhi voice backend over NATS")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start the whole local stack (what `make run` does)")
+    up.add_argument("--nats", help="use this NATS URL instead of starting an embedded nats-server")
+    up.add_argument("--nats-host", default="127.0.0.1", help="address the embedded nats-server binds (default 127.0.0.1)")
+    up.add_argument("--nats-port", type=int, default=4222, help="preferred port of the embedded nats-server (a free one if taken)")
+    up.add_argument("--config", help="YAML settings file for every service")
+    up.add_argument("--data-dir", default=".run", help="JetStream storage and logs (default .run)")
+    up.add_argument("--json-logs", action="store_true", help="JSON log lines instead of readable text")
+
+    run = sub.add_parser("run", help="run one service")
+    run.add_argument("service", choices=sorted(MODULES))
+
+    sim = sub.add_parser("sim", help="talk to a server as a simulated device")
+    target = sim.add_mutually_exclusive_group()
+    target.add_argument("--ota", help="OTA URL (default http://127.0.0.1:8003/xiaozhi/ota/)")
+    target.add_argument("--ws", help="WebSocket URL (skips OTA)")
+    sim.add_argument("--wav", action="append", default=[], help="speech to send, 16-bit WAV (repeat for several turns)")
+    sim.add_argument("--text", action="append", default=[], help="typed text to send with `listen detect` (repeatable)")
+    sim.add_argument("--mode", choices=["auto", "manual", "realtime"], default="auto")
+    sim.add_argument("--protocol-version", type=int, choices=[1, 2, 3], default=1)
+    sim.add_argument("--device-id", help="MAC-style device id (default random)")
+    sim.add_argument("--token", help="token for the Authorization header (default: from OTA)")
+    sim.add_argument("--out", default="reply.wav", help="where to write the reply audio (default reply.wav)")
+    sim.add_argument("--timeout", type=float, default=60, help="seconds to wait for each reply")
+    sim.add_argument("--json", action="store_true", help="print a JSON report instead of text")
+
+    args = parser.parse_args(argv)
+    if args.command == "up":
+        return up_command(args)
+    if args.command == "sim":
+        return asyncio.run(sim_command(args))
+    return run_service(args.service, [])
+
+
+def run_service(name: str, argv: list[str]) -> int:
+    """Run one service in this process (same as ``python -m <module>``)."""
+    from shared.service import run
+
+    if name == "gateway":
+        from gateway.server import Gateway as factory
+    elif name == "vad":
+        from vad_svc.service import VadWorker as factory
+    elif name == "asr":
+        from asr_svc.service import AsrWorker as factory
+    elif name == "llm":
+        from llm_svc.service import LlmWorker as factory
+    elif name == "tts":
+        from tts_svc.service import TtsWorker as factory
+    else:
+        from tools_svc.service import ToolsWorker as factory
+    return run(name, factory, lambda s: getattr(s, name).metrics_port, argv)
+
+
+def up_command(args: argparse.Namespace) -> int:
+    """Start NATS (unless given) and every service; print URLs; stop all on Ctrl-C."""
+    from gateway.ota import lan_ip
+    from shared.settings import load_settings
+
+    settings = load_settings(args.config)
+    data = Path(args.data_dir)
+    env = {"XZ_LOG_JSON": "true" if args.json_logs else "false", "PYTHONUNBUFFERED": "1"}
+    if args.config:
+        env["XZ_CONFIG"] = str(Path(args.config).resolve())
+    stack = Stack(env=env)
+    stop = {"now": False}
+
+    def on_signal(_signum, _frame):
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        if args.nats:
+            stack.nats_url = args.nats
+            print(f"Using NATS at {args.nats}")
+        else:
+            port = pick_port(args.nats_port, args.nats_host)
+            if port != args.nats_port:
+                print(f"Port {args.nats_port} is taken (another NATS?); embedded nats-server uses {port}")
+            url = stack.start_nats(port, args.nats_host, str(data / "nats"), log_file=str(data / "nats.log"))
+            print(f"Embedded nats-server (JetStream) at {url}, log in {data / 'nats.log'}")
+        ws_port = pick_port(settings.gateway.ws_port, settings.gateway.host)
+        http_port = pick_port(settings.gateway.http_port, settings.gateway.host)
+        for wanted, got, what in ((settings.gateway.ws_port, ws_port, "WebSocket"), (settings.gateway.http_port, http_port, "HTTP")):
+            if wanted != got:
+                print(f"Port {wanted} is taken; the gateway's {what} port is {got}")
+        gateway_env = {"XZ_GATEWAY__WS_PORT": str(ws_port), "XZ_GATEWAY__HTTP_PORT": str(http_port)}
+        procs = []
+        print("Loading models and starting services (first start takes a few seconds)...")
+        for name in SERVICES:
+            metrics_port = pick_port(getattr(settings, name).metrics_port, "0.0.0.0")
+            procs.append(stack.start_service(name, metrics_port, gateway_env if name == "gateway" else None))
+        stack.wait_healthy(procs, timeout=300)
+        host = settings.gateway.public_host or lan_ip()
+        ws_url = settings.gateway.websocket_url or f"ws://{host}:{ws_port}{settings.gateway.ws_path}"
+        print()
+        print("xiaozhi backend is running.")
+        print(f"  OTA URL (give this to the device):  http://{host}:{http_port}/xiaozhi/ota/")
+        print(f"  WebSocket URL:                      {ws_url}")
+        print("  Metrics:                            " + ", ".join(f"{p.name} http://127.0.0.1:{p.metrics_port}/metrics" for p in procs))
+        print(f"  Try it:  .venv/bin/xiaozhi sim --ota http://127.0.0.1:{http_port}/xiaozhi/ota/ --wav tests/fixtures/audio/en_what_time.wav")
+        print("Press Ctrl-C to stop.")
+        sys.stdout.flush()
+        while not stop["now"]:
+            for proc in stack.procs:
+                if not proc.alive():
+                    print(f"{proc.name} exited with code {proc.popen.returncode}; stopping everything", file=sys.stderr)
+                    stop["now"] = True
+                    break
+            time.sleep(0.3)
+        return 0
+    except Exception as exc:  # noqa: BLE001
+        print(f"xiaozhi up failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        print("Stopping...")
+        stack.stop()
+        print("Stopped.")
+
+
+async def sim_command(args: argparse.Namespace) -> int:
+    from xiaozhi.sim import SimDevice, read_wav, write_wav
+
+    ota = args.ota or (None if args.ws else "http://127.0.0.1:8003/xiaozhi/ota/")
+    if not args.wav and not args.text:
+        print("nothing to say: give --wav FILE or --text TEXT", file=sys.stderr)
+        return 2
+    device = SimDevice(ota_url=ota, ws_url=args.ws, device_id=args.device_id, protocol_version=args.protocol_version, token=args.token)
+    reports = []
+    try:
+        await device.connect()
+    except Exception as exc:  # noqa: BLE001
+        print(f"could not connect: {exc}", file=sys.stderr)
+        return 1
+    say = lambda *a: None if args.json else print(*a)  # noqa: E731
+    say(f"device {device.device_id} connected to {device.ws_url}, session {device.session_id}")
+    try:
+        turns = [("wav", w) for w in args.wav] + [("text", t) for t in args.text]
+        for kind, what in turns:
+            if device.closed:
+                say("the server closed the connection")
+                break
+            if kind == "wav":
+                say(f"> speaking {what} ({args.mode} mode)")
+                report = await device.speak(read_wav(what), mode=args.mode, reply_timeout=args.timeout)
+            else:
+                say(f"> typing {what!r}")
+                report = await device.type_text(what, reply_timeout=args.timeout)
+            reports.append(report)
+            say(f"  events:    {' -> '.join(_compact(report.events))}")
+            say(f"  stt:       {report.stt!r}")
+            say(f"  emotion:   {report.emotion}")
+            for sentence in report.sentences:
+                say(f"  sentence:  {sentence}")
+            say(f"  audio:     {report.frames} frames, {report.audio_s:.2f} s")
+            latency = report.latency_s
+            say(f"  latency:   {latency * 1000:.0f} ms (end of speech to first reply audio)" if latency is not None else "  latency:   n/a (no audio)")
+            if report.error:
+                say(f"  error:     {report.error}")
+            if args.mode == "auto" and kind == "wav" and report.stopped:
+                await device.listen_start("auto")  # as the firmware does after playback
+    finally:
+        await device.close()
+    pcm = device.reply_audio()
+    if len(pcm):
+        write_wav(args.out, pcm, device.downlink_rate)
+        say(f"reply audio written to {args.out} ({len(pcm) / device.downlink_rate:.2f} s at {device.downlink_rate} Hz)")
+    if args.json:
+        print(json.dumps([{**r.__dict__, "latency_s": r.latency_s} for r in reports], indent=2, default=str))
+    return 0 if reports and all(r.stopped for r in reports) else 1
+
+
+def _compact(events: list[str]) -> list[str]:
+    """Collapse runs of the same event: tts.sentence_start x3."""
+    out: list[str] = []
+    for event in events:
+        if out and out[-1].split(" x")[0] == event:
+            count = int(out[-1].split(" x")[1]) + 1 if " x" in out[-1] else 2
+            out[-1] = f"{event} x{count}"
+        else:
+            out.append(event)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,379 @@
+"""A simulated xiaozhi device that behaves like the firmware (protocol.md).
+
+It POSTs to OTA with the firmware's headers and body, opens the WebSocket with Authorization,
+Protocol-Version, Device-Id and Client-Id, says hello, and talks: ``listen start`` then a WAV's
+speech as real-time 60 ms Opus frames at 16 kHz, then real-time silence until the reply starts.
+It records every message it receives (with arrival times) and the reply audio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import struct
+import time
+import uuid
+import wave
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import websockets
+
+from shared.audio import OpusDecoder, OpusEncoder, resample
+
+FRAME_MS = 60
+UPLINK_RATE = 16000
+
+
+def random_mac() -> str:
+    return ":".join(f"{random.randint(0, 255):02x}" for _ in range(6))
+
+
+def read_wav(path: str | Path) -> np.ndarray:
+    """A WAV file as 16 kHz mono int16."""
+    with wave.open(str(path), "rb") as wav:
+        rate, channels, width = wav.getframerate(), wav.getnchannels(), wav.getsampwidth()
+        raw = wav.readframes(wav.getnframes())
+    if width != 2:
+        raise ValueError(f"{path}: only 16-bit WAV is supported")
+    pcm = np.frombuffer(raw, dtype=np.int16)
+    if channels > 1:
+        pcm = pcm.reshape(-1, channels).mean(axis=1).astype(np.int16)
+    return pcm if rate == UPLINK_RATE else resample(pcm, rate, UPLINK_RATE)
+
+
+def write_wav(path: str | Path, pcm: np.ndarray, rate: int) -> None:
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes(pcm.astype(np.int16).tobytes())
+
+
+def unwrap_audio(data: bytes, version: int) -> bytes:
+    """The Opus packet inside a downlink binary frame of protocol ``version``."""
+    if version == 2:
+        (size,) = struct.unpack_from(">I", data, 12)
+        return data[16 : 16 + size]
+    if version == 3:
+        (size,) = struct.unpack_from(">H", data, 2)
+        return data[4 : 4 + size]
+    return data
+
+
+def wrap_audio(opus: bytes, version: int) -> bytes:
+    if version == 2:
+        return struct.pack(">HHIII", 2, 0, 0, 0, len(opus)) + opus
+    if version == 3:
+        return struct.pack(">BBH", 0, 0, len(opus)) + opus
+    return opus
+
+
+@dataclass
+class Received:
+    """One message from the server, stamped with its arrival (monotonic seconds)."""
+
+    at: float
+    kind: str  # "json", "text" (not JSON) or "audio"
+    message: dict[str, Any] | None = None
+    data: bytes = b""
+
+
+@dataclass
+class TurnReport:
+    """What one turn looked like from the device."""
+
+    stt: str | None = None
+    sentences: list[str] = field(default_factory=list)
+    emotion: str | None = None
+    frames: int = 0
+    audio_s: float = 0.0
+    speech_end: float | None = None  # when the last speech frame was sent
+    first_audio: float | None = None
+    stopped: bool = False
+    events: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def latency_s(self) -> float | None:
+        """End of speech (or the text was sent) to the first reply audio frame."""
+        if self.speech_end is None or self.first_audio is None:
+            return None
+        return self.first_audio - self.speech_end
+
+
+class SimDevice:
+    """One simulated device. Use as ``async with SimDevice(...) as dev:``."""
+
+    def __init__(
+        self,
+        ota_url: str | None = None,
+        ws_url: str | None = None,
+        device_id: str | None = None,
+        client_id: str | None = None,
+        protocol_version: int = 1,
+        token: str | None = None,
+        board: str = "bread-compact-wifi",
+        firmware_version: str = "2.4.2",
+    ) -> None:
+        if not ota_url and not ws_url:
+            raise ValueError("give an OTA URL or a WebSocket URL")
+        self.ota_url = ota_url
+        self.ws_url = ws_url
+        self.device_id = device_id or random_mac()
+        self.client_id = client_id or str(uuid.uuid4())
+        self.protocol_version = protocol_version
+        self.token = token
+        self.board = board
+        self.firmware_version = firmware_version
+        self.session_id: str | None = None
+        self.server_hello: dict[str, Any] | None = None
+        self.ota_response: dict[str, Any] | None = None
+        self.received: list[Received] = []
+        self.ws: Any = None
+        self._reader: asyncio.Task | None = None
+        self._new_message = asyncio.Event()
+        self.downlink_rate = 24000
+        self.closed = False
+
+    async def __aenter__(self) -> "SimDevice":
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ set-up
+
+    async def ota(self) -> dict[str, Any]:
+        """POST the firmware's system-info to OTA, as at boot (protocol.md §1.2, §1.3)."""
+        assert self.ota_url
+        headers = {
+            "Activation-Version": "1",
+            "Device-Id": self.device_id,
+            "Client-Id": self.client_id,
+            "User-Agent": f"{self.board}/{self.firmware_version}",
+            "Accept-Language": "en-US",
+            "Content-Type": "application/json",
+        }
+        body = {
+            "version": 2,
+            "language": "en-US",
+            "flash_size": 16777216,
+            "minimum_free_heap_size": "123456",
+            "mac_address": self.device_id,
+            "uuid": self.client_id,
+            "chip_model_name": "esp32s3",
+            "chip_info": {"model": 9, "cores": 2, "revision": 2, "features": 18},
+            "application": {"name": "xiaozhi", "version": self.firmware_version, "compile_time": "Aug  8 2026T08:33:45Z", "idf_version": "v5.5.2", "elf_sha256": "0" * 64},
+            "partition_table": [{"label": "nvs", "type": 1, "subtype": 2, "address": 36864, "size": 16384}],
+            "ota": {"label": "ota_0"},
+            "display": {"monochrome": False, "width": 240, "height": 240},
+            "board": {"type": self.board, "name": self.board, "ssid": "sim", "rssi": -50, "channel": 6, "ip": "127.0.0.1", "mac": self.device_id},
+        }
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+            async with http.post(self.ota_url, json=body, headers=headers) as response:
+                if response.status != 200:
+                    raise RuntimeError(f"OTA answered HTTP {response.status}: {(await response.text())[:200]}")
+                self.ota_response = await response.json(content_type=None)
+        ws = (self.ota_response or {}).get("websocket") or {}
+        if not self.ws_url:
+            self.ws_url = ws.get("url")
+        if self.token is None:
+            self.token = ws.get("token") or ""
+        if "version" in ws and isinstance(ws["version"], int):
+            self.protocol_version = ws["version"]
+        return self.ota_response or {}
+
+    async def connect(self, features: dict[str, Any] | None = None) -> None:
+        """OTA (when given), WebSocket handshake with the firmware's headers, then hello."""
+        if self.ota_url and not self.ota_response:
+            await self.ota()
+        assert self.ws_url, "OTA gave no websocket url"
+        headers = {"Protocol-Version": str(self.protocol_version), "Device-Id": self.device_id, "Client-Id": self.client_id}
+        if self.token:
+            headers["Authorization"] = self.token if " " in self.token else f"Bearer {self.token}"
+        self.ws = await websockets.connect(self.ws_url, additional_headers=headers, compression=None, open_timeout=10, max_size=None, ping_interval=None)
+        self._reader = asyncio.create_task(self._read())
+        hello = {
+            "type": "hello",
+            "version": self.protocol_version,
+            "features": features if features is not None else {"mcp": True},
+            "transport": "websocket",
+            "audio_params": {"format": "opus", "sample_rate": UPLINK_RATE, "channels": 1, "frame_duration": FRAME_MS},
+        }
+        await self.send_json(hello)
+        reply = await self.wait_for(lambda r: r.kind == "json" and r.message.get("type") == "hello", timeout=10)
+        if reply is None:
+            raise TimeoutError("no server hello within 10 s")
+        self.server_hello = reply.message
+        if reply.message.get("transport") != "websocket":
+            raise RuntimeError(f"server hello without transport websocket: {reply.message}")
+        self.session_id = reply.message.get("session_id") or ""
+        self.downlink_rate = int((reply.message.get("audio_params") or {}).get("sample_rate") or 24000)
+
+    async def close(self) -> None:
+        if self.ws is not None and not self.closed:
+            self.closed = True
+            await self.ws.close()
+        if self._reader:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+
+    async def _read(self) -> None:
+        try:
+            async for message in self.ws:
+                now = time.monotonic()
+                if isinstance(message, bytes):
+                    self.received.append(Received(now, "audio", data=unwrap_audio(message, self.protocol_version)))
+                else:
+                    try:
+                        parsed = json.loads(message)
+                        self.received.append(Received(now, "json", parsed if isinstance(parsed, dict) else {"value": parsed}))
+                    except ValueError:
+                        self.received.append(Received(now, "text", {"text": message}))
+                self._new_message.set()
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            self.closed = True
+            self._new_message.set()
+
+    # ------------------------------------------------------------------ sending
+
+    async def send_json(self, message: dict[str, Any]) -> None:
+        if self.session_id and "session_id" not in message:
+            message = {"session_id": self.session_id, **message}
+        await self.ws.send(json.dumps(message, ensure_ascii=False))
+
+    async def listen_start(self, mode: str = "auto") -> None:
+        await self.send_json({"type": "listen", "state": "start", "mode": mode})
+
+    async def listen_stop(self) -> None:
+        await self.send_json({"type": "listen", "state": "stop"})
+
+    async def detect(self, text: str) -> None:
+        await self.send_json({"type": "listen", "state": "detect", "text": text})
+
+    async def abort(self, reason: str | None = None) -> None:
+        message: dict[str, Any] = {"type": "abort"}
+        if reason:
+            message["reason"] = reason
+        await self.send_json(message)
+
+    async def stream_pcm(self, pcm: np.ndarray, until: "callable | None" = None, max_s: float | None = None) -> float:
+        """Send PCM as real-time 60 ms Opus frames; returns when the last frame was sent.
+
+        With ``until``, keeps sending until it returns True (or ``max_s`` passes): used for the
+        silence a device streams while it waits for the reply.
+        """
+        encoder = OpusEncoder(UPLINK_RATE, FRAME_MS, complexity=0)
+        samples = UPLINK_RATE * FRAME_MS // 1000
+        start = time.monotonic()
+        k = 0
+        last = start
+        while True:
+            if until is None and k * samples >= len(pcm):
+                break
+            if until is not None and (until() or (max_s is not None and time.monotonic() - start > max_s) or self.closed):
+                break
+            frame = pcm[k * samples : (k + 1) * samples] if until is None else np.zeros(samples, dtype=np.int16)
+            if len(frame) < samples:
+                frame = np.concatenate([frame, np.zeros(samples - len(frame), dtype=np.int16)])
+            target = start + k * FRAME_MS / 1000
+            delay = target - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if self.closed:
+                break
+            await self.ws.send(wrap_audio(encoder.encode(frame), self.protocol_version))
+            last = time.monotonic()
+            k += 1
+        return last
+
+    # ------------------------------------------------------------------ receiving
+
+    async def wait_for(self, predicate, timeout: float, start_index: int = 0) -> Received | None:
+        """The first received message (from ``start_index``) that matches, waiting up to ``timeout``."""
+        deadline = time.monotonic() + timeout
+        index = start_index
+        while True:
+            while index < len(self.received):
+                item = self.received[index]
+                index += 1
+                if predicate(item):
+                    return item
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.closed and index >= len(self.received):
+                return None
+            self._new_message.clear()
+            try:
+                await asyncio.wait_for(self._new_message.wait(), remaining)
+            except asyncio.TimeoutError:
+                return None
+
+    def _is_tts(self, state: str):
+        return lambda r: r.kind == "json" and r.message.get("type") == "tts" and r.message.get("state") == state
+
+    async def speak(self, pcm: np.ndarray, mode: str = "auto", reply_timeout: float = 60, trailing_silence_max_s: float = 15) -> TurnReport:
+        """One spoken turn, as the firmware does it in auto mode; waits for `tts stop`."""
+        mark = len(self.received)
+        await self.listen_start(mode)
+        speech_end = await self.stream_pcm(pcm)
+        if mode == "manual":
+            await self.listen_stop()
+        else:
+            started = lambda: any(self._is_tts("start")(r) for r in self.received[mark:] if r.kind == "json")  # noqa: E731
+            # Real-time silence until the reply starts: the device keeps its microphone open.
+            await self.stream_pcm(np.zeros(0, dtype=np.int16), until=started, max_s=trailing_silence_max_s)
+        return await self.collect_turn(mark, speech_end, reply_timeout)
+
+    async def type_text(self, text: str, reply_timeout: float = 60) -> TurnReport:
+        """A typed-text turn through `listen detect` (protocol.md §6.7)."""
+        mark = len(self.received)
+        sent = time.monotonic()
+        await self.detect(text)
+        return await self.collect_turn(mark, sent, reply_timeout)
+
+    async def collect_turn(self, mark: int, speech_end: float, timeout: float) -> TurnReport:
+        report = TurnReport(speech_end=speech_end)
+        stop = await self.wait_for(self._is_tts("stop"), timeout, start_index=mark)
+        report.stopped = stop is not None
+        if stop is None:
+            report.error = "connection closed" if self.closed else f"no tts stop within {timeout}s"
+        end = self.received.index(stop) + 1 if stop is not None else len(self.received)
+        for item in self.received[mark:end]:
+            if item.kind == "audio":
+                report.frames += 1
+                report.events.append("audio")
+                if report.first_audio is None:
+                    report.first_audio = item.at
+                continue
+            message = item.message or {}
+            mtype = message.get("type")
+            label = mtype if mtype != "tts" else f"tts.{message.get('state')}"
+            report.events.append(str(label))
+            if mtype == "stt":
+                report.stt = message.get("text")
+            elif mtype == "llm":
+                report.emotion = message.get("emotion")
+            elif mtype == "tts" and message.get("state") == "sentence_start":
+                report.sentences.append(message.get("text", ""))
+        report.audio_s = report.frames * FRAME_MS / 1000
+        return report
+
+    def reply_audio(self, start_index: int = 0) -> np.ndarray:
+        """Every audio frame received (from ``start_index``), decoded at the announced rate."""
+        decoder = OpusDecoder(self.downlink_rate)
+        chunks = []
+        for item in self.received[start_index:]:
+            if item.kind == "audio":
+                chunks.append(decoder.decode(item.data))
+        return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
