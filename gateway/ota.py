@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway import auth
 from gateway import metrics as m
 from shared.settings import GatewaySettings
 
@@ -47,17 +48,27 @@ def websocket_url(settings: GatewaySettings, request_host: str | None = None) ->
     return f"ws://{host}:{settings.ws_port}{settings.ws_path}"
 
 
-def build_ota_response(settings: GatewaySettings, body: dict[str, Any], request_host: str | None, now_ms: int | None = None) -> dict[str, Any]:
+def device_token(settings: GatewaySettings, key: str, device_id: str, client_id: str, now_s: int) -> str:
+    """The token handed out by OTA: empty when auth is off or the device is allow-listed."""
+    if not settings.auth.enabled or device_id.lower() in {d.lower() for d in settings.auth.allowed_devices}:
+        return ""
+    return auth.issue_device_token(key, client_id, device_id, now_s)
+
+
+def build_ota_response(settings: GatewaySettings, body: dict[str, Any], request_host: str | None, now_ms: int | None = None, token: str = "") -> dict[str, Any]:
     """The JSON answer of §1.4: server time, firmware (echoed: no upgrade), websocket. Never mqtt."""
     application = body.get("application") if isinstance(body.get("application"), dict) else {}
     version = application.get("version") if isinstance(application.get("version"), str) else None
+    websocket: dict[str, Any] = {"url": websocket_url(settings, request_host), "token": token}
+    if settings.protocol_version in (1, 2, 3):
+        websocket["version"] = settings.protocol_version
     offset = settings.timezone_offset_minutes
     if offset is None:
         offset = local_timezone_offset_minutes()
     return {
         "server_time": {"timestamp": now_ms if now_ms is not None else int(time.time() * 1000), "timezone_offset": offset},
         "firmware": {"version": version if version and _numeric_version(version) else "0.0.0", "url": ""},
-        "websocket": {"url": websocket_url(settings, request_host), "token": ""},
+        "websocket": websocket,
     }
 
 
@@ -72,7 +83,7 @@ def _request_host(request: web.Request) -> str | None:
     return host.rsplit(":", 1)[0] if host else None
 
 
-def make_app(settings: GatewaySettings) -> web.Application:
+def make_app(settings: GatewaySettings, auth_key: str) -> web.Application:
     """The HTTP app on :8003: OTA on both URL forms, GET status, OPTIONS for browsers."""
 
     async def options(_request: web.Request) -> web.Response:
@@ -99,7 +110,8 @@ def make_app(settings: GatewaySettings) -> web.Application:
             except ValueError:
                 m.OTA_REQUESTS.labels("POST", "bad_body").inc()
                 log.info("ota body is not JSON; answering anyway", extra={"fields": {"device_id": device_id}})
-        response = build_ota_response(settings, body, _request_host(request))
+        token = device_token(settings, auth_key, device_id, client_id, int(time.time()))
+        response = build_ota_response(settings, body, _request_host(request), token=token)
         m.OTA_REQUESTS.labels("POST", "ok").inc()
         log.info("ota", extra={"fields": {"device_id": device_id, "client_id": client_id, "user_agent": request.headers.get("User-Agent")}})
         return web.json_response(response, headers=CORS_HEADERS)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
+import time
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -15,7 +17,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from gateway import metrics as m
-from gateway import ota, protocol
+from gateway import auth, ota, protocol
 from gateway.session import DeviceSession
 from shared.settings import Settings
 from shared.subjects import Subjects
@@ -59,6 +61,10 @@ class Gateway:
         self.sessions: set[DeviceSession] = set()
         self.ws_port: int | None = None
         self.http_port: int | None = None
+        self.auth_key = self.gw.auth.key or secrets.token_hex(16)
+        if not self.gw.auth.key:
+            log.warning("no auth key configured: using a random one, tokens will not survive a restart")
+        self.allowed_devices = frozenset(d.lower() for d in self.gw.auth.allowed_devices)
 
     async def start(self, nc: NATS) -> None:
         self.nc = nc
@@ -74,7 +80,7 @@ class Gateway:
             open_timeout=10,
         )
         self.ws_port = self._ws_server.sockets[0].getsockname()[1] if self._ws_server.sockets else self.gw.ws_port
-        app = ota.make_app(self.gw)
+        app = ota.make_app(self.gw, self.auth_key)
         self._http_runner = web.AppRunner(app, access_log=None)
         await self._http_runner.setup()
         site = web.TCPSite(self._http_runner, self.gw.host, self.gw.http_port)
@@ -105,6 +111,21 @@ class Gateway:
         except protocol.ProtocolError:
             m.DROPPED.labels("gateway", "bad_protocol_version").inc()
             return connection.respond(HTTPStatus.BAD_REQUEST, "unsupported Protocol-Version\n")
+        if self.gw.auth.enabled:
+            result = auth.verify_device(
+                self.auth_key,
+                found["authorization"],
+                found["client-id"] or found["device-id"],
+                found["device-id"],
+                int(time.time()),
+                self.gw.auth.expire_seconds,
+                self.allowed_devices,
+            )
+            if not result.ok:
+                # Rejected in the handshake: the firmware reports it at once (protocol.md §2.4).
+                m.AUTH_FAILURES.labels(result.reason).inc()
+                log.info("handshake rejected", extra={"fields": {"device_id": found["device-id"], "reason": result.reason}})
+                return connection.respond(HTTPStatus.UNAUTHORIZED, f"unauthorized: {result.reason}\n")
         return None
 
     async def _handle(self, ws: ServerConnection) -> None:

@@ -39,6 +39,20 @@ class MetricsSettings(BaseModel):
     port: int | None = None
 
 
+class AuthSettings(BaseModel):
+    """Device authentication (off by default, as in the reference server)."""
+
+    enabled: bool = False
+    # Shared HMAC secret. Unset: a random key per start, so tokens do not survive a restart and
+    # replicas disagree: set it in any real deployment.
+    key: str | None = None
+    # Device-Ids admitted without a token (and handed an empty token by OTA).
+    allowed_devices: list[str] = Field(default_factory=list)
+    expire_seconds: int = 30 * 24 * 3600
+    # The vision endpoint's token is always required, and shorter-lived.
+    vision_ttl_seconds: int = 3600
+
+
 class GatewaySettings(BaseModel):
     host: str = "0.0.0.0"
     ws_port: int = 8000
@@ -48,6 +62,9 @@ class GatewaySettings(BaseModel):
     public_host: str | None = None
     # Overrides the WebSocket URL handed out by OTA (e.g. behind a reverse proxy).
     websocket_url: str | None = None
+    # Binary protocol version (1, 2 or 3) handed to devices by OTA. Unset: not sent, and the
+    # device keeps what it has (v1 unless told otherwise before).
+    protocol_version: int | None = None
     timezone_offset_minutes: int | None = None  # None: the server's local offset
     metrics_port: int = 9100
     # Downlink audio, announced in the hello.
@@ -62,6 +79,7 @@ class GatewaySettings(BaseModel):
     max_ws_message_bytes: int = 65536
     # A turn that produces nothing for this long is ended with `tts stop`.
     turn_timeout_s: float = 30.0
+    auth: AuthSettings = Field(default_factory=AuthSettings)
     wake_words: list[str] = Field(default_factory=lambda: ["你好小智", "你好小志", "小爱同学", "hi esp", "hey jarvis"])
 
 

@@ -1,0 +1,107 @@
+"""Device authentication (protocol.md §2.4) and the vision capability token (§5.7).
+
+Device tokens use the reference server's format, so tokens from its manager or MQTT gateway
+interoperate when they share the key: ``<sig>.<ts>`` where ``ts`` is the issue time in Unix
+seconds and ``sig`` is base64url-without-padding(HMAC-SHA256(key, "<Client-Id>|<Device-Id>|<ts>")).
+The token holds no ids: it is bound to the connection's Client-Id and Device-Id headers.
+
+Vision tokens are shorter-lived and bound to one device: ``v1.<device b64>.<exp>.<sig>``.
+Everything here is pure: the caller passes the current time.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _mac(key: str, message: str) -> bytes:
+    return hmac.new(key.encode(), message.encode(), hashlib.sha256).digest()
+
+
+def issue_device_token(key: str, client_id: str, device_id: str, now: int) -> str:
+    """A device token in the reference server's ``sig.ts`` format."""
+    return f"{_b64(_mac(key, f'{client_id}|{device_id}|{now}'))}.{now}"
+
+
+@dataclass(frozen=True)
+class AuthResult:
+    ok: bool
+    reason: str = ""
+
+
+def strip_bearer(authorization: str) -> str | None:
+    """The token inside ``Authorization: Bearer <token>``, or None when the scheme is not Bearer."""
+    value = authorization.strip()
+    if value[:7].lower() != "bearer ":
+        return None
+    return value[7:].strip()
+
+
+def verify_device(
+    key: str,
+    authorization: str,
+    client_id: str,
+    device_id: str,
+    now: int,
+    expire_seconds: int,
+    allowed_devices: frozenset[str] = frozenset(),
+) -> AuthResult:
+    """Check a device's Authorization header value against its Client-Id and Device-Id."""
+    if device_id and device_id.lower() in allowed_devices:
+        return AuthResult(True, "allow-listed")
+    if not authorization:
+        return AuthResult(False, "missing token")
+    token = strip_bearer(authorization)
+    if token is None:
+        return AuthResult(False, "not a Bearer token")
+    sig, _, ts_text = token.rpartition(".")
+    if not sig or not ts_text.isdigit():
+        return AuthResult(False, "malformed token")
+    ts = int(ts_text)
+    expected = _b64(_mac(key, f"{client_id}|{device_id}|{ts}"))
+    if not hmac.compare_digest(sig.encode(), expected.encode()):
+        return AuthResult(False, "bad signature")
+    if ts > now + 300:
+        return AuthResult(False, "token from the future")
+    if now - ts > expire_seconds:
+        return AuthResult(False, "token expired")
+    return AuthResult(True)
+
+
+def issue_vision_token(key: str, device_id: str, now: int, ttl_seconds: int) -> str:
+    """A token for the vision endpoint, valid ``ttl_seconds`` for this device only."""
+    exp = now + ttl_seconds
+    body = f"v1.{_b64(device_id.encode())}.{exp}"
+    return f"{body}.{_b64(_mac(key, 'vision|' + body))}"
+
+
+def verify_vision(key: str, authorization: str, device_id: str, now: int) -> AuthResult:
+    token = strip_bearer(authorization) if authorization.lower().startswith("bearer") else authorization.strip()
+    if not token:
+        return AuthResult(False, "missing token")
+    parts = token.split(".")
+    if len(parts) != 4 or parts[0] != "v1" or not parts[2].isdigit():
+        return AuthResult(False, "malformed token")
+    body = ".".join(parts[:3])
+    if not hmac.compare_digest(parts[3].encode(), _b64(_mac(key, "vision|" + body)).encode()):
+        return AuthResult(False, "bad signature")
+    try:
+        bound = _unb64(parts[1]).decode()
+    except (ValueError, UnicodeDecodeError):
+        return AuthResult(False, "malformed token")
+    if bound != device_id:
+        return AuthResult(False, "token is for another device")
+    if int(parts[2]) < now:
+        return AuthResult(False, "token expired")
+    return AuthResult(True)

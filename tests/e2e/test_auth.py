@@ -1,0 +1,91 @@
+"""Device authentication on a real gateway process: OTA hands out tokens, the handshake checks them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import pytest
+import websockets
+
+from gateway.auth import issue_device_token
+from xiaozhi.sim import SimDevice
+from xiaozhi.stack import free_port
+
+pytestmark = pytest.mark.e2e
+
+KEY = "test-secret-key"
+ALLOWED = "aa:aa:aa:aa:aa:aa"
+
+
+@pytest.fixture
+def auth_gateway(nats_only):
+    ws_port, http_port = free_port(), free_port()
+    proc = nats_only.start_service(
+        "gateway",
+        free_port(),
+        {
+            "XZ_GATEWAY__HOST": "127.0.0.1",
+            "XZ_GATEWAY__WS_PORT": str(ws_port),
+            "XZ_GATEWAY__HTTP_PORT": str(http_port),
+            "XZ_GATEWAY__PUBLIC_HOST": "127.0.0.1",
+            "XZ_GATEWAY__AUTH__ENABLED": "true",
+            "XZ_GATEWAY__AUTH__KEY": KEY,
+            "XZ_GATEWAY__AUTH__ALLOWED_DEVICES": json.dumps([ALLOWED]),
+            "XZ_GATEWAY__AUTH__EXPIRE_SECONDS": "3600",
+        },
+    )
+    nats_only.wait_healthy([proc])
+    return ws_port, http_port
+
+
+async def test_ota_token_opens_the_websocket(auth_gateway):
+    ws_port, http_port = auth_gateway
+    device = SimDevice(ota_url=f"http://127.0.0.1:{http_port}/xiaozhi/ota/")
+    await device.ota()
+    token = device.ota_response["websocket"]["token"]
+    assert token and "." in token
+    await device.connect()
+    try:
+        assert device.server_hello["transport"] == "websocket"
+    finally:
+        await device.close()
+
+
+async def test_handshake_rejects_bad_tokens_with_401(auth_gateway):
+    ws_port, _ = auth_gateway
+    url = f"ws://127.0.0.1:{ws_port}/xiaozhi/v1/"
+    now = int(time.time())
+    cases = {
+        "missing": {},
+        "not bearer": {"Authorization": "Basic abc"},
+        "garbage": {"Authorization": "Bearer garbage"},
+        "wrong key": {"Authorization": "Bearer " + issue_device_token("other-key", "c1", "bb:bb:bb:bb:bb:bb", now)},
+        "other device": {"Authorization": "Bearer " + issue_device_token(KEY, "c1", "cc:cc:cc:cc:cc:cc", now)},
+        "expired": {"Authorization": "Bearer " + issue_device_token(KEY, "c1", "bb:bb:bb:bb:bb:bb", now - 7200)},
+    }
+    for label, extra in cases.items():
+        headers = {"Device-Id": "bb:bb:bb:bb:bb:bb", "Client-Id": "c1", **extra}
+        with pytest.raises(websockets.InvalidStatus) as info:
+            async with websockets.connect(url, additional_headers=headers):
+                pass
+        assert info.value.response.status_code == 401, label
+
+
+async def test_allow_list_and_query_string_token(auth_gateway):
+    ws_port, http_port = auth_gateway
+    # An allow-listed device gets an empty token and connects without one.
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"http://127.0.0.1:{http_port}/xiaozhi/ota/", json={}, headers={"Device-Id": ALLOWED}) as response:
+            assert (await response.json())["websocket"]["token"] == ""
+    async with SimDevice(ws_url=f"ws://127.0.0.1:{ws_port}/xiaozhi/v1/", device_id=ALLOWED, token="") as device:
+        assert device.session_id
+    # A browser passes identity and token in the query string.
+    token = issue_device_token(KEY, "web-client", "dd:dd:dd:dd:dd:dd", int(time.time()))
+    url = f"ws://127.0.0.1:{ws_port}/?device-id=dd:dd:dd:dd:dd:dd&client-id=web-client&authorization=Bearer%20{token}"
+    async with websockets.connect(url) as ws:
+        await ws.send(json.dumps({"type": "hello"}))
+        hello = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert hello["transport"] == "websocket"

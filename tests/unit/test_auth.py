@@ -1,0 +1,59 @@
+"""Device and vision tokens (gateway/auth.py)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+
+from gateway.auth import issue_device_token, issue_vision_token, strip_bearer, verify_device, verify_vision
+
+KEY = "k"
+NOW = 1_800_000_000
+
+
+def test_device_token_matches_reference_format():
+    token = issue_device_token(KEY, "client", "aa:bb:cc:dd:ee:ff", NOW)
+    sig, ts = token.split(".")
+    assert ts == str(NOW)
+    expected = base64.urlsafe_b64encode(hmac.new(b"k", f"client|aa:bb:cc:dd:ee:ff|{NOW}".encode(), hashlib.sha256).digest()).decode().rstrip("=")
+    assert sig == expected
+
+
+def test_device_token_verification():
+    token = issue_device_token(KEY, "client", "dev", NOW)
+    assert verify_device(KEY, f"Bearer {token}", "client", "dev", NOW + 10, 3600).ok
+    assert verify_device(KEY, f"bearer {token}", "client", "dev", NOW, 3600).ok
+    assert verify_device(KEY, f"Bearer {token}", "client", "dev", NOW + 3601, 3600).reason == "token expired"
+    assert verify_device(KEY, f"Bearer {token}", "other-client", "dev", NOW, 3600).reason == "bad signature"
+    assert verify_device(KEY, f"Bearer {token}", "client", "other-dev", NOW, 3600).reason == "bad signature"
+    assert verify_device("other", f"Bearer {token}", "client", "dev", NOW, 3600).reason == "bad signature"
+    assert verify_device(KEY, token, "client", "dev", NOW, 3600).reason == "not a Bearer token"
+    assert verify_device(KEY, "", "client", "dev", NOW, 3600).reason == "missing token"
+    assert verify_device(KEY, "Bearer abc", "client", "dev", NOW, 3600).reason == "malformed token"
+    assert verify_device(KEY, "Bearer abc.12x", "client", "dev", NOW, 3600).reason == "malformed token"
+    future = issue_device_token(KEY, "client", "dev", NOW + 3600)
+    assert verify_device(KEY, f"Bearer {future}", "client", "dev", NOW, 7200).reason == "token from the future"
+
+
+def test_allow_list_needs_no_token():
+    assert verify_device(KEY, "", "c", "AA:BB", NOW, 10, frozenset({"aa:bb"})).ok
+
+
+def test_strip_bearer():
+    assert strip_bearer("Bearer  x.y ") == "x.y"
+    assert strip_bearer("Token x") is None
+
+
+def test_vision_token_bound_to_device_and_time():
+    token = issue_vision_token(KEY, "dev-1", NOW, 3600)
+    assert verify_vision(KEY, f"Bearer {token}", "dev-1", NOW + 100).ok
+    assert verify_vision(KEY, token, "dev-1", NOW + 100).ok
+    assert verify_vision(KEY, f"Bearer {token}", "dev-2", NOW).reason == "token is for another device"
+    assert verify_vision(KEY, f"Bearer {token}", "dev-1", NOW + 3601).reason == "token expired"
+    assert verify_vision("other", f"Bearer {token}", "dev-1", NOW).reason == "bad signature"
+    tampered = token.replace(".1800003600.", ".1900003600.")
+    assert verify_vision(KEY, f"Bearer {tampered}", "dev-1", NOW).reason == "bad signature"
+    assert verify_vision(KEY, "Bearer nope", "dev-1", NOW).reason == "malformed token"
+    # A device token is not a vision token.
+    assert not verify_vision(KEY, "Bearer " + issue_device_token(KEY, "c", "dev-1", NOW), "dev-1", NOW).ok
