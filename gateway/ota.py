@@ -36,6 +36,12 @@ def lan_ip() -> str:
         sock.close()
 
 
+def vision_url(settings: GatewaySettings, http_port: int | None = None) -> str:
+    """The vision endpoint handed to devices in MCP initialize (protocol.md §8)."""
+    host = settings.public_host or lan_ip()
+    return f"http://{host}:{http_port or settings.http_port}/mcp/vision/explain"
+
+
 def local_timezone_offset_minutes() -> int:
     return -(time.altzone if time.daylight and time.localtime().tm_isdst else time.timezone) // 60
 

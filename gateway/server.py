@@ -138,7 +138,10 @@ class Gateway:
             return
         version = protocol.parse_protocol_version(found["protocol-version"] or None)
         assert self.nc is not None
-        session = DeviceSession(ws, self.nc, self.gw, self.subjects, device_id, found["client-id"] or device_id, version)
+        session = DeviceSession(
+            ws, self.nc, self.gw, self.subjects, device_id, found["client-id"] or device_id, version,
+            auth_key=self.auth_key, vision_url=ota.vision_url(self.gw, self.http_port),
+        )
         self.sessions.add(session)
         try:
             await session.run()

@@ -15,12 +15,24 @@ from nats.aio.msg import Msg
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from gateway import auth, mcp
 from gateway import metrics as m
 from gateway import protocol
 from gateway.downlink import PacedSender
 from gateway.turns import Stop, TurnAssembler
 from shared import logging as xlog
-from shared.messages import AudioFrameMeta, Control, OutEvent, UserTurn, VadClaim, VadClaimAck, new_turn_id
+from shared.messages import (
+    AudioFrameMeta,
+    Control,
+    DeviceMcpReply,
+    DeviceMcpRequest,
+    DeviceTool,
+    OutEvent,
+    UserTurn,
+    VadClaim,
+    VadClaimAck,
+    new_turn_id,
+)
 from shared.settings import GatewaySettings
 from shared.subjects import Subjects
 
@@ -45,6 +57,8 @@ class DeviceSession:
         device_id: str,
         client_id: str,
         version: int,
+        auth_key: str = "",
+        vision_url: str | None = None,
     ) -> None:
         self.ws = ws
         self.nc = nc
@@ -80,6 +94,12 @@ class DeviceSession:
         self._turn_started_at: dict[str, float] = {}
         self._watchdog: asyncio.Task | None = None
         self._wake_words = {normalise_wake_word(w) for w in settings.wake_words}
+        self.auth_key = auth_key
+        self.vision_url = vision_url
+        self.mcp = mcp.McpState()
+        self._mcp_listed = asyncio.Event()
+        self._mcp_pending: dict[int, asyncio.Future] = {}
+        self._mcp_sub = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -133,6 +153,12 @@ class DeviceSession:
         self.hello = hello
         await self._send(protocol.server_hello(self.session_id, self.settings.sample_rate, self.settings.frame_duration, self.version))
         self._out_sub = await self.nc.subscribe(self.subjects.out(self.session_id), cb=self._on_out)
+        self._mcp_sub = await self.nc.subscribe(self.subjects.device_mcp(self.session_id), cb=self._on_mcp_request)
+        if hello.features.get("mcp"):
+            token = auth.issue_vision_token(self.auth_key, self.device_id, int(time.time()), self.settings.auth.vision_ttl_seconds) if self.vision_url else None
+            await self._send_mcp(mcp.initialize(self.vision_url, token))
+        else:
+            self._mcp_listed.set()
         self._claim_task = asyncio.create_task(self._claim_vad())
         self._pump_task = asyncio.create_task(self._pump_uplink())
         log.info("hello", extra={"fields": {"features": hello.features, "uplink_rate": hello.audio.sample_rate, "uplink_frame_ms": hello.audio.frame_duration}})
@@ -187,6 +213,14 @@ class DeviceSession:
             if task and not task.done():
                 task.cancel()
         await self.downlink.close()
+        for future in self._mcp_pending.values():
+            if not future.done():
+                future.cancel()
+        if self._mcp_sub is not None:
+            try:
+                await self._mcp_sub.unsubscribe()
+            except Exception:  # noqa: BLE001
+                pass
         if self._out_sub is not None:
             try:
                 await self._out_sub.unsubscribe()
@@ -216,7 +250,7 @@ class DeviceSession:
         elif isinstance(parsed, protocol.Ping):
             await self._send(protocol.pong())
         elif isinstance(parsed, protocol.Mcp):
-            log.debug("mcp message from device", extra={"fields": {"payload_id": parsed.payload.get("id")}})
+            await self._on_mcp_reply(parsed.payload)
         else:
             m.DROPPED.labels("gateway", "unknown_type").inc()
             log.info("unknown message type ignored", extra={"fields": {"type": parsed.type}})
@@ -334,6 +368,71 @@ class DeviceSession:
                 log.warning("turn timed out")
                 m.ERRORS.labels("gateway", "turn_timeout").inc()
                 self.downlink.push(self.assembler.timeout())
+
+    # ------------------------------------------------------------------ device MCP
+
+    async def _send_mcp(self, payload: dict[str, Any]) -> None:
+        await self._send(json.dumps({"session_id": self.session_id, "type": "mcp", "payload": payload}, ensure_ascii=False, separators=(",", ":")))
+
+    async def _on_mcp_reply(self, payload: dict[str, Any]) -> None:
+        """A JSON-RPC message from the device's MCP server."""
+        msg_id = payload.get("id")
+        if not isinstance(msg_id, int) or isinstance(msg_id, bool):
+            m.DROPPED.labels("gateway", "mcp_without_id").inc()
+            return
+        if msg_id == mcp.INIT_ID:
+            log.info("device mcp initialized", extra={"fields": {"server": self.mcp.server_info or payload.get("result", {}).get("serverInfo")}})
+            await self._send_mcp(self.mcp.on_initialize_result(payload))
+        elif msg_id == mcp.LIST_ID:
+            follow_up = self.mcp.on_tools_list_result(payload)
+            if follow_up is not None:
+                await self._send_mcp(follow_up)
+            else:
+                self._mcp_listed.set()
+                log.info("device tools", extra={"fields": {"tools": [t.name for t in self.mcp.tools], "pages": self.mcp.pages}})
+        else:
+            future = self._mcp_pending.pop(msg_id, None)
+            if future is not None and not future.done():
+                future.set_result(payload)
+            else:
+                m.DROPPED.labels("gateway", "mcp_unexpected_id").inc()
+
+    async def _on_mcp_request(self, msg: Msg) -> None:
+        """Another stage asks (over NATS) to list or call the device's tools."""
+        try:
+            request = DeviceMcpRequest.decode(msg.data)
+        except Exception:  # noqa: BLE001
+            await msg.respond(DeviceMcpReply(ok=False, text="malformed request").encode())
+            return
+        if request.method == "tools/list":
+            try:
+                await asyncio.wait_for(self._mcp_listed.wait(), 2.0)
+            except asyncio.TimeoutError:
+                pass
+            tools = [DeviceTool(name=t.name, llm_name=t.llm_name, description=t.description, input_schema=t.input_schema) for t in self.mcp.tools]
+            await msg.respond(DeviceMcpReply(tools=tools).encode())
+            return
+        tool = self.mcp.find(request.name)
+        if tool is None:
+            await msg.respond(DeviceMcpReply(ok=False, text=f"the device has no tool '{request.name}'").encode())
+            return
+        call_id = self.mcp.next_call_id()
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._mcp_pending[call_id] = future
+        with xlog.bind(turn_id=request.turn_id or None):
+            log.info("device tool call", extra={"fields": {"tool": tool.name, "id": call_id, "arguments": request.arguments}})
+        await self._send_mcp(mcp.call_request(call_id, tool.name, request.arguments))
+        try:
+            payload = await asyncio.wait_for(future, self.settings.mcp_call_timeout_s)
+            ok, text = mcp.result_text(payload)
+        except asyncio.TimeoutError:
+            ok, text = False, f"the device did not answer within {self.settings.mcp_call_timeout_s:.0f} s"
+            m.ERRORS.labels("gateway", "mcp_timeout").inc()
+        except asyncio.CancelledError:
+            ok, text = False, "the device disconnected"
+        finally:
+            self._mcp_pending.pop(call_id, None)
+        await msg.respond(DeviceMcpReply(ok=ok, text=text).encode())
 
     async def _send(self, data: str | bytes) -> None:
         await self.ws.send(data)

@@ -149,7 +149,7 @@ class LlmWorker:
         messages.append({"role": "user", "content": turn.text})
         offered = []
         if self.llm.tools and self.tools is not None:
-            offered = relevant_tools(turn.text, await self.tools.list())
+            offered = relevant_tools(turn.text, await self.tools.available(turn.session_id))
         for round_no in range(self.llm.max_tool_rounds + 1):
             tools = offered if round_no < self.llm.max_tool_rounds else []
 

@@ -9,12 +9,21 @@ import time
 
 from nats.aio.client import Client as NATS
 
-from shared.messages import ToolCall, ToolList, ToolResult, ToolSpec
+from shared.messages import DeviceMcpReply, DeviceMcpRequest, DeviceTool, ToolCall, ToolList, ToolResult, ToolSpec
 from shared.subjects import Subjects
+from tools_svc.schema import validate
 
 log = logging.getLogger("llm_svc.tools")
 
 _WORD = re.compile(r"[a-z0-9']+")
+# Name parts that say nothing about what a tool is for.
+_NAME_STOPWORDS = {"self", "get", "set", "the", "a", "of", "to", "do", "is", "on", "off", "tool"}
+
+
+def name_keywords(name: str) -> list[str]:
+    """Keywords taken from a tool's name: self.audio_speaker.set_volume -> audio, speaker, volume."""
+    parts = re.split(r"[._\-\s]+", name.lower())
+    return [p for p in parts if p and p not in _NAME_STOPWORDS and not p.isdigit()]
 
 
 def relevant_tools(text: str, tools: list[ToolSpec]) -> list[ToolSpec]:
@@ -22,17 +31,14 @@ def relevant_tools(text: str, tools: list[ToolSpec]) -> list[ToolSpec]:
 
     SmolLM2-135M calls a tool for almost anything when offered one ("tell me a joke" ->
     get_time). Offering a tool only when the turn mentions it keeps plain chat plain, and
-    leaves the model to decide between answering and calling when it does. Tools without
-    keywords are always offered.
+    leaves the model to decide between answering and calling when it does. A tool without
+    keywords (a device's MCP tool, say) is matched on the words of its name.
     """
     lowered = text.lower()
     words = set(_WORD.findall(lowered))
     chosen = []
     for tool in tools:
-        if not tool.keywords:
-            chosen.append(tool)
-            continue
-        for keyword in tool.keywords:
+        for keyword in tool.keywords or name_keywords(tool.name):
             k = keyword.lower()
             if (k in words) if k.isascii() else (k in lowered):
                 chosen.append(tool)
@@ -49,6 +55,34 @@ class ToolClient:
         self.timeout_s = timeout_s
         self._tools: list[ToolSpec] = []
         self._fetched_at = 0.0
+        # Per session: the device's tools by their LLM name.
+        self._device: dict[str, dict[str, DeviceTool]] = {}
+
+    async def available(self, session_id: str) -> list[ToolSpec]:
+        """Server tools plus the device's own MCP tools (under their sanitised names)."""
+        server = await self.list()
+        device = await self.device_tools(session_id)
+        taken = {t.name for t in server}
+        return server + [
+            ToolSpec(name=t.llm_name, description=t.description, parameters=t.input_schema or {"type": "object", "properties": {}})
+            for t in device.values()
+            if t.llm_name not in taken
+        ]
+
+    async def device_tools(self, session_id: str) -> dict[str, DeviceTool]:
+        try:
+            reply = await self.nc.request(self.subjects.device_mcp(session_id), DeviceMcpRequest(method="tools/list").encode(), timeout=3.0)
+            tools = {t.llm_name: t for t in DeviceMcpReply.decode(reply.data).tools}
+        except Exception as exc:  # noqa: BLE001 - no gateway holds the session (e.g. a test turn)
+            log.debug("no device tools: %s", exc)
+            tools = {}
+        self._device[session_id] = tools
+        if len(self._device) > 10000:
+            self._device.pop(next(iter(self._device)))
+        return tools
+
+    def forget(self, session_id: str) -> None:
+        self._device.pop(session_id, None)
 
     async def list(self, max_age_s: float = 30.0) -> list[ToolSpec]:
         if time.monotonic() - self._fetched_at < max_age_s and self._fetched_at:
@@ -64,18 +98,43 @@ class ToolClient:
 
     async def call(self, name: str, raw_arguments: str, session_id: str, turn_id: str, device_id: str) -> ToolResult:
         """Validate the JSON and call; every failure comes back as an error result."""
-        known = {t.name for t in self._tools}
-        if name not in known:
-            return ToolResult(name=name, ok=False, action="error", text=f"unknown tool '{name}'")
         try:
             arguments = json.loads(raw_arguments or "{}")
         except ValueError:
             return ToolResult(name=name, ok=False, action="error", text="arguments are not valid JSON")
         if not isinstance(arguments, dict):
             return ToolResult(name=name, ok=False, action="error", text="arguments must be a JSON object")
+        device_tool = self._device.get(session_id, {}).get(name)
+        if device_tool is not None:
+            return await self._call_device(device_tool, arguments, session_id, turn_id)
+        known = {t.name for t in self._tools}
+        if name not in known:
+            return ToolResult(name=name, ok=False, action="error", text=f"unknown tool '{name}'")
         request = ToolCall(session_id=session_id, turn_id=turn_id, device_id=device_id, name=name, arguments=arguments)
         try:
             reply = await self.nc.request(self.subjects.tool(name), request.encode(), timeout=self.timeout_s)
             return ToolResult.decode(reply.data)
         except Exception as exc:  # noqa: BLE001
             return ToolResult(name=name, ok=False, action="error", text=f"tool call failed: {type(exc).__name__}")
+
+    async def _call_device(self, tool: DeviceTool, arguments: dict, session_id: str, turn_id: str) -> ToolResult:
+        """Call one of the device's MCP tools through the gateway that holds the session."""
+        problems = validate(arguments, tool.input_schema or {})
+        if problems:
+            return ToolResult(name=tool.llm_name, ok=False, action="error", text="; ".join(problems))
+        request = DeviceMcpRequest(method="tools/call", name=tool.name, arguments=arguments, turn_id=turn_id)
+        try:
+            reply = await self.nc.request(self.subjects.device_mcp(session_id), request.encode(), timeout=self.timeout_s + 1)
+            answer = DeviceMcpReply.decode(reply.data)
+        except Exception as exc:  # noqa: BLE001
+            return ToolResult(name=tool.llm_name, ok=False, action="error", text=f"device tool call failed: {type(exc).__name__}")
+        if not answer.ok:
+            return ToolResult(name=tool.llm_name, ok=False, action="error", text=answer.text)
+        # The vision endpoint's answer (protocol.md §8) is spoken as it is.
+        try:
+            parsed = json.loads(answer.text)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict) and str(parsed.get("action", "")).upper() == "RESPONSE" and parsed.get("response"):
+            return ToolResult(name=tool.llm_name, action="response", text=str(parsed["response"]))
+        return ToolResult(name=tool.llm_name, action="reqllm", text=answer.text)

@@ -242,3 +242,25 @@ class ToolSpec(Message):
 
 class ToolList(Message):
     tools: list[ToolSpec] = Field(default_factory=list)
+
+
+class DeviceMcpRequest(Message):
+    """Request/reply on ``xz.device.<S>.mcp``: list or call the device's own MCP tools."""
+
+    method: Literal["tools/list", "tools/call"]
+    name: str = ""
+    arguments: dict = Field(default_factory=dict)
+    turn_id: str = ""
+
+
+class DeviceTool(BaseModel):
+    name: str  # the device's name (self.audio_speaker.set_volume)
+    llm_name: str  # sanitised for LLM function names (self_audio_speaker_set_volume)
+    description: str = ""
+    input_schema: dict = Field(default_factory=dict)
+
+
+class DeviceMcpReply(Message):
+    ok: bool = True
+    text: str = ""
+    tools: list[DeviceTool] = Field(default_factory=list)

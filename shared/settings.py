@@ -80,6 +80,8 @@ class GatewaySettings(BaseModel):
     # A turn that produces nothing for this long is ended with `tts stop`.
     turn_timeout_s: float = 30.0
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    # Device MCP tools/call: how long to wait for the device's reply.
+    mcp_call_timeout_s: float = 30.0
     wake_words: list[str] = Field(default_factory=lambda: ["你好小智", "你好小志", "小爱同学", "hi esp", "hey jarvis"])
 
 
@@ -131,7 +133,7 @@ class LlmSettings(BaseModel):
     max_tokens: int = 120
     temperature: float = 0.3
     tools: bool = True
-    tool_timeout_s: float = 10.0
+    tool_timeout_s: float = 30.0
     max_tool_rounds: int = 3
     voice: str | None = None
     error_reply: str = "Sorry, I could not think of an answer just now."

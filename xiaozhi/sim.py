@@ -106,8 +106,21 @@ class TurnReport:
         return self.first_audio - self.speech_end
 
 
+def firmware_tools() -> list[dict[str, Any]]:
+    """The AI-visible built-in MCP tools of the firmware (protocol.md §5.6)."""
+    return [
+        {"name": "self.get_device_status", "description": "Provides the real-time information of the device, including the current status of the audio speaker, screen, battery, network, etc.", "inputSchema": {"type": "object", "properties": {}}},
+        {"name": "self.audio_speaker.set_volume", "description": "Set the volume of the audio speaker. If the current volume is unknown, you must call `self.get_device_status` tool first and then call this tool.", "inputSchema": {"type": "object", "properties": {"volume": {"type": "integer", "minimum": 0, "maximum": 100}}, "required": ["volume"]}},
+        {"name": "self.screen.set_brightness", "description": "Set the brightness of the screen.", "inputSchema": {"type": "object", "properties": {"brightness": {"type": "integer", "minimum": 0, "maximum": 100}}, "required": ["brightness"]}},
+    ]
+
+
 class SimDevice:
-    """One simulated device. Use as ``async with SimDevice(...) as dev:``."""
+    """One simulated device. Use as ``async with SimDevice(...) as dev:``.
+
+    Like the firmware it is an MCP server: it answers ``initialize``, pages ``tools/list`` at
+    ~8000 bytes with ``nextCursor``, and runs ``tools/call`` on its (simulated) speaker and screen.
+    """
 
     def __init__(
         self,
@@ -119,6 +132,8 @@ class SimDevice:
         token: str | None = None,
         board: str = "bread-compact-wifi",
         firmware_version: str = "2.4.2",
+        mcp_tools: list[dict[str, Any]] | None = None,
+        mcp_page_bytes: int = 8000,
     ) -> None:
         if not ota_url and not ws_url:
             raise ValueError("give an OTA URL or a WebSocket URL")
@@ -139,6 +154,11 @@ class SimDevice:
         self._new_message = asyncio.Event()
         self.downlink_rate = 24000
         self.closed = False
+        self.mcp_tools = firmware_tools() if mcp_tools is None else mcp_tools
+        self.mcp_page_bytes = mcp_page_bytes
+        self.mcp_requests: list[dict[str, Any]] = []
+        self.vision: dict[str, Any] | None = None
+        self.state: dict[str, Any] = {"volume": 70, "brightness": 80}
 
     async def __aenter__(self) -> "SimDevice":
         await self.connect()
@@ -239,12 +259,92 @@ class SimDevice:
                         self.received.append(Received(now, "json", parsed if isinstance(parsed, dict) else {"value": parsed}))
                     except ValueError:
                         self.received.append(Received(now, "text", {"text": message}))
+                    else:
+                        if isinstance(parsed, dict) and parsed.get("type") == "mcp" and isinstance(parsed.get("payload"), dict):
+                            await self._on_mcp(parsed["payload"])
                 self._new_message.set()
         except websockets.ConnectionClosed:
             pass
         finally:
             self.closed = True
             self._new_message.set()
+
+    # ------------------------------------------------------------------ MCP server (as the firmware)
+
+    async def _on_mcp(self, payload: dict[str, Any]) -> None:
+        self.mcp_requests.append(payload)
+        method = payload.get("method")
+        msg_id = payload.get("id")
+        if isinstance(method, str) and method.startswith("notifications"):
+            return
+        if not isinstance(msg_id, int) or isinstance(msg_id, bool):
+            return  # the firmware drops requests whose id is not a number
+        params = payload.get("params") if isinstance(payload.get("params"), dict) else {}
+        if method == "initialize":
+            self.vision = (params.get("capabilities") or {}).get("vision")
+            result: dict[str, Any] = {"protocolVersion": "2024-11-05", "capabilities": {"tools": {}}, "serverInfo": {"name": self.board, "version": self.firmware_version}}
+            await self._mcp_reply(msg_id, result=result)
+        elif method == "tools/list":
+            await self._mcp_list(msg_id, str(params.get("cursor") or ""))
+        elif method == "tools/call":
+            await self._mcp_call(msg_id, str(params.get("name") or ""), params.get("arguments") if isinstance(params.get("arguments"), dict) else {})
+        else:
+            await self._mcp_reply(msg_id, error=f"Method not implemented: {method}")
+
+    async def _mcp_reply(self, msg_id: int, result: Any = None, error: str | None = None) -> None:
+        payload: dict[str, Any] = {"jsonrpc": "2.0", "id": msg_id}
+        if error is not None:
+            payload["error"] = {"message": error}
+        else:
+            payload["result"] = result
+        await self.send_json({"type": "mcp", "payload": payload})
+
+    async def _mcp_list(self, msg_id: int, cursor: str) -> None:
+        """One page of at most ``mcp_page_bytes`` of tools; ``nextCursor`` names the next tool."""
+        tools = self.mcp_tools
+        start = 0
+        if cursor:
+            names = [t["name"] for t in tools]
+            start = names.index(cursor) if cursor in names else len(tools)
+        page: list[dict[str, Any]] = []
+        size = 0
+        next_cursor = None
+        for tool in tools[start:]:
+            tool_size = len(json.dumps(tool))
+            if size + tool_size > self.mcp_page_bytes:
+                if not page:
+                    await self._mcp_reply(msg_id, error=f"Failed to add tool {tool['name']} because of payload size limit")
+                    return
+                next_cursor = tool["name"]
+                break
+            page.append(tool)
+            size += tool_size
+        result: dict[str, Any] = {"tools": page}
+        if next_cursor:
+            result["nextCursor"] = next_cursor
+        await self._mcp_reply(msg_id, result=result)
+
+    async def _mcp_call(self, msg_id: int, name: str, arguments: dict[str, Any]) -> None:
+        tool = next((t for t in self.mcp_tools if t["name"] == name), None)
+        if tool is None:
+            await self._mcp_reply(msg_id, error=f"Unknown tool: {name}")
+            return
+        for required in tool.get("inputSchema", {}).get("required", []):
+            value = arguments.get(required)
+            if not isinstance(value, int) or isinstance(value, bool):
+                await self._mcp_reply(msg_id, error=f"Missing valid argument: {required}")
+                return
+        if name == "self.get_device_status":
+            text = json.dumps({"audio_speaker": {"volume": self.state["volume"]}, "screen": {"brightness": self.state["brightness"]}, "network": {"type": "wifi", "signal": "strong"}})
+        elif name == "self.audio_speaker.set_volume":
+            self.state["volume"] = max(0, min(100, int(arguments["volume"])))
+            text = "true"
+        elif name == "self.screen.set_brightness":
+            self.state["brightness"] = max(0, min(100, int(arguments["brightness"])))
+            text = "true"
+        else:
+            text = "true"
+        await self._mcp_reply(msg_id, result={"content": [{"type": "text", "text": text}], "isError": False})
 
     # ------------------------------------------------------------------ sending
 
