@@ -10,8 +10,9 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import auth
+from gateway import auth, firmware
 from gateway import metrics as m
+from gateway.bindings import BindingStore
 from shared.settings import GatewaySettings
 
 log = logging.getLogger("gateway.ota")
@@ -61,25 +62,47 @@ def device_token(settings: GatewaySettings, key: str, device_id: str, client_id:
     return auth.issue_device_token(key, client_id, device_id, now_s)
 
 
-def build_ota_response(settings: GatewaySettings, body: dict[str, Any], request_host: str | None, now_ms: int | None = None, token: str = "") -> dict[str, Any]:
-    """The JSON answer of §1.4: server time, firmware (echoed: no upgrade), websocket. Never mqtt."""
+def firmware_section(settings: GatewaySettings, body: dict[str, Any], base_url: str) -> dict[str, Any]:
+    """``firmware``: the newest image for the device's board when it is newer, else its own version."""
     application = body.get("application") if isinstance(body.get("application"), dict) else {}
-    version = application.get("version") if isinstance(application.get("version"), str) else None
+    board = body.get("board") if isinstance(body.get("board"), dict) else {}
+    version = application.get("version") if isinstance(application.get("version"), str) else ""
+    current = firmware.parse_version(version)
+    image = firmware.newest_image(settings.firmware_dir, str(board.get("type") or ""))
+    if image is not None:
+        newer = current is None or firmware.parse_version(image.version) > current  # type: ignore[operator]
+        if newer or settings.firmware_force:
+            section: dict[str, Any] = {"version": image.version, "url": f"{base_url}/xiaozhi/ota/download/{image.filename}"}
+            if settings.firmware_force:
+                section["force"] = 1
+            return section
+    return {"version": version if current is not None else "0.0.0", "url": ""}
+
+
+def build_ota_response(
+    settings: GatewaySettings,
+    body: dict[str, Any],
+    request_host: str | None,
+    now_ms: int | None = None,
+    token: str = "",
+    base_url: str = "",
+    activation: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON answer of §1.4: server time, firmware, websocket (never mqtt), activation."""
     websocket: dict[str, Any] = {"url": websocket_url(settings, request_host), "token": token}
     if settings.protocol_version in (1, 2, 3):
         websocket["version"] = settings.protocol_version
     offset = settings.timezone_offset_minutes
     if offset is None:
         offset = local_timezone_offset_minutes()
-    return {
+    response: dict[str, Any] = {
         "server_time": {"timestamp": now_ms if now_ms is not None else int(time.time() * 1000), "timezone_offset": offset},
-        "firmware": {"version": version if version and _numeric_version(version) else "0.0.0", "url": ""},
+        "firmware": firmware_section(settings, body, base_url),
         "websocket": websocket,
     }
-
-
-def _numeric_version(version: str) -> bool:
-    return all(part.isdigit() for part in version.split(".")) and bool(version)
+    if activation:
+        response["activation"] = activation
+    return response
 
 
 def _request_host(request: web.Request) -> str | None:
@@ -89,8 +112,8 @@ def _request_host(request: web.Request) -> str | None:
     return host.rsplit(":", 1)[0] if host else None
 
 
-def make_app(settings: GatewaySettings, auth_key: str) -> web.Application:
-    """The HTTP app on :8003: OTA on both URL forms, GET status, OPTIONS for browsers."""
+def make_app(settings: GatewaySettings, auth_key: str, bindings: BindingStore | None = None) -> web.Application:
+    """The HTTP app on :8003: OTA on both URL forms, activation, firmware downloads, CORS."""
 
     async def options(_request: web.Request) -> web.Response:
         return web.Response(status=200, headers=CORS_HEADERS)
@@ -117,14 +140,46 @@ def make_app(settings: GatewaySettings, auth_key: str) -> web.Application:
                 m.OTA_REQUESTS.labels("POST", "bad_body").inc()
                 log.info("ota body is not JSON; answering anyway", extra={"fields": {"device_id": device_id}})
         token = device_token(settings, auth_key, device_id, client_id, int(time.time()))
-        response = build_ota_response(settings, body, _request_host(request), token=token)
+        activation = None
+        if bindings is not None and not bindings.is_bound(device_id):
+            code = bindings.pending_code(device_id)
+            activation = {"code": code, "message": f"{settings.console_url}\n{code}", "challenge": device_id, "timeout_ms": 30000}
+            log.info("activation code issued", extra={"fields": {"device_id": device_id}})
+        base_url = f"{request.scheme}://{request.host}"
+        response = build_ota_response(settings, body, _request_host(request), token=token, base_url=base_url, activation=activation)
         m.OTA_REQUESTS.labels("POST", "ok").inc()
         log.info("ota", extra={"fields": {"device_id": device_id, "client_id": client_id, "user_agent": request.headers.get("User-Agent")}})
         return web.json_response(response, headers=CORS_HEADERS)
+
+    async def activate(request: web.Request) -> web.Response:
+        """The device polls until its owner entered the code: 202 until bound, 200 after."""
+        device_id = request.headers.get("Device-Id", "").strip()
+        await request.read()  # any body: {} or the HMAC challenge answer (not verifiable here)
+        if not device_id:
+            return web.json_response({"success": False, "message": "Device-Id header is required"}, status=400, headers=CORS_HEADERS)
+        if bindings is None or bindings.is_bound(device_id):
+            m.OTA_REQUESTS.labels("ACTIVATE", "bound").inc()
+            return web.Response(text="success", headers=CORS_HEADERS)
+        m.OTA_REQUESTS.labels("ACTIVATE", "pending").inc()
+        return web.Response(status=202, text="waiting for the owner to enter the code", headers=CORS_HEADERS)
+
+    async def download(request: web.Request) -> web.StreamResponse:
+        path = firmware.safe_path(settings.firmware_dir, request.match_info["name"])
+        if path is None:
+            m.OTA_REQUESTS.labels("DOWNLOAD", "rejected").inc()
+            return web.Response(status=404, text="no such firmware image\n")
+        m.OTA_REQUESTS.labels("DOWNLOAD", "ok").inc()
+        # FileResponse sends Content-Length: the firmware refuses chunked downloads.
+        return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
 
     app = web.Application(client_max_size=1024 * 1024)
     for path in ("/xiaozhi/ota", "/xiaozhi/ota/"):
         app.router.add_get(path, get)
         app.router.add_post(path, post)
         app.router.add_route("OPTIONS", path, options)
+    # The firmware appends "activate" to an OTA URL ending in "/", else "/activate": both forms
+    # of the OTA URL lead here.
+    app.router.add_post("/xiaozhi/ota/activate", activate)
+    app.router.add_route("OPTIONS", "/xiaozhi/ota/activate", options)
+    app.router.add_get("/xiaozhi/ota/download/{name}", download)
     return app

@@ -2,7 +2,7 @@
 
 The device buffers at most 40 frames and drops what does not fit, so the server must not burst.
 The clock models the device's play-out: it knows when the frames sent so far will have finished
-playing, and lets a frame go only while the device holds at most ``lead_frames`` frames. The
+playing, and lets a frame go only while the device then holds at most ``lead_frames`` frames. The
 first ``lead_frames`` frames of a reply therefore go at once (the pre-buffer), then one per
 frame duration. After a gap (waiting for the LLM, a tool, the next sentence) the device's buffer
 has run dry and the clock re-bases by itself, so audio never rushes to catch up.
@@ -27,7 +27,8 @@ class PlayoutClock:
 
     def delay(self, now: float) -> float:
         """Seconds to wait before the next frame may be sent."""
-        return max(0.0, self.play_end - self.lead_s - now)
+        # Once sent, the frame must not leave more than ``lead_frames`` frames in the device.
+        return max(0.0, self.play_end + self.frame_s - self.lead_s - now)
 
     def sent(self, now: float) -> None:
         """Record that one frame was sent at ``now``."""

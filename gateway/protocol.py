@@ -139,7 +139,10 @@ _LISTEN_MODES = ("auto", "manual", "realtime")
 def _int_or(value: Any, default: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return default
-    return int(value)
+    try:
+        return int(value)
+    except (OverflowError, ValueError):  # Infinity, NaN: valid to json.loads, not numbers here
+        return default
 
 
 def parse_message(text: str) -> DeviceMessage:

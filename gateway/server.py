@@ -18,6 +18,7 @@ from websockets.http11 import Request, Response
 
 from gateway import metrics as m
 from gateway import auth, ota, protocol
+from gateway.bindings import SqliteBindingStore
 from gateway.session import DeviceSession
 from shared.settings import Settings
 from shared.subjects import Subjects
@@ -80,7 +81,8 @@ class Gateway:
             open_timeout=10,
         )
         self.ws_port = self._ws_server.sockets[0].getsockname()[1] if self._ws_server.sockets else self.gw.ws_port
-        app = ota.make_app(self.gw, self.auth_key)
+        self.bindings = SqliteBindingStore(self.gw.binding_db) if self.gw.binding else None
+        app = ota.make_app(self.gw, self.auth_key, self.bindings)
         self._http_runner = web.AppRunner(app, access_log=None)
         await self._http_runner.setup()
         site = web.TCPSite(self._http_runner, self.gw.host, self.gw.http_port)

@@ -28,6 +28,7 @@ from shared.messages import (
     DeviceMcpRequest,
     DeviceTool,
     OutEvent,
+    SentenceJob,
     UserTurn,
     VadClaim,
     VadClaimAck,
@@ -91,6 +92,10 @@ class DeviceSession:
         self._pump_task: asyncio.Task | None = None
         self._closing = False
         self._last_turn_activity = time.monotonic()
+        # Idle tracking (protocol.md §6.8): last voice (speech, text, a reply), last uplink frame.
+        self._last_voice = time.monotonic()
+        self._last_frame = 0.0
+        self._farewell_sent = False
         self._turn_started_at: dict[str, float] = {}
         self._watchdog: asyncio.Task | None = None
         self._wake_words = {normalise_wake_word(w) for w in settings.wake_words}
@@ -114,6 +119,8 @@ class DeviceSession:
             self.downlink.start()
             self._watchdog = asyncio.create_task(self._turn_watchdog())
             async for message in self.ws:
+                if isinstance(message, bytes):
+                    self._last_frame = time.monotonic()
                 await self._on_message(message)
         except ConnectionClosed:
             pass
@@ -280,11 +287,30 @@ class DeviceSession:
             await self._publish_ctl(Control(session_id=self.session_id, kind="detect", text=text))
             if not text:
                 return
+            self._last_voice = time.monotonic()
             if normalise_wake_word(text) in self._wake_words:
-                # The device goes on with `listen start`; the greeting comes with a later issue.
                 log.info("wake word", extra={"fields": {"text": text}})
+                await self._greet()
                 return
             await self._text_turn(text)
+
+    async def _greet(self) -> None:
+        """The wake-word greeting: a fixed phrase from the TTS worker's clip cache, no LLM."""
+        if not self.settings.wake_word_greeting:
+            return
+        turn_id = new_turn_id()
+        self.downlink.push(self.assembler.begin_local_turn(turn_id, sentences=1, emotion="happy"))
+        job = SentenceJob(
+            session_id=self.session_id,
+            turn_id=turn_id,
+            seq=0,
+            text=self.settings.wake_word_greeting,
+            voice=self.settings.greeting_voice,
+            sample_rate=self.settings.sample_rate,
+            frame_duration=self.settings.frame_duration,
+            cache=True,
+        )
+        await self.nc.publish(self.subjects.tts(self.session_id), job.encode())
 
     async def _text_turn(self, text: str) -> None:
         """Typed text (`listen detect` that is no wake word) is a user turn (protocol.md §6.7)."""
@@ -331,6 +357,9 @@ class DeviceSession:
             except Exception:  # noqa: BLE001
                 m.DROPPED.labels("gateway", "bad_out_event").inc()
                 return
+            if event.kind == "speech_start":
+                await self._on_speech_start()
+                return
             with xlog.bind(turn_id=event.turn_id):
                 log.debug("event", extra={"fields": {"kind": event.kind, "seq": event.seq}})
                 if event.kind in ("stt", "error"):
@@ -342,6 +371,18 @@ class DeviceSession:
             self._last_turn_activity = time.monotonic()
             self.downlink.push(actions)
 
+    async def _on_speech_start(self) -> None:
+        """The VAD heard speech. In realtime mode, speech over a reply interrupts it (barge-in)."""
+        self._last_voice = time.monotonic()
+        if self.mode == "realtime" and self.assembler.speaking:
+            turn_id, _ = self.assembler.abort()
+            self.downlink.abort()
+            await self._send(protocol.tts_stop(self.session_id))
+            m.ABORTS.inc()
+            with xlog.bind(turn_id=turn_id):
+                log.info("voice barge-in: reply stopped")
+            await self._publish_ctl(Control(session_id=self.session_id, kind="abort", turn_id=turn_id))
+
     def _first_audio(self) -> None:
         turn_id = self.assembler.current_turn_id
         started = self._turn_started_at.pop(turn_id, None) if turn_id else None
@@ -349,6 +390,7 @@ class DeviceSession:
             m.TEXT_TURN_FIRST_AUDIO.observe(time.monotonic() - started)
 
     async def _reply_done(self, stop: Stop) -> None:
+        self._last_voice = time.monotonic()
         with xlog.bind(turn_id=stop.turn_id):
             log.info("reply played", extra={"fields": {"frames_sent": self.downlink.frames_sent}})
         m.TURNS.inc()
@@ -356,10 +398,12 @@ class DeviceSession:
             await self.ws.close()
 
     async def _turn_watchdog(self) -> None:
-        """End a turn that produces nothing for too long, so the device is never left hanging."""
+        """End a turn that produces nothing for too long, so the device is never left hanging;
+        say goodbye to, then close, a session that went quiet."""
         while True:
             await asyncio.sleep(1.0)
             if self.assembler.current_turn_id is None:
+                await self._check_idle()
                 continue
             if self.downlink.pending:
                 self._last_turn_activity = time.monotonic()
@@ -433,6 +477,32 @@ class DeviceSession:
         finally:
             self._mcp_pending.pop(call_id, None)
         await msg.respond(DeviceMcpReply(ok=ok, text=text).encode())
+
+    async def _check_idle(self) -> None:
+        now = time.monotonic()
+        if self.downlink.pending or self.downlink.clock.buffered(now) > 0:
+            self._last_voice = now  # sending a reply is activity, as in the reference server
+        quiet = now - self._last_voice
+        if quiet >= self.settings.hard_close_s:
+            log.info("closing idle session", extra={"fields": {"quiet_s": round(quiet)}})
+            m.IDLE_CLOSES.labels("hard").inc()
+            await self.ws.close(1000, "idle")
+            return
+        streaming = now - self._last_frame < 5.0
+        if quiet >= self.settings.idle_farewell_s and streaming and not self._farewell_sent:
+            self._farewell_sent = True
+            if not self.settings.idle_farewell:
+                m.IDLE_CLOSES.labels("silent").inc()
+                await self.ws.close(1000, "idle")
+                return
+            m.IDLE_CLOSES.labels("farewell").inc()
+            self._last_voice = now
+            turn_id = new_turn_id()
+            with xlog.bind(turn_id=turn_id):
+                log.info("idle farewell", extra={"fields": {"quiet_s": round(quiet)}})
+            self.downlink.push(self.assembler.begin_local_turn(turn_id))
+            turn = UserTurn(session_id=self.session_id, turn_id=turn_id, device_id=self.device_id, text="", source="idle")
+            await self.nc.publish(self.subjects.llm(self.session_id), turn.encode())
 
     async def _send(self, data: str | bytes) -> None:
         await self.ws.send(data)

@@ -109,6 +109,30 @@ class TurnAssembler:
         """The gateway itself created this turn (typed text); the LLM will echo its stt."""
         self._turn(turn_id)
 
+    def begin_local_turn(self, turn_id: str, sentences: int | None = None, emotion: str | None = None) -> list[Action]:
+        """A turn with no user text (wake-word greeting, idle farewell): it starts at once.
+
+        ``sentences``, when known, ends the turn after that many; ``emotion`` is sent first.
+        """
+        turn = self._turn(turn_id)
+        if turn is None:
+            return []
+        if sentences is not None:
+            turn.expected = sentences
+        if emotion is not None:
+            turn.emotion = emotion
+        actions: list[Action] = []
+        previous = self.current
+        if previous is not None and previous is not turn and not previous.done:
+            previous.done = True
+            self._mark_stale(previous.turn_id)
+            actions.append(Flush(previous.turn_id))
+        self._pending.pop(turn.turn_id, None)
+        self.current = turn
+        turn.started = True
+        actions.append(Text("tts_start"))
+        return actions + self._drain(turn)
+
     def on_event(self, event: OutEvent) -> list[Action]:
         turn = self._turn(event.turn_id)
         if turn is None:

@@ -93,17 +93,15 @@ class SentenceSplitter:
         for i, char in enumerate(text):
             end = i + 1
             if char in _HARD_END or (char == "." and self._period_ends_sentence(text, i)):
-                if char == "." and end >= len(text):
-                    return None  # wait: "3." may become "3.5"
-                if char in "!?" and end >= len(text):
-                    return None  # wait: "?!" or "..." may follow
                 # Swallow closing quotes and repeated punctuation.
                 while end < len(text) and text[end] in "\"'”’)）」.!?。！？":
                     end += 1
-                if char != "\n" and _length(text[:end]) < min_words:
-                    if end < len(text):
-                        continue  # too short to speak alone: merge with what follows
+                if end >= len(text):
+                    # wait: "3." may become "3.5", and "?!", "..." or a closing quote may follow
+                    # (deciding now would cut differently depending on how the text was chunked)
                     return None
+                if char != "\n" and _length(text[:end]) < min_words:
+                    continue  # too short to speak alone: merge with what follows
                 return end
             if char in _SOFT_END and self.emitted == 0 and _length(text[:end]) >= self.soft_cut_words:
                 # A long first clause: speak it now rather than wait for the full stop.

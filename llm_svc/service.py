@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
 from typing import Any
@@ -51,6 +52,7 @@ class TurnContext:
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
         self.cancel = threading.Event()
+        self.close_after = False
 
 
 class LlmWorker:
@@ -104,9 +106,16 @@ class LlmWorker:
 
             ctl_sub = await self.nc.subscribe(self.subjects.ctl(turn.session_id), cb=on_ctl)
             try:
-                await self.nc.publish(out, OutEvent(kind="stt", session_id=turn.session_id, turn_id=turn.turn_id, text=turn.text).encode())
+                if turn.source != "idle":
+                    # An idle farewell has no user text: the gateway started that turn itself.
+                    await self.nc.publish(out, OutEvent(kind="stt", session_id=turn.session_id, turn_id=turn.turn_id, text=turn.text).encode())
                 log.info("turn", extra={"fields": {"text": turn.text, "source": turn.source}})
-                outcome = await self._converse(ctx)
+                if self._is_exit_command(turn.text):
+                    log.info("exit command: closing the session")
+                    ctx.close_after = True
+                    outcome = "exit_command"
+                else:
+                    outcome = await self._converse(ctx)
                 TURNS.labels(outcome).inc()
             except Exception:  # noqa: BLE001 - never leave the device without an ending
                 ERRORS.labels("llm", "turn").inc()
@@ -124,11 +133,11 @@ class LlmWorker:
                 log.info("turn aborted")
                 return
             await self._ensure_emotion(ctx, "")
-            await self.nc.publish(out, OutEvent(kind="turn_end", session_id=turn.session_id, turn_id=turn.turn_id, sentences=ctx.seq).encode())
+            await self.nc.publish(out, OutEvent(kind="turn_end", session_id=turn.session_id, turn_id=turn.turn_id, sentences=ctx.seq, close_after=ctx.close_after).encode())
             TURN_SECONDS.observe(time.perf_counter() - ctx.started)
             reply = " ".join(ctx.spoken)
             log.info("reply", extra={"fields": {"sentences": ctx.seq, "text": reply[:300], "seconds": round(time.perf_counter() - ctx.started, 3)}})
-            if reply:
+            if reply and turn.source != "idle":
                 await self.history.append(turn.session_id, turn.text, reply)
 
     @staticmethod
@@ -146,9 +155,17 @@ class LlmWorker:
         turn = ctx.turn
         messages: list[dict[str, Any]] = [{"role": "system", "content": self._system_prompt()}]
         messages += await self.history.load(turn.session_id)
-        messages.append({"role": "user", "content": turn.text})
         offered = []
-        if self.llm.tools and self.tools is not None:
+        if turn.source == "idle":
+            ctx.close_after = True
+            if self.llm.farewell_text:
+                await self._speak(ctx, self.llm.farewell_text)
+                return "farewell"
+            # As a user message: small models follow it there rather than read it out.
+            messages.append({"role": "user", "content": self.llm.end_prompt})
+        else:
+            messages.append({"role": "user", "content": turn.text})
+        if self.llm.tools and self.tools is not None and turn.source != "idle":
             offered = relevant_tools(turn.text, await self.tools.available(turn.session_id))
         for round_no in range(self.llm.max_tool_rounds + 1):
             tools = offered if round_no < self.llm.max_tool_rounds else []
@@ -189,6 +206,8 @@ class LlmWorker:
                 TOOL_CALLS.labels(call.name if result.action != "error" or result.ok else "invalid", "ok" if result.ok else "error").inc()
                 log.info("tool result", extra={"fields": {"tool": call.name, "arguments": call.arguments, "ok": result.ok, "action": result.action, "text": result.text[:200]}})
                 messages.append({"role": "tool", "tool_call_id": call.id, "name": call.name, "content": result.text})
+                if result.close_after and result.ok:
+                    ctx.close_after = True
                 if result.action == "response" and result.ok:
                     await self._speak(ctx, result.text)
                 elif result.action in ("reqllm", "error"):
@@ -218,6 +237,12 @@ class LlmWorker:
                     await asyncio.sleep(0.2)
                     continue
                 raise
+
+    def _is_exit_command(self, text: str) -> bool:
+        def norm(value: str) -> str:
+            return re.sub(r"[\W_]+", "", value).lower()
+
+        return bool(text) and norm(text) in {norm(c) for c in self.llm.exit_commands}
 
     def _system_prompt(self) -> str:
         now = time.strftime("%A, %B %d, %Y")

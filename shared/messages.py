@@ -117,7 +117,8 @@ class UserTurn(Message):
     turn_id: str
     device_id: str = ""
     text: str
-    source: Literal["asr", "text"] = "asr"
+    # asr: spoken; text: typed (listen detect); idle: the session went quiet, say goodbye.
+    source: Literal["asr", "text", "idle"] = "asr"
     language: str | None = None
     speech_end_ms: int | None = None
 
@@ -130,11 +131,13 @@ class SentenceJob(Message):
     seq: int
     text: str
     voice: str | None = None
+    # Keep the frames for reuse (fixed phrases such as the wake-word greeting).
+    cache: bool = False
     sample_rate: int = 24000
     frame_duration: int = 60
 
 
-OutKind = Literal["stt", "emotion", "sentence_start", "sentence_end", "turn_end", "error"]
+OutKind = Literal["stt", "emotion", "sentence_start", "sentence_end", "turn_end", "error", "speech_start"]
 
 
 class OutEvent(Message):
@@ -147,6 +150,8 @@ class OutEvent(Message):
     - ``turn_end``: no more sentences after ``sentences`` of them; ``close_after`` asks the
       gateway to close the connection once the reply has played.
     - ``error``: the turn failed; ``text`` is a short message for logs.
+    - ``speech_start``: the VAD heard the user start speaking (``turn_id`` is empty); the
+      gateway uses it for idle tracking and for voice barge-in in realtime mode.
     """
 
     kind: OutKind
@@ -217,6 +222,8 @@ class ToolResult(Message):
     ok: bool = True
     action: Literal["response", "reqllm", "none", "error"] = "reqllm"
     text: str = ""
+    # Close the session once this turn's reply has played (an exit intent).
+    close_after: bool = False
 
 
 class ToolSpec(Message):

@@ -80,8 +80,24 @@ class GatewaySettings(BaseModel):
     # A turn that produces nothing for this long is ended with `tts stop`.
     turn_timeout_s: float = 30.0
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    # OTA upgrades: <board>_<version>.bin files; the newest one newer than the device's is offered.
+    firmware_dir: str = "data/firmware"
+    firmware_force: bool = False
+    # Device binding (activation): unbound devices get a 6-digit code to enter in the console.
+    binding: bool = False
+    binding_db: str = "data/bindings.db"
+    console_url: str = "the xiaozhi console"
     # Device MCP tools/call: how long to wait for the device's reply.
     mcp_call_timeout_s: float = 30.0
+    # A configured wake word (`listen detect` with that text) gets this greeting from a clip
+    # cached by the TTS worker per voice, with no LLM. Empty: no greeting.
+    wake_word_greeting: str = "Hi! I'm listening."
+    greeting_voice: str | None = None
+    # Session endings (protocol.md §6.8): after this long without voice while the device keeps
+    # streaming, say goodbye through the LLM and close; close without a word after hard_close_s.
+    idle_farewell_s: float = 120.0
+    hard_close_s: float = 180.0
+    idle_farewell: bool = True
     wake_words: list[str] = Field(default_factory=lambda: ["你好小智", "你好小志", "小爱同学", "hi esp", "hey jarvis"])
 
 
@@ -137,6 +153,13 @@ class LlmSettings(BaseModel):
     max_tool_rounds: int = 3
     voice: str | None = None
     error_reply: str = "Sorry, I could not think of an answer just now."
+    # Saying exactly one of these (punctuation ignored) ends the session at once, no reply.
+    exit_commands: list[str] = Field(default_factory=lambda: ["退出", "关闭"])
+    # What the model is asked when a session went quiet (the idle farewell).
+    end_prompt: str = "I have to go now. Please say goodbye to me in one short sentence."
+    # When set, the idle farewell is this text, spoken without asking the model. The default
+    # 135M model cannot write a sensible goodbye; with a capable model set it to null.
+    farewell_text: str | None = "It has been quiet for a while, so I will rest now. Wake me up any time!"
 
 
 class TtsSettings(BaseModel):

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -48,6 +49,8 @@ class TtsWorker:
         self._voices: dict[str, TtsEngine] = {}
         self._voice_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="piper")
+        # Clips of fixed phrases (wake-word greeting), per voice, rate and frame size.
+        self._clips: OrderedDict[tuple, list[bytes]] = OrderedDict()
         self.nc: NATS | None = None
         self._sub = None
 
@@ -95,6 +98,18 @@ class TtsWorker:
         queue: asyncio.Queue[Any] = asyncio.Queue()
         started = time.perf_counter()
         await self.nc.publish(out, OutEvent(kind="sentence_start", session_id=job.session_id, turn_id=job.turn_id, seq=job.seq, text=job.text).encode())
+        clip_key = (job.voice or "", job.text, job.sample_rate, job.frame_duration)
+        if job.cache and clip_key in self._clips:
+            frames = self._clips[clip_key]
+            self._clips.move_to_end(clip_key)
+            for index, frame in enumerate(frames):
+                await self.nc.publish(out, frame, headers=AudioFrameMeta(turn_id=job.turn_id, seq=job.seq, index=index).headers())
+            await self.nc.publish(out, OutEvent(kind="sentence_end", session_id=job.session_id, turn_id=job.turn_id, seq=job.seq, frames=len(frames)).encode())
+            SENTENCES.labels("cached").inc()
+            FIRST_FRAME.observe(time.perf_counter() - started)
+            log.info("sentence from clip cache", extra={"fields": {"seq": job.seq, "frames": len(frames), "text": job.text[:80]}})
+            return
+        produced: list[bytes] = []
 
         def work() -> None:
             try:
@@ -128,11 +143,17 @@ class TtsWorker:
                 FIRST_FRAME.observe(time.perf_counter() - started)
             meta = AudioFrameMeta(turn_id=job.turn_id, seq=job.seq, index=index)
             await self.nc.publish(out, item, headers=meta.headers())
+            if job.cache:
+                produced.append(item)
             index += 1
         await future
         elapsed = time.perf_counter() - started
         # Always close the sentence, even a failed one, so the turn can go on to the next.
         await self.nc.publish(out, OutEvent(kind="sentence_end", session_id=job.session_id, turn_id=job.turn_id, seq=job.seq, frames=index).encode())
+        if job.cache and not failed and produced:
+            self._clips[clip_key] = produced
+            while len(self._clips) > 64:
+                self._clips.popitem(last=False)
         SENTENCE_SECONDS.observe(elapsed)
         audio_s = index * job.frame_duration / 1000
         if audio_s:

@@ -17,7 +17,7 @@ from prometheus_client import Counter, Gauge
 
 from shared import logging as xlog
 from shared.audio import OpusDecoder
-from shared.messages import Control, Utterance, VadClaim, VadClaimAck, new_turn_id, now_ms
+from shared.messages import Control, OutEvent, Utterance, VadClaim, VadClaimAck, new_turn_id, now_ms
 from shared.metrics import DROPPED, ERRORS, histogram
 from shared.settings import Settings, VadSettings
 from shared.subjects import QUEUE_VAD, Subjects
@@ -178,8 +178,12 @@ class VadWorker:
             return
         FRAMES.inc()
         started = time.perf_counter()
+        was_speaking = stream.utterance is not None
         result = stream.on_frame(msg.data)
         FRAME_SECONDS.observe(time.perf_counter() - started)
+        if stream.utterance is not None and not was_speaking and self.nc is not None:
+            # Tell the gateway the user started speaking (idle tracking, voice barge-in).
+            await self.nc.publish(self.subjects.out(session_id), OutEvent(kind="speech_start", session_id=session_id, turn_id="").encode())
         if result is not None:
             packets, reason, silence_s = result
             DECISION_DELAY.observe(max(0.0, silence_s))

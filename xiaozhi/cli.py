@@ -51,7 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--timeout", type=float, default=60, help="seconds to wait for each reply")
     sim.add_argument("--json", action="store_true", help="print a JSON report instead of text")
 
+    bind = sub.add_parser("bind", help="bind the device that is showing this activation code")
+    bind.add_argument("code", help="the 6-digit code the device speaks")
+    bind.add_argument("--owner", default="admin", help="who the device belongs to (default admin)")
+    bind.add_argument("--db", help="binding database (default: the gateway's binding_db setting)")
+    bind.add_argument("--config", help="YAML settings file")
+
     args = parser.parse_args(argv)
+    if args.command == "bind":
+        return bind_command(args)
     if args.command == "up":
         return up_command(args)
     if args.command == "sim":
@@ -76,6 +84,20 @@ def run_service(name: str, argv: list[str]) -> int:
     else:
         from tools_svc.service import ToolsWorker as factory
     return run(name, factory, lambda s: getattr(s, name).metrics_port, argv)
+
+
+def bind_command(args: argparse.Namespace) -> int:
+    """Bind a device by the code it speaks during activation (protocol.md §1.5)."""
+    from gateway.bindings import SqliteBindingStore
+    from shared.settings import load_settings
+
+    store = SqliteBindingStore(args.db or load_settings(args.config).gateway.binding_db)
+    device_id = store.bind(args.code, args.owner)
+    if device_id is None:
+        print(f"no device is waiting with code {args.code}", file=sys.stderr)
+        return 1
+    print(f"bound device {device_id} to {args.owner}")
+    return 0
 
 
 def up_command(args: argparse.Namespace) -> int:

@@ -398,6 +398,51 @@ class SimDevice:
             k += 1
         return last
 
+    # ------------------------------------------------------------------ an always-on microphone
+
+    def start_mic(self) -> None:
+        """Stream the microphone continuously in real time (realtime mode, AEC devices):
+        silence, or whatever :meth:`mic_say` queued."""
+        self._mic_queue: list[np.ndarray] = []
+        self.mic_last_speech: float | None = None
+        self._mic_task = asyncio.create_task(self._mic())
+
+    def mic_say(self, pcm: np.ndarray) -> None:
+        self._mic_queue.append(pcm)
+
+    async def stop_mic(self) -> None:
+        task = getattr(self, "_mic_task", None)
+        if task:
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+
+    async def _mic(self) -> None:
+        encoder = OpusEncoder(UPLINK_RATE, FRAME_MS, complexity=0)
+        samples = UPLINK_RATE * FRAME_MS // 1000
+        pending = np.zeros(0, dtype=np.int16)
+        start = time.monotonic()
+        k = 0
+        while not self.closed:
+            if len(pending) == 0 and self._mic_queue:
+                pending = self._mic_queue.pop(0)
+            speech = len(pending) > 0
+            frame, pending = pending[:samples], pending[samples:]
+            if len(frame) < samples:
+                frame = np.concatenate([frame, np.zeros(samples - len(frame), dtype=np.int16)])
+            delay = start + k * FRAME_MS / 1000 - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            try:
+                await self.ws.send(wrap_audio(encoder.encode(frame), self.protocol_version))
+            except websockets.ConnectionClosed:
+                break
+            if speech:
+                self.mic_last_speech = time.monotonic()
+            k += 1
+
     # ------------------------------------------------------------------ receiving
 
     async def wait_for(self, predicate, timeout: float, start_index: int = 0) -> Received | None:
@@ -458,6 +503,8 @@ class SimDevice:
                 continue
             message = item.message or {}
             mtype = message.get("type")
+            if mtype == "mcp":
+                continue  # the device's MCP traffic is not part of the turn
             label = mtype if mtype != "tts" else f"tts.{message.get('state')}"
             report.events.append(str(label))
             if mtype == "stt":

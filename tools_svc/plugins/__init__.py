@@ -15,9 +15,9 @@ class Plugin(Protocol):
 
 def builtin_plugins() -> dict[str, Any]:
     """Every built-in plugin module, by tool name."""
-    from tools_svc.plugins import get_time
+    from tools_svc.plugins import get_time, handle_exit_intent
 
-    modules = [get_time]
+    modules = [get_time, handle_exit_intent]
     return {module.SPEC.name: module for module in modules}
 
 

@@ -1,0 +1,53 @@
+"""Firmware images for OTA upgrades: a folder of ``<board>_<version>.bin`` files (protocol.md §1.6)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+_FILE = re.compile(r"^(?P<board>[A-Za-z0-9][A-Za-z0-9._-]*)_(?P<version>\d+(?:\.\d+)*)\.bin$")
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\.bin$")
+
+
+def parse_version(text: str) -> tuple[int, ...] | None:
+    """Dotted numeric versions only: the firmware's parser throws on anything else."""
+    if not text or not re.fullmatch(r"\d+(?:\.\d+)*", text):
+        return None
+    return tuple(int(part) for part in text.split("."))
+
+
+@dataclass(frozen=True)
+class Image:
+    board: str
+    version: str
+    filename: str
+
+
+def newest_image(folder: str | Path, board: str) -> Image | None:
+    """The newest image for ``board`` in ``folder`` (numeric comparison: 1.10 > 1.9)."""
+    path = Path(folder)
+    if not board or not path.is_dir():
+        return None
+    best: tuple[tuple[int, ...], Image] | None = None
+    for entry in path.iterdir():
+        match = _FILE.match(entry.name)
+        if not match or match["board"] != board or not entry.is_file():
+            continue
+        version = parse_version(match["version"])
+        if version is None:
+            continue
+        if best is None or version > best[0]:
+            best = (version, Image(board, match["version"], entry.name))
+    return best[1] if best else None
+
+
+def safe_path(folder: str | Path, filename: str) -> Path | None:
+    """The file inside ``folder``, or None for anything that could escape it."""
+    if not SAFE_NAME.match(filename) or ".." in filename:
+        return None
+    root = Path(folder).resolve()
+    candidate = (root / filename).resolve()
+    if candidate.parent != root or not candidate.is_file():
+        return None
+    return candidate

@@ -1,0 +1,88 @@
+"""OTA firmware upgrades and device activation, on a real gateway process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import aiohttp
+import pytest
+
+from xiaozhi.sim import SimDevice
+from xiaozhi.stack import free_port
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def ota_gateway(nats_only, tmp_path):
+    folder = tmp_path / "firmware"
+    folder.mkdir()
+    (folder / "bread-compact-wifi_2.4.9.bin").write_bytes(b"\xe9" + b"old" * 1000)
+    (folder / "bread-compact-wifi_2.4.10.bin").write_bytes(b"\xe9" + b"new-image" * 5000)
+    (folder / "bread-compact-wifi_2.x.bin").write_bytes(b"not numeric")
+    (folder / "other-board_9.9.9.bin").write_bytes(b"other")
+    (tmp_path / "secret.bin").write_bytes(b"secret")
+    db = tmp_path / "bindings.db"
+    http_port, ws_port = free_port(), free_port()
+    proc = nats_only.start_service(
+        "gateway",
+        free_port(),
+        {
+            "XZ_GATEWAY__HOST": "127.0.0.1",
+            "XZ_GATEWAY__HTTP_PORT": str(http_port),
+            "XZ_GATEWAY__WS_PORT": str(ws_port),
+            "XZ_GATEWAY__FIRMWARE_DIR": str(folder),
+            "XZ_GATEWAY__BINDING": "true",
+            "XZ_GATEWAY__BINDING_DB": str(db),
+            "XZ_GATEWAY__CONSOLE_URL": "http://console.local",
+        },
+    )
+    nats_only.wait_healthy([proc])
+    return f"http://127.0.0.1:{http_port}", db
+
+
+async def test_firmware_upgrade_offered_and_downloaded(ota_gateway):
+    base, _ = ota_gateway
+    device = SimDevice(ota_url=f"{base}/xiaozhi/ota/", firmware_version="2.4.2")
+    data = await device.ota()
+    assert data["firmware"]["version"] == "2.4.10"  # numeric: 2.4.10 is newer than 2.4.9
+    url = data["firmware"]["url"]
+    assert url == f"{base}/xiaozhi/ota/download/bread-compact-wifi_2.4.10.bin"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url) as response:
+            body = await response.read()
+            assert response.status == 200
+            assert int(response.headers["Content-Length"]) == len(body) == 1 + 9 * 5000
+        for bad in ("..%2Fsecret.bin", "%2E%2E%2Fsecret.bin", "secret.txt", "bread-compact-wifi_2.4.10.bin%00"):
+            async with http.get(f"{base}/xiaozhi/ota/download/{bad}") as response:
+                assert response.status == 404, bad
+    # An up-to-date device is not offered anything.
+    current = SimDevice(ota_url=f"{base}/xiaozhi/ota", firmware_version="2.4.10")
+    assert (await current.ota())["firmware"] == {"version": "2.4.10", "url": ""}
+
+
+async def test_activation_until_bound(ota_gateway):
+    base, db = ota_gateway
+    device = SimDevice(ota_url=f"{base}/xiaozhi/ota/")
+    data = await device.ota()
+    activation = data["activation"]
+    code = activation["code"]
+    assert len(code) == 6 and code.isdigit()
+    assert activation["message"] == f"http://console.local\n{code}" and activation["challenge"]
+    assert "mqtt" not in data and data["websocket"]["url"]
+    # The same code until it is used.
+    assert (await SimDevice(ota_url=f"{base}/xiaozhi/ota/", device_id=device.device_id).ota())["activation"]["code"] == code
+    headers = {"Device-Id": device.device_id, "Client-Id": device.client_id, "Activation-Version": "2"}
+    body = {"algorithm": "hmac-sha256", "serial_number": "SN", "challenge": activation["challenge"], "hmac": "0" * 64}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{base}/xiaozhi/ota/activate", json=body, headers=headers) as response:
+            assert response.status == 202
+        wrong = subprocess.run([sys.executable, "-m", "xiaozhi.cli", "bind", "000000" if code != "000000" else "111111", "--db", str(db)], capture_output=True, text=True)
+        assert wrong.returncode == 1
+        bound = subprocess.run([sys.executable, "-m", "xiaozhi.cli", "bind", code, "--db", str(db), "--owner", "alice"], capture_output=True, text=True)
+        assert bound.returncode == 0 and device.device_id in bound.stdout
+        async with http.post(f"{base}/xiaozhi/ota/activate", data=b"{}", headers=headers) as response:
+            assert response.status == 200
+    again = await SimDevice(ota_url=f"{base}/xiaozhi/ota/", device_id=device.device_id).ota()
+    assert "activation" not in again
