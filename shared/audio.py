@@ -34,13 +34,16 @@ class OpusDecoder:
 class OpusEncoder:
     """Encodes int16 mono PCM frames of exactly ``frame_ms`` to Opus."""
 
-    def __init__(self, sample_rate: int = 24000, frame_ms: int = 60, application: str = "voip", complexity: int | None = None) -> None:
+    def __init__(self, sample_rate: int = 24000, frame_ms: int = 60, application: str = "voip", complexity: int | None = None, dtx: bool = False) -> None:
         self.sample_rate = sample_rate
         self.frame_ms = frame_ms
         self.frame_samples = sample_rate * frame_ms // 1000
         self._encoder = opus.Encoder(sample_rate, 1, application)
         if complexity is not None:
             self._encoder.complexity = complexity
+        if dtx:
+            # Discontinuous transmission, as the firmware's encoder: silence -> 1-3 byte packets.
+            self._encoder.dtx = 1
 
     def encode(self, frame: np.ndarray) -> bytes:
         if len(frame) != self.frame_samples:

@@ -73,6 +73,41 @@ def wrap_audio(opus: bytes, version: int) -> bytes:
     return opus
 
 
+DEVICE_QUEUE_FRAMES = 40  # the firmware's decode queue (protocol.md §4.4)
+
+
+@dataclass
+class Playout:
+    max_buffered: int = 0
+    overflow: int = 0
+    underruns: int = 0
+    end: float = 0.0  # when the last frame finished playing
+
+
+def simulate_playout(arrivals: list[float], frame_s: float = FRAME_MS / 1000, capacity: int = DEVICE_QUEUE_FRAMES) -> Playout:  # noqa: E501
+    """Replay frame arrival times through the device's queue: one frame plays per ``frame_s``.
+
+    A frame that finds the queue full is dropped (overflow); the queue running dry before the
+    last frame arrived is an underrun (the listener hears a gap).
+    """
+    result = Playout()
+    playing_until = 0.0  # when the frame now playing (and everything queued before) ends
+    queue_ends: list[float] = []  # end time of each queued or playing frame
+    for i, at in enumerate(arrivals):
+        queue_ends = [t for t in queue_ends if t > at]
+        if i > 0 and playing_until < at - 0.005:  # silence of more than 5 ms: a gap
+            result.underruns += 1
+        if len(queue_ends) >= capacity:
+            result.overflow += 1
+            continue
+        start = max(at, playing_until)
+        playing_until = start + frame_s
+        queue_ends.append(playing_until)
+        result.max_buffered = max(result.max_buffered, len(queue_ends))
+    result.end = playing_until
+    return result
+
+
 @dataclass
 class Received:
     """One message from the server, stamped with its arrival (monotonic seconds)."""
@@ -97,6 +132,11 @@ class TurnReport:
     stopped: bool = False
     events: list[str] = field(default_factory=list)
     error: str | None = None
+    # Play-out as the device would do it (a 40-frame queue drained every 60 ms):
+    max_buffered: int = 0  # most frames waiting at once
+    overflow_frames: int = 0  # frames that arrived to a full queue and were dropped
+    underruns: int = 0  # times the queue ran dry before the last frame had arrived
+    stop_margin_s: float | None = None  # `tts stop` arrival minus the end of play-out
 
     @property
     def latency_s(self) -> float | None:
@@ -362,6 +402,18 @@ class SimDevice:
     async def detect(self, text: str) -> None:
         await self.send_json({"type": "listen", "state": "detect", "text": text})
 
+    async def wake_word(self, text: str, preroll: np.ndarray | None = None, mode: str = "auto") -> None:
+        """As a device whose on-board wake word fired (protocol.md §6.3): the buffered wake-word
+        audio (at most 2 s) as a burst, then `listen detect` with the word, then `listen start`."""
+        if preroll is not None and len(preroll):
+            encoder = OpusEncoder(UPLINK_RATE, FRAME_MS, complexity=0, dtx=True)
+            samples = UPLINK_RATE * FRAME_MS // 1000
+            tail = preroll[-2 * UPLINK_RATE :]
+            for k in range(0, len(tail) - samples + 1, samples):
+                await self.ws.send(wrap_audio(encoder.encode(tail[k : k + samples]), self.protocol_version))
+        await self.detect(text)
+        await self.listen_start(mode)
+
     async def abort(self, reason: str | None = None) -> None:
         message: dict[str, Any] = {"type": "abort"}
         if reason:
@@ -374,7 +426,7 @@ class SimDevice:
         With ``until``, keeps sending until it returns True (or ``max_s`` passes): used for the
         silence a device streams while it waits for the reply.
         """
-        encoder = OpusEncoder(UPLINK_RATE, FRAME_MS, complexity=0)
+        encoder = OpusEncoder(UPLINK_RATE, FRAME_MS, complexity=0, dtx=True)
         samples = UPLINK_RATE * FRAME_MS // 1000
         start = time.monotonic()
         k = 0
@@ -420,7 +472,7 @@ class SimDevice:
                 pass
 
     async def _mic(self) -> None:
-        encoder = OpusEncoder(UPLINK_RATE, FRAME_MS, complexity=0)
+        encoder = OpusEncoder(UPLINK_RATE, FRAME_MS, complexity=0, dtx=True)
         samples = UPLINK_RATE * FRAME_MS // 1000
         pending = np.zeros(0, dtype=np.int16)
         start = time.monotonic()
@@ -514,6 +566,11 @@ class SimDevice:
             elif mtype == "tts" and message.get("state") == "sentence_start":
                 report.sentences.append(message.get("text", ""))
         report.audio_s = report.frames * FRAME_MS / 1000
+        arrivals = [item.at for item in self.received[mark:end] if item.kind == "audio"]
+        playout = simulate_playout(arrivals)
+        report.max_buffered, report.overflow_frames, report.underruns = playout.max_buffered, playout.overflow, playout.underruns
+        if stop is not None and arrivals:
+            report.stop_margin_s = stop.at - playout.end
         return report
 
     def reply_audio(self, start_index: int = 0) -> np.ndarray:
