@@ -16,3 +16,4 @@ OTA_REQUESTS = Counter("xz_gateway_ota_requests_total", "OTA requests, by method
 TEXT_TURN_FIRST_AUDIO = histogram("xz_gateway_text_turn_first_audio_seconds", "Typed-text turn to first downlink audio frame")
 AUTH_FAILURES = Counter("xz_gateway_auth_failures_total", "WebSocket handshakes rejected, by reason", ["reason"])
 IDLE_CLOSES = Counter("xz_gateway_idle_closes_total", "Sessions ended for idleness, by how", ["how"])
+VISION_REQUESTS = Counter("xz_gateway_vision_requests_total", "Vision endpoint requests, by result", ["result"])

@@ -172,7 +172,7 @@ def make_app(settings: GatewaySettings, auth_key: str, bindings: BindingStore | 
         # FileResponse sends Content-Length: the firmware refuses chunked downloads.
         return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
 
-    app = web.Application(client_max_size=1024 * 1024)
+    app = web.Application(client_max_size=settings.vision.max_image_bytes + 1024 * 1024)
     for path in ("/xiaozhi/ota", "/xiaozhi/ota/"):
         app.router.add_get(path, get)
         app.router.add_post(path, post)
@@ -182,4 +182,7 @@ def make_app(settings: GatewaySettings, auth_key: str, bindings: BindingStore | 
     app.router.add_post("/xiaozhi/ota/activate", activate)
     app.router.add_route("OPTIONS", "/xiaozhi/ota/activate", options)
     app.router.add_get("/xiaozhi/ota/download/{name}", download)
+    from gateway import vision
+
+    vision.add_routes(app, settings, auth_key)
     return app

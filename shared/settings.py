@@ -53,6 +53,18 @@ class AuthSettings(BaseModel):
     vision_ttl_seconds: int = 3600
 
 
+class VisionSettings(BaseModel):
+    """The OpenAI-compatible vision model behind /mcp/vision/explain (unset: the endpoint says so)."""
+
+    base_url: str | None = None
+    api_key: str = "none"
+    model: str = "default"
+    timeout_s: float = 30.0
+    max_tokens: int = 200
+    max_image_bytes: int = 5 * 1024 * 1024
+    prompt: str = "Answer the user's question about the image in one or two short spoken sentences."
+
+
 class GatewaySettings(BaseModel):
     host: str = "0.0.0.0"
     ws_port: int = 8000
@@ -80,6 +92,7 @@ class GatewaySettings(BaseModel):
     # A turn that produces nothing for this long is ended with `tts stop`.
     turn_timeout_s: float = 30.0
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    vision: VisionSettings = Field(default_factory=VisionSettings)
     # OTA upgrades: <board>_<version>.bin files; the newest one newer than the device's is offered.
     firmware_dir: str = "data/firmware"
     firmware_force: bool = False

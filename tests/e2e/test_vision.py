@@ -1,0 +1,105 @@
+"""The vision endpoint, called as the firmware's camera tool does, against a local OpenAI-shaped model."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from xiaozhi.sim import SimDevice
+from xiaozhi.stack import free_port
+
+pytestmark = pytest.mark.e2e
+
+BOUNDARY = "----ESP32_CAMERA_BOUNDARY"
+JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(range(256)) * 40 + b"\xff\xd9"
+
+
+def firmware_body(question: str, image: bytes, filename: str = "camera.jpg") -> bytes:
+    return (
+        f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"question\"\r\n\r\n{question}\r\n"
+        f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\nContent-Type: image/jpeg\r\n\r\n"
+    ).encode() + image + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+async def chunked(data: bytes):
+    for i in range(0, len(data), 4096):  # the firmware streams with Transfer-Encoding: chunked
+        yield data[i : i + 4096]
+
+
+@pytest.fixture
+async def vision_model():
+    """An OpenAI-compatible chat completions endpoint (the shape vLLM/OpenAI vision models serve)."""
+    seen: list[dict] = []
+
+    async def completions(request: web.Request) -> web.Response:
+        body = await request.json()
+        seen.append(body)
+        return web.json_response({"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": "I see a small test picture."}, "finish_reason": "stop"}]})
+
+    app = web.Application(client_max_size=20 * 1024 * 1024)
+    app.router.add_post("/v1/chat/completions", completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield f"http://127.0.0.1:{port}/v1", seen
+    await runner.cleanup()
+
+
+@pytest.fixture
+def vision_gateway(nats_only, vision_model):
+    base_url, _ = vision_model
+    ws_port, http_port = free_port(), free_port()
+    proc = nats_only.start_service("gateway", free_port(), {
+        "XZ_GATEWAY__HOST": "127.0.0.1", "XZ_GATEWAY__PUBLIC_HOST": "127.0.0.1",
+        "XZ_GATEWAY__WS_PORT": str(ws_port), "XZ_GATEWAY__HTTP_PORT": str(http_port),
+        "XZ_GATEWAY__VISION__BASE_URL": base_url, "XZ_GATEWAY__VISION__MODEL": "vision-test",
+    })
+    nats_only.wait_healthy([proc])
+    return ws_port, http_port
+
+
+async def post(url: str, device_id: str, token: str, body: bytes) -> tuple[int, dict]:
+    headers = {"Device-Id": device_id, "Client-Id": "c", "Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, data=chunked(body), headers=headers) as response:
+            return response.status, await response.json(content_type=None)
+
+
+async def test_camera_photo_explained(vision_gateway, vision_model):
+    ws_port, _ = vision_gateway
+    _, seen = vision_model
+    async with SimDevice(ws_url=f"ws://127.0.0.1:{ws_port}/xiaozhi/v1/") as device:
+        for _ in range(50):
+            if device.vision:
+                break
+            await asyncio.sleep(0.05)
+        url, token = device.vision["url"], device.vision["token"]
+        status, answer = await post(url, device.device_id, token, firmware_body("What do you see?", JPEG))
+        assert status == 200
+        assert answer == {"success": True, "action": "RESPONSE", "response": "I see a small test picture."}
+        request = seen[-1]
+        assert request["model"] == "vision-test"
+        parts = request["messages"][-1]["content"]
+        assert parts[0] == {"type": "text", "text": "What do you see?"}
+        assert parts[1]["image_url"]["url"].startswith("data:image/jpeg;base64,/9j/")
+
+        # Token problems are 401 with a JSON message.
+        for bad_device, bad_token in ((device.device_id, ""), (device.device_id, "v1.x.1.y"), ("ff:ff:ff:ff:ff:ff", token)):
+            status, answer = await post(url, bad_device, bad_token, firmware_body("q", JPEG))
+            assert status == 401 and answer["success"] is False and answer["message"]
+        # Bad images are clear errors.
+        status, answer = await post(url, device.device_id, token, firmware_body("q", b"just some text, not an image"))
+        assert status == 200 and answer["success"] is False and "format" in answer["message"]
+        status, answer = await post(url, device.device_id, token, firmware_body("q", b"\xff\xd8\xff" + b"\x00" * (5 * 1024 * 1024 + 10)))
+        assert answer["success"] is False and "larger" in answer["message"]
+        status, answer = await post(url, device.device_id, token, f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"question\"\r\n\r\nq\r\n--{BOUNDARY}--\r\n".encode())
+        assert answer["success"] is False and "no image" in answer["message"]
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url) as response:
+                assert response.status == 200 and "vision-test" in await response.text()
