@@ -15,7 +15,7 @@ from nats.aio.msg import Msg
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from gateway import auth, mcp
+from gateway import auth, iot, mcp
 from gateway import metrics as m
 from gateway import protocol
 from gateway.downlink import PacedSender
@@ -102,6 +102,7 @@ class DeviceSession:
         self.auth_key = auth_key
         self.vision_url = vision_url
         self.mcp = mcp.McpState()
+        self.iot = iot.IotState()
         self._mcp_listed = asyncio.Event()
         self._mcp_pending: dict[int, asyncio.Future] = {}
         self._mcp_sub = None
@@ -258,6 +259,9 @@ class DeviceSession:
             await self._send(protocol.pong())
         elif isinstance(parsed, protocol.Mcp):
             await self._on_mcp_reply(parsed.payload)
+        elif parsed.type == "iot":
+            # Legacy firmware (<= 1.7) describes its things and states: they become tools.
+            self.iot.update(parsed.raw)
         else:
             m.DROPPED.labels("gateway", "unknown_type").inc()
             log.info("unknown message type ignored", extra={"fields": {"type": parsed.type}})
@@ -454,7 +458,17 @@ class DeviceSession:
             except asyncio.TimeoutError:
                 pass
             tools = [DeviceTool(name=t.name, llm_name=t.llm_name, description=t.description, input_schema=t.input_schema) for t in self.mcp.tools]
+            tools += [DeviceTool(name=t.name, llm_name=t.llm_name, description=t.description, input_schema=t.input_schema) for t in self.iot.tools()]
             await msg.respond(DeviceMcpReply(tools=tools).encode())
+            return
+        iot_tool = self.iot.find(request.name)
+        if iot_tool is not None:
+            if iot_tool.prop is not None:
+                ok, text = self.iot.read(iot_tool)
+            else:
+                await self._send(json.dumps({"session_id": self.session_id, **iot.command(iot_tool, request.arguments)}, ensure_ascii=False))
+                ok, text = True, f"{iot_tool.thing}.{iot_tool.method} sent to the device"
+            await msg.respond(DeviceMcpReply(ok=ok, text=text).encode())
             return
         tool = self.mcp.find(request.name)
         if tool is None:

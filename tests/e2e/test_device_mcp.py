@@ -125,3 +125,30 @@ async def test_spoken_request_calls_the_device_tool(pipeline):
         assert calls[0]["params"]["name"] == "self.audio_speaker.set_volume"
         assert device.state["volume"] == 80
         assert report.events[-1] == "tts.stop" and report.frames > 0
+
+
+async def test_legacy_iot_descriptors_become_tools(pipeline):
+    """Firmware <= 1.7 describes 'things' with `iot` messages; they become tools and commands."""
+    device = SimDevice(ws_url=pipeline.ws_url, mcp_tools=[])
+    await device.connect(features={})
+    try:
+        await device.send_json({"type": "iot", "update": True, "descriptors": [{
+            "name": "Speaker", "description": "The speaker",
+            "properties": {"volume": {"description": "Current audio volume value", "type": "number"}},
+            "methods": {"set_volume": {"description": "Set the audio volume", "parameters": {"volume": {"description": "An integer between 0 and 100", "type": "number"}}}},
+        }]})
+        await device.send_json({"type": "iot", "update": True, "states": [{"name": "Speaker", "state": {"volume": 40}}]})
+        await asyncio.sleep(0.2)
+        listing = await device_mcp(pipeline.nats_url, device.session_id, DeviceMcpRequest(method="tools/list"))
+        names = {t.llm_name: t for t in listing.tools}
+        assert set(names) == {"get_speaker_volume", "speaker_set_volume"}
+        assert names["speaker_set_volume"].input_schema["required"] == ["volume"]
+        read = await device_mcp(pipeline.nats_url, device.session_id, DeviceMcpRequest(method="tools/call", name="get_speaker_volume"))
+        assert read.ok and "40" in read.text
+        mark = len(device.received)
+        done = await device_mcp(pipeline.nats_url, device.session_id, DeviceMcpRequest(method="tools/call", name="speaker_set_volume", arguments={"volume": 65}))
+        assert done.ok
+        command = await device.wait_for(lambda r: r.kind == "json" and r.message.get("type") == "iot", timeout=3, start_index=mark)
+        assert command.message["commands"] == [{"name": "Speaker", "method": "set_volume", "parameters": {"volume": 65}}]
+    finally:
+        await device.close()
