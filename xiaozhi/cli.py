@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--protocol-version", type=int, choices=[1, 2, 3], default=1)
     sim.add_argument("--device-id", help="MAC-style device id (default random)")
     sim.add_argument("--token", help="token for the Authorization header (default: from OTA)")
+    sim.add_argument("--frame-ms", type=int, choices=[20, 40, 60, 120], default=60, help="uplink packet duration (firmware: 60)")
+    sim.add_argument("--wake-word", help="start like an on-device wake word: pre-roll audio, `listen detect` with this text")
+    sim.add_argument("--abort-after", type=float, help="press the button (abort) this many seconds into each reply")
+    sim.add_argument("--no-mcp", action="store_true", help="do not announce MCP in hello (older firmware)")
+    sim.add_argument("--mcp-tools", help="JSON file with the MCP tools the device offers (default: the firmware's built-ins)")
     sim.add_argument("--out", default="reply.wav", help="where to write the reply audio (default reply.wav)")
     sim.add_argument("--timeout", type=float, default=60, help="seconds to wait for each reply")
     sim.add_argument("--json", action="store_true", help="print a JSON report instead of text")
@@ -174,27 +179,39 @@ async def sim_command(args: argparse.Namespace) -> int:
     if not args.wav and not args.text:
         print("nothing to say: give --wav FILE or --text TEXT", file=sys.stderr)
         return 2
-    device = SimDevice(ota_url=ota, ws_url=args.ws, device_id=args.device_id, protocol_version=args.protocol_version, token=args.token)
+    tools = json.loads(Path(args.mcp_tools).read_text()) if args.mcp_tools else None
+    device = SimDevice(ota_url=ota, ws_url=args.ws, device_id=args.device_id, protocol_version=args.protocol_version, token=args.token, mcp_tools=tools, frame_ms=args.frame_ms)
     reports = []
     try:
-        await device.connect()
+        await device.connect(features={} if args.no_mcp else {"mcp": True})
     except Exception as exc:  # noqa: BLE001
         print(f"could not connect: {exc}", file=sys.stderr)
         return 1
     say = lambda *a: None if args.json else print(*a)  # noqa: E731
     say(f"device {device.device_id} connected to {device.ws_url}, session {device.session_id}")
     try:
+        if args.wake_word:
+            mark = len(device.received)
+            preroll = read_wav(args.wav[0])[: 16000 * 2] if args.wav else None
+            await device.wake_word(args.wake_word, preroll=preroll, mode=args.mode)
+            greeting = await device.collect_turn(mark, time.monotonic(), timeout=args.timeout)
+            say(f"> wake word {args.wake_word!r}: {' -> '.join(_compact(greeting.events)) or 'no greeting'}")
+            for sentence in greeting.sentences:
+                say(f"  sentence:  {sentence}")
         turns = [("wav", w) for w in args.wav] + [("text", t) for t in args.text]
         for kind, what in turns:
             if device.closed:
                 say("the server closed the connection")
                 break
+            aborter = asyncio.create_task(_abort_after(device, args.abort_after)) if args.abort_after else None
             if kind == "wav":
                 say(f"> speaking {what} ({args.mode} mode)")
                 report = await device.speak(read_wav(what), mode=args.mode, reply_timeout=args.timeout)
             else:
                 say(f"> typing {what!r}")
                 report = await device.type_text(what, reply_timeout=args.timeout)
+            if aborter:
+                aborter.cancel()
             reports.append(report)
             say(f"  events:    {' -> '.join(_compact(report.events))}")
             say(f"  stt:       {report.stt!r}")
@@ -217,6 +234,16 @@ async def sim_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{**r.__dict__, "latency_s": r.latency_s} for r in reports], indent=2, default=str))
     return 0 if reports and all(r.stopped for r in reports) else 1
+
+
+async def _abort_after(device, seconds: float) -> None:
+    """Press the button `seconds` after the reply's first audio frame (protocol.md §6.4 b)."""
+    mark = len(device.received)
+    first = await device.wait_for(lambda r: r.kind == "audio", timeout=120, start_index=mark)
+    if first is None:
+        return
+    await asyncio.sleep(max(0.0, seconds - (time.monotonic() - first.at)))
+    await device.abort()
 
 
 def _compact(events: list[str]) -> list[str]:

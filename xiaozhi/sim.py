@@ -174,6 +174,8 @@ class SimDevice:
         firmware_version: str = "2.4.2",
         mcp_tools: list[dict[str, Any]] | None = None,
         mcp_page_bytes: int = 8000,
+        frame_ms: int = FRAME_MS,
+        answer_mcp_calls: bool = True,
     ) -> None:
         if not ota_url and not ws_url:
             raise ValueError("give an OTA URL or a WebSocket URL")
@@ -196,6 +198,8 @@ class SimDevice:
         self.closed = False
         self.mcp_tools = firmware_tools() if mcp_tools is None else mcp_tools
         self.mcp_page_bytes = mcp_page_bytes
+        self.frame_ms = frame_ms  # uplink packet duration: 60 like the firmware, 20 like py-xiaozhi
+        self.answer_mcp_calls = answer_mcp_calls
         self.mcp_requests: list[dict[str, Any]] = []
         self.vision: dict[str, Any] | None = None
         self.state: dict[str, Any] = {"volume": 70, "brightness": 80}
@@ -264,7 +268,7 @@ class SimDevice:
             "version": self.protocol_version,
             "features": features if features is not None else {"mcp": True},
             "transport": "websocket",
-            "audio_params": {"format": "opus", "sample_rate": UPLINK_RATE, "channels": 1, "frame_duration": FRAME_MS},
+            "audio_params": {"format": "opus", "sample_rate": UPLINK_RATE, "channels": 1, "frame_duration": self.frame_ms},
         }
         await self.send_json(hello)
         reply = await self.wait_for(lambda r: r.kind == "json" and r.message.get("type") == "hello", timeout=10)
@@ -327,6 +331,8 @@ class SimDevice:
         elif method == "tools/list":
             await self._mcp_list(msg_id, str(params.get("cursor") or ""))
         elif method == "tools/call":
+            if not self.answer_mcp_calls:
+                return  # a device that hangs: the server must time out
             await self._mcp_call(msg_id, str(params.get("name") or ""), params.get("arguments") if isinstance(params.get("arguments"), dict) else {})
         else:
             await self._mcp_reply(msg_id, error=f"Method not implemented: {method}")
@@ -406,8 +412,8 @@ class SimDevice:
         """As a device whose on-board wake word fired (protocol.md §6.3): the buffered wake-word
         audio (at most 2 s) as a burst, then `listen detect` with the word, then `listen start`."""
         if preroll is not None and len(preroll):
-            encoder = OpusEncoder(UPLINK_RATE, FRAME_MS, complexity=0, dtx=True)
-            samples = UPLINK_RATE * FRAME_MS // 1000
+            encoder = OpusEncoder(UPLINK_RATE, self.frame_ms, complexity=0, dtx=True)
+            samples = UPLINK_RATE * self.frame_ms // 1000
             tail = preroll[-2 * UPLINK_RATE :]
             for k in range(0, len(tail) - samples + 1, samples):
                 await self.ws.send(wrap_audio(encoder.encode(tail[k : k + samples]), self.protocol_version))
@@ -426,8 +432,8 @@ class SimDevice:
         With ``until``, keeps sending until it returns True (or ``max_s`` passes): used for the
         silence a device streams while it waits for the reply.
         """
-        encoder = OpusEncoder(UPLINK_RATE, FRAME_MS, complexity=0, dtx=True)
-        samples = UPLINK_RATE * FRAME_MS // 1000
+        encoder = OpusEncoder(UPLINK_RATE, self.frame_ms, complexity=0, dtx=True)
+        samples = UPLINK_RATE * self.frame_ms // 1000
         start = time.monotonic()
         k = 0
         last = start
@@ -439,7 +445,7 @@ class SimDevice:
             frame = pcm[k * samples : (k + 1) * samples] if until is None else np.zeros(samples, dtype=np.int16)
             if len(frame) < samples:
                 frame = np.concatenate([frame, np.zeros(samples - len(frame), dtype=np.int16)])
-            target = start + k * FRAME_MS / 1000
+            target = start + k * self.frame_ms / 1000
             delay = target - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -472,8 +478,8 @@ class SimDevice:
                 pass
 
     async def _mic(self) -> None:
-        encoder = OpusEncoder(UPLINK_RATE, FRAME_MS, complexity=0, dtx=True)
-        samples = UPLINK_RATE * FRAME_MS // 1000
+        encoder = OpusEncoder(UPLINK_RATE, self.frame_ms, complexity=0, dtx=True)
+        samples = UPLINK_RATE * self.frame_ms // 1000
         pending = np.zeros(0, dtype=np.int16)
         start = time.monotonic()
         k = 0
@@ -484,7 +490,7 @@ class SimDevice:
             frame, pending = pending[:samples], pending[samples:]
             if len(frame) < samples:
                 frame = np.concatenate([frame, np.zeros(samples - len(frame), dtype=np.int16)])
-            delay = start + k * FRAME_MS / 1000 - time.monotonic()
+            delay = start + k * self.frame_ms / 1000 - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             try:

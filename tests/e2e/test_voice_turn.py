@@ -146,3 +146,11 @@ async def test_manual_mode_turn(pipeline):
         report = await device.speak(read_wav(fixture_wav("en_what_time.wav")), mode="manual")
         assert normalise(report.stt) == "what time is it", report.stt
         assert_reply_order(report.events)
+
+
+async def test_20ms_uplink_frames_like_py_xiaozhi(pipeline):
+    """Other clients send 20 ms packets (py-xiaozhi): the uplink accepts 20-120 ms."""
+    async with SimDevice(ws_url=pipeline.ws_url, frame_ms=20) as device:
+        report = await device.speak(read_wav(fixture_wav("en_what_time.wav")))
+        assert normalise(report.stt) == "what time is it", report.stt
+        assert report.frames > 0

@@ -1,0 +1,43 @@
+"""The `xiaozhi sim` command as a user runs it, against the running pipeline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import wave
+
+import pytest
+
+from tests.conftest import fixture_wav
+
+pytestmark = pytest.mark.e2e
+
+
+def sim(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "xiaozhi.cli", "sim", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_sim_speaks_a_wav_and_saves_the_reply(pipeline, tmp_path):
+    out = tmp_path / "reply.wav"
+    result = sim("--ota", pipeline.ota_url, "--wav", str(fixture_wav("en_what_time.wav")), "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "stt:       'What time is it?'" in result.stdout
+    assert "latency:" in result.stdout and " ms (end of speech to first reply audio)" in result.stdout
+    with wave.open(str(out)) as wav:
+        assert wav.getframerate() == 24000 and wav.getnframes() > 24000
+
+
+def test_sim_wake_word_abort_and_json(pipeline, tmp_path):
+    result = sim(
+        "--ws", pipeline.ws_url, "--wake-word", "你好小智", "--wav", str(fixture_wav("en_what_time.wav")),
+        "--text", "Tell me a long story about a dragon and a knight.", "--abort-after", "0.5",
+        "--protocol-version", "3", "--json", "--out", str(tmp_path / "r.wav"),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    reports = json.loads(result.stdout)
+    assert len(reports) == 2
+    story = reports[1]
+    assert story["stopped"] and story["events"][-1] == "tts.stop"
+    # Aborted half a second into the reply: far less audio than a long story.
+    assert story["audio_s"] < 2.5, story["audio_s"]
