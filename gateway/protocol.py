@@ -80,6 +80,8 @@ def encode_audio(opus: bytes, version: int, timestamp: int = 0) -> bytes:
     if version == 2:
         return struct.pack(">HHIII", 2, 0, 0, timestamp & 0xFFFFFFFF, len(opus)) + opus
     if version == 3:
+        if len(opus) > 0xFFFF:
+            raise ProtocolError("frame_too_large", f"{len(opus)} bytes do not fit v3's 16-bit length")
         return struct.pack(">BBH", 0, 0, len(opus)) + opus
     raise ProtocolError("bad_protocol_version", str(version))
 

@@ -116,7 +116,7 @@ class SentenceSplitter:
             return False  # 3.5
         if after and not after.isspace() and after not in "\"'”’)":
             return False  # e.g. / a.m. / URLs
-        word = re.findall(r"(\w+)$", text[:i])
+        word = re.findall(r"(\w+(?:\.\w+)*)$", text[:i])  # "dr", also "e.g", "p.m"
         if word and word[0].lower() in {"mr", "mrs", "ms", "dr", "st", "vs", "etc", "e.g", "i.e", "a.m", "p.m"}:
             return False
         return True
