@@ -29,6 +29,7 @@ from shared.messages import (
     DeviceTool,
     OutEvent,
     SentenceJob,
+    SessionEnd,
     UserTurn,
     VadClaim,
     VadClaimAck,
@@ -235,6 +236,10 @@ class DeviceSession:
             except Exception:  # noqa: BLE001
                 pass
             await self._publish_ctl(Control(session_id=self.session_id, kind="close"))
+            try:
+                await self.nc.publish(self.subjects.session_end, SessionEnd(session_id=self.session_id, device_id=self.device_id).encode())
+            except Exception:  # noqa: BLE001
+                m.ERRORS.labels("gateway", "publish").inc()
 
     # ------------------------------------------------------------------ device -> server
 

@@ -10,6 +10,7 @@ cancels the generation.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import re
 import threading
@@ -21,11 +22,13 @@ from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge
 
 from llm_svc.backends import BackendError, LlmBackend, ToolCallRequest, make_backend
-from llm_svc.history import HistoryStore
+from llm_svc.memory import MemoryStore
+from llm_svc.prompt import system_prompt
 from llm_svc.sentences import SentenceSplitter, detect_emotion, speakable
 from llm_svc.tools import ToolClient, relevant_tools
 from shared import logging as xlog
-from shared.messages import Control, OutEvent, SentenceJob, UserTurn
+from shared.agents import AgentConfig, load_agent, open_bucket
+from shared.messages import Control, OutEvent, SentenceJob, SessionEnd, UserTurn
 from shared.metrics import DROPPED, ERRORS, histogram
 from shared.settings import Settings
 from shared.subjects import QUEUE_LLM, Subjects
@@ -53,6 +56,7 @@ class TurnContext:
         self.first_token_at: float | None = None
         self.cancel = threading.Event()
         self.close_after = False
+        self.agent = AgentConfig()
 
 
 class LlmWorker:
@@ -63,7 +67,8 @@ class LlmWorker:
         self.llm = settings.llm
         self.subjects = Subjects(settings.nats.prefix)
         self.backend = backend or make_backend(self.llm)
-        self.history = HistoryStore(self.subjects.kv_history, self.llm.history_turns, self.llm.history_ttl_s)
+        self.memory = MemoryStore(self.subjects.kv_memory, self.llm.history_turns)
+        self.agents_kv: Any = None
         self.nc: NATS | None = None
         self.tools: ToolClient | None = None
         self._sub = None
@@ -71,13 +76,16 @@ class LlmWorker:
 
     async def start(self, nc: NATS) -> None:
         self.nc = nc
-        await self.history.open(nc)
+        await self.memory.open(nc)
+        self.agents_kv = await open_bucket(nc, self.subjects.kv_agents)
         self.tools = ToolClient(nc, self.subjects, self.llm.tool_timeout_s)
         self._sub = await nc.subscribe(self.subjects.llm_all, queue=QUEUE_LLM, cb=self._on_turn)
+        self._end_sub = await nc.subscribe(self.subjects.session_end, queue=QUEUE_LLM, cb=self._on_session_end)
 
     async def stop(self) -> None:
         if self._sub is not None:
             await self._sub.unsubscribe()
+            await self._end_sub.unsubscribe()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=self.settings.nats.drain_timeout_s)
         await self.backend.close()
@@ -137,8 +145,8 @@ class LlmWorker:
             TURN_SECONDS.observe(time.perf_counter() - ctx.started)
             reply = " ".join(ctx.spoken)
             log.info("reply", extra={"fields": {"sentences": ctx.seq, "text": reply[:300], "seconds": round(time.perf_counter() - ctx.started, 3)}})
-            if reply and turn.source != "idle":
-                await self.history.append(turn.session_id, turn.text, reply)
+            if reply and turn.source != "idle" and ctx.agent.memory != "none":
+                await self.memory.add_turn(self._memory_key(turn), turn.text, reply)
 
     @staticmethod
     def _on_ctl(ctx: TurnContext, msg: Msg) -> None:
@@ -153,8 +161,20 @@ class LlmWorker:
     async def _converse(self, ctx: TurnContext) -> str:
         """Run the model (and its tool rounds) for one turn; returns the outcome label."""
         turn = ctx.turn
-        messages: list[dict[str, Any]] = [{"role": "system", "content": self._system_prompt()}]
-        messages += await self.history.load(turn.session_id)
+        ctx.agent = agent = await load_agent(self.agents_kv, turn.device_id)
+        memory = await self.memory.load(self._memory_key(turn)) if agent.memory != "none" else None
+        prompt = system_prompt(
+            self.llm.system_prompt,
+            agent,
+            dt.datetime.now().astimezone(),
+            language=turn.language,
+            summary=memory.summary if memory is not None and agent.memory == "summary" else "",
+            emoji=self.llm.emoji_prompt,
+        )
+        messages: list[dict[str, Any]] = [{"role": "system", "content": prompt}]
+        if memory is not None:
+            messages += memory.turns
+        log.info("prompt", extra={"fields": {"agent": agent.name, "memory": agent.memory, "remembered_messages": len(memory.turns) if memory else 0, "summary": bool(memory and memory.summary)}})
         offered = []
         if turn.source == "idle":
             ctx.close_after = True
@@ -166,7 +186,11 @@ class LlmWorker:
         else:
             messages.append({"role": "user", "content": turn.text})
         if self.llm.tools and self.tools is not None and turn.source != "idle":
-            offered = relevant_tools(turn.text, await self.tools.available(turn.session_id))
+            available = await self.tools.available(turn.session_id)
+            if agent.tools is not None:
+                device = set(self.tools.device_tool_names(turn.session_id))
+                available = [t for t in available if t.name in agent.tools or t.name in device]
+            offered = relevant_tools(turn.text, available)
         for round_no in range(self.llm.max_tool_rounds + 1):
             tools = offered if round_no < self.llm.max_tool_rounds else []
 
@@ -244,9 +268,42 @@ class LlmWorker:
 
         return bool(text) and norm(text) in {norm(c) for c in self.llm.exit_commands}
 
-    def _system_prompt(self) -> str:
-        now = time.strftime("%A, %B %d, %Y")
-        return f"{self.llm.system_prompt}\nToday is {now}."
+    @staticmethod
+    def _memory_key(turn: UserTurn) -> str:
+        return turn.device_id or turn.session_id
+
+    async def _on_session_end(self, msg: Msg) -> None:
+        """A session closed: with summary memory, fold the conversation into a short summary."""
+        try:
+            end = SessionEnd.decode(msg.data)
+        except Exception:  # noqa: BLE001
+            DROPPED.labels("llm", "bad_session_end").inc()
+            return
+        if self.tools is not None:
+            self.tools.forget(end.session_id)
+        agent = await load_agent(self.agents_kv, end.device_id)
+        if agent.memory != "summary" or not end.device_id:
+            return
+        key = end.device_id
+        memory = await self.memory.load(key)
+        if not memory.turns:
+            return
+        transcript = "\n".join(f"{m['role']}: {m['content']}" for m in memory.turns)
+        request = [
+            {"role": "system", "content": self.llm.summary_prompt},
+            {"role": "user", "content": (f"Earlier summary: {memory.summary}\n" if memory.summary else "") + f"Conversation:\n{transcript}"},
+        ]
+        text = ""
+        try:
+            async for delta in self.backend.stream(request, [], threading.Event()):
+                if isinstance(delta, str):
+                    text += delta
+        except BackendError as exc:
+            log.warning("summary failed: %s", exc, extra={"session_id": end.session_id})
+            return
+        memory.summary = speakable(text)[:1000]
+        await self.memory.save(key, memory)
+        log.info("memory summary written", extra={"session_id": end.session_id, "fields": {"device_id": end.device_id, "summary": memory.summary[:200]}})
 
     async def _ensure_emotion(self, ctx: TurnContext, text: str) -> None:
         if ctx.emotion_sent:
@@ -269,7 +326,7 @@ class LlmWorker:
         turn = ctx.turn
         if ctx.seq == 0:
             FIRST_SENTENCE.observe(time.perf_counter() - ctx.started)
-        job = SentenceJob(session_id=turn.session_id, turn_id=turn.turn_id, seq=ctx.seq, text=sentence, voice=self.llm.voice, sample_rate=self.settings.gateway.sample_rate, frame_duration=self.settings.gateway.frame_duration)
+        job = SentenceJob(session_id=turn.session_id, turn_id=turn.turn_id, seq=ctx.seq, text=sentence, voice=ctx.agent.voice or self.llm.voice, sample_rate=self.settings.gateway.sample_rate, frame_duration=self.settings.gateway.frame_duration)
         ctx.seq += 1
         ctx.spoken.append(sentence)
         await self.nc.publish(self.subjects.tts(turn.session_id), job.encode())

@@ -81,6 +81,9 @@ class ToolClient:
             self._device.pop(next(iter(self._device)))
         return tools
 
+    def device_tool_names(self, session_id: str) -> list[str]:
+        return list(self._device.get(session_id, {}))
+
     def forget(self, session_id: str) -> None:
         self._device.pop(session_id, None)
 

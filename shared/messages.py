@@ -271,3 +271,10 @@ class DeviceMcpReply(Message):
     ok: bool = True
     text: str = ""
     tools: list[DeviceTool] = Field(default_factory=list)
+
+
+class SessionEnd(Message):
+    """A device's session is over (published by the gateway on ``xz.session.end``)."""
+
+    session_id: str
+    device_id: str = ""

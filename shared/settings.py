@@ -157,8 +157,14 @@ class LlmSettings(BaseModel):
         "You are Xiaozhi, a friendly voice assistant. Answer in one to three short spoken "
         "sentences. Do not use lists, markdown or emojis."
     )
+    # Memory per device (mode per agent: none, short, summary): the recent turns kept.
     history_turns: int = 6
-    history_ttl_s: int = 3600
+    summary_prompt: str = (
+        "Summarise what you learned about the user (name, preferences, facts they told you) in "
+        "at most three short sentences. Write only the summary."
+    )
+    # Offer an emoji list in the prompt; the first emoji of a reply sets the device's emotion.
+    emoji_prompt: bool = True
     max_tokens: int = 120
     temperature: float = 0.3
     tools: bool = True

@@ -80,10 +80,19 @@ class Subjects:
         """Request/reply: the schemas of every server-side tool."""
         return f"{self.prefix}.tools.list"
 
+    @property
+    def session_end(self) -> str:
+        """A session closed (gateway -> any LLM worker): time to write its memory summary."""
+        return f"{self.prefix}.session.end"
+
     # JetStream key-value buckets.
     @property
-    def kv_history(self) -> str:
-        return f"{self.prefix}_history"
+    def kv_memory(self) -> str:
+        return f"{self.prefix}_memory"
+
+    @property
+    def kv_agents(self) -> str:
+        return f"{self.prefix}_agents"
 
 
 def session_from_subject(subject: str) -> str:

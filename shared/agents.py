@@ -1,0 +1,81 @@
+"""Per-device agent configuration (role, voice, memory, tools), kept in the ``xz_agents`` KV bucket.
+
+The manager writes one entry per device (key: the device id made KV-safe) and a ``default``
+entry; services read the entry on every turn, so a change applies to the next turn without a
+restart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+log = logging.getLogger("shared.agents")
+
+_KEY_UNSAFE = re.compile(r"[^-_=.a-zA-Z0-9]")
+DEFAULT_KEY = "default"
+
+
+def kv_key(device_id: str) -> str:
+    """A KV key for a device id: a0:b1:c2:d3:e4:f5 -> a0_b1_c2_d3_e4_f5."""
+    return _KEY_UNSAFE.sub("_", device_id.lower()) or "_"
+
+
+class AgentConfig(BaseModel):
+    """What a device's assistant is: persona, voice, memory and tools."""
+
+    model_config = {"extra": "ignore"}
+
+    name: str = "Xiaozhi"
+    role_prompt: str | None = None  # None: the LLM stage's configured system prompt
+    voice: str | None = None  # a Piper voice path; None: the TTS default
+    language: str | None = None  # e.g. "en", "zh"; None: the ASR's language
+    memory: Literal["none", "short", "summary"] = "short"
+    # Server tools this agent may use (None: all). Device tools are always the device's own.
+    tools: list[str] | None = None
+    wake_greeting: str | None = None
+
+    def encode(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+async def open_bucket(nc: Any, bucket: str) -> Any:
+    """The KV bucket, created when missing; None when JetStream is not available."""
+    from nats.js.api import KeyValueConfig
+
+    js = nc.jetstream()
+    try:
+        return await js.key_value(bucket)
+    except Exception:  # noqa: BLE001 - missing bucket: create it
+        try:
+            return await js.create_key_value(config=KeyValueConfig(bucket=bucket, history=1))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("no JetStream KV bucket %s: %s", bucket, exc)
+            return None
+
+
+async def load_agent(kv: Any, device_id: str) -> AgentConfig:
+    """The device's agent, else the default agent, else built-in defaults."""
+    if kv is None:
+        return AgentConfig()
+    for key in (kv_key(device_id) if device_id else None, DEFAULT_KEY):
+        if not key:
+            continue
+        try:
+            entry = await kv.get(key)
+        except Exception:  # noqa: BLE001 - not found
+            continue
+        if entry is not None and entry.value:
+            try:
+                return AgentConfig.model_validate(json.loads(entry.value))
+            except Exception as exc:  # noqa: BLE001
+                log.warning("bad agent config under %s: %s", key, exc)
+    return AgentConfig()
+
+
+async def save_agent(kv: Any, device_id: str | None, agent: AgentConfig) -> None:
+    await kv.put(kv_key(device_id) if device_id else DEFAULT_KEY, agent.encode())
