@@ -224,9 +224,16 @@ class LlmWorker:
                 "content": splitter.raw or None,
                 "tool_calls": [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls],
             })
+            # The emotion goes first: a tool may put its own sentences into the turn.
+            await self._ensure_emotion(ctx, "")
             for call in calls:
                 assert self.tools is not None
-                result = await self.tools.call(call.name, call.arguments, turn.session_id, turn.turn_id, turn.device_id)
+                result = await self.tools.call(
+                    call.name, call.arguments, turn.session_id, turn.turn_id, turn.device_id,
+                    seq=ctx.seq, sample_rate=self.settings.gateway.sample_rate, frame_duration=self.settings.gateway.frame_duration,
+                    voice=ctx.agent.voice or self.llm.voice, utterance=turn.text,
+                )
+                ctx.seq += max(0, result.seqs_used)
                 TOOL_CALLS.labels(call.name if result.action != "error" or result.ok else "invalid", "ok" if result.ok else "error").inc()
                 log.info("tool result", extra={"fields": {"tool": call.name, "arguments": call.arguments, "ok": result.ok, "action": result.action, "text": result.text[:200]}})
                 messages.append({"role": "tool", "tool_call_id": call.id, "name": call.name, "content": result.text})

@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import time
+from typing import Any
 
 from nats.aio.client import Client as NATS
 
@@ -99,7 +100,7 @@ class ToolClient:
         self._fetched_at = time.monotonic()
         return self._tools
 
-    async def call(self, name: str, raw_arguments: str, session_id: str, turn_id: str, device_id: str) -> ToolResult:
+    async def call(self, name: str, raw_arguments: str, session_id: str, turn_id: str, device_id: str, **extra: Any) -> ToolResult:
         """Validate the JSON and call; every failure comes back as an error result."""
         try:
             arguments = json.loads(raw_arguments or "{}")
@@ -113,7 +114,7 @@ class ToolClient:
         known = {t.name for t in self._tools}
         if name not in known:
             return ToolResult(name=name, ok=False, action="error", text=f"unknown tool '{name}'")
-        request = ToolCall(session_id=session_id, turn_id=turn_id, device_id=device_id, name=name, arguments=arguments)
+        request = ToolCall(session_id=session_id, turn_id=turn_id, device_id=device_id, name=name, arguments=arguments, **extra)
         try:
             reply = await self.nc.request(self.subjects.tool(name), request.encode(), timeout=self.timeout_s)
             return ToolResult.decode(reply.data)

@@ -209,6 +209,14 @@ class ToolCall(Message):
     device_id: str = ""
     name: str
     arguments: dict = Field(default_factory=dict)
+    # Where a tool that plays media puts its audio in the turn: the next free sentence number,
+    # and the device's downlink format.
+    seq: int = 0
+    sample_rate: int = 24000
+    frame_duration: int = 60
+    voice: str | None = None
+    # What the user said this turn (context for tools whose arguments a small model may miss).
+    utterance: str = ""
 
 
 class ToolResult(Message):
@@ -224,6 +232,8 @@ class ToolResult(Message):
     text: str = ""
     # Close the session once this turn's reply has played (an exit intent).
     close_after: bool = False
+    # Sentence numbers the tool used itself (e.g. play_music: its intro and the music).
+    seqs_used: int = 0
 
 
 class ToolSpec(Message):

@@ -188,9 +188,56 @@ class TtsSettings(BaseModel):
     length_scale: float | None = None
 
 
+class WeatherSettings(BaseModel):
+    """An Open-Meteo-compatible forecast API and its geocoding API."""
+
+    forecast_url: str = "https://api.open-meteo.com/v1/forecast"
+    geocoding_url: str = "https://geocoding-api.open-meteo.com/v1/search"
+    default_location: str = "Berlin"
+    timeout_s: float = 8.0
+
+
+class NewsSettings(BaseModel):
+    rss_url: str = "https://feeds.bbci.co.uk/news/world/rss.xml"
+    headlines: int = 3
+    timeout_s: float = 8.0
+
+
+class HomeAssistantSettings(BaseModel):
+    """Home Assistant's REST API (a long-lived access token) and the entities the assistant may use."""
+
+    base_url: str | None = None
+    token: str = ""
+    # Spoken name -> entity id, e.g. {"living room light": "light.living_room"}.
+    entities: dict[str, str] = Field(default_factory=dict)
+    timeout_s: float = 8.0
+
+
+class RoleSettings(BaseModel):
+    role_prompt: str
+    voice: str | None = None
+
+
+def _default_roles() -> dict[str, RoleSettings]:
+    return {
+        "assistant": RoleSettings(role_prompt="You are {name}, a friendly voice assistant. Answer in one to three short spoken sentences."),
+        "teacher": RoleSettings(role_prompt="You are {name}, a patient English teacher. Explain simply and ask one question back."),
+        "pirate": RoleSettings(role_prompt="You are {name}, a cheerful pirate. Talk like a pirate in short sentences."),
+    }
+
+
 class ToolsSettings(BaseModel):
     metrics_port: int = 9105
     timezone: str | None = None  # IANA name; default: the server's local time zone
+    weather: WeatherSettings = Field(default_factory=WeatherSettings)
+    news: NewsSettings = Field(default_factory=NewsSettings)
+    home_assistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)
+    # play_music: mp3/wav/ogg/flac files in this folder.
+    music_dir: str = "data/music"
+    roles: dict[str, RoleSettings] = Field(default_factory=_default_roles)
+    # Server-side MCP servers, as in the common "mcpServers" config: {"name": {"command": ...,
+    # "args": [...], "env": {...}}} for stdio, {"url": ..., "transport": "sse"|"streamable-http"}.
+    mcp_servers: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
 class Settings(BaseSettings):

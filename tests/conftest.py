@@ -42,6 +42,25 @@ class RunningStack:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
+def make_song(path: Path, seconds: float, rate: int = 44100) -> Path:
+    """A short stereo melody as a WAV file: music for play_music tests."""
+    import wave
+
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = np.arange(int(seconds * rate)) / rate
+    notes = [261.6, 329.6, 392.0, 523.3]
+    freq = np.array([notes[int(x * 2) % len(notes)] for x in t])
+    tone = (0.3 * np.sin(2 * np.pi * freq * t) * 32767).astype(np.int16)
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(2)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes(np.stack([tone, tone], axis=1).tobytes())
+    return path
+
+
 def start_nats(stack: Stack, tmp: Path) -> str:
     return stack.start_nats(free_port(), "127.0.0.1", str(tmp / "jetstream"))
 
@@ -56,7 +75,12 @@ def tmp_session_dir():
 def pipeline(tmp_session_dir: Path):
     """The whole pipeline: nats-server plus every service as its own process."""
     log_dir = tmp_session_dir / "logs"
-    stack = Stack(env={"XZ_LOG_JSON": "true", "PYTHONUNBUFFERED": "1", "XZ_GATEWAY__HOST": "127.0.0.1"}, log_dir=log_dir)
+    music = tmp_session_dir / "music"
+    make_song(music / "Sunny_Morning_Tune.wav", seconds=4.0)
+    stack = Stack(
+        env={"XZ_LOG_JSON": "true", "PYTHONUNBUFFERED": "1", "XZ_GATEWAY__HOST": "127.0.0.1", "XZ_TOOLS__MUSIC_DIR": str(music)},
+        log_dir=log_dir,
+    )
     try:
         start_nats(stack, tmp_session_dir)
         ws_port, http_port = free_port(), free_port()

@@ -16,7 +16,10 @@ from shared.messages import ToolCall, ToolList, ToolResult
 from shared.metrics import DROPPED, ERRORS, histogram
 from shared.settings import Settings
 from shared.subjects import QUEUE_TOOLS, Subjects
-from tools_svc.plugins import builtin_plugins
+import aiohttp
+
+from shared.agents import open_bucket
+from tools_svc.plugins import Tool, builtin_tools
 from tools_svc.schema import validate
 
 log = logging.getLogger("tools_svc")
@@ -31,28 +34,35 @@ class ToolsWorker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.subjects = Subjects(settings.nats.prefix)
-        self.plugins = builtin_plugins()
-        self.context: dict[str, Any] = {"timezone": settings.tools.timezone}
+        self.context: dict[str, Any] = {"settings": settings.tools, "subjects": self.subjects}
+        self.tools: dict[str, Tool] = builtin_tools(self.context)
         self.nc: NATS | None = None
         self._subs: list[Any] = []
+        self._http: aiohttp.ClientSession | None = None
 
     async def start(self, nc: NATS) -> None:
         self.nc = nc
+        self._http = aiohttp.ClientSession()
+        self.context.update({"nc": nc, "http": self._http, "agents_kv": await open_bucket(nc, self.subjects.kv_agents)})
         self._subs = [
             await nc.subscribe(self.subjects.tools_list, queue=QUEUE_TOOLS, cb=self._on_list),
             await nc.subscribe(self.subjects.tools_all, queue=QUEUE_TOOLS, cb=self._on_call),
         ]
-        log.info("tools ready", extra={"fields": {"tools": sorted(self.plugins)}})
+        log.info("tools ready", extra={"fields": {"tools": sorted(self.tools)}})
 
     async def stop(self) -> None:
         for sub in self._subs:
             await sub.unsubscribe()
+        for task in list(self.context.get("tasks", ())):
+            await asyncio.wait([task], timeout=5)
+        if self._http is not None:
+            await self._http.close()
 
     def health(self) -> dict[str, Any]:
-        return {"ok": True, "tools": sorted(self.plugins)}
+        return {"ok": True, "tools": sorted(self.tools)}
 
     async def _on_list(self, msg: Msg) -> None:
-        await msg.respond(ToolList(tools=[p.SPEC for p in self.plugins.values()]).encode())
+        await msg.respond(ToolList(tools=[t.spec for t in self.tools.values()]).encode())
 
     async def _on_call(self, msg: Msg) -> None:
         name = msg.subject.rsplit(".", 1)[-1]
@@ -68,17 +78,17 @@ class ToolsWorker:
         await msg.respond(result.encode())
 
     async def _run(self, name: str, request: ToolCall) -> ToolResult:
-        plugin = self.plugins.get(name)
-        if plugin is None:
+        tool = self.tools.get(name)
+        if tool is None:
             CALLS.labels("unknown", "unknown_tool").inc()
             return ToolResult(name=name, ok=False, action="error", text=f"unknown tool '{name}'")
-        problems = validate(request.arguments, plugin.SPEC.parameters)
+        problems = validate(request.arguments, tool.spec.parameters)
         if problems:
             CALLS.labels(name, "invalid").inc()
             return ToolResult(name=name, ok=False, action="error", text="; ".join(problems))
         started = time.perf_counter()
         try:
-            result = await asyncio.wait_for(plugin.call(request, self.context), 30)
+            result = await asyncio.wait_for(tool.call(request, self.context), 30)
             CALLS.labels(name, "ok").inc()
             return result
         except Exception as exc:  # noqa: BLE001 - a failing tool is an error result, not a crash

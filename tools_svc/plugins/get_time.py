@@ -23,6 +23,6 @@ def describe(now: dt.datetime) -> str:
 
 
 async def call(request: ToolCall, context: dict[str, Any]) -> ToolResult:
-    tz_name = context.get("timezone")
+    tz_name = context["settings"].timezone
     now = dt.datetime.now(ZoneInfo(tz_name)) if tz_name else dt.datetime.now().astimezone()
     return ToolResult(name=SPEC.name, action="response", text=describe(now))
