@@ -35,6 +35,7 @@ class PacedSender:
         stop_margin_s: float,
         on_first_audio: Callable[[], None] | None = None,
         on_stop: Callable[[Stop], Awaitable[None]] | None = None,
+        start_gap_s: float = 0.1,
     ) -> None:
         self._send = send
         self.session_id = session_id
@@ -48,6 +49,9 @@ class PacedSender:
         self._on_first_audio = on_first_audio
         self._on_stop = on_stop
         self._awaiting_first_audio = False
+        self.start_gap_s = start_gap_s
+        self._started_at = 0.0
+        self._superseded = False
         self.frames_sent = 0
         self.late_frames = 0
 
@@ -67,6 +71,9 @@ class PacedSender:
         for action in actions:
             if isinstance(action, Flush):
                 self._drop_queue()
+                # The device is still playing the old reply: stop it, so that the next
+                # `tts start` really starts afresh (speaking -> speaking flushes nothing).
+                self._superseded = True
                 continue
             self._queue.append(action)
         if actions:
@@ -116,8 +123,12 @@ class PacedSender:
             if action.kind == "stt":
                 await self._send(protocol.stt(self.session_id, action.text))
             elif action.kind == "tts_start":
+                if self._superseded and self.clock.buffered(time.monotonic()) > 0:
+                    await self._send(protocol.tts_stop(self.session_id))
+                self._superseded = False
                 self.clock.reset()
                 self._awaiting_first_audio = True
+                self._started_at = time.monotonic()
                 await self._send(protocol.tts_start(self.session_id))
             elif action.kind == "emotion":
                 await self._send(protocol.llm_emotion(self.session_id, action.emotion))
@@ -125,6 +136,8 @@ class PacedSender:
                 await self._send(protocol.sentence_start(self.session_id, action.text))
         elif isinstance(action, Audio):
             delay = self.clock.delay(time.monotonic())
+            if self._awaiting_first_audio:
+                delay = max(delay, self._started_at + self.start_gap_s - time.monotonic())
             if not await self._sleep(delay):
                 return  # aborted while waiting: the frame is dropped with the queue
             now = time.monotonic()

@@ -70,10 +70,14 @@ def firmware_section(settings: GatewaySettings, body: dict[str, Any], base_url: 
     current = firmware.parse_version(version)
     image = firmware.newest_image(settings.firmware_dir, str(board.get("type") or ""))
     if image is not None:
-        newer = current is None or firmware.parse_version(image.version) > current  # type: ignore[operator]
-        if newer or settings.firmware_force:
+        image_version = firmware.parse_version(image.version)
+        newer = current is None or image_version > current  # type: ignore[operator]
+        # `force` makes the firmware install whatever it is given: only when the image differs
+        # from what runs, or the device would flash, reboot and flash again for ever.
+        forced = settings.firmware_force and image_version != current
+        if newer or forced:
             section: dict[str, Any] = {"version": image.version, "url": f"{base_url}/xiaozhi/ota/download/{image.filename}"}
-            if settings.firmware_force:
+            if forced:
                 section["force"] = 1
             return section
     return {"version": version if current is not None else "0.0.0", "url": ""}

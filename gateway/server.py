@@ -79,6 +79,8 @@ class Gateway:
             ping_interval=20,
             ping_timeout=20,
             open_timeout=10,
+            # Devices drop TCP rather than answer a close frame: do not wait long for one.
+            close_timeout=2,
         )
         self.ws_port = self._ws_server.sockets[0].getsockname()[1] if self._ws_server.sockets else self.gw.ws_port
         self.bindings = SqliteBindingStore(self.gw.binding_db) if self.gw.binding else None

@@ -82,6 +82,7 @@ class DeviceSession:
             settings.stop_tail_ms / 1000,
             on_first_audio=self._first_audio,
             on_stop=self._reply_done,
+            start_gap_s=settings.start_gap_ms / 1000,
         )
         self._out_sub = None
         # Uplink (audio and control) goes through one ordered queue, published once a VAD
@@ -383,7 +384,10 @@ class DeviceSession:
     async def _on_speech_start(self) -> None:
         """The VAD heard speech. In realtime mode, speech over a reply interrupts it (barge-in)."""
         self._last_voice = time.monotonic()
-        if self.mode == "realtime" and self.assembler.speaking:
+        # A device that expects the server to cancel its echo (features.aec) would hear its own
+        # reply as speech: without server-side AEC here, no voice barge-in for it.
+        aec = bool(self.hello and self.hello.features.get("aec"))
+        if self.mode == "realtime" and self.assembler.speaking and not aec:
             turn_id, _ = self.assembler.abort()
             self.downlink.abort()
             await self._send(protocol.tts_stop(self.session_id))

@@ -48,6 +48,10 @@ class LlmBackend(Protocol):
 
     def stream(self, messages: list[dict[str, Any]], tools: list[ToolSpec], cancel: threading.Event) -> AsyncIterator[Delta]: ...
 
+    async def classify(self, messages: list[dict[str, Any]], tools: list[ToolSpec]) -> ToolCallRequest | None:
+        """The ``intent_llm`` step: which tool (with arguments) the request needs, if any."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -86,9 +90,10 @@ class LlamaCppBackend:
 
     name = "llamacpp"
 
-    def __init__(self, model_path: str | None, n_ctx: int = 2048, threads: int = 2, max_tokens: int = 120, temperature: float = 0.3) -> None:
+    def __init__(self, model_path: str | None, n_ctx: int = 2048, threads: int = 2, max_tokens: int = 120, temperature: float = 0.3, timeout_s: float = 60.0) -> None:
         from llama_cpp import Llama
 
+        self.timeout_s = timeout_s
         self.model_path = model_path or packaged_gguf()
         self.llm = Llama(model_path=self.model_path, n_ctx=n_ctx, n_threads=threads, verbose=False)
         self.max_tokens = max_tokens
@@ -135,12 +140,29 @@ class LlamaCppBackend:
         thread = threading.Thread(target=work, name="llamacpp", daemon=True)
         thread.start()
         while True:
-            item = await queue.get()
+            try:
+                # No output for this long (a stuck or overloaded model): give up on the turn.
+                item = await asyncio.wait_for(queue.get(), self.timeout_s)
+            except asyncio.TimeoutError:
+                cancel.set()
+                raise BackendError(f"llama.cpp produced nothing for {self.timeout_s:.0f} s") from None
             if item is done:
                 break
             if isinstance(item, BackendError):
                 raise item
             yield item
+
+    async def classify(self, messages: list[dict[str, Any]], tools: list[ToolSpec]) -> ToolCallRequest | None:
+        """Grammar-constrained choice between answering and one tool, then its arguments."""
+
+        def work() -> ToolCallRequest | None:
+            with self._lock:
+                return self._choose_tool(messages, tools)
+
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(work), self.timeout_s)
+        except asyncio.TimeoutError:
+            raise BackendError("intent classification timed out") from None
 
     def _choose_tool(self, messages: list[dict[str, Any]], tools: list[ToolSpec]) -> ToolCallRequest | None:
         from llama_cpp import LlamaGrammar
@@ -200,6 +222,40 @@ class OpenAIBackend:
             self._session = aiohttp.ClientSession(timeout=self.timeout)
         return self._session
 
+    async def _complete(self, body: dict[str, Any]) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {self.api_key}", "Content-Type": "application/json"}
+        try:
+            async with self._client().post(self.url, json={"model": self.model, **body, "stream": False}, headers=headers) as response:
+                if response.status != 200:
+                    raise BackendError(f"HTTP {response.status}: {(await response.text())[:200]}", transient=response.status in (429, 500, 502, 503, 504))
+                return await response.json(content_type=None)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise BackendError(f"{type(exc).__name__}: {exc}", transient=True) from exc
+
+    async def classify(self, messages: list[dict[str, Any]], tools: list[ToolSpec]) -> ToolCallRequest | None:
+        """Ask which function fits (plain text answer), then force that function for its arguments."""
+        listing = "\n".join(f"- {t.name}: {t.description}" for t in tools)
+        user = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
+        question = [
+            {"role": "system", "content": "You route requests to functions. Reply with only the name of the one function that "
+             f"fulfils the request, or 'none' if no function fits.\nFunctions:\n{listing}"},
+            {"role": "user", "content": str(user)},
+        ]
+        data = await self._complete({"messages": question, "max_tokens": 16, "temperature": 0})
+        answer = str(data["choices"][0]["message"].get("content") or "").strip().strip("`'\". ").lower()
+        tool = next((t for t in tools if t.name.lower() == answer), None) or next((t for t in tools if t.name.lower() in answer), None)
+        if tool is None:
+            return None
+        if not tool.parameters.get("properties"):
+            return ToolCallRequest(name=tool.name, arguments="{}")
+        data = await self._complete({
+            "messages": messages, "max_tokens": 200, "temperature": 0,
+            "tools": [tool.openai()], "tool_choice": {"type": "function", "function": {"name": tool.name}},
+        })
+        calls = data["choices"][0]["message"].get("tool_calls") or []
+        arguments = calls[0]["function"].get("arguments") if calls else "{}"
+        return ToolCallRequest(name=tool.name, arguments=arguments or "{}")
+
     async def stream(self, messages: list[dict[str, Any]], tools: list[ToolSpec], cancel: threading.Event) -> AsyncIterator[Delta]:
         body: dict[str, Any] = {
             "model": self.model,
@@ -252,4 +308,4 @@ def make_backend(settings: Any) -> LlmBackend:
     """The backend named by ``settings.backend``."""
     if settings.backend == "openai":
         return OpenAIBackend(settings.base_url, settings.api_key, settings.model, settings.request_timeout_s, settings.max_tokens, settings.temperature)
-    return LlamaCppBackend(settings.model_path, settings.n_ctx, settings.threads, settings.max_tokens, settings.temperature)
+    return LlamaCppBackend(settings.model_path, settings.n_ctx, settings.threads, settings.max_tokens, settings.temperature, settings.request_timeout_s)

@@ -44,6 +44,12 @@ TOOL_CALLS = Counter("xz_llm_tool_calls_total", "Tool calls requested by the mod
 IN_FLIGHT = Gauge("xz_llm_in_flight", "Turns being answered now")
 
 
+async def _nothing():
+    """An empty stream: the round's tool calls are already known."""
+    return
+    yield  # noqa: unreachable - makes this an async generator
+
+
 class TurnContext:
     """What one turn has produced so far: the sequence counter and the spoken text."""
 
@@ -185,7 +191,7 @@ class LlmWorker:
             messages.append({"role": "user", "content": self.llm.end_prompt})
         else:
             messages.append({"role": "user", "content": turn.text})
-        if self.llm.tools and self.tools is not None and turn.source != "idle":
+        if self.llm.tools and self.llm.intent_mode != "none" and self.tools is not None and turn.source != "idle":
             available = await self.tools.available(turn.session_id)
             if agent.tools is not None:
                 device = set(self.tools.device_tool_names(turn.session_id))
@@ -197,7 +203,14 @@ class LlmWorker:
             splitter = SentenceSplitter()
             calls: list[ToolCallRequest] = []
             try:
-                async for delta in self._stream_with_retry(messages, tools, ctx):
+                if self.llm.intent_mode == "intent_llm" and tools:
+                    # A separate classification step picks the tool; the answer comes without tools.
+                    chosen = await self.backend.classify(messages, tools)
+                    tools = []
+                    if chosen is not None:
+                        calls.append(chosen)
+                stream = self._stream_with_retry(messages, tools, ctx) if not calls else _nothing()
+                async for delta in stream:
                     if ctx.cancel.is_set():
                         return "aborted"
                     if isinstance(delta, ToolCallRequest):

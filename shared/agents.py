@@ -30,6 +30,9 @@ class AgentConfig(BaseModel):
 
     model_config = {"extra": "ignore"}
 
+    # Which agent this is; devices that share an agent share its bridges' tools (MCP endpoint
+    # tokens map to an agent id).
+    agent_id: str = "default"
     name: str = "Xiaozhi"
     role_prompt: str | None = None  # None: the LLM stage's configured system prompt
     voice: str | None = None  # a Piper voice path; None: the TTS default

@@ -59,7 +59,8 @@ class VisionSettings(BaseModel):
     base_url: str | None = None
     api_key: str = "none"
     model: str = "default"
-    timeout_s: float = 30.0
+    # Under the device's own 30 s HTTP timeout, so it gets our answer, not its timeout.
+    timeout_s: float = 20.0
     max_tokens: int = 200
     max_image_bytes: int = 5 * 1024 * 1024
     prompt: str = "Answer the user's question about the image in one or two short spoken sentences."
@@ -79,9 +80,9 @@ class GatewaySettings(BaseModel):
     protocol_version: int | None = None
     timezone_offset_minutes: int | None = None  # None: the server's local offset
     metrics_port: int = 9100
-    # Downlink audio, announced in the hello.
-    sample_rate: int = 24000
-    frame_duration: int = 60
+    # Downlink audio, announced in the hello. The firmware's decoder accepts only these values.
+    sample_rate: Literal[8000, 12000, 16000, 24000, 48000] = 24000
+    frame_duration: Literal[20, 40, 60, 80, 100, 120] = 60
     # Pacing (protocol.md §4.4): frames sent at once, then one per frame duration.
     prebuffer_frames: int = 5
     # After the last frame, wait this long before `tts stop` so the device plays its buffer.
@@ -100,8 +101,12 @@ class GatewaySettings(BaseModel):
     binding: bool = False
     binding_db: str = "data/bindings.db"
     console_url: str = "the xiaozhi console"
-    # Device MCP tools/call: how long to wait for the device's reply.
-    mcp_call_timeout_s: float = 30.0
+    # Device MCP tools/call: how long to wait for the device's reply (longer than a camera
+    # photo's upload and analysis, which the device bounds at 30 s).
+    mcp_call_timeout_s: float = 35.0
+    # Gap between `tts start` and the first audio frame: the device switches to speaking (and
+    # flushes its decoder) asynchronously, and drops audio that arrives before (protocol.md §9.1).
+    start_gap_ms: int = 100
     # A configured wake word (`listen detect` with that text) gets this greeting from a clip
     # cached by the TTS worker per voice, with no LLM. Empty: no greeting.
     wake_word_greeting: str = "Hi! I'm listening."
@@ -168,8 +173,12 @@ class LlmSettings(BaseModel):
     max_tokens: int = 120
     temperature: float = 0.3
     tools: bool = True
-    tool_timeout_s: float = 30.0
-    max_tool_rounds: int = 3
+    tool_timeout_s: float = 36.0
+    # At most this many tool rounds per turn (then the model must answer).
+    max_tool_rounds: int = 5
+    # function_call: the model calls tools natively (grammar-constrained for llama.cpp);
+    # intent_llm: a separate classification step picks the tool first; none: plain chat.
+    intent_mode: Literal["function_call", "intent_llm", "none"] = "function_call"
     voice: str | None = None
     error_reply: str = "Sorry, I could not think of an answer just now."
     # Saying exactly one of these (punctuation ignored) ends the session at once, no reply.
@@ -226,6 +235,25 @@ def _default_roles() -> dict[str, RoleSettings]:
     }
 
 
+class McpEndpointSettings(BaseModel):
+    """The MCP endpoint for external bridges (xiaozhi's "MCP endpoint" convention).
+
+    A bridge connects as a WebSocket client to ``ws://host:port/mcp/?token=<token>`` and then acts
+    as an MCP server over it; the tools worker is the MCP client. A bridge's tools are offered
+    only to the devices whose agent (``AgentConfig.agent_id``) its token maps to.
+    """
+
+    enabled: bool = False
+    host: str = "0.0.0.0"
+    port: int = 8004
+    path: str = "/mcp"
+    # Token -> agent id. A handshake with any other token is refused with HTTP 401.
+    tokens: dict[str, str] = Field(default_factory=dict)
+    # How long a bridge may take to answer initialize and tools/list.
+    handshake_timeout_s: float = 10.0
+    call_timeout_s: float = 30.0
+
+
 class ToolsSettings(BaseModel):
     metrics_port: int = 9105
     timezone: str | None = None  # IANA name; default: the server's local time zone
@@ -237,7 +265,11 @@ class ToolsSettings(BaseModel):
     roles: dict[str, RoleSettings] = Field(default_factory=_default_roles)
     # Server-side MCP servers, as in the common "mcpServers" config: {"name": {"command": ...,
     # "args": [...], "env": {...}}} for stdio, {"url": ..., "transport": "sse"|"streamable-http"}.
+    # Optional keys per server: "disabled", "cwd", "headers" (HTTP), "timeout" (connect, s),
+    # "call_timeout_s", "retry_s" (reconnect interval), "refresh_s" (re-list tools),
+    # "mode" ("auto" or "legacy" for the initialize handshake only). See tools_svc/mcp_servers.py.
     mcp_servers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    mcp_endpoint: McpEndpointSettings = Field(default_factory=McpEndpointSettings)
 
 
 class Settings(BaseSettings):

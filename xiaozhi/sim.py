@@ -137,6 +137,10 @@ class TurnReport:
     overflow_frames: int = 0  # frames that arrived to a full queue and were dropped
     underruns: int = 0  # times the queue ran dry before the last frame had arrived
     stop_margin_s: float | None = None  # `tts stop` arrival minus the end of play-out
+    # The firmware plays audio only while speaking: frames before `tts start` or after
+    # `tts stop` are lost, and the switch to speaking takes a moment (protocol.md §9.1-2).
+    lost_frames: int = 0
+    start_gap_s: float | None = None  # first audio frame minus `tts start`
 
     @property
     def latency_s(self) -> float | None:
@@ -280,10 +284,14 @@ class SimDevice:
         self.session_id = reply.message.get("session_id") or ""
         self.downlink_rate = int((reply.message.get("audio_params") or {}).get("sample_rate") or 24000)
 
-    async def close(self) -> None:
+    async def close(self, graceful: bool = False) -> None:
+        """Close as the firmware does: drop TCP without a close frame (``graceful`` sends one)."""
         if self.ws is not None and not self.closed:
             self.closed = True
-            await self.ws.close()
+            if graceful:
+                await self.ws.close()
+            else:
+                self.ws.transport.abort()
         if self._reader:
             self._reader.cancel()
             try:
@@ -375,18 +383,30 @@ class SimDevice:
         if tool is None:
             await self._mcp_reply(msg_id, error=f"Unknown tool: {name}")
             return
+        properties = tool.get("inputSchema", {}).get("properties", {})
         for required in tool.get("inputSchema", {}).get("required", []):
             value = arguments.get(required)
-            if not isinstance(value, int) or isinstance(value, bool):
+            kind = properties.get(required, {}).get("type")
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind == "integer" else (
+                isinstance(value, bool) if kind == "boolean" else isinstance(value, str) if kind == "string" else value is not None)
+            if not ok:
                 await self._mcp_reply(msg_id, error=f"Missing valid argument: {required}")
                 return
+            if kind == "integer":
+                spec = properties[required]
+                if "maximum" in spec and value > spec["maximum"]:
+                    await self._mcp_reply(msg_id, error=f"Value exceeds maximum allowed: {spec['maximum']}")
+                    return
+                if "minimum" in spec and value < spec["minimum"]:
+                    await self._mcp_reply(msg_id, error=f"Value is below minimum allowed: {spec['minimum']}")
+                    return
         if name == "self.get_device_status":
             text = json.dumps({"audio_speaker": {"volume": self.state["volume"]}, "screen": {"brightness": self.state["brightness"]}, "network": {"type": "wifi", "signal": "strong"}})
         elif name == "self.audio_speaker.set_volume":
-            self.state["volume"] = max(0, min(100, int(arguments["volume"])))
+            self.state["volume"] = int(arguments["volume"])
             text = "true"
         elif name == "self.screen.set_brightness":
-            self.state["brightness"] = max(0, min(100, int(arguments["brightness"])))
+            self.state["brightness"] = int(arguments["brightness"])
             text = "true"
         else:
             text = "true"
@@ -572,6 +592,19 @@ class SimDevice:
             elif mtype == "tts" and message.get("state") == "sentence_start":
                 report.sentences.append(message.get("text", ""))
         report.audio_s = report.frames * FRAME_MS / 1000
+        speaking = False
+        started_at = None
+        for item in self.received[mark:end]:
+            message = item.message or {}
+            if item.kind == "json" and message.get("type") == "tts" and message.get("state") in ("start", "stop"):
+                speaking = message.get("state") == "start"
+                if speaking and started_at is None:
+                    started_at = item.at
+            elif item.kind == "audio":
+                if not speaking:
+                    report.lost_frames += 1
+                elif report.start_gap_s is None and started_at is not None:
+                    report.start_gap_s = item.at - started_at
         arrivals = [item.at for item in self.received[mark:end] if item.kind == "audio"]
         playout = simulate_playout(arrivals)
         report.max_buffered, report.overflow_frames, report.underruns = playout.max_buffered, playout.overflow, playout.underruns

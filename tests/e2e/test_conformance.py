@@ -28,6 +28,8 @@ async def test_reply_is_paced_for_the_device_buffer(pipeline):
         assert report.frames > 40, "the reply should be longer than the device buffer"
         assert report.events.index("tts.start") < report.events.index("audio")
         assert report.overflow_frames == 0
+        assert report.lost_frames == 0  # nothing outside tts start ... tts stop
+        assert report.start_gap_s is not None and report.start_gap_s >= 0.05  # time to enter speaking
         assert report.max_buffered <= 7, report.max_buffered  # ~5 ahead of real time
         assert report.underruns == 0, report.underruns
         assert report.stop_margin_s is not None and report.stop_margin_s >= 0.0, report.stop_margin_s
@@ -119,3 +121,23 @@ async def test_listen_stop_in_auto_mode_ends_the_utterance(pipeline):
         await device.listen_stop()
         report = await device.collect_turn(mark, end, timeout=30)
         assert report.stt and report.events[-1] == "tts.stop"
+
+
+async def test_newer_turn_stops_the_playing_reply_first(pipeline):
+    """A new turn while a reply plays: `tts stop`, then `tts start` (speaking -> speaking would not
+    flush the device's queue), and no audio of the old reply after it."""
+    async with SimDevice(ws_url=pipeline.ws_url) as device:
+        mark = len(device.received)
+        await device.detect("Tell me a long story about a dragon and a knight.")
+        assert await device.wait_for(lambda r: r.kind == "audio", timeout=30, start_index=mark)
+        second = len(device.received)
+        await device.detect("What time is it?")
+        stt = await device.wait_for(lambda r: r.kind == "json" and r.message.get("type") == "stt", timeout=30, start_index=second)
+        assert stt is not None
+        after = device.received[device.received.index(stt):]
+        kinds = [(r.message or {}).get("state") if r.kind == "json" else r.kind for r in after]
+        assert kinds[1:3] == ["stop", "start"], kinds[:6]
+        start = device.received.index(stt) + 2  # the new reply begins at its `tts start`
+        report = await device.collect_turn(start, time.monotonic(), timeout=30)
+        assert report.sentences and report.sentences[0].startswith("It is ")
+        assert report.lost_frames == 0

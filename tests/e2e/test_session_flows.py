@@ -38,6 +38,9 @@ async def test_wake_word_gets_a_cached_greeting_without_llm(pipeline):
             assert report.events[0] == "tts.start" and report.events[-1] == "tts.stop"
             assert report.sentences == ["Hi! I'm listening."]
             assert report.frames > 5
+            # The clip is ready at once; still, the device needs a moment to enter speaking.
+            assert report.start_gap_s is not None and report.start_gap_s >= 0.05
+            assert report.lost_frames == 0
     assert "sentence from clip cache" in pipeline.log("tts")
 
 

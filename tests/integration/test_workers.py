@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 import time
@@ -208,5 +209,21 @@ async def test_llm_worker_speaks_an_error_when_backend_is_down(nats_only):
         events, jobs = await collect_llm_turn(nc, session, UserTurn(session_id=session, turn_id=new_turn_id(), text="Hello?"))
         assert [j.text for j in jobs] == ["Sorry, my brain is offline."]
         assert events[-1].kind == "turn_end" and events[-1].sentences == 1
+    finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize("mode", ["function_call", "intent_llm", "none"])
+async def test_intent_modes(nats_only, mode):
+    """function_call and intent_llm reach get_time for 'What time is it?'; none is plain chat."""
+    start(nats_only, "tools")
+    start(nats_only, "llm", {"XZ_LLM__INTENT_MODE": mode})
+    nc = await connect(nats_only.nats_url)
+    try:
+        session = f"s-intent-{mode}"
+        events, jobs = await collect_llm_turn(nc, session, UserTurn(session_id=session, turn_id=new_turn_id(), text="What time is it?"))
+        assert events[-1].kind == "turn_end" and jobs
+        spoke_time = bool(re.match(r"It is \d{1,2}:\d\d [AP]M on \w+day, ", jobs[0].text))
+        assert spoke_time == (mode != "none"), jobs[0].text
     finally:
         await nc.close()
