@@ -192,7 +192,7 @@ class LlmWorker:
         else:
             messages.append({"role": "user", "content": turn.text})
         if self.llm.tools and self.llm.intent_mode != "none" and self.tools is not None and turn.source != "idle":
-            available = await self.tools.available(turn.session_id)
+            available = await self.tools.available(turn.session_id, turn.device_id)
             if agent.tools is not None:
                 device = set(self.tools.device_tool_names(turn.session_id))
                 available = [t for t in available if t.name in agent.tools or t.name in device]

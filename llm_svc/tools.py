@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -54,14 +53,14 @@ class ToolClient:
         self.nc = nc
         self.subjects = subjects
         self.timeout_s = timeout_s
-        self._tools: list[ToolSpec] = []
-        self._fetched_at = 0.0
+        # Every server tool name seen, for validating calls.
+        self._tools: dict[str, ToolSpec] = {}
         # Per session: the device's tools by their LLM name.
         self._device: dict[str, dict[str, DeviceTool]] = {}
 
-    async def available(self, session_id: str) -> list[ToolSpec]:
-        """Server tools plus the device's own MCP tools (under their sanitised names)."""
-        server = await self.list()
+    async def available(self, session_id: str, device_id: str = "") -> list[ToolSpec]:
+        """Server tools (for this device's agent) plus the device's own MCP tools."""
+        server = await self.list(device_id)
         device = await self.device_tools(session_id)
         taken = {t.name for t in server}
         return server + [
@@ -88,17 +87,21 @@ class ToolClient:
     def forget(self, session_id: str) -> None:
         self._device.pop(session_id, None)
 
-    async def list(self, max_age_s: float = 30.0) -> list[ToolSpec]:
-        if time.monotonic() - self._fetched_at < max_age_s and self._fetched_at:
-            return self._tools
+    async def list(self, device_id: str = "") -> list[ToolSpec]:
+        """The server tools this device may use (plugins, MCP servers, its agent's bridges).
+
+        Asked on every turn (a sub-millisecond request): bridges come and go, and the agent's
+        tool selection may change between turns.
+        """
         try:
-            reply = await self.nc.request(self.subjects.tools_list, b"", timeout=1.0)
-            self._tools = ToolList.decode(reply.data).tools
+            body = json.dumps({"device_id": device_id}).encode() if device_id else b""
+            reply = await self.nc.request(self.subjects.tools_list, body, timeout=1.0)
+            tools = ToolList.decode(reply.data).tools
         except Exception as exc:  # noqa: BLE001 - no tools worker: chat without tools
             log.info("no tool list: %s", exc)
-            self._tools = []
-        self._fetched_at = time.monotonic()
-        return self._tools
+            tools = []
+        self._tools.update({t.name: t for t in tools})
+        return tools
 
     async def call(self, name: str, raw_arguments: str, session_id: str, turn_id: str, device_id: str, **extra: Any) -> ToolResult:
         """Validate the JSON and call; every failure comes back as an error result."""
@@ -111,7 +114,7 @@ class ToolClient:
         device_tool = self._device.get(session_id, {}).get(name)
         if device_tool is not None:
             return await self._call_device(device_tool, arguments, session_id, turn_id)
-        known = {t.name for t in self._tools}
+        known = set(self._tools)
         if name not in known:
             return ToolResult(name=name, ok=False, action="error", text=f"unknown tool '{name}'")
         request = ToolCall(session_id=session_id, turn_id=turn_id, device_id=device_id, name=name, arguments=arguments, **extra)
