@@ -56,6 +56,20 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--timeout", type=float, default=60, help="seconds to wait for each reply")
     sim.add_argument("--json", action="store_true", help="print a JSON report instead of text")
 
+    bench = sub.add_parser("bench", help="many simulated devices at once: latency, smoothness, failures")
+    bench_target = bench.add_mutually_exclusive_group()
+    bench_target.add_argument("--ota", help="OTA URL of the server to measure (default http://127.0.0.1:8003/xiaozhi/ota/)")
+    bench_target.add_argument("--ws", help="WebSocket URL (skips OTA)")
+    bench.add_argument("--devices", type=int, default=4)
+    bench.add_argument("--ramp-up", type=float, default=2.0, help="seconds over which devices connect")
+    bench.add_argument("--turns", type=int, default=3, help="turns per device")
+    bench.add_argument("--wav", action="append", default=[], help="fixture WAVs to speak (repeatable; default en_what_time and en_joke)")
+    bench.add_argument("--mode", choices=["auto", "manual", "realtime"], default="auto")
+    bench.add_argument("--protocol-version", type=int, choices=[1, 2, 3], default=1)
+    bench.add_argument("--think", type=float, default=1.0, help="mean think time between turns, seconds")
+    bench.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each reply")
+    bench.add_argument("--json", dest="json_path", default="bench.json", help="where to write the JSON results")
+
     bind = sub.add_parser("bind", help="bind the device that is showing this activation code")
     bind.add_argument("code", help="the 6-digit code the device speaks")
     bind.add_argument("--owner", default="admin", help="who the device belongs to (default admin)")
@@ -65,6 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "bind":
         return bind_command(args)
+    if args.command == "bench":
+        from xiaozhi.bench import BenchConfig, run_bench
+
+        fixtures = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "audio"
+        wavs = args.wav or [str(fixtures / "en_what_time.wav"), str(fixtures / "en_joke.wav")]
+        ota = args.ota or (None if args.ws else "http://127.0.0.1:8003/xiaozhi/ota/")
+        config = BenchConfig(ota, args.ws, args.devices, args.ramp_up, args.turns, wavs, args.mode, args.protocol_version, args.think, args.timeout)
+        return asyncio.run(run_bench(config, args.json_path))
     if args.command == "up":
         return up_command(args)
     if args.command == "sim":

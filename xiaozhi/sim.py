@@ -141,6 +141,15 @@ class TurnReport:
     # `tts stop` are lost, and the switch to speaking takes a moment (protocol.md §9.1-2).
     lost_frames: int = 0
     start_gap_s: float | None = None  # first audio frame minus `tts start`
+    # Arrival times (monotonic) of the reply's landmarks, for the stage breakdown.
+    stt_at: float | None = None
+    tts_start_at: float | None = None
+    sentence_at: float | None = None
+    stop_at: float | None = None
+
+    def after_speech(self, at: float | None) -> float | None:
+        """Seconds from the end of speech to ``at``."""
+        return None if at is None or self.speech_end is None else at - self.speech_end
 
     @property
     def latency_s(self) -> float | None:
@@ -587,10 +596,14 @@ class SimDevice:
             report.events.append(str(label))
             if mtype == "stt":
                 report.stt = message.get("text")
+                report.stt_at = report.stt_at or item.at
             elif mtype == "llm":
                 report.emotion = message.get("emotion")
             elif mtype == "tts" and message.get("state") == "sentence_start":
                 report.sentences.append(message.get("text", ""))
+                report.sentence_at = report.sentence_at or item.at
+            elif mtype == "tts" and message.get("state") == "start":
+                report.tts_start_at = report.tts_start_at or item.at
         report.audio_s = report.frames * FRAME_MS / 1000
         speaking = False
         started_at = None
@@ -608,6 +621,8 @@ class SimDevice:
         arrivals = [item.at for item in self.received[mark:end] if item.kind == "audio"]
         playout = simulate_playout(arrivals)
         report.max_buffered, report.overflow_frames, report.underruns = playout.max_buffered, playout.overflow, playout.underruns
+        if stop is not None:
+            report.stop_at = stop.at
         if stop is not None and arrivals:
             report.stop_margin_s = stop.at - playout.end
         return report
