@@ -17,3 +17,4 @@ TEXT_TURN_FIRST_AUDIO = histogram("xz_gateway_text_turn_first_audio_seconds", "T
 AUTH_FAILURES = Counter("xz_gateway_auth_failures_total", "WebSocket handshakes rejected, by reason", ["reason"])
 IDLE_CLOSES = Counter("xz_gateway_idle_closes_total", "Sessions ended for idleness, by how", ["how"])
 VISION_REQUESTS = Counter("xz_gateway_vision_requests_total", "Vision endpoint requests, by result", ["result"])
+VOICE_TO_VOICE = histogram("xz_gateway_voice_to_voice_seconds", "End of user speech (VAD) to the first reply audio frame sent")

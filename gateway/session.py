@@ -99,6 +99,7 @@ class DeviceSession:
         self._last_frame = 0.0
         self._farewell_sent = False
         self._turn_started_at: dict[str, float] = {}
+        self._speech_end_ms: dict[str, int] = {}
         self._watchdog: asyncio.Task | None = None
         self._wake_words = {normalise_wake_word(w) for w in settings.wake_words}
         self.auth_key = auth_key
@@ -374,6 +375,10 @@ class DeviceSession:
                 log.debug("event", extra={"fields": {"kind": event.kind, "seq": event.seq}})
                 if event.kind in ("stt", "error"):
                     log.info(event.kind, extra={"fields": {"text": event.text}})
+                if event.kind == "stt" and event.speech_end_ms:
+                    self._speech_end_ms[event.turn_id] = event.speech_end_ms
+                    while len(self._speech_end_ms) > 8:
+                        self._speech_end_ms.pop(next(iter(self._speech_end_ms)))
             actions = self.assembler.on_event(event)
         if self.assembler.dropped > before:
             m.DROPPED.labels("gateway", "stale_turn").inc(self.assembler.dropped - before)
@@ -398,6 +403,9 @@ class DeviceSession:
 
     def _first_audio(self) -> None:
         turn_id = self.assembler.current_turn_id
+        speech_end = self._speech_end_ms.pop(turn_id, None) if turn_id else None
+        if speech_end is not None:
+            m.VOICE_TO_VOICE.observe(max(0.0, time.time() - speech_end / 1000))
         started = self._turn_started_at.pop(turn_id, None) if turn_id else None
         if started is not None:
             m.TEXT_TURN_FIRST_AUDIO.observe(time.monotonic() - started)

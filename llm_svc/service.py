@@ -122,7 +122,7 @@ class LlmWorker:
             try:
                 if turn.source != "idle":
                     # An idle farewell has no user text: the gateway started that turn itself.
-                    await self.nc.publish(out, OutEvent(kind="stt", session_id=turn.session_id, turn_id=turn.turn_id, text=turn.text).encode())
+                    await self.nc.publish(out, OutEvent(kind="stt", session_id=turn.session_id, turn_id=turn.turn_id, text=turn.text, speech_end_ms=turn.speech_end_ms).encode())
                 log.info("turn", extra={"fields": {"text": turn.text, "source": turn.source}})
                 if self._is_exit_command(turn.text):
                     log.info("exit command: closing the session")

@@ -163,6 +163,8 @@ class OutEvent(Message):
     frames: int = 0
     sentences: int = 0
     close_after: bool = False
+    # On stt: when the user stopped speaking (ms since the epoch), for the voice-to-voice metric.
+    speech_end_ms: int | None = None
 
 
 # Audio frames on xz.out.<S> carry their metadata in NATS headers.

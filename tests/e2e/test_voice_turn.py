@@ -71,6 +71,14 @@ async def test_spoken_turn_what_time(pipeline):
     heard = await transcribe_via_asr(pipeline.nats_url, pcm)
     words = re.findall(r"[A-Za-z]+", heard)
     assert len(words) >= 2, heard
+    # The gateway measured this turn's voice-to-voice latency.
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{pipeline.metrics['gateway']}/metrics") as response:
+            text = await response.text()
+    count = [line for line in text.splitlines() if line.startswith("xz_gateway_voice_to_voice_seconds_count")]
+    assert count and float(count[0].split()[1]) >= 1
 
 
 async def test_typed_text_turn(pipeline):
