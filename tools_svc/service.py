@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any
@@ -18,7 +19,9 @@ from shared.settings import Settings
 from shared.subjects import QUEUE_TOOLS, Subjects
 import aiohttp
 
-from shared.agents import open_bucket
+from shared.agents import load_agent, open_bucket
+from tools_svc.mcp_endpoint import McpEndpoint
+from tools_svc.mcp_servers import McpServers
 from tools_svc.plugins import Tool, builtin_tools
 from tools_svc.schema import validate
 
@@ -26,6 +29,7 @@ log = logging.getLogger("tools_svc")
 
 CALLS = Counter("xz_tools_calls_total", "Tool calls, by tool and outcome", ["tool", "outcome"])
 CALL_SECONDS = histogram("xz_tools_call_seconds", "Tool call duration", ("tool",))
+CALL_TIMEOUT_S = 30.0
 
 
 class ToolsWorker:
@@ -36,6 +40,11 @@ class ToolsWorker:
         self.subjects = Subjects(settings.nats.prefix)
         self.context: dict[str, Any] = {"settings": settings.tools, "subjects": self.subjects}
         self.tools: dict[str, Tool] = builtin_tools(self.context)
+        # Tools of configured MCP servers (<server>_<tool>), and of bridges on the MCP endpoint
+        # (per agent); both are named around the plugins' names.
+        self.mcp = McpServers(settings.tools.mcp_servers, reserved=lambda: set(self.tools))
+        endpoint = settings.tools.mcp_endpoint
+        self.endpoint = McpEndpoint(endpoint, reserved=lambda: set(self._server_tools())) if endpoint.enabled else None
         self.nc: NATS | None = None
         self._subs: list[Any] = []
         self._http: aiohttp.ClientSession | None = None
@@ -44,25 +53,59 @@ class ToolsWorker:
         self.nc = nc
         self._http = aiohttp.ClientSession()
         self.context.update({"nc": nc, "http": self._http, "agents_kv": await open_bucket(nc, self.subjects.kv_agents)})
+        await self.mcp.start()
+        if self.endpoint is not None:
+            await self.endpoint.start()
         self._subs = [
             await nc.subscribe(self.subjects.tools_list, queue=QUEUE_TOOLS, cb=self._on_list),
             await nc.subscribe(self.subjects.tools_all, queue=QUEUE_TOOLS, cb=self._on_call),
         ]
-        log.info("tools ready", extra={"fields": {"tools": sorted(self.tools)}})
+        log.info("tools ready", extra={"fields": {"tools": sorted(self._server_tools()), "mcp_servers": self.mcp.status()}})
 
     async def stop(self) -> None:
         for sub in self._subs:
             await sub.unsubscribe()
+        if self.endpoint is not None:
+            await self.endpoint.stop()
+        await self.mcp.stop()
         for task in list(self.context.get("tasks", ())):
             await asyncio.wait([task], timeout=5)
         if self._http is not None:
             await self._http.close()
 
     def health(self) -> dict[str, Any]:
-        return {"ok": True, "tools": sorted(self.tools)}
+        state: dict[str, Any] = {"ok": True, "tools": sorted(self._server_tools()), "mcp_servers": self.mcp.status()}
+        if self.endpoint is not None:
+            state["bridges"] = self.endpoint.status()
+        return state
+
+    def _server_tools(self) -> dict[str, Tool]:
+        """Plugins and the connected MCP servers' tools: offered to every device."""
+        return {**self.mcp.tools(), **self.tools}
+
+    async def _agent_of(self, device_id: str) -> str:
+        return (await load_agent(self.context.get("agents_kv"), device_id)).agent_id
+
+    async def _tools_for(self, device_id: str) -> dict[str, Tool]:
+        """Every tool a device may use: the server's, plus its agent's bridges' tools."""
+        tools = self._server_tools()
+        if self.endpoint is not None and self.endpoint.bridges:
+            for name, tool in self.endpoint.tools_for(await self._agent_of(device_id)).items():
+                tools.setdefault(name, tool)
+        return tools
 
     async def _on_list(self, msg: Msg) -> None:
-        await msg.respond(ToolList(tools=[t.spec for t in self.tools.values()]).encode())
+        # The body may name the device ({"device_id": ...}) so that its agent's bridge tools are
+        # included; an empty body (or no device) gets the default agent's.
+        device_id = ""
+        if msg.data:
+            try:
+                body = json.loads(msg.data)
+                device_id = str(body.get("device_id") or "") if isinstance(body, dict) else ""
+            except ValueError:
+                DROPPED.labels("tools", "bad_list").inc()
+        tools = await self._tools_for(device_id)
+        await msg.respond(ToolList(tools=[t.spec for t in tools.values()]).encode())
 
     async def _on_call(self, msg: Msg) -> None:
         name = msg.subject.rsplit(".", 1)[-1]
@@ -78,9 +121,14 @@ class ToolsWorker:
         await msg.respond(result.encode())
 
     async def _run(self, name: str, request: ToolCall) -> ToolResult:
-        tool = self.tools.get(name)
+        tool = self._server_tools().get(name)
+        if tool is None and self.endpoint is not None and self.endpoint.bridges:
+            tool = self.endpoint.tools_for(await self._agent_of(request.device_id)).get(name)
         if tool is None:
             CALLS.labels("unknown", "unknown_tool").inc()
+            server = self.mcp.down_server(name)
+            if server is not None:
+                return ToolResult(name=name, ok=False, action="error", text=f"tool '{name}' failed: MCP server '{server}' is not connected")
             return ToolResult(name=name, ok=False, action="error", text=f"unknown tool '{name}'")
         problems = validate(request.arguments, tool.spec.parameters)
         if problems:
@@ -88,9 +136,14 @@ class ToolsWorker:
             return ToolResult(name=name, ok=False, action="error", text="; ".join(problems))
         started = time.perf_counter()
         try:
-            result = await asyncio.wait_for(tool.call(request, self.context), 30)
+            result = await asyncio.wait_for(tool.call(request, self.context), CALL_TIMEOUT_S)
             CALLS.labels(name, "ok").inc()
             return result
+        except asyncio.TimeoutError:
+            ERRORS.labels("tools", "tool_timeout").inc()
+            CALLS.labels(name, "timeout").inc()
+            log.warning("tool timed out")
+            return ToolResult(name=name, ok=False, action="error", text=f"tool '{name}' timed out after {CALL_TIMEOUT_S:g} s")
         except Exception as exc:  # noqa: BLE001 - a failing tool is an error result, not a crash
             ERRORS.labels("tools", "tool_failed").inc()
             CALLS.labels(name, "error").inc()

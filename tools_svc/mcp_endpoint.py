@@ -1,0 +1,285 @@
+"""The MCP endpoint for external bridges (the xiaozhi ecosystem's "MCP endpoint" convention).
+
+A bridge (e.g. ``xiaozhi-mcp`` / ``mcp_pipe.py``, which pipes a local stdio MCP server) connects
+as a WebSocket *client* to ``ws://host:8004/mcp/?token=<token>`` and from then on is an MCP
+*server* on that socket: JSON-RPC 2.0, one message per text frame. We are the MCP client: the
+official SDK's ``mcp.Client`` (legacy ``initialize`` handshake, then ``notifications/initialized``,
+``tools/list`` following ``nextCursor``, and ``tools/call``) runs over :func:`websocket_transport`,
+a small transport that maps frames to the SDK's message streams.
+
+The token says which agent the bridge serves (``settings.tools.mcp_endpoint.tokens``: token ->
+agent id); an unknown token is refused in the handshake with HTTP 401. A bridge's tools are
+offered only to devices whose agent (``AgentConfig.agent_id``) is that agent, under their own
+name sanitised (``bridge_<name>`` when it would clash with a server tool or another bridge's
+tool of the same agent). When the bridge disconnects its tools go with it.
+
+The token may also be given as the last path segment (``/mcp/<token>``) or as
+``Authorization: Bearer <token>``, as some bridges do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from http import HTTPStatus
+from typing import Any, Callable
+from urllib.parse import parse_qs, urlsplit
+
+import anyio
+import mcp.types as mt
+from mcp import Client
+from mcp.shared.message import SessionMessage
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from shared.messages import ToolCall, ToolResult, ToolSpec
+from shared.settings import McpEndpointSettings
+from tools_svc.mcp_servers import (
+    CLIENT_INFO,
+    MAX_CALL_TIMEOUT_S,
+    call_error,
+    is_connection_lost,
+    keywords,
+    list_all_tools,
+    list_changed_handler,
+    sanitise,
+    to_tool_result,
+    unique_name,
+)
+from tools_svc.plugins import Tool
+
+log = logging.getLogger("tools_svc.mcp_endpoint")
+
+
+@asynccontextmanager
+async def websocket_transport(ws: Any) -> AsyncIterator[tuple[Any, Any]]:
+    """An MCP client transport over an open WebSocket: one JSON-RPC message per text frame.
+
+    Yields the SDK's (read, write) streams of ``SessionMessage``, as ``stdio_client`` does.
+    A frame that is not JSON-RPC is logged and skipped; the read stream ends when the socket
+    closes, which fails every pending request with ``CONNECTION_CLOSED``.
+    """
+    read_writer, read_stream = anyio.create_memory_object_stream[SessionMessage | Exception](0)
+    write_stream, write_reader = anyio.create_memory_object_stream[SessionMessage](0)
+
+    async def ws_to_session() -> None:
+        async with read_writer:
+            try:
+                async for frame in ws:
+                    text = frame.decode("utf-8", "replace") if isinstance(frame, bytes) else frame
+                    text = text.strip()
+                    if not text:
+                        continue
+                    try:
+                        message = mt.jsonrpc_message_adapter.validate_json(text, by_name=False)
+                    except ValueError:
+                        log.warning("bridge sent a frame that is not JSON-RPC", extra={"fields": {"frame": text[:200]}})
+                        continue
+                    await read_writer.send(SessionMessage(message))
+            except (ConnectionClosed, anyio.ClosedResourceError, anyio.BrokenResourceError):
+                pass
+
+    async def session_to_ws() -> None:
+        async with write_reader:
+            try:
+                async for session_message in write_reader:
+                    await ws.send(session_message.message.model_dump_json(by_alias=True, exclude_unset=True))
+            except (ConnectionClosed, anyio.ClosedResourceError, anyio.BrokenResourceError):
+                await read_writer.aclose()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ws_to_session)
+        tg.start_soon(session_to_ws)
+        try:
+            yield read_stream, write_stream
+        finally:
+            tg.cancel_scope.cancel()
+            for stream in (read_stream, write_stream):
+                await stream.aclose()
+
+
+class Bridge:
+    """One connected bridge: its agent, its MCP session and its tools (by offered name)."""
+
+    def __init__(self, bridge_id: int, agent_id: str, remote: str) -> None:
+        self.id = bridge_id
+        self.agent_id = agent_id
+        self.remote = remote
+        self.client: Client | None = None
+        self.server_name = ""
+        self.tools: dict[str, Tool] = {}
+
+
+class McpEndpoint:
+    """The WebSocket endpoint bridges connect to, and the tools they offer, per agent."""
+
+    def __init__(self, settings: McpEndpointSettings, reserved: Callable[[], set[str]]) -> None:
+        self.settings = settings
+        self._reserved = reserved
+        self.bridges: dict[int, Bridge] = {}
+        self._ids = itertools.count(1)
+        self._server: Server | None = None
+        self.port: int | None = None
+
+    # --- lifecycle ---
+
+    async def start(self) -> None:
+        self._server = await serve(
+            self._handle,
+            self.settings.host,
+            self.settings.port,
+            process_request=self._process_request,
+            max_size=4 * 1024 * 1024,
+            ping_interval=20,
+            ping_timeout=20,
+            close_timeout=2,
+        )
+        sockets = self._server.sockets
+        self.port = sockets[0].getsockname()[1] if sockets else self.settings.port
+        log.info("mcp endpoint listening", extra={"fields": {"url": f"ws://{self.settings.host}:{self.port}{self._path()}/?token=...", "agents": sorted(set(self.settings.tokens.values()))}})
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    # --- what the worker asks ---
+
+    def tools_for(self, agent_id: str) -> dict[str, Tool]:
+        """The tools of the bridges connected for ``agent_id``, by offered name."""
+        out: dict[str, Tool] = {}
+        for bridge in self.bridges.values():
+            if bridge.agent_id == agent_id:
+                for name, tool in bridge.tools.items():
+                    out.setdefault(name, tool)
+        return out
+
+    def status(self) -> dict[str, int]:
+        agents: dict[str, int] = {}
+        for bridge in self.bridges.values():
+            agents[bridge.agent_id] = agents.get(bridge.agent_id, 0) + 1
+        return agents
+
+    # --- the handshake ---
+
+    def _path(self) -> str:
+        return "/" + self.settings.path.strip("/")
+
+    def agent_for(self, request: Request) -> str | None:
+        """The agent of the request's token (query ``token``, ``/mcp/<token>`` or a Bearer header)."""
+        parts = urlsplit(request.path)
+        base = self._path()
+        path = parts.path.rstrip("/")
+        candidates = parse_qs(parts.query).get("token", [])
+        if path.startswith(base + "/"):
+            candidates.append(path[len(base) + 1 :])
+        auth = request.headers.get("Authorization", "")
+        if auth.lower().startswith("bearer "):
+            candidates.append(auth[7:].strip())
+        for token in candidates:
+            for known, agent in self.settings.tokens.items():
+                if token and hmac.compare_digest(token.encode(), known.encode()):
+                    return agent
+        return None
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path.rstrip("/")
+        base = self._path()
+        if path != base and not path.startswith(base + "/"):
+            return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
+        if self.agent_for(request) is None:
+            log.info("bridge rejected: unknown token", extra={"fields": {"remote": _remote(connection)}})
+            return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized: unknown token\n")
+        return None
+
+    # --- one bridge ---
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        agent = self.agent_for(ws.request)  # type: ignore[arg-type]
+        if agent is None:  # pragma: no cover - refused in the handshake
+            await ws.close(1008, "unauthorized")
+            return
+        bridge = Bridge(next(self._ids), agent, _remote(ws))
+        refresh = asyncio.Event()
+        fields = {"bridge": bridge.id, "agent": agent, "remote": bridge.remote}
+        try:
+            client = Client(
+                websocket_transport(ws),
+                mode="legacy",
+                read_timeout_seconds=self.settings.handshake_timeout_s,
+                client_info=CLIENT_INFO,
+                message_handler=list_changed_handler(refresh),
+                cache=None,
+            )
+            async with client:
+                bridge.client = client
+                bridge.server_name = client.server_info.name if client.server_info else ""
+                self._offer(bridge, await list_all_tools(client))
+                self.bridges[bridge.id] = bridge
+                log.info("bridge connected", extra={"fields": {**fields, "server": bridge.server_name, "tools": sorted(bridge.tools)}})
+                closed = asyncio.create_task(ws.wait_closed())
+                try:
+                    while not closed.done():
+                        changed = asyncio.create_task(refresh.wait())
+                        await asyncio.wait({closed, changed}, return_when=asyncio.FIRST_COMPLETED)
+                        changed.cancel()
+                        if refresh.is_set() and not closed.done():
+                            refresh.clear()
+                            self._offer(bridge, await list_all_tools(client))
+                            log.info("bridge tools changed", extra={"fields": {**fields, "tools": sorted(bridge.tools)}})
+                finally:
+                    closed.cancel()
+        except Exception as exc:  # noqa: BLE001 - a broken bridge is logged, never fatal
+            log.warning("bridge failed", extra={"fields": {**fields, "error": f"{type(exc).__name__}: {exc}"[:300]}})
+            await ws.close(1011, "mcp session failed")
+        finally:
+            self.bridges.pop(bridge.id, None)
+            bridge.client = None
+            bridge.tools = {}
+            log.info("bridge disconnected", extra={"fields": fields})
+
+    def _offer(self, bridge: Bridge, tools: list[mt.Tool]) -> None:
+        """Name the bridge's tools: their own name, ``bridge_<name>`` on a clash."""
+        taken = set(self._reserved())
+        for other in self.bridges.values():
+            if other.agent_id == bridge.agent_id and other.id != bridge.id:
+                taken |= set(other.tools)
+        offered: dict[str, Tool] = {}
+        for tool in tools:
+            name = sanitise(tool.name)
+            if name in taken or name in offered:
+                name = unique_name(sanitise(f"bridge_{name}"), taken | set(offered))
+            spec = ToolSpec(
+                name=name,
+                description=tool.description or tool.title or tool.name,
+                parameters=tool.input_schema or {"type": "object", "properties": {}},
+                keywords=keywords(tool.name, bridge.server_name),
+            )
+            offered[name] = Tool(spec, self._caller(bridge, tool.name, name))
+        bridge.tools = offered
+
+    def _caller(self, bridge: Bridge, mcp_name: str, exposed: str) -> Callable[[ToolCall, dict[str, Any]], Any]:
+        async def call(request: ToolCall, _context: dict[str, Any]) -> ToolResult:
+            client = bridge.client
+            where = f"the bridge of agent '{bridge.agent_id}'"
+            if client is None:
+                return ToolResult(name=exposed, ok=False, action="error", text=f"tool '{exposed}' failed: {where} disconnected")
+            timeout = min(self.settings.call_timeout_s, MAX_CALL_TIMEOUT_S)
+            try:
+                result = await client.call_tool(mcp_name, request.arguments, read_timeout_seconds=timeout)
+            except Exception as exc:  # noqa: BLE001 - every failure is an error result
+                log.warning("bridge call failed", extra={"fields": {"bridge": bridge.id, "tool": mcp_name, "lost": is_connection_lost(exc), "error": f"{type(exc).__name__}: {exc}"[:300]}})
+                return call_error(exposed, where, exc, timeout)
+            return to_tool_result(exposed, result)
+
+        return call
+
+
+def _remote(connection: ServerConnection) -> str:
+    address = connection.remote_address
+    return f"{address[0]}:{address[1]}" if address else ""
