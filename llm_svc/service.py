@@ -130,6 +130,12 @@ class LlmWorker:
                     outcome = "exit_command"
                 else:
                     outcome = await self._converse(ctx)
+                    if ctx.seq == 0 and not ctx.cancel.is_set() and not ctx.close_after:
+                        # Nothing speakable came out (a small model may answer with an emoji
+                        # alone): say so rather than leave the device silent.
+                        log.warning("the model produced nothing to speak")
+                        outcome = "empty"
+                        await self._speak(ctx, self.llm.error_reply)
                 TURNS.labels(outcome).inc()
             except Exception:  # noqa: BLE001 - never leave the device without an ending
                 ERRORS.labels("llm", "turn").inc()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +80,14 @@ def pipeline(tmp_session_dir: Path):
     music = tmp_session_dir / "music"
     make_song(music / "Sunny_Morning_Tune.wav", seconds=4.0)
     stack = Stack(
-        env={"XZ_LOG_JSON": "true", "PYTHONUNBUFFERED": "1", "XZ_GATEWAY__HOST": "127.0.0.1", "XZ_TOOLS__MUSIC_DIR": str(music)},
+        env={
+            "XZ_LOG_JSON": "true",
+            "PYTHONUNBUFFERED": "1",
+            "XZ_GATEWAY__HOST": "127.0.0.1",
+            "XZ_TOOLS__MUSIC_DIR": str(music),
+            # A real MCP server (stdio) from the test fixtures, as users configure "mcpServers".
+            "XZ_TOOLS__MCP_SERVERS": json.dumps({"demo": {"command": sys.executable, "args": [str(Path(__file__).parent / "fixtures" / "mcp_server.py")]}}),
+        },
         log_dir=log_dir,
     )
     try:

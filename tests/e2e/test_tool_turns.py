@@ -44,3 +44,12 @@ async def test_change_role_updates_the_agent(pipeline):
         assert "pirate" in agent["role_prompt"]
     finally:
         await nc.close()
+
+
+async def test_server_mcp_tool_turn(pipeline):
+    """A tool of a server-side MCP server (stdio), chosen by the embedded model from speech-like text."""
+    async with SimDevice(ws_url=pipeline.ws_url) as device:
+        report = await device.type_text("Please shout the word banana.")
+        assert report.error is None and report.frames > 0
+    calls = [json.loads(line) for line in pipeline.log("tools").splitlines() if '"tool call"' in line]
+    assert any(c.get("tool") == "demo_shout" and c.get("ok") for c in calls), calls[-3:]
