@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 try:  # pydantic-settings >= 2.2
@@ -81,8 +81,8 @@ class GatewaySettings(BaseModel):
     timezone_offset_minutes: int | None = None  # None: the server's local offset
     metrics_port: int = 9100
     # Downlink audio, announced in the hello. The firmware's decoder accepts only these values.
-    sample_rate: Literal[8000, 12000, 16000, 24000, 48000] = 24000
-    frame_duration: Literal[20, 40, 60, 80, 100, 120] = 60
+    sample_rate: int = 24000
+    frame_duration: int = 60
     # Pacing (protocol.md §4.4): frames sent at once, then one per frame duration.
     prebuffer_frames: int = 5
     # After the last frame, wait this long before `tts stop` so the device plays its buffer.
@@ -116,6 +116,20 @@ class GatewaySettings(BaseModel):
     idle_farewell_s: float = 120.0
     hard_close_s: float = 180.0
     idle_farewell: bool = True
+    @field_validator("sample_rate")
+    @classmethod
+    def _opus_rate(cls, value: int) -> int:
+        if value not in (8000, 12000, 16000, 24000, 48000):
+            raise ValueError("must be an Opus rate: 8000, 12000, 16000, 24000 or 48000")
+        return value
+
+    @field_validator("frame_duration")
+    @classmethod
+    def _decoder_duration(cls, value: int) -> int:
+        if value not in (20, 40, 60, 80, 100, 120):
+            raise ValueError("must be one the firmware decodes: 20, 40, 60, 80, 100 or 120 ms")
+        return value
+
     wake_words: list[str] = Field(default_factory=lambda: ["你好小智", "你好小志", "小爱同学", "hi esp", "hey jarvis"])
 
 

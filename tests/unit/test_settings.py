@@ -157,3 +157,21 @@ def test_bad_value_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XZ_VAD__MIN_SILENCE_MS", "soon")
     with pytest.raises(ValueError):
         load_settings()
+
+
+def test_downlink_params_limited_to_what_the_firmware_decodes(monkeypatch):
+    import pydantic
+    import pytest as _pytest
+
+    from shared.settings import load_settings as _load
+
+    monkeypatch.setenv("XZ_GATEWAY__FRAME_DURATION", "50")
+    with _pytest.raises(pydantic.ValidationError):
+        _load()
+    monkeypatch.setenv("XZ_GATEWAY__FRAME_DURATION", "20")
+    monkeypatch.setenv("XZ_GATEWAY__SAMPLE_RATE", "22050")
+    with _pytest.raises(pydantic.ValidationError):
+        _load()
+    monkeypatch.setenv("XZ_GATEWAY__SAMPLE_RATE", "16000")
+    settings = _load()
+    assert (settings.gateway.frame_duration, settings.gateway.sample_rate) == (20, 16000)
