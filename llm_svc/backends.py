@@ -306,6 +306,10 @@ class OpenAIBackend:
 
 def make_backend(settings: Any) -> LlmBackend:
     """The backend named by ``settings.backend``."""
+    if settings.backend == "vllm":
+        from llm_svc.vllm_backend import VllmBackend
+
+        return VllmBackend(settings.model, settings.max_tokens, settings.temperature)
     if settings.backend == "openai":
         return OpenAIBackend(settings.base_url, settings.api_key, settings.model, settings.request_timeout_s, settings.max_tokens, settings.temperature)
     return LlamaCppBackend(settings.model_path, settings.n_ctx, settings.threads, settings.max_tokens, settings.temperature, settings.request_timeout_s)

@@ -162,7 +162,9 @@ class AsrSettings(BaseModel):
 
 class LlmSettings(BaseModel):
     metrics_port: int = 9103
-    backend: Literal["llamacpp", "openai"] = "llamacpp"
+    # llamacpp: embedded (default); openai: any OpenAI-compatible server; vllm: vLLM in this
+    # process on a GPU node (`model` is then a Hugging Face model id or a local path).
+    backend: Literal["llamacpp", "openai", "vllm"] = "llamacpp"
     # llama.cpp: a GGUF file; default is the packaged SmolLM2-135M-Instruct.
     model_path: str | None = None
     n_ctx: int = 2048
