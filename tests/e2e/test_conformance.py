@@ -75,7 +75,7 @@ async def test_tcp_drop_mid_reply_is_handled(pipeline):
         await device.connect()
         mark = len(device.received)
         await device.detect("Tell me a long story about a dragon and a knight.")
-        assert await device.wait_for(lambda r: r.kind == "audio", timeout=30, start_index=mark)
+        assert await device.wait_for(lambda r: r.kind == "audio", timeout=60, start_index=mark)
         # Drop the TCP connection under the WebSocket: no close frame.
         device.ws.transport.abort()
         for _ in range(50):
