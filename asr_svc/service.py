@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +47,10 @@ class AsrWorker:
     name = "asr"
 
     def __init__(self, settings: Settings, engine: AsrEngine | None = None) -> None:
+        # CTranslate2's OpenMP threads sleep when a transcription is done instead of spinning:
+        # the next stage (the LLM) runs right then, on the same cores. (Not for llama.cpp, whose
+        # OpenMP threads must not sleep between tokens: it would triple its time per sentence.)
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         self.settings = settings
         self.asr = settings.asr
         self.subjects = Subjects(settings.nats.prefix)

@@ -47,7 +47,8 @@ class MemoryStore:
             return Memory()
 
     async def save(self, device_id: str, memory: Memory) -> None:
-        memory.turns = memory.turns[-self.max_messages :]
+        # (a plain [-0:] slice would keep everything)
+        memory.turns = memory.turns[-self.max_messages :] if self.max_messages > 0 else []
         key = kv_key(device_id)
         if self._kv is None:
             self._local[key] = memory
