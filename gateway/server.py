@@ -76,8 +76,8 @@ class Gateway:
             process_request=self._process_request,
             max_size=self.gw.max_ws_message_bytes,
             compression=None,
-            ping_interval=20,
-            ping_timeout=20,
+            ping_interval=self.gw.ping_interval_s,
+            ping_timeout=self.gw.ping_interval_s,
             open_timeout=10,
             # Devices drop TCP rather than answer a close frame: do not wait long for one.
             close_timeout=2,

@@ -88,6 +88,8 @@ class GatewaySettings(BaseModel):
     # After the last frame, wait this long before `tts stop` so the device plays its buffer.
     stop_tail_ms: int = 420
     hello_timeout_s: float = 10.0
+    # WebSocket pings to the device (it answers them; protocol.md §9.8): dead links are found.
+    ping_interval_s: float = 20.0
     claim_timeout_s: float = 2.0
     max_ws_message_bytes: int = 65536
     # A turn that produces nothing for this long is ended with `tts stop`.
