@@ -98,6 +98,8 @@ class DeviceSession:
         self._last_voice = time.monotonic()
         self._last_frame = 0.0
         self._farewell_sent = False
+        self._listening = asyncio.Event()
+        self._greeting_task: asyncio.Task | None = None
         self._turn_started_at: dict[str, float] = {}
         self._speech_end_ms: dict[str, int] = {}
         self._watchdog: asyncio.Task | None = None
@@ -220,7 +222,7 @@ class DeviceSession:
         self._closing = True
         if self._watchdog:
             self._watchdog.cancel()
-        for task in (self._claim_task, self._pump_task):
+        for task in (self._claim_task, self._pump_task, self._greeting_task):
             if task and not task.done():
                 task.cancel()
         await self.downlink.close()
@@ -291,6 +293,7 @@ class DeviceSession:
         if listen.state == "start":
             self.mode = listen.mode or "auto"
             await self._publish_ctl(Control(session_id=self.session_id, kind="listen_start", mode=self.mode))  # type: ignore[arg-type]
+            self._listening.set()
         elif listen.state == "stop":
             await self._publish_ctl(Control(session_id=self.session_id, kind="listen_stop"))
         elif listen.state == "detect":
@@ -301,9 +304,21 @@ class DeviceSession:
             self._last_voice = time.monotonic()
             if normalise_wake_word(text) in self._wake_words:
                 log.info("wake word", extra={"fields": {"text": text}})
-                await self._greet()
+                # The firmware sends `detect` before it switches to listening and sends
+                # `listen start`; a `tts start` that arrives while it is still connecting is
+                # ignored (protocol.md §9.11). Greet once it listens (or after 0.5 s).
+                self._listening.clear()
+                task = asyncio.create_task(self._greet_when_listening())
+                self._greeting_task = task
                 return
             await self._text_turn(text)
+
+    async def _greet_when_listening(self) -> None:
+        try:
+            await asyncio.wait_for(self._listening.wait(), 0.5)
+        except asyncio.TimeoutError:
+            pass
+        await self._greet()
 
     async def _greet(self) -> None:
         """The wake-word greeting: a fixed phrase from the TTS worker's clip cache, no LLM."""
