@@ -48,6 +48,11 @@ def strip_bearer(authorization: str) -> str | None:
     return value[7:].strip()
 
 
+def allow_listed(allowed_devices, device_id: str) -> bool:
+    """A Device-Id on the allow-list (compared case-insensitively: MACs come in both cases)."""
+    return bool(device_id) and device_id.lower() in {d.lower() for d in allowed_devices}
+
+
 def verify_device(
     key: str,
     authorization: str,
@@ -58,7 +63,7 @@ def verify_device(
     allowed_devices: frozenset[str] = frozenset(),
 ) -> AuthResult:
     """Check a device's Authorization header value against its Client-Id and Device-Id."""
-    if device_id and device_id.lower() in allowed_devices:
+    if allow_listed(allowed_devices, device_id):
         return AuthResult(True, "allow-listed")
     if not authorization:
         return AuthResult(False, "missing token")

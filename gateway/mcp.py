@@ -9,20 +9,16 @@ The firmware's rules: ids are numbers, errors carry only ``message``, notificati
 from __future__ import annotations
 
 import itertools
-import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from shared.toolnames import sanitise_name
 
 INIT_ID = 1
 LIST_ID = 2
 FIRST_CALL_ID = 100
 PROTOCOL_VERSION = "2024-11-05"
 MAX_PAGES = 50
-
-
-def sanitise_name(name: str) -> str:
-    """A function name the LLM APIs accept: every char outside [A-Za-z0-9_-] (and CJK) -> '_'."""
-    return re.sub(r"[^A-Za-z0-9_\-\u4e00-\u9fff]", "_", name)[:64]
 
 
 def initialize(vision_url: str | None, vision_token: str | None) -> dict[str, Any]:

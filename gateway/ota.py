@@ -57,7 +57,7 @@ def websocket_url(settings: GatewaySettings, request_host: str | None = None) ->
 
 def device_token(settings: GatewaySettings, key: str, device_id: str, client_id: str, now_s: int) -> str:
     """The token handed out by OTA: empty when auth is off or the device is allow-listed."""
-    if not settings.auth.enabled or device_id.lower() in {d.lower() for d in settings.auth.allowed_devices}:
+    if not settings.auth.enabled or auth.allow_listed(settings.auth.allowed_devices, device_id):
         return ""
     return auth.issue_device_token(key, client_id, device_id, now_s)
 
@@ -186,7 +186,7 @@ def make_app(settings: GatewaySettings, auth_key: str, bindings: BindingStore | 
     app.router.add_post("/xiaozhi/ota/activate", activate)
     app.router.add_route("OPTIONS", "/xiaozhi/ota/activate", options)
     app.router.add_get("/xiaozhi/ota/download/{name}", download)
-    from gateway import vision
+    from gateway import vision  # vision imports this module's CORS headers
 
     vision.add_routes(app, settings, auth_key)
     return app

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import time
@@ -13,7 +12,6 @@ from urllib.parse import parse_qs, urlsplit
 from aiohttp import web
 from nats.aio.client import Client as NATS
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from gateway import metrics as m
@@ -65,7 +63,6 @@ class Gateway:
         self.auth_key = self.gw.auth.key or secrets.token_hex(16)
         if not self.gw.auth.key:
             log.warning("no auth key configured: using a random one, tokens will not survive a restart")
-        self.allowed_devices = frozenset(d.lower() for d in self.gw.auth.allowed_devices)
 
     async def start(self, nc: NATS) -> None:
         self.nc = nc
@@ -123,7 +120,7 @@ class Gateway:
                 found["device-id"],
                 int(time.time()),
                 self.gw.auth.expire_seconds,
-                self.allowed_devices,
+                frozenset(self.gw.auth.allowed_devices),
             )
             if not result.ok:
                 # Rejected in the handshake: the firmware reports it at once (protocol.md §2.4).

@@ -343,19 +343,25 @@ class DeviceSession:
         turn_id = new_turn_id()
         self.assembler.begin_text_turn(turn_id)
         self._turn_started_at[turn_id] = time.monotonic()
+        while len(self._turn_started_at) > 8:  # turns that never spoke leave no trace for long
+            self._turn_started_at.pop(next(iter(self._turn_started_at)))
         turn = UserTurn(session_id=self.session_id, turn_id=turn_id, device_id=self.device_id, text=text, source="text")
         with xlog.bind(turn_id=turn_id):
             log.info("text turn", extra={"fields": {"text": text}})
         await self.nc.publish(self.subjects.llm(self.session_id), turn.encode())
 
     async def _on_abort(self, abort: protocol.Abort) -> None:
+        # Always answer with `tts stop`: a button-abort device stays in speaking until it comes.
+        await self._stop_reply("abort", abort.reason)
+
+    async def _stop_reply(self, why: str, reason: str | None = None) -> None:
+        """Stop the reply now: fence its turn, empty the queue, `tts stop`, tell the stages."""
         turn_id, _was_started = self.assembler.abort()
         self.downlink.abort()
-        # Always answer with `tts stop`: a button-abort device stays in speaking until it comes.
         await self._send(protocol.tts_stop(self.session_id))
         m.ABORTS.inc()
         with xlog.bind(turn_id=turn_id):
-            log.info("abort", extra={"fields": {"reason": abort.reason}})
+            log.info(why, extra={"fields": {"reason": reason}})
         await self._publish_ctl(Control(session_id=self.session_id, kind="abort", turn_id=turn_id))
 
     async def _publish_ctl(self, ctl: Control) -> None:
@@ -408,13 +414,7 @@ class DeviceSession:
         # reply as speech: without server-side AEC here, no voice barge-in for it.
         aec = bool(self.hello and self.hello.features.get("aec"))
         if self.mode == "realtime" and self.assembler.speaking and not aec:
-            turn_id, _ = self.assembler.abort()
-            self.downlink.abort()
-            await self._send(protocol.tts_stop(self.session_id))
-            m.ABORTS.inc()
-            with xlog.bind(turn_id=turn_id):
-                log.info("voice barge-in: reply stopped")
-            await self._publish_ctl(Control(session_id=self.session_id, kind="abort", turn_id=turn_id))
+            await self._stop_reply("voice barge-in", "speech over the reply")
 
     def _first_audio(self) -> None:
         turn_id = self.assembler.current_turn_id

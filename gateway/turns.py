@@ -121,17 +121,7 @@ class TurnAssembler:
             turn.expected = sentences
         if emotion is not None:
             turn.emotion = emotion
-        actions: list[Action] = []
-        previous = self.current
-        if previous is not None and previous is not turn and not previous.done:
-            previous.done = True
-            self._mark_stale(previous.turn_id)
-            actions.append(Flush(previous.turn_id))
-        self._pending.pop(turn.turn_id, None)
-        self.current = turn
-        turn.started = True
-        actions.append(Text("tts_start"))
-        return actions + self._drain(turn)
+        return self._make_current(turn) + [Text("tts_start")] + self._drain(turn)
 
     def on_event(self, event: OutEvent) -> list[Action]:
         turn = self._turn(event.turn_id)
@@ -225,17 +215,19 @@ class TurnAssembler:
         """The turn's stt arrived: it becomes the current turn, superseding any other."""
         if turn is self.current:
             return []
+        return self._make_current(turn) + [Text("stt", text=turn.stt or ""), Text("tts_start")]
+
+    def _make_current(self, turn: _Turn) -> list[Action]:
+        """``turn`` starts playing; a turn still playing is superseded (stale, flushed)."""
         actions: list[Action] = []
         previous = self.current
-        if previous is not None and not previous.done:
+        if previous is not None and previous is not turn and not previous.done:
             previous.done = True
             self._mark_stale(previous.turn_id)
             actions.append(Flush(previous.turn_id))
         self._pending.pop(turn.turn_id, None)
         self.current = turn
         turn.started = True
-        actions.append(Text("stt", text=turn.stt or ""))
-        actions.append(Text("tts_start"))
         return actions
 
     def _drain(self, turn: _Turn) -> list[Action]:

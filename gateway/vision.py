@@ -19,6 +19,7 @@ from aiohttp import web
 
 from gateway import auth
 from gateway import metrics as m
+from gateway.ota import CORS_HEADERS
 from shared.settings import GatewaySettings
 
 log = logging.getLogger("gateway.vision")
@@ -45,15 +46,11 @@ def image_type(data: bytes) -> str | None:
 
 
 def _error(message: str, status: int = 200) -> web.Response:
-    from gateway.ota import CORS_HEADERS
-
     m.VISION_REQUESTS.labels("error" if status == 200 else str(status)).inc()
     return web.json_response({"success": False, "message": message}, status=status, headers=CORS_HEADERS)
 
 
 def add_routes(app: web.Application, settings: GatewaySettings, auth_key: str) -> None:
-    from gateway.ota import CORS_HEADERS
-
     vision = settings.vision
     limit = vision.max_image_bytes
 

@@ -44,12 +44,6 @@ TOOL_CALLS = Counter("xz_llm_tool_calls_total", "Tool calls requested by the mod
 IN_FLIGHT = Gauge("xz_llm_in_flight", "Turns being answered now")
 
 
-async def _nothing():
-    """An empty stream: the round's tool calls are already known."""
-    return
-    yield  # noqa: unreachable - makes this an async generator
-
-
 class TurnContext:
     """What one turn has produced so far: the sequence counter and the spoken text."""
 
@@ -79,6 +73,7 @@ class LlmWorker:
         self.tools: ToolClient | None = None
         self._sub = None
         self._tasks: set[asyncio.Task] = set()
+        self._exit_commands = {self._norm(c) for c in self.llm.exit_commands}
 
     async def start(self, nc: NATS) -> None:
         self.nc = nc
@@ -203,6 +198,7 @@ class LlmWorker:
                 device = set(self.tools.device_tool_names(turn.session_id))
                 available = [t for t in available if t.name in agent.tools or t.name in device]
             offered = relevant_tools(turn.text, available)
+        known = {t.name for t in offered}
         for round_no in range(self.llm.max_tool_rounds + 1):
             tools = offered if round_no < self.llm.max_tool_rounds else []
 
@@ -215,19 +211,19 @@ class LlmWorker:
                     tools = []
                     if chosen is not None:
                         calls.append(chosen)
-                stream = self._stream_with_retry(messages, tools, ctx) if not calls else _nothing()
-                async for delta in stream:
-                    if ctx.cancel.is_set():
-                        return "aborted"
-                    if isinstance(delta, ToolCallRequest):
-                        calls.append(delta)
-                        continue
-                    if ctx.first_token_at is None:
-                        ctx.first_token_at = time.perf_counter()
-                        FIRST_TOKEN.observe(ctx.first_token_at - ctx.started)
-                    TOKENS.inc()
-                    for sentence in splitter.push(delta):
-                        await self._speak(ctx, sentence, splitter.raw)
+                if not calls:
+                    async for delta in self._stream_with_retry(messages, tools, ctx):
+                        if ctx.cancel.is_set():
+                            return "aborted"
+                        if isinstance(delta, ToolCallRequest):
+                            calls.append(delta)
+                            continue
+                        if ctx.first_token_at is None:
+                            ctx.first_token_at = time.perf_counter()
+                            FIRST_TOKEN.observe(ctx.first_token_at - ctx.started)
+                        TOKENS.inc()
+                        for sentence in splitter.push(delta):
+                            await self._speak(ctx, sentence, splitter.raw)
             except BackendError as exc:
                 ERRORS.labels("llm", "backend").inc()
                 log.error("backend failed: %s", exc)
@@ -253,7 +249,8 @@ class LlmWorker:
                     voice=ctx.agent.voice or self.llm.voice, utterance=turn.text,
                 )
                 ctx.seq += max(0, result.seqs_used)
-                TOOL_CALLS.labels(call.name if result.action != "error" or result.ok else "invalid", "ok" if result.ok else "error").inc()
+                # Label by tool only for tools that exist: a model can invent any name.
+                TOOL_CALLS.labels(call.name if call.name in known else "unknown", "ok" if result.ok else "error").inc()
                 log.info("tool result", extra={"fields": {"tool": call.name, "arguments": call.arguments, "ok": result.ok, "action": result.action, "text": result.text[:200]}})
                 messages.append({"role": "tool", "tool_call_id": call.id, "name": call.name, "content": result.text})
                 if result.close_after and result.ok:
@@ -288,11 +285,12 @@ class LlmWorker:
                     continue
                 raise
 
-    def _is_exit_command(self, text: str) -> bool:
-        def norm(value: str) -> str:
-            return re.sub(r"[\W_]+", "", value).lower()
+    @staticmethod
+    def _norm(text: str) -> str:
+        return re.sub(r"[\W_]+", "", text).lower()
 
-        return bool(text) and norm(text) in {norm(c) for c in self.llm.exit_commands}
+    def _is_exit_command(self, text: str) -> bool:
+        return bool(text) and self._norm(text) in self._exit_commands
 
     @staticmethod
     def _memory_key(turn: UserTurn) -> str:

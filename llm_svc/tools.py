@@ -11,21 +11,12 @@ from nats.aio.client import Client as NATS
 
 from shared.messages import DeviceMcpReply, DeviceMcpRequest, DeviceTool, ToolCall, ToolList, ToolResult, ToolSpec
 from shared.subjects import Subjects
-from tools_svc.schema import validate
+from shared.toolnames import name_keywords
+from shared.toolschema import validate
 
 log = logging.getLogger("llm_svc.tools")
 
 _WORD = re.compile(r"[a-z0-9']+")
-# Name parts that say nothing about what a tool is for.
-_NAME_STOPWORDS = {"self", "get", "set", "the", "a", "of", "to", "do", "is", "on", "off", "tool"}
-
-
-def name_keywords(name: str) -> list[str]:
-    """Keywords taken from a tool's name: self.audio_speaker.set_volume -> audio, speaker, volume."""
-    parts = re.split(r"[._\-\s]+", name.lower())
-    return [p for p in parts if p and p not in _NAME_STOPWORDS and not p.isdigit()]
-
-
 def relevant_tools(text: str, tools: list[ToolSpec]) -> list[ToolSpec]:
     """The tools whose keywords occur in the user's text.
 

@@ -12,7 +12,7 @@ import logging
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 log = logging.getLogger("shared.agents")
 

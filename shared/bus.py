@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import nats
 from nats.aio.client import Client as NATS
 
 from shared.settings import NatsSettings

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -42,6 +43,52 @@ class RunningStack:
     def log(self, name: str) -> str:
         path = self.log_dir / f"{name}.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+
+@contextlib.asynccontextmanager
+async def local_http(app):
+    """Serve an aiohttp app on a free loopback port: a stand-in for an outside service's API."""
+    from aiohttp import web
+
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@dataclass
+class ExtraGateway:
+    """A gateway process started by a test, with its own settings, on an existing NATS."""
+
+    proc: object
+    ws_port: int
+    http_port: int
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.ws_port}/xiaozhi/v1/"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def stop(self) -> None:
+        self.proc.popen.terminate()  # type: ignore[attr-defined]
+        self.proc.popen.wait(10)  # type: ignore[attr-defined]
+
+
+def start_gateway(stack: Stack, **settings: str) -> ExtraGateway:
+    """Start a gateway on free ports, bound to 127.0.0.1; ``settings`` are XZ_GATEWAY__<KEY> values."""
+    ws_port, http_port = free_port(), free_port()
+    env = {"XZ_GATEWAY__HOST": "127.0.0.1", "XZ_GATEWAY__PUBLIC_HOST": "127.0.0.1", "XZ_GATEWAY__WS_PORT": str(ws_port), "XZ_GATEWAY__HTTP_PORT": str(http_port)}
+    env.update({f"XZ_GATEWAY__{key.upper()}": value for key, value in settings.items()})
+    proc = stack.start_service("gateway", free_port(), env)
+    stack.wait_healthy([proc])
+    return ExtraGateway(proc, ws_port, http_port)
 
 
 def make_song(path: Path, seconds: float, rate: int = 44100) -> Path:

@@ -47,10 +47,9 @@ from tools_svc.mcp_servers import (
     keywords,
     list_all_tools,
     list_changed_handler,
-    sanitise,
     to_tool_result,
-    unique_name,
 )
+from shared.toolnames import sanitise_name, unique_name
 from tools_svc.plugins import Tool
 
 log = logging.getLogger("tools_svc.mcp_endpoint")
@@ -251,9 +250,9 @@ class McpEndpoint:
                 taken |= set(other.tools)
         offered: dict[str, Tool] = {}
         for tool in tools:
-            name = sanitise(tool.name)
+            name = sanitise_name(tool.name)
             if name in taken or name in offered:
-                name = unique_name(sanitise(f"bridge_{name}"), taken | set(offered))
+                name = unique_name(sanitise_name(f"bridge_{name}"), taken | set(offered))
             spec = ToolSpec(
                 name=name,
                 description=tool.description or tool.title or tool.name,

@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -41,7 +40,7 @@ from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
-from llm_svc.tools import name_keywords
+from shared.toolnames import name_keywords, sanitise_name, unique_name
 from shared.messages import ToolCall, ToolResult, ToolSpec
 from tools_svc.plugins import Tool
 
@@ -52,8 +51,6 @@ logging.getLogger("httpx2").setLevel(logging.WARNING)
 # The plugins' call timeout: an MCP call never takes longer.
 MAX_CALL_TIMEOUT_S = 30.0
 CLIENT_INFO = mt.Implementation(name="xiaozhi-nats-tools", version="0.1.0")
-_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
-_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _TRANSPORTS = {
     "stdio": "stdio",
     "sse": "sse",
@@ -69,30 +66,11 @@ Transport = Literal["stdio", "sse", "streamable-http"]
 # --- names, keywords and results, shared with the bridge endpoint ------------------------------
 
 
-def sanitise(name: str, limit: int = 64) -> str:
-    """A tool name an LLM accepts: ``[A-Za-z0-9_-]``, at most ``limit`` characters."""
-    clean = _UNSAFE.sub("_", name).strip("_") or "tool"
-    return clean[:limit]
-
-
-def unique_name(name: str, taken: set[str] | dict[str, Any], limit: int = 64) -> str:
-    """``name``, or ``name_2``, ``name_3``... (kept within ``limit``) when it is taken."""
-    if name not in taken:
-        return name
-    n = 2
-    while True:
-        suffix = f"_{n}"
-        candidate = name[: limit - len(suffix)] + suffix
-        if candidate not in taken:
-            return candidate
-        n += 1
-
-
 def keywords(*names: str) -> list[str]:
     """The words of the names (camelCase split too), as the LLM's tool gate matches them."""
     out: list[str] = []
     for name in names:
-        for word in name_keywords(_CAMEL.sub("_", name or "")):
+        for word in name_keywords(name or ""):
             if word not in out:
                 out.append(word)
     return out
@@ -379,7 +357,7 @@ class McpServerConnection:
         reserved = self._reserved()
         offered: dict[str, Tool] = {}
         for tool in tools:
-            exposed = unique_name(sanitise(f"{self.name}_{tool.name}"), reserved | set(offered))
+            exposed = unique_name(sanitise_name(f"{self.name}_{tool.name}"), reserved | set(offered))
             spec = ToolSpec(
                 name=exposed,
                 description=tool.description or tool.title or f"{tool.name} (MCP server {self.name})",

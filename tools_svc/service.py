@@ -23,7 +23,7 @@ from shared.agents import load_agent, open_bucket
 from tools_svc.mcp_endpoint import McpEndpoint
 from tools_svc.mcp_servers import McpServers
 from tools_svc.plugins import Tool, builtin_tools
-from tools_svc.schema import validate
+from shared.toolschema import validate
 
 log = logging.getLogger("tools_svc")
 

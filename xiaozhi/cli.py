@@ -10,13 +10,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import sys
 import time
 from pathlib import Path
 
-from xiaozhi.stack import DEFAULT_METRICS_PORTS, MODULES, SERVICES, Stack, pick_port
+from xiaozhi.stack import MODULES, SERVICES, Stack, pick_port
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,6 @@ from typing import IO
 
 SERVICES = ("tools", "tts", "asr", "llm", "vad", "gateway")
 MODULES = {"gateway": "gateway", "vad": "vad_svc", "asr": "asr_svc", "llm": "llm_svc", "tts": "tts_svc", "tools": "tools_svc"}
-DEFAULT_METRICS_PORTS = {"gateway": 9100, "vad": 9101, "asr": 9102, "llm": 9103, "tts": 9104, "tools": 9105}
 
 
 def nats_server_binary() -> str:

@@ -11,8 +11,8 @@ import pytest
 import websockets
 
 from gateway.auth import issue_device_token
+from tests.conftest import start_gateway
 from xiaozhi.sim import SimDevice
-from xiaozhi.stack import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -22,23 +22,14 @@ ALLOWED = "aa:aa:aa:aa:aa:aa"
 
 @pytest.fixture
 def auth_gateway(nats_only):
-    ws_port, http_port = free_port(), free_port()
-    proc = nats_only.start_service(
-        "gateway",
-        free_port(),
-        {
-            "XZ_GATEWAY__HOST": "127.0.0.1",
-            "XZ_GATEWAY__WS_PORT": str(ws_port),
-            "XZ_GATEWAY__HTTP_PORT": str(http_port),
-            "XZ_GATEWAY__PUBLIC_HOST": "127.0.0.1",
-            "XZ_GATEWAY__AUTH__ENABLED": "true",
-            "XZ_GATEWAY__AUTH__KEY": KEY,
-            "XZ_GATEWAY__AUTH__ALLOWED_DEVICES": json.dumps([ALLOWED]),
-            "XZ_GATEWAY__AUTH__EXPIRE_SECONDS": "3600",
-        },
+    gateway = start_gateway(
+        nats_only,
+        auth__enabled="true",
+        auth__key=KEY,
+        auth__allowed_devices=json.dumps([ALLOWED]),
+        auth__expire_seconds="3600",
     )
-    nats_only.wait_healthy([proc])
-    return ws_port, http_port
+    return gateway.ws_port, gateway.http_port
 
 
 async def test_ota_token_opens_the_websocket(auth_gateway):

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 
 import aiohttp
-import numpy as np
 import pytest
 
 from shared.audio import OpusDecoder

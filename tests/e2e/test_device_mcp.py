@@ -155,21 +155,15 @@ async def test_legacy_iot_descriptors_become_tools(pipeline):
 
 
 async def test_device_that_never_answers_times_out(pipeline):
-    from xiaozhi.stack import free_port
+    from tests.conftest import start_gateway
 
-    ws_port = free_port()
-    proc = pipeline.stack.start_service("gateway", free_port(), {
-        "XZ_GATEWAY__HOST": "127.0.0.1", "XZ_GATEWAY__WS_PORT": str(ws_port), "XZ_GATEWAY__HTTP_PORT": str(free_port()),
-        "XZ_GATEWAY__MCP_CALL_TIMEOUT_S": "1",
-    })
-    pipeline.stack.wait_healthy([proc])
+    gateway = start_gateway(pipeline.stack, mcp_call_timeout_s="1")
     try:
-        async with SimDevice(ws_url=f"ws://127.0.0.1:{ws_port}/", answer_mcp_calls=False) as device:
+        async with SimDevice(ws_url=gateway.ws_url, answer_mcp_calls=False) as device:
             await wait_listed(device, 1)
             started = asyncio.get_running_loop().time()
             reply = await device_mcp(pipeline.nats_url, device.session_id, DeviceMcpRequest(method="tools/call", name="self.get_device_status"))
             assert not reply.ok and "did not answer" in reply.text
             assert 0.9 <= asyncio.get_running_loop().time() - started < 3
     finally:
-        proc.popen.terminate()
-        proc.popen.wait(10)
+        gateway.stop()

@@ -9,20 +9,14 @@ import os
 
 import pytest
 
-from xiaozhi.stack import free_port
+from tests.conftest import start_gateway
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
 def ping_gateway(nats_only):
-    ws_port = free_port()
-    proc = nats_only.start_service("gateway", free_port(), {
-        "XZ_GATEWAY__HOST": "127.0.0.1", "XZ_GATEWAY__WS_PORT": str(ws_port), "XZ_GATEWAY__HTTP_PORT": str(free_port()),
-        "XZ_GATEWAY__PING_INTERVAL_S": "1",
-    })
-    nats_only.wait_healthy([proc])
-    return ws_port
+    return start_gateway(nats_only, ping_interval_s="1").ws_port
 
 
 def masked_text(payload: bytes) -> bytes:

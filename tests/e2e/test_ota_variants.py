@@ -8,8 +8,8 @@ import sys
 import aiohttp
 import pytest
 
+from tests.conftest import start_gateway
 from xiaozhi.sim import SimDevice
-from xiaozhi.stack import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -24,22 +24,8 @@ def ota_gateway(nats_only, tmp_path):
     (folder / "other-board_9.9.9.bin").write_bytes(b"other")
     (tmp_path / "secret.bin").write_bytes(b"secret")
     db = tmp_path / "bindings.db"
-    http_port, ws_port = free_port(), free_port()
-    proc = nats_only.start_service(
-        "gateway",
-        free_port(),
-        {
-            "XZ_GATEWAY__HOST": "127.0.0.1",
-            "XZ_GATEWAY__HTTP_PORT": str(http_port),
-            "XZ_GATEWAY__WS_PORT": str(ws_port),
-            "XZ_GATEWAY__FIRMWARE_DIR": str(folder),
-            "XZ_GATEWAY__BINDING": "true",
-            "XZ_GATEWAY__BINDING_DB": str(db),
-            "XZ_GATEWAY__CONSOLE_URL": "http://console.local",
-        },
-    )
-    nats_only.wait_healthy([proc])
-    return f"http://127.0.0.1:{http_port}", db
+    gateway = start_gateway(nats_only, firmware_dir=str(folder), binding="true", binding_db=str(db), console_url="http://console.local")
+    return gateway.http_url, db
 
 
 async def test_firmware_upgrade_offered_and_downloaded(ota_gateway):

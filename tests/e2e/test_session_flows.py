@@ -7,9 +7,8 @@ import time
 
 import pytest
 
-from tests.conftest import fixture_wav
+from tests.conftest import fixture_wav, start_gateway
 from xiaozhi.sim import SimDevice, read_wav
-from xiaozhi.stack import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -64,17 +63,9 @@ async def test_exit_intent_says_goodbye_then_closes(pipeline):
 @pytest.fixture
 def idle_gateway(pipeline):
     """A second gateway on the same pipeline, with short idle limits."""
-    ws_port = free_port()
-    proc = pipeline.stack.start_service(
-        "gateway",
-        free_port(),
-        {"XZ_GATEWAY__HOST": "127.0.0.1", "XZ_GATEWAY__WS_PORT": str(ws_port), "XZ_GATEWAY__HTTP_PORT": str(free_port()),
-         "XZ_GATEWAY__IDLE_FAREWELL_S": "3", "XZ_GATEWAY__HARD_CLOSE_S": "6"},
-    )
-    pipeline.stack.wait_healthy([proc])
-    yield f"ws://127.0.0.1:{ws_port}/xiaozhi/v1/"
-    proc.popen.terminate()
-    proc.popen.wait(10)
+    gateway = start_gateway(pipeline.stack, idle_farewell_s="3", hard_close_s="6")
+    yield gateway.ws_url
+    gateway.stop()
 
 
 async def test_idle_farewell_then_close(idle_gateway):

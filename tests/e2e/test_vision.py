@@ -8,8 +8,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from tests.conftest import local_http, start_gateway
 from xiaozhi.sim import SimDevice
-from xiaozhi.stack import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -41,25 +41,15 @@ async def vision_model():
 
     app = web.Application(client_max_size=20 * 1024 * 1024)
     app.router.add_post("/v1/chat/completions", completions)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"http://127.0.0.1:{port}/v1", seen
-    await runner.cleanup()
+    async with local_http(app) as url:
+        yield f"{url}/v1", seen
 
 
 @pytest.fixture
 def vision_gateway(nats_only, vision_model):
     base_url, _ = vision_model
-    ws_port, http_port = free_port(), free_port()
-    proc = nats_only.start_service("gateway", free_port(), {
-        "XZ_GATEWAY__HOST": "127.0.0.1", "XZ_GATEWAY__PUBLIC_HOST": "127.0.0.1",
-        "XZ_GATEWAY__WS_PORT": str(ws_port), "XZ_GATEWAY__HTTP_PORT": str(http_port),
-        "XZ_GATEWAY__VISION__BASE_URL": base_url, "XZ_GATEWAY__VISION__MODEL": "vision-test",
-    })
-    nats_only.wait_healthy([proc])
-    return ws_port, http_port
+    gateway = start_gateway(nats_only, vision__base_url=base_url, vision__model="vision-test")
+    return gateway.ws_port, gateway.http_port
 
 
 async def post(url: str, device_id: str, token: str, body: bytes) -> tuple[int, dict]:

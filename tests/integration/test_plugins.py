@@ -10,6 +10,7 @@ from nats.aio.client import Client as NATS
 
 from shared.messages import ToolCall, ToolList, ToolResult
 from shared.subjects import Subjects
+from tests.conftest import local_http
 from xiaozhi.stack import free_port
 
 S = Subjects()
@@ -70,12 +71,8 @@ async def fake_apis():
     app.router.add_get("/rss.xml", rss)
     app.router.add_get("/api/states/{entity}", hass_state)
     app.router.add_post("/api/services/{domain}/{service}", hass_service)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"http://127.0.0.1:{port}", seen
-    await runner.cleanup()
+    async with local_http(app) as url:
+        yield url, seen
 
 
 async def call(nc: NATS, name: str, **arguments) -> ToolResult:

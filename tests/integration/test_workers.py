@@ -36,10 +36,13 @@ from xiaozhi.stack import free_port, wait_tcp
 S = Subjects()
 
 
-async def connect(url: str) -> NATS:
-    nc = NATS()
-    await nc.connect(url)
-    return nc
+@pytest.fixture
+async def nc(nats_only):
+    """A client of the test's nats-server."""
+    client = NATS()
+    await client.connect(nats_only.nats_url)
+    yield client
+    await client.close()
 
 
 def start(stack, name: str, env: dict[str, str] | None = None):
@@ -48,100 +51,84 @@ def start(stack, name: str, env: dict[str, str] | None = None):
     return proc
 
 
-async def test_asr_worker_transcribes_and_survives_garbage(nats_only):
+async def test_asr_worker_transcribes_and_survives_garbage(nats_only, nc):
     start(nats_only, "asr")
-    nc = await connect(nats_only.nats_url)
-    try:
-        session = "s-asr"
-        sub = await nc.subscribe(S.llm(session))
-        await nc.publish(S.asr(session), b"\x00\x00\x00\xffgarbage")
-        packets = encode_pcm(read_wav(fixture_wav("en_what_time.wav")), 16000, 60)
-        turn_id = new_turn_id()
-        await nc.publish(S.asr(session), Utterance(session_id=session, turn_id=turn_id, device_id="d1").pack(packets))
-        msg = await sub.next_msg(timeout=30)
-        turn = UserTurn.decode(msg.data)
-        assert turn.turn_id == turn_id and turn.device_id == "d1" and turn.source == "asr"
-        assert turn.text.lower().rstrip("?.!") == "what time is it"
-    finally:
-        await nc.close()
+    session = "s-asr"
+    sub = await nc.subscribe(S.llm(session))
+    await nc.publish(S.asr(session), b"\x00\x00\x00\xffgarbage")
+    packets = encode_pcm(read_wav(fixture_wav("en_what_time.wav")), 16000, 60)
+    turn_id = new_turn_id()
+    await nc.publish(S.asr(session), Utterance(session_id=session, turn_id=turn_id, device_id="d1").pack(packets))
+    msg = await sub.next_msg(timeout=30)
+    turn = UserTurn.decode(msg.data)
+    assert turn.turn_id == turn_id and turn.device_id == "d1" and turn.source == "asr"
+    assert turn.text.lower().rstrip("?.!") == "what time is it"
 
 
-async def test_tts_worker_streams_numbered_opus_frames(nats_only):
+async def test_tts_worker_streams_numbered_opus_frames(nats_only, nc):
     start(nats_only, "tts")
-    nc = await connect(nats_only.nats_url)
-    try:
-        session, turn_id = "s-tts", new_turn_id()
-        sub = await nc.subscribe(S.out(session))
-        await nc.publish(S.tts(session), SentenceJob(session_id=session, turn_id=turn_id, seq=3, text="Hello there, how are you today?").encode())
-        frames: list[bytes] = []
-        events: list[OutEvent] = []
-        while not events or events[-1].kind != "sentence_end":
-            msg = await sub.next_msg(timeout=30)
-            meta = AudioFrameMeta.from_headers(msg.headers)
-            if meta:
-                assert (meta.turn_id, meta.seq, meta.index) == (turn_id, 3, len(frames))
-                frames.append(msg.data)
-            else:
-                events.append(OutEvent.decode(msg.data))
-        assert [e.kind for e in events] == ["sentence_start", "sentence_end"]
-        assert events[0].text == "Hello there, how are you today?"
-        assert events[1].frames == len(frames) and len(frames) > 10
-        pcm = decode_packets(frames, 24000)
-        assert len(pcm) == len(frames) * 1440  # exactly 60 ms per frame at 24 kHz
-        assert np.abs(pcm.astype(np.int32)).mean() > 100
-    finally:
-        await nc.close()
+    session, turn_id = "s-tts", new_turn_id()
+    sub = await nc.subscribe(S.out(session))
+    await nc.publish(S.tts(session), SentenceJob(session_id=session, turn_id=turn_id, seq=3, text="Hello there, how are you today?").encode())
+    frames: list[bytes] = []
+    events: list[OutEvent] = []
+    while not events or events[-1].kind != "sentence_end":
+        msg = await sub.next_msg(timeout=30)
+        meta = AudioFrameMeta.from_headers(msg.headers)
+        if meta:
+            assert (meta.turn_id, meta.seq, meta.index) == (turn_id, 3, len(frames))
+            frames.append(msg.data)
+        else:
+            events.append(OutEvent.decode(msg.data))
+    assert [e.kind for e in events] == ["sentence_start", "sentence_end"]
+    assert events[0].text == "Hello there, how are you today?"
+    assert events[1].frames == len(frames) and len(frames) > 10
+    pcm = decode_packets(frames, 24000)
+    assert len(pcm) == len(frames) * 1440  # exactly 60 ms per frame at 24 kHz
+    assert np.abs(pcm.astype(np.int32)).mean() > 100
 
 
-async def test_tools_worker_lists_and_calls(nats_only):
+async def test_tools_worker_lists_and_calls(nats_only, nc):
     start(nats_only, "tools")
-    nc = await connect(nats_only.nats_url)
-    try:
-        listing = ToolList.decode((await nc.request(S.tools_list, b"", timeout=5)).data)
-        assert "get_time" in [t.name for t in listing.tools]
-        result = ToolResult.decode((await nc.request(S.tool("get_time"), ToolCall(name="get_time").encode(), timeout=5)).data)
-        assert result.ok and result.action == "response" and str(time.localtime().tm_year) in result.text
-        unknown = ToolResult.decode((await nc.request(S.tool("nope"), ToolCall(name="nope").encode(), timeout=5)).data)
-        assert not unknown.ok and unknown.action == "error"
-        garbage = ToolResult.decode((await nc.request(S.tool("get_time"), b"{oops", timeout=5)).data)
-        assert not garbage.ok and "malformed" in garbage.text
-    finally:
-        await nc.close()
+    listing = ToolList.decode((await nc.request(S.tools_list, b"", timeout=5)).data)
+    assert "get_time" in [t.name for t in listing.tools]
+    result = ToolResult.decode((await nc.request(S.tool("get_time"), ToolCall(name="get_time").encode(), timeout=5)).data)
+    assert result.ok and result.action == "response" and str(time.localtime().tm_year) in result.text
+    unknown = ToolResult.decode((await nc.request(S.tool("nope"), ToolCall(name="nope").encode(), timeout=5)).data)
+    assert not unknown.ok and unknown.action == "error"
+    garbage = ToolResult.decode((await nc.request(S.tool("get_time"), b"{oops", timeout=5)).data)
+    assert not garbage.ok and "malformed" in garbage.text
 
 
-async def test_vad_worker_cuts_utterances_auto_and_manual(nats_only):
+async def test_vad_worker_cuts_utterances_auto_and_manual(nats_only, nc):
     start(nats_only, "vad")
-    nc = await connect(nats_only.nats_url)
-    try:
-        session = "s-vad"
-        asr = await nc.subscribe(S.asr(session))
-        ack = VadClaimAck.decode((await nc.request(S.vad_claim, VadClaim(session_id=session, device_id="d2").encode(), timeout=5)).data)
-        assert ack.session_id == session and ack.worker_id
-        speech = read_wav(fixture_wav("en_what_time.wav"))
-        silence = np.zeros(16000 * 2, dtype=np.int16)
-        # Auto mode: speech then silence ends the turn by itself.
-        await nc.publish(S.ctl(session), Control(session_id=session, kind="listen_start", mode="auto").encode())
-        for packet in encode_pcm(np.concatenate([silence[:8000], speech, silence]), 16000, 60):
-            await nc.publish(S.audio(session), packet)
-        meta, packets = Utterance.unpack((await asr.next_msg(timeout=10)).data)
-        assert meta.session_id == session and meta.device_id == "d2"
-        assert 1.0 <= len(packets) * 0.06 <= 3.0, len(packets)
-        # Silence alone is no utterance.
-        for packet in encode_pcm(silence, 16000, 60):
-            await nc.publish(S.audio(session), packet)
-        with pytest.raises(asyncio.TimeoutError):
-            await asr.next_msg(timeout=1.5)
-        # Manual mode: everything until listen stop, however long the silence.
-        await nc.publish(S.ctl(session), Control(session_id=session, kind="listen_start", mode="manual").encode())
-        for packet in encode_pcm(np.concatenate([speech, silence]), 16000, 60):
-            await nc.publish(S.audio(session), packet)
-        with pytest.raises(asyncio.TimeoutError):
-            await asr.next_msg(timeout=1.0)
-        await nc.publish(S.ctl(session), Control(session_id=session, kind="listen_stop").encode())
-        meta, packets = Utterance.unpack((await asr.next_msg(timeout=10)).data)
-        assert len(packets) == len(encode_pcm(np.concatenate([speech, silence]), 16000, 60))
-    finally:
-        await nc.close()
+    session = "s-vad"
+    asr = await nc.subscribe(S.asr(session))
+    ack = VadClaimAck.decode((await nc.request(S.vad_claim, VadClaim(session_id=session, device_id="d2").encode(), timeout=5)).data)
+    assert ack.session_id == session and ack.worker_id
+    speech = read_wav(fixture_wav("en_what_time.wav"))
+    silence = np.zeros(16000 * 2, dtype=np.int16)
+    # Auto mode: speech then silence ends the turn by itself.
+    await nc.publish(S.ctl(session), Control(session_id=session, kind="listen_start", mode="auto").encode())
+    for packet in encode_pcm(np.concatenate([silence[:8000], speech, silence]), 16000, 60):
+        await nc.publish(S.audio(session), packet)
+    meta, packets = Utterance.unpack((await asr.next_msg(timeout=10)).data)
+    assert meta.session_id == session and meta.device_id == "d2"
+    assert 1.0 <= len(packets) * 0.06 <= 3.0, len(packets)
+    # Silence alone is no utterance.
+    for packet in encode_pcm(silence, 16000, 60):
+        await nc.publish(S.audio(session), packet)
+    with pytest.raises(asyncio.TimeoutError):
+        await asr.next_msg(timeout=1.5)
+    # Manual mode: everything until listen stop, however long the silence.
+    await nc.publish(S.ctl(session), Control(session_id=session, kind="listen_start", mode="manual").encode())
+    for packet in encode_pcm(np.concatenate([speech, silence]), 16000, 60):
+        await nc.publish(S.audio(session), packet)
+    with pytest.raises(asyncio.TimeoutError):
+        await asr.next_msg(timeout=1.0)
+    await nc.publish(S.ctl(session), Control(session_id=session, kind="listen_stop").encode())
+    meta, packets = Utterance.unpack((await asr.next_msg(timeout=10)).data)
+    assert len(packets) == len(encode_pcm(np.concatenate([speech, silence]), 16000, 60))
 
 
 async def collect_llm_turn(nc: NATS, session: str, turn: UserTurn, timeout: float = 60):
@@ -180,52 +167,40 @@ def llama_server(tmp_path):
         proc.wait(10)
 
 
-async def test_llm_worker_with_openai_compatible_server(nats_only, llama_server):
+async def test_llm_worker_with_openai_compatible_server(nats_only, llama_server, nc):
     # No emoji list in the prompt: the tiny model sometimes answers with an emoji alone.
     start(nats_only, "llm", {"XZ_LLM__BACKEND": "openai", "XZ_LLM__BASE_URL": llama_server, "XZ_LLM__MODEL": "smollm2", "XZ_LLM__EMOJI_PROMPT": "false"})
-    nc = await connect(nats_only.nats_url)
-    try:
-        session, turn_id = "s-llm", new_turn_id()
-        events, jobs = await collect_llm_turn(nc, session, UserTurn(session_id=session, turn_id=turn_id, text="Say hello to my friend Anna."))
-        kinds = [e.kind for e in events]
-        assert kinds[0] == "stt" and events[0].text == "Say hello to my friend Anna."
-        assert "emotion" in kinds and kinds[-1] == "turn_end"
-        assert jobs, "no sentences"
-        assert [j.seq for j in jobs] == list(range(len(jobs)))
-        assert events[-1].sentences == len(jobs)
-        assert all(j.turn_id == turn_id and j.text.strip() for j in jobs)
-        assert jobs[0].text != "Sorry, I could not think of an answer just now."  # the model's own words
-        # History: the second turn of the session is answered with the first in context.
-        events2, jobs2 = await collect_llm_turn(nc, session, UserTurn(session_id=session, turn_id=new_turn_id(), text="Thanks!"))
-        assert events2[-1].kind == "turn_end" and jobs2
-    finally:
-        await nc.close()
+    session, turn_id = "s-llm", new_turn_id()
+    events, jobs = await collect_llm_turn(nc, session, UserTurn(session_id=session, turn_id=turn_id, text="Say hello to my friend Anna."))
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "stt" and events[0].text == "Say hello to my friend Anna."
+    assert "emotion" in kinds and kinds[-1] == "turn_end"
+    assert jobs, "no sentences"
+    assert [j.seq for j in jobs] == list(range(len(jobs)))
+    assert events[-1].sentences == len(jobs)
+    assert all(j.turn_id == turn_id and j.text.strip() for j in jobs)
+    assert jobs[0].text != "Sorry, I could not think of an answer just now."  # the model's own words
+    # History: the second turn of the session is answered with the first in context.
+    events2, jobs2 = await collect_llm_turn(nc, session, UserTurn(session_id=session, turn_id=new_turn_id(), text="Thanks!"))
+    assert events2[-1].kind == "turn_end" and jobs2
 
 
-async def test_llm_worker_speaks_an_error_when_backend_is_down(nats_only):
+async def test_llm_worker_speaks_an_error_when_backend_is_down(nats_only, nc):
     dead = f"http://127.0.0.1:{free_port()}/v1"
     start(nats_only, "llm", {"XZ_LLM__BACKEND": "openai", "XZ_LLM__BASE_URL": dead, "XZ_LLM__ERROR_REPLY": "Sorry, my brain is offline."})
-    nc = await connect(nats_only.nats_url)
-    try:
-        session = "s-llm-down"
-        events, jobs = await collect_llm_turn(nc, session, UserTurn(session_id=session, turn_id=new_turn_id(), text="Hello?"))
-        assert [j.text for j in jobs] == ["Sorry, my brain is offline."]
-        assert events[-1].kind == "turn_end" and events[-1].sentences == 1
-    finally:
-        await nc.close()
+    session = "s-llm-down"
+    events, jobs = await collect_llm_turn(nc, session, UserTurn(session_id=session, turn_id=new_turn_id(), text="Hello?"))
+    assert [j.text for j in jobs] == ["Sorry, my brain is offline."]
+    assert events[-1].kind == "turn_end" and events[-1].sentences == 1
 
 
 @pytest.mark.parametrize("mode", ["function_call", "intent_llm", "none"])
-async def test_intent_modes(nats_only, mode):
+async def test_intent_modes(nats_only, mode, nc):
     """function_call and intent_llm reach get_time for 'What time is it?'; none is plain chat."""
     start(nats_only, "tools")
     start(nats_only, "llm", {"XZ_LLM__INTENT_MODE": mode})
-    nc = await connect(nats_only.nats_url)
-    try:
-        session = f"s-intent-{mode}"
-        events, jobs = await collect_llm_turn(nc, session, UserTurn(session_id=session, turn_id=new_turn_id(), text="What time is it?"))
-        assert events[-1].kind == "turn_end" and jobs
-        spoke_time = bool(re.match(r"It is \d{1,2}:\d\d [AP]M on \w+day, ", jobs[0].text))
-        assert spoke_time == (mode != "none"), jobs[0].text
-    finally:
-        await nc.close()
+    session = f"s-intent-{mode}"
+    events, jobs = await collect_llm_turn(nc, session, UserTurn(session_id=session, turn_id=new_turn_id(), text="What time is it?"))
+    assert events[-1].kind == "turn_end" and jobs
+    spoke_time = bool(re.match(r"It is \d{1,2}:\d\d [AP]M on \w+day, ", jobs[0].text))
+    assert spoke_time == (mode != "none"), jobs[0].text

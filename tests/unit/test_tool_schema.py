@@ -1,10 +1,10 @@
-"""tools_svc.schema.validate: the JSON-schema subset tools use."""
+"""shared.toolschema.validate: the JSON-schema subset tools use."""
 
 from __future__ import annotations
 
 import pytest
 
-from tools_svc.schema import validate
+from shared.toolschema import validate
 
 SCHEMA = {
     "type": "object",
