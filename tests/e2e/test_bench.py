@@ -13,22 +13,23 @@ from tests.conftest import fixture_wav
 pytestmark = pytest.mark.e2e
 
 
-def test_bench_two_devices(pipeline, tmp_path):
+def test_bench_three_devices_two_turns(pipeline, tmp_path):
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "xiaozhi.cli", "bench", "--ota", pipeline.ota_url, "--devices", "2", "--turns", "1",
+        [sys.executable, "-m", "xiaozhi.cli", "bench", "--ota", pipeline.ota_url, "--devices", "3", "--turns", "2",
          "--ramp-up", "0.5", "--think", "0.2", "--wav", str(fixture_wav("en_what_time.wav")), "--json", str(out)],
         capture_output=True, text=True, timeout=180,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "voice-to-voice (first audio)" in result.stdout
     data = json.loads(out.read_text())
-    assert data["turns"] == {"total": 2, "ok": 2, "failed": 0, "failures": {}}
+    assert data["turns"] == {"total": 6, "ok": 6, "failed": 0, "failures": {}}
     v2v = data["voice_to_voice_s"]
-    assert v2v["count"] == 2 and 0 < v2v["p50"] <= v2v["max"] < 30
+    assert v2v["count"] == 6 and set(v2v) == {"count", "p50", "p95", "p99", "max"}  # no timing asserted
     stages = data["stages_after_speech_end_s"]
     # The device sees stt before tts start before the first sentence before the first frame.
     assert stages["stt"]["p50"] <= stages["tts_start"]["p50"] <= stages["first_sentence_start"]["p50"] <= stages["first_audio_frame"]["p50"]
     assert data["downlink"]["frames_over_device_buffer"] == 0 and data["downlink"]["frames"] > 0
-    assert data["sessions"]["connected"] == 2 and data["sessions"]["held_at_end"] == 2
+    assert data["sessions"]["connected"] == 3 and data["sessions"]["held_at_end"] == 3
+    assert set(data) >= {"config", "elapsed_s", "turns", "voice_to_voice_s", "stages_after_speech_end_s", "downlink", "sessions", "server_processes", "records"}
     assert all(r["stt"] and "time" in r["stt"].lower() for r in data["records"])
