@@ -266,6 +266,26 @@ class SimDevice:
             self.protocol_version = ws["version"]
         return self.ota_response or {}
 
+    async def activate(self, polls: int = 10, wait_pending_s: float = 3.0, wait_error_s: float = 10.0) -> bool:
+        """The activation loop of the firmware (protocol.md §1.5): POST ``<ota>activate`` until 200.
+
+        202 means "not bound yet": wait ``wait_pending_s`` and ask again; anything else waits
+        ``wait_error_s``. Returns True once activated.
+        """
+        activation = (self.ota_response or {}).get("activation") or {}
+        if not self.ota_url or not activation.get("challenge"):
+            return False
+        url = self.ota_url + ("activate" if self.ota_url.endswith("/") else "/activate")
+        headers = {"Activation-Version": "1", "Device-Id": self.device_id, "Client-Id": self.client_id, "Content-Type": "application/json"}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+            for _ in range(polls):
+                async with http.post(url, data=b"{}", headers=headers) as response:
+                    status = response.status
+                if status == 200:
+                    return True
+                await asyncio.sleep(wait_pending_s if status == 202 else wait_error_s)
+        return False
+
     async def connect(self, features: dict[str, Any] | None = None) -> None:
         """OTA (when given), WebSocket handshake with the firmware's headers, then hello."""
         if self.ota_url and not self.ota_response:
@@ -368,7 +388,11 @@ class SimDevice:
         start = 0
         if cursor:
             names = [t["name"] for t in tools]
-            start = names.index(cursor) if cursor in names else len(tools)
+            if cursor not in names:
+                # What the firmware answers: it finds no tool to start the page with.
+                await self._mcp_reply(msg_id, error="Failed to add tool  because of payload size limit")
+                return
+            start = names.index(cursor)
         page: list[dict[str, Any]] = []
         size = 0
         next_cursor = None

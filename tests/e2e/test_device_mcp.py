@@ -167,3 +167,4 @@ async def test_device_that_never_answers_times_out(pipeline):
             assert 0.9 <= asyncio.get_running_loop().time() - started < 3
     finally:
         gateway.stop()
+

@@ -59,6 +59,8 @@ async def test_activation_until_bound(ota_gateway):
     assert "mqtt" not in data and data["websocket"]["url"]
     # The same code until it is used.
     assert (await SimDevice(ota_url=f"{base}/xiaozhi/ota/", device_id=device.device_id).ota())["activation"]["code"] == code
+    # The device polls as the firmware does; nobody has entered the code yet.
+    assert await device.activate(polls=2, wait_pending_s=0.1, wait_error_s=0.1) is False
     headers = {"Device-Id": device.device_id, "Client-Id": device.client_id, "Activation-Version": "2"}
     body = {"algorithm": "hmac-sha256", "serial_number": "SN", "challenge": activation["challenge"], "hmac": "0" * 64}
     async with aiohttp.ClientSession() as http:
@@ -70,5 +72,6 @@ async def test_activation_until_bound(ota_gateway):
         assert bound.returncode == 0 and device.device_id in bound.stdout
         async with http.post(f"{base}/xiaozhi/ota/activate", data=b"{}", headers=headers) as response:
             assert response.status == 200
+    assert await device.activate(polls=2, wait_pending_s=0.1) is True
     again = await SimDevice(ota_url=f"{base}/xiaozhi/ota/", device_id=device.device_id).ota()
     assert "activation" not in again
