@@ -17,10 +17,11 @@ from prometheus_client import Counter, Gauge
 from asr_svc.engine import AsrEngine, WhisperEngine
 from shared import logging as xlog
 from shared.audio import decode_packets, int16_to_float
-from shared.messages import UserTurn, Utterance
+from shared.messages import OutEvent, UserTurn, Utterance
 from shared.metrics import DROPPED, ERRORS, histogram
 from shared.settings import Settings
-from shared.subjects import QUEUE_ASR, Subjects, session_from_subject
+from shared.subjects import Subjects, session_from_subject
+from shared.workqueue import StageBusy, StageUnavailable, WorkPuller, publish_work
 
 log = logging.getLogger("asr_svc")
 
@@ -56,9 +57,9 @@ class AsrWorker:
         self.subjects = Subjects(settings.nats.prefix)
         self.engine = engine or WhisperEngine(self.asr.model, self.asr.language, self.asr.beam_size, self.asr.threads, self.asr.initial_prompt)
         # One model, one thread: Whisper uses all its cpu_threads per call already.
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="whisper")
+        self._pool = ThreadPoolExecutor(max_workers=max(1, settings.work.asr.concurrency), thread_name_prefix="whisper")
         self.nc: NATS | None = None
-        self._sub = None
+        self._puller: WorkPuller | None = None
 
     async def start(self, nc: NATS) -> None:
         self.nc = nc
@@ -66,12 +67,26 @@ class AsrWorker:
         import numpy as np
 
         await asyncio.get_running_loop().run_in_executor(self._pool, self.engine.transcribe, np.zeros(16000, dtype=np.float32))
-        self._sub = await nc.subscribe(self.subjects.asr_all, queue=QUEUE_ASR, cb=self._on_utterance)
+        self._puller = WorkPuller(nc, self.subjects, "asr", self.settings.work, self._on_work, self.settings.work.asr.concurrency, "asr")
+        await self._puller.start()
 
     async def stop(self) -> None:
-        if self._sub is not None:
-            await self._sub.unsubscribe()
+        if self._puller is not None:
+            await self._puller.stop(self.settings.nats.drain_timeout_s)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def queue_depths(self) -> dict[str, int]:
+        return {"asr": self._puller.backlog if self._puller else 0}
+
+    async def _on_work(self, msg: Msg, _delivery: int) -> None:
+        await self._on_utterance(msg)
+
+    async def _tell(self, meta: Utterance, kind: str) -> None:
+        """Tell the gateway what became of the utterance it is waiting on."""
+        try:
+            await self.nc.publish(self.subjects.out(meta.session_id), OutEvent(kind=kind, session_id=meta.session_id, turn_id=meta.turn_id).encode())  # type: ignore[union-attr,arg-type]
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not tell the gateway: %s", exc)
 
     def health(self) -> dict[str, Any]:
         return {"ok": True, "model": self.asr.model}
@@ -96,6 +111,7 @@ class AsrWorker:
                 ERRORS.labels("asr", "transcribe").inc()
                 UTTERANCES.labels("error").inc()
                 log.exception("transcription failed")
+                await self._tell(meta, "discard")
                 return
             finally:
                 IN_FLIGHT.dec()
@@ -106,6 +122,7 @@ class AsrWorker:
             log.info("transcript", extra={"fields": {"text": text, "audio_s": round(transcript.audio_s, 2), "seconds": round(elapsed, 3)}})
             if is_noise(text):
                 UTTERANCES.labels("empty").inc()
+                await self._tell(meta, "discard")
                 return
             UTTERANCES.labels("ok").inc()
             turn = UserTurn(
@@ -118,4 +135,10 @@ class AsrWorker:
                 speech_end_ms=meta.speech_end_ms,
             )
             assert self.nc is not None
-            await self.nc.publish(self.subjects.llm(meta.session_id), turn.encode())
+            try:
+                await publish_work(self.nc, self.subjects.llm(meta.session_id), turn.encode(), self.settings.work.publish_timeout_s)
+            except (StageBusy, StageUnavailable) as exc:
+                busy = isinstance(exc, StageBusy)
+                ERRORS.labels("asr", "llm_busy" if busy else "llm_unavailable").inc()
+                log.warning("LLM queue refused the turn: %s", exc)
+                await self._tell(meta, "busy")

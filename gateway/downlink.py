@@ -52,6 +52,7 @@ class PacedSender:
         self.start_gap_s = start_gap_s
         self._started_at = 0.0
         self._superseded = False
+        self._performing = False
         self.frames_sent = 0
         self.late_frames = 0
 
@@ -87,6 +88,12 @@ class PacedSender:
     def pending(self) -> int:
         return len(self._queue)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing being sent (a `tts stop` waiting out the play-out tail
+        counts as being sent)."""
+        return not self._queue and not self._performing
+
     def _drop_queue(self) -> None:
         self._queue.clear()
         self._interrupt.set()
@@ -110,6 +117,7 @@ class PacedSender:
                 continue
             self._interrupt.clear()
             action = self._queue.popleft()
+            self._performing = True
             try:
                 await self._perform(action)
             except asyncio.CancelledError:
@@ -117,6 +125,8 @@ class PacedSender:
             except Exception as exc:  # noqa: BLE001 - a dead socket ends the session elsewhere
                 log.debug("downlink send failed: %s", exc)
                 self._queue.clear()
+            finally:
+                self._performing = False
 
     async def _perform(self, action: Action) -> None:
         if isinstance(action, Text):

@@ -18,3 +18,11 @@ AUTH_FAILURES = Counter("xz_gateway_auth_failures_total", "WebSocket handshakes 
 IDLE_CLOSES = Counter("xz_gateway_idle_closes_total", "Sessions ended for idleness, by how", ["how"])
 VISION_REQUESTS = Counter("xz_gateway_vision_requests_total", "Vision endpoint requests, by result", ["result"])
 VOICE_TO_VOICE = histogram("xz_gateway_voice_to_voice_seconds", "End of user speech (VAD) to the first reply audio frame sent")
+TURNS_IN_FLIGHT = Gauge("xz_gateway_turns_in_flight", "Sessions with a reply under way (from the user's turn to the reply's end)")
+FALLBACK_REPLIES = Counter(
+    "xz_gateway_fallback_replies_total",
+    "Short fixed phrases spoken instead of an answer, by reason (busy, stt_timeout, turn_timeout, unavailable)",
+    ["reason"],
+)
+VAD_RECLAIMS = Counter("xz_gateway_vad_reclaims_total", "Sessions handed to another VAD worker, by why (dead: no heartbeat, leaving: shut down)", ["why"])
+REJECTED = Counter("xz_gateway_connections_rejected_total", "WebSocket handshakes refused, by reason (full, draining, rate_limited)", ["reason"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import secrets
 import time
@@ -11,17 +13,24 @@ from urllib.parse import parse_qs, urlsplit
 
 from aiohttp import web
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from gateway import metrics as m
 from gateway import auth, ota, protocol
 from gateway.bindings import SqliteBindingStore
+from gateway.limits import RateLimiter
 from gateway.session import DeviceSession
 from shared.settings import Settings
 from shared.subjects import Subjects
 
 log = logging.getLogger("gateway.server")
+
+
+def peer_ip(connection: ServerConnection) -> str:
+    address = connection.remote_address
+    return str(address[0]) if address else "unknown"
 
 
 def device_headers(request: Request) -> dict[str, str]:
@@ -58,6 +67,19 @@ class Gateway:
         self._ws_server: Server | None = None
         self._http_runner: web.AppRunner | None = None
         self.sessions: set[DeviceSession] = set()
+        # VAD workers' last heartbeat (monotonic), by worker id.
+        self._vad_seen: dict[str, float] = {}
+        self._vad_watch: asyncio.Task | None = None
+        self._alive_sub = None
+        self._draining = False
+        # SIGTERM: replies in flight may finish (gateway.drain_s), then the process exits.
+        self.stop_timeout_s = self.gw.drain_s + 5
+        limits = self.gw.rate_limits
+        self._conn_ip = RateLimiter(limits.connections_per_minute_per_ip)
+        self._conn_device = RateLimiter(limits.connections_per_minute_per_device)
+        self._turn_ip = RateLimiter(limits.turns_per_minute_per_ip)
+        self._turn_device = RateLimiter(limits.turns_per_minute_per_device)
+        m.TURNS_IN_FLIGHT.set_function(lambda: sum(1 for s in list(self.sessions) if s.turn_in_flight))
         self.ws_port: int | None = None
         self.http_port: int | None = None
         self.auth_key = self.gw.auth.key or secrets.token_hex(16)
@@ -66,6 +88,8 @@ class Gateway:
 
     async def start(self, nc: NATS) -> None:
         self.nc = nc
+        self._alive_sub = await nc.subscribe(self.subjects.vad_alive, cb=self._on_vad_alive)
+        self._vad_watch = asyncio.create_task(self._watch_vad())
         self._ws_server = await serve(
             self._handle,
             self.gw.host,
@@ -92,21 +116,101 @@ class Gateway:
             extra={"fields": {"ws": f"{self.gw.host}:{self.ws_port}", "http": f"{self.gw.host}:{self.http_port}", "websocket_url": ota.websocket_url(self.gw)}},
         )
 
+    async def _on_vad_alive(self, msg: Msg) -> None:
+        try:
+            beat = json.loads(msg.data)
+            worker = str(beat["worker_id"])
+        except Exception:  # noqa: BLE001
+            m.DROPPED.labels("gateway", "bad_heartbeat").inc()
+            return
+        if beat.get("leaving"):
+            self._vad_seen.pop(worker, None)
+            for session in list(self.sessions):
+                if session.vad_owner == worker:
+                    asyncio.create_task(session.reclaim_vad("leaving"))
+            return
+        self._vad_seen[worker] = time.monotonic()
+
+    async def _watch_vad(self) -> None:
+        """Every second: sessions whose VAD worker went silent are claimed again."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for worker in [w for w, seen in self._vad_seen.items() if now - seen > 60]:
+                del self._vad_seen[worker]
+            for session in list(self.sessions):
+                if session.needs_vad(now, self._vad_seen, self.gw.vad_dead_after_s):
+                    asyncio.create_task(session.reclaim_vad("dead"))
+
     async def stop(self) -> None:
+        """Drain: refuse new devices, let each session finish the reply it is playing, close it
+        (1001, so the device reconnects, through the load balancer, to another replica), and
+        close whatever is left after ``drain_s``."""
+        self._draining = True
+        started = time.monotonic()
         if self._ws_server is not None:
-            self._ws_server.close()
-            await self._ws_server.wait_closed()
+            self._ws_server.close(close_connections=False)
+        log.info("draining", extra={"fields": {"sessions": len(self.sessions), "deadline_s": self.gw.drain_s}})
+        while self.sessions and time.monotonic() - started < self.gw.drain_s:
+            for session in [s for s in list(self.sessions) if not s.busy]:
+                asyncio.create_task(session.close_for_restart())
+            await asyncio.sleep(0.2)
+        left = list(self.sessions)
+        if left:
+            log.warning("drain deadline passed, closing sessions", extra={"fields": {"sessions": len(left)}})
+        await asyncio.gather(*(s.close_for_restart() for s in left), return_exceptions=True)
+        if self._vad_watch is not None:
+            self._vad_watch.cancel()
+        if self._ws_server is not None:
+            try:
+                await asyncio.wait_for(self._ws_server.wait_closed(), 5)
+            except asyncio.TimeoutError:
+                pass
         if self._http_runner is not None:
             await self._http_runner.cleanup()
+        log.info("drained", extra={"fields": {"seconds": round(time.monotonic() - started, 2)}})
 
     def health(self) -> dict[str, Any]:
-        return {"ok": self._ws_server is not None, "sessions": len(self.sessions)}
+        # Draining: not ready, so the load balancer sends new devices elsewhere.
+        return {"ok": self._ws_server is not None and not self._draining, "sessions": len(self.sessions), "draining": self._draining}
+
+    def admit_turn(self, device_id: str, ip: str) -> bool:
+        """A user turn is starting: within this device's and this address's turn limits?"""
+        now = time.monotonic()
+        device_ok = self._turn_device.allow(device_id, now)
+        ip_ok = self._turn_ip.allow(ip, now)
+        return device_ok and ip_ok
+
+    def queue_depths(self) -> dict[str, int]:
+        """In-process queues, summed over sessions (sampled into ``xz_queue_depth``)."""
+        sessions = list(self.sessions)
+        return {
+            "uplink": sum(s.uplink_pending for s in sessions),
+            "downlink": sum(s.downlink.pending for s in sessions),
+        }
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         """Answer plain HTTP on the WebSocket port; reject bad handshakes with an HTTP status."""
         if request.headers.get("Upgrade", "").lower() != "websocket":
             return connection.respond(HTTPStatus.OK, "Server is running\n")
         found = device_headers(request)
+        if self._draining:
+            m.REJECTED.labels("draining").inc()
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "server restarting, reconnect\n")
+        if len(self.sessions) >= self.gw.max_sessions:
+            # Admission control: this replica is full; the device retries (elsewhere, behind a
+            # load balancer).
+            m.REJECTED.labels("full").inc()
+            log.warning("session limit reached, connection refused", extra={"fields": {"max_sessions": self.gw.max_sessions}})
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "server full, try again later\n")
+        now = time.monotonic()
+        ip = peer_ip(connection)
+        ip_ok = self._conn_ip.allow(ip, now)
+        device_ok = self._conn_device.allow(found["device-id"] or ip, now)
+        if not (ip_ok and device_ok):
+            m.REJECTED.labels("rate_limited").inc()
+            log.info("connection rate limited", extra={"fields": {"device_id": found["device-id"], "ip": ip, "by": "ip" if not ip_ok else "device"}})
+            return connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "too many connections, slow down\n")
         try:
             protocol.parse_protocol_version(found["protocol-version"] or None)
         except protocol.ProtocolError:
@@ -141,7 +245,8 @@ class Gateway:
         assert self.nc is not None
         session = DeviceSession(
             ws, self.nc, self.gw, self.subjects, device_id, found["client-id"] or device_id, version,
-            auth_key=self.auth_key, vision_url=ota.vision_url(self.gw, self.http_port),
+            auth_key=self.auth_key, vision_url=ota.vision_url(self.gw, self.http_port), work=self.settings.work,
+            admit_turn=lambda: self.admit_turn(device_id, peer_ip(ws)),
         )
         self.sessions.add(session)
         try:

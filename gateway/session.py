@@ -8,7 +8,7 @@ import logging
 import re
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -19,9 +19,11 @@ from gateway import auth, iot, mcp
 from gateway import metrics as m
 from gateway import protocol
 from gateway.downlink import PacedSender
-from gateway.turns import Stop, TurnAssembler
+from gateway.turns import Flush, Stop, TurnAssembler
 from shared import logging as xlog
+from shared.workqueue import StageBusy, StageUnavailable, publish_work
 from shared.messages import (
+    HDR_RECEIVED,
     AudioFrameMeta,
     Control,
     DeviceMcpReply,
@@ -35,7 +37,7 @@ from shared.messages import (
     VadClaimAck,
     new_turn_id,
 )
-from shared.settings import GatewaySettings
+from shared.settings import GatewaySettings, WorkSettings
 from shared.subjects import Subjects
 
 log = logging.getLogger("gateway.session")
@@ -45,6 +47,10 @@ _PUNCT = re.compile(r"[\s\.,!?;:，。！？；：、~～\"'“”‘’]+")
 
 def normalise_wake_word(text: str) -> str:
     return _PUNCT.sub("", text).lower()
+
+
+# One uplink frame in this many carries the time the gateway received it.
+UPLINK_LAG_SAMPLE = 8
 
 
 class DeviceSession:
@@ -61,10 +67,16 @@ class DeviceSession:
         version: int,
         auth_key: str = "",
         vision_url: str | None = None,
+        work: WorkSettings | None = None,
+        admit_turn: Callable[[], bool] | None = None,
     ) -> None:
         self.ws = ws
         self.nc = nc
         self.settings = settings
+        self.work = work or WorkSettings()
+        self._admit_turn = admit_turn or (lambda: True)
+        # Over the turn rate limit: uplink audio is not forwarded until then (monotonic).
+        self._muted_until = 0.0
         self.subjects = subjects
         self.device_id = device_id
         self.client_id = client_id
@@ -89,7 +101,13 @@ class DeviceSession:
         # worker owns the session, so nothing sent before the claim completes is lost.
         self._claim_done = asyncio.Event()
         self._claimed = False
-        self._uplink: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue(maxsize=256)
+        # Which VAD worker owns the session, since when; the server watches its heartbeats.
+        self.vad_owner: str | None = None
+        self.vad_claimed_at = 0.0
+        # The VAD heard speech start and no utterance came of it yet.
+        self._speech_open = False
+        self._uplink: asyncio.Queue[tuple[str, bytes, bool, float]] = asyncio.Queue(maxsize=256)
+        self._uplink_frames = 0
         self._claim_task: asyncio.Task | None = None
         self._pump_task: asyncio.Task | None = None
         self._closing = False
@@ -102,6 +120,8 @@ class DeviceSession:
         self._greeting_task: asyncio.Task | None = None
         self._turn_started_at: dict[str, float] = {}
         self._speech_end_ms: dict[str, int] = {}
+        # Utterances the VAD queued for ASR whose transcript has not come yet: turn -> deadline.
+        self._awaiting_stt: dict[str, float] = {}
         self._watchdog: asyncio.Task | None = None
         self._wake_words = {normalise_wake_word(w) for w in settings.wake_words}
         self.auth_key = auth_key
@@ -111,6 +131,47 @@ class DeviceSession:
         self._mcp_listed = asyncio.Event()
         self._mcp_pending: dict[int, asyncio.Future] = {}
         self._mcp_sub = None
+
+    @property
+    def uplink_pending(self) -> int:
+        return self._uplink.qsize()
+
+    @property
+    def turn_in_flight(self) -> bool:
+        return self.assembler.current_turn_id is not None
+
+    @property
+    def busy(self) -> bool:
+        """A reply is under way, playing, or expected (for the drain on SIGTERM)."""
+        return (
+            self.turn_in_flight or self._speech_open or bool(self._awaiting_stt)
+            or not self.downlink.idle or self.downlink.clock.buffered(time.monotonic()) > 0
+        )
+
+    async def close_for_restart(self) -> None:
+        """The gateway is going away: close with 1001 so the device reconnects later."""
+        if self._closing:
+            return
+        with xlog.bind(session_id=self.session_id):
+            log.info("closing for a gateway restart")
+        try:
+            await self.ws.close(1001, "server restarting")
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _over_turn_limit(self, turn_id: str) -> bool:
+        """Count a new user turn against the rate limits; over them, the turn is dropped, the
+        user hears "slow down" and is not heard for a while."""
+        if self._admit_turn():
+            return False
+        limits = self.settings.rate_limits
+        self._muted_until = time.monotonic() + limits.cooldown_s
+        self.assembler.discard(turn_id)
+        self._enqueue_uplink(self.subjects.ctl(self.session_id), Control(session_id=self.session_id, kind="cancel", turn_id=turn_id).encode(), False)
+        m.DROPPED.labels("gateway", "turn_rate_limited").inc()
+        with xlog.bind(turn_id=turn_id):
+            log.warning("turn rate limit reached", extra={"fields": {"cooldown_s": limits.cooldown_s}})
+        return True
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -189,6 +250,8 @@ class DeviceSession:
                 reply = await self.nc.request(self.subjects.vad_claim, claim.encode(), timeout=self.settings.claim_timeout_s)
                 ack = VadClaimAck.decode(reply.data)
                 log.info("vad claimed", extra={"fields": {"worker": ack.worker_id}})
+                self.vad_owner = ack.worker_id
+                self.vad_claimed_at = time.monotonic()
                 self._claimed = True
                 self._claim_done.set()
                 return
@@ -196,25 +259,61 @@ class DeviceSession:
                 log.warning("vad claim failed (attempt %d): %s", attempt + 1, exc)
                 m.ERRORS.labels("gateway", "vad_claim").inc()
                 await asyncio.sleep(0.5 * (attempt + 1))
-        log.error("no VAD worker took the session; speech will not be heard")
+        log.error("no VAD worker took the session; speech will not be heard until one does")
+        self.vad_claimed_at = time.monotonic()
         self._claim_done.set()
+
+    @property
+    def claiming(self) -> bool:
+        return self._claim_task is not None and not self._claim_task.done()
+
+    def needs_vad(self, now: float, last_seen: dict[str, float], dead_after_s: float) -> bool:
+        """True when the session's VAD owner fell silent (or none took it and it is time to
+        ask again)."""
+        if self._closing or self.hello is None or self.claiming:
+            return False
+        if self.vad_owner is None:
+            return now - self.vad_claimed_at > max(5.0, dead_after_s)
+        return now - max(last_seen.get(self.vad_owner, float("-inf")), self.vad_claimed_at) > dead_after_s
+
+    async def reclaim_vad(self, why: str) -> None:
+        """The VAD owner is gone: hand the session to another worker. Speech it was hearing is
+        lost; if the user was talking, they hear a short sorry."""
+        if self._closing or self.claiming:
+            return
+        with xlog.bind(session_id=self.session_id):
+            log.warning("re-claiming the session's VAD", extra={"fields": {"why": why, "owner": self.vad_owner}})
+        m.VAD_RECLAIMS.labels(why).inc()
+        self._claimed = False
+        self.vad_owner = None
+        if self._speech_open:
+            self._speech_open = False
+            await self._say(self.settings.error_text, reason="vad_lost")
+        self._claim_task = asyncio.create_task(self._claim_vad())
 
     async def _pump_uplink(self) -> None:
         await self._claim_done.wait()
         while True:
-            subject, payload, is_audio = await self._uplink.get()
+            subject, payload, is_audio, received = await self._uplink.get()
             if is_audio and not self._claimed:
                 m.DROPPED.labels("gateway", "no_vad_owner").inc()
                 continue
+            headers = None
+            if is_audio:
+                # One frame in UPLINK_LAG_SAMPLE carries its arrival time, for the VAD's
+                # frame-lag histogram (headers on every frame would cost both sides CPU).
+                self._uplink_frames += 1
+                if self._uplink_frames % UPLINK_LAG_SAMPLE == 1:
+                    headers = {HDR_RECEIVED: f"{received:.6f}"}
             try:
-                await self.nc.publish(subject, payload)
+                await self.nc.publish(subject, payload, headers=headers)
             except Exception as exc:  # noqa: BLE001
                 m.ERRORS.labels("gateway", "publish").inc()
                 log.warning("uplink publish failed: %s", exc)
 
     def _enqueue_uplink(self, subject: str, payload: bytes, is_audio: bool) -> None:
         try:
-            self._uplink.put_nowait((subject, payload, is_audio))
+            self._uplink.put_nowait((subject, payload, is_audio, time.time()))
         except asyncio.QueueFull:
             m.DROPPED.labels("gateway", "uplink_queue_full").inc()
 
@@ -286,6 +385,9 @@ class DeviceSession:
             self._bad_input(exc)
             return
         m.FRAMES_IN.inc()
+        if self._muted_until and time.monotonic() < self._muted_until:
+            m.DROPPED.labels("gateway", "rate_limited").inc()
+            return
         self._enqueue_uplink(self.subjects.audio(self.session_id), opus, True)
 
     async def _on_listen(self, listen: protocol.Listen) -> None:
@@ -324,23 +426,55 @@ class DeviceSession:
         """The wake-word greeting: a fixed phrase from the TTS worker's clip cache, no LLM."""
         if not self.settings.wake_word_greeting:
             return
+        await self._say(self.settings.wake_word_greeting, voice=self.settings.greeting_voice, emotion="happy")
+
+    async def _say(self, text: str, voice: str | None = None, emotion: str = "neutral", reason: str | None = None) -> None:
+        """Speak a fixed phrase as a turn of its own (greeting, "busy", "sorry"), from the TTS
+        workers' clip cache over plain NATS, so it is heard even when the work queues are full."""
+        if reason is not None:
+            m.FALLBACK_REPLIES.labels(reason).inc()
         turn_id = new_turn_id()
-        self.downlink.push(self.assembler.begin_local_turn(turn_id, sentences=1, emotion="happy"))
+        with xlog.bind(turn_id=turn_id):
+            log.info("saying a fixed phrase", extra={"fields": {"text": text, "reason": reason}})
+        self._push(self.assembler.begin_local_turn(turn_id, sentences=1, emotion=emotion))
         job = SentenceJob(
             session_id=self.session_id,
             turn_id=turn_id,
             seq=0,
-            text=self.settings.wake_word_greeting,
-            voice=self.settings.greeting_voice,
+            text=text,
+            voice=voice,
             sample_rate=self.settings.sample_rate,
             frame_duration=self.settings.frame_duration,
             cache=True,
         )
-        await self.nc.publish(self.subjects.tts(self.session_id), job.encode())
+        try:
+            await self.nc.publish(self.subjects.say(self.session_id), job.encode())
+        except Exception as exc:  # noqa: BLE001 - NATS down: end the local turn, never hang
+            m.ERRORS.labels("gateway", "publish").inc()
+            log.warning("fixed phrase publish failed: %s", exc)
+            self._push(self.assembler.timeout())
+
+    async def _queue_turn(self, turn: UserTurn) -> bool:
+        """Put a user turn on the LLM queue; on refusal the user hears why. True when queued."""
+        try:
+            await publish_work(self.nc, self.subjects.llm(self.session_id), turn.encode(), self.work.publish_timeout_s)
+            return True
+        except (StageBusy, StageUnavailable) as exc:
+            busy = isinstance(exc, StageBusy)
+            m.ERRORS.labels("gateway", "llm_busy" if busy else "llm_unavailable").inc()
+            log.warning("LLM queue refused the turn: %s", exc)
+            if turn.source == "idle":
+                self._push(self.assembler.timeout())
+                return False
+            await self._say(self.settings.busy_text if busy else self.settings.error_text, reason="busy" if busy else "unavailable")
+            return False
 
     async def _text_turn(self, text: str) -> None:
         """Typed text (`listen detect` that is no wake word) is a user turn (protocol.md §6.7)."""
         turn_id = new_turn_id()
+        if self._over_turn_limit(turn_id):
+            await self._say(self.settings.rate_limits.slow_down_text, reason="rate_limited")
+            return
         self.assembler.begin_text_turn(turn_id)
         self._turn_started_at[turn_id] = time.monotonic()
         while len(self._turn_started_at) > 8:  # turns that never spoke leave no trace for long
@@ -348,7 +482,7 @@ class DeviceSession:
         turn = UserTurn(session_id=self.session_id, turn_id=turn_id, device_id=self.device_id, text=text, source="text")
         with xlog.bind(turn_id=turn_id):
             log.info("text turn", extra={"fields": {"text": text}})
-        await self.nc.publish(self.subjects.llm(self.session_id), turn.encode())
+        await self._queue_turn(turn)
 
     async def _on_abort(self, abort: protocol.Abort) -> None:
         # Always answer with `tts stop`: a button-abort device stays in speaking until it comes.
@@ -363,6 +497,14 @@ class DeviceSession:
         with xlog.bind(turn_id=turn_id):
             log.info(why, extra={"fields": {"reason": reason}})
         await self._publish_ctl(Control(session_id=self.session_id, kind="abort", turn_id=turn_id))
+
+    def _push(self, actions: list) -> None:
+        """Hand actions to the paced sender; a superseded turn is cancelled at the stages too,
+        so a worker does not go on answering what nobody will hear."""
+        for action in actions:
+            if isinstance(action, Flush):
+                self._enqueue_uplink(self.subjects.ctl(self.session_id), Control(session_id=self.session_id, kind="cancel", turn_id=action.turn_id).encode(), False)
+        self.downlink.push(actions)
 
     async def _publish_ctl(self, ctl: Control) -> None:
         if ctl.kind != "close":
@@ -392,10 +534,15 @@ class DeviceSession:
             if event.kind == "speech_start":
                 await self._on_speech_start()
                 return
+            if event.kind in ("utterance", "discard", "busy"):
+                await self._on_utterance_event(event)
+                return
             with xlog.bind(turn_id=event.turn_id):
                 log.debug("event", extra={"fields": {"kind": event.kind, "seq": event.seq}})
                 if event.kind in ("stt", "error"):
                     log.info(event.kind, extra={"fields": {"text": event.text}})
+                if event.kind == "stt":
+                    self._awaiting_stt.pop(event.turn_id, None)
                 if event.kind == "stt" and event.speech_end_ms:
                     self._speech_end_ms[event.turn_id] = event.speech_end_ms
                     while len(self._speech_end_ms) > 8:
@@ -405,11 +552,37 @@ class DeviceSession:
             m.DROPPED.labels("gateway", "stale_turn").inc(self.assembler.dropped - before)
         if actions:
             self._last_turn_activity = time.monotonic()
-            self.downlink.push(actions)
+            self._push(actions)
+
+    async def _on_utterance_event(self, event: OutEvent) -> None:
+        """What became of an utterance: queued for ASR (wait for its transcript), nothing worth
+        answering, or refused by a saturated stage (say so)."""
+        if event.kind in ("utterance", "busy"):
+            self._speech_open = False
+        with xlog.bind(turn_id=event.turn_id):
+            if event.kind == "utterance":
+                if self.assembler.is_stale(event.turn_id):
+                    return
+                if self._over_turn_limit(event.turn_id):
+                    await self._say(self.settings.rate_limits.slow_down_text, reason="rate_limited")
+                    return
+                self._awaiting_stt[event.turn_id] = time.monotonic() + self.settings.stt_timeout_s
+                while len(self._awaiting_stt) > 8:
+                    self._awaiting_stt.pop(next(iter(self._awaiting_stt)))
+            elif event.kind == "discard":
+                self._awaiting_stt.pop(event.turn_id, None)
+                log.info("utterance had nothing to answer")
+            else:
+                self._awaiting_stt.pop(event.turn_id, None)
+                if self.assembler.is_stale(event.turn_id):
+                    return
+                log.warning("a stage was saturated and refused the turn")
+                await self._say(self.settings.busy_text, reason="busy")
 
     async def _on_speech_start(self) -> None:
         """The VAD heard speech. In realtime mode, speech over a reply interrupts it (barge-in)."""
         self._last_voice = time.monotonic()
+        self._speech_open = True
         # A device that expects the server to cancel its echo (features.aec) would hear its own
         # reply as speech: without server-side AEC here, no voice barge-in for it.
         aec = bool(self.hello and self.hello.features.get("aec"))
@@ -438,6 +611,7 @@ class DeviceSession:
         say goodbye to, then close, a session that went quiet."""
         while True:
             await asyncio.sleep(1.0)
+            await self._check_lost_utterances()
             if self.assembler.current_turn_id is None:
                 await self._check_idle()
                 continue
@@ -447,7 +621,20 @@ class DeviceSession:
             if time.monotonic() - self._last_turn_activity > self.settings.turn_timeout_s:
                 log.warning("turn timed out")
                 m.ERRORS.labels("gateway", "turn_timeout").inc()
-                self.downlink.push(self.assembler.timeout())
+                self._push(self.assembler.timeout())
+                await self._say(self.settings.error_text, reason="turn_timeout")
+
+    async def _check_lost_utterances(self) -> None:
+        """An utterance whose transcript never came (its ASR worker died, twice): say sorry."""
+        now = time.monotonic()
+        lost = [turn_id for turn_id, deadline in self._awaiting_stt.items() if deadline <= now]
+        for turn_id in lost:
+            self._awaiting_stt.pop(turn_id, None)
+            with xlog.bind(turn_id=turn_id):
+                log.warning("no transcript in time")
+            m.ERRORS.labels("gateway", "stt_timeout").inc()
+        if lost and not self._closing:
+            await self._say(self.settings.error_text, reason="stt_timeout")
 
     # ------------------------------------------------------------------ device MCP
 
@@ -546,9 +733,10 @@ class DeviceSession:
             turn_id = new_turn_id()
             with xlog.bind(turn_id=turn_id):
                 log.info("idle farewell", extra={"fields": {"quiet_s": round(quiet)}})
-            self.downlink.push(self.assembler.begin_local_turn(turn_id))
+            self._push(self.assembler.begin_local_turn(turn_id))
             turn = UserTurn(session_id=self.session_id, turn_id=turn_id, device_id=self.device_id, text="", source="idle")
-            await self.nc.publish(self.subjects.llm(self.session_id), turn.encode())
+            if not await self._queue_turn(turn):
+                await self.ws.close(1000, "idle")
 
     async def _send(self, data: str | bytes) -> None:
         await self.ws.send(data)

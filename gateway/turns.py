@@ -105,6 +105,13 @@ class TurnAssembler:
 
     # ------------------------------------------------------------------ inputs
 
+    def discard(self, turn_id: str) -> None:
+        """Drop turn ``turn_id`` before it plays (refused by a rate limit): whatever comes for
+        it later is stale."""
+        if self.current is not None and self.current.turn_id == turn_id:
+            return
+        self._mark_stale(turn_id)
+
     def begin_text_turn(self, turn_id: str) -> None:
         """The gateway itself created this turn (typed text); the LLM will echo its stt."""
         self._turn(turn_id)
@@ -134,6 +141,9 @@ class TurnAssembler:
         elif event.kind == "emotion":
             if turn.emotion is None:
                 turn.emotion = event.emotion or "happy"
+        elif event.kind in ("sentence_start", "sentence_end") and event.seq < turn.next_seq:
+            # A sentence already played, synthesised again (its TTS worker died): ignore it.
+            self.dropped += 1
         elif event.kind == "sentence_start":
             sentence = turn.sentences.setdefault(event.seq, _Sentence())
             sentence.text = event.text
@@ -159,6 +169,9 @@ class TurnAssembler:
             return []
         if turn.buffered_frames >= self.max_frames_per_turn:
             self.dropped += 1
+            return []
+        if seq < turn.next_seq:
+            self.dropped += 1  # a sentence already played, redelivered
             return []
         sentence = turn.sentences.setdefault(seq, _Sentence())
         if index < sentence.next_index or index in sentence.frames:

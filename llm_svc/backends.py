@@ -99,6 +99,9 @@ class LlamaCppBackend:
         self.max_tokens = max_tokens
         self.temperature = temperature
         self._lock = threading.Lock()
+        # Turns waiting for the model (it generates one at a time): the LLM stage's queue depth.
+        self.waiting = 0
+        self._count_lock = threading.Lock()
         log.info("llama.cpp model loaded", extra={"fields": {"model": os.path.basename(self.model_path)}})
 
     async def close(self) -> None:
@@ -112,26 +115,38 @@ class LlamaCppBackend:
         def put(item: Any) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
+        def generate() -> None:
+            if tools:
+                call = self._choose_tool(messages, tools)
+                if call is not None:
+                    put(call)
+                    return
+            for chunk in self.llm.create_chat_completion(
+                plain_messages(messages),
+                stream=True,
+                max_tokens=self.max_tokens,
+                temperature=self.temperature,
+                repeat_penalty=1.3,
+            ):
+                if cancel.is_set():
+                    break
+                delta = chunk["choices"][0]["delta"].get("content")
+                if delta:
+                    put(delta)
+
         def work() -> None:
             try:
-                with self._lock:
-                    if tools:
-                        call = self._choose_tool(messages, tools)
-                        if call is not None:
-                            put(call)
-                            return
-                    for chunk in self.llm.create_chat_completion(
-                        plain_messages(messages),
-                        stream=True,
-                        max_tokens=self.max_tokens,
-                        temperature=self.temperature,
-                        repeat_penalty=1.3,
-                    ):
-                        if cancel.is_set():
-                            break
-                        delta = chunk["choices"][0]["delta"].get("content")
-                        if delta:
-                            put(delta)
+                with self._count_lock:
+                    self.waiting += 1
+                try:
+                    self._lock.acquire()
+                finally:
+                    with self._count_lock:
+                        self.waiting -= 1
+                try:
+                    generate()
+                finally:
+                    self._lock.release()
             except Exception as exc:  # noqa: BLE001
                 put(BackendError(f"llama.cpp failed: {exc}"))
             finally:

@@ -28,10 +28,11 @@ from llm_svc.sentences import SentenceSplitter, detect_emotion, speakable
 from llm_svc.tools import ToolClient, relevant_tools
 from shared import logging as xlog
 from shared.agents import AgentConfig, load_agent, open_bucket
-from shared.messages import Control, OutEvent, SentenceJob, SessionEnd, UserTurn
+from shared.messages import Control, OutEvent, SentenceJob, SessionEnd, UserTurn, new_turn_id
 from shared.metrics import DROPPED, ERRORS, histogram
 from shared.settings import Settings
 from shared.subjects import QUEUE_LLM, Subjects
+from shared.workqueue import StageBusy, StageUnavailable, WorkPuller, publish_work
 
 log = logging.getLogger("llm_svc")
 
@@ -57,6 +58,8 @@ class TurnContext:
         self.cancel = threading.Event()
         self.close_after = False
         self.agent = AgentConfig()
+        # The TTS queue refused a sentence: the turn stops there and the gateway is told.
+        self.refused = False
 
 
 class LlmWorker:
@@ -71,7 +74,8 @@ class LlmWorker:
         self.agents_kv: Any = None
         self.nc: NATS | None = None
         self.tools: ToolClient | None = None
-        self._sub = None
+        self._puller: WorkPuller | None = None
+        self._end_sub = None
         self._tasks: set[asyncio.Task] = set()
         self._exit_commands = {self._norm(c) for c in self.llm.exit_commands}
 
@@ -80,12 +84,15 @@ class LlmWorker:
         await self.memory.open(nc)
         self.agents_kv = await open_bucket(nc, self.subjects.kv_agents)
         self.tools = ToolClient(nc, self.subjects, self.llm.tool_timeout_s)
-        self._sub = await nc.subscribe(self.subjects.llm_all, queue=QUEUE_LLM, cb=self._on_turn)
         self._end_sub = await nc.subscribe(self.subjects.session_end, queue=QUEUE_LLM, cb=self._on_session_end)
+        concurrency = self.settings.work.llm.concurrency or (1 if self.backend.name == "llamacpp" else 16)
+        self._puller = WorkPuller(nc, self.subjects, "llm", self.settings.work, self._on_work, concurrency, "llm")
+        await self._puller.start()
 
     async def stop(self) -> None:
-        if self._sub is not None:
-            await self._sub.unsubscribe()
+        if self._puller is not None:
+            await self._puller.stop(self.settings.nats.drain_timeout_s)
+        if self._end_sub is not None:
             await self._end_sub.unsubscribe()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=self.settings.nats.drain_timeout_s)
@@ -94,15 +101,33 @@ class LlmWorker:
     def health(self) -> dict[str, Any]:
         return {"ok": True, "backend": self.backend.name, "in_flight": len(self._tasks)}
 
-    async def _on_turn(self, msg: Msg) -> None:
+    def queue_depths(self) -> dict[str, int]:
+        """Turns waiting in the stage's queue, and inside this worker for the model (a backend
+        that batches, like vLLM, has no such wait)."""
+        return {"llm": self._puller.backlog if self._puller else 0, "model": int(getattr(self.backend, "waiting", 0))}
+
+    async def _on_work(self, msg: Msg, delivery: int) -> None:
+        """One user turn from the queue; the slot stays taken until the answer is queued.
+
+        A redelivered turn (its first worker died mid-answer) is answered again from the start
+        under a new turn id: its ``stt`` makes the gateway drop whatever the dead worker had
+        queued and play the new answer whole, rather than splice two different answers.
+        """
         try:
             turn = UserTurn.decode(msg.data)
         except Exception:  # noqa: BLE001
             DROPPED.labels("llm", "bad_turn").inc()
             return
+        if delivery > 1 and turn.source != "idle":
+            # (An idle farewell's turn was opened by the gateway itself: it keeps its id.)
+            with xlog.bind(session_id=turn.session_id, turn_id=turn.turn_id):
+                retry_id = new_turn_id()
+                log.warning("answering a redelivered turn afresh", extra={"fields": {"new_turn_id": retry_id, "delivery": delivery}})
+            turn.turn_id = retry_id
         task = asyncio.create_task(self._answer(turn))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        await asyncio.shield(task)
 
     async def _answer(self, turn: UserTurn) -> None:
         assert self.nc is not None
@@ -144,6 +169,11 @@ class LlmWorker:
                 except Exception:  # noqa: BLE001
                     pass
                 IN_FLIGHT.dec()
+            if ctx.refused:
+                # Say "busy" (nothing played yet) or end the reply after what was queued.
+                kind = "busy" if ctx.seq == 0 else "turn_end"
+                await self.nc.publish(out, OutEvent(kind=kind, session_id=turn.session_id, turn_id=turn.turn_id, sentences=ctx.seq).encode())
+                return
             if ctx.cancel.is_set():
                 log.info("turn aborted")
                 return
@@ -162,7 +192,7 @@ class LlmWorker:
             ctl = Control.decode(msg.data)
         except Exception:  # noqa: BLE001
             return
-        if ctl.kind == "close" or (ctl.kind == "abort" and ctl.turn_id in (None, ctx.turn.turn_id)):
+        if ctl.kind == "close" or (ctl.kind == "abort" and ctl.turn_id in (None, ctx.turn.turn_id)) or (ctl.kind == "cancel" and ctl.turn_id == ctx.turn.turn_id):
             ctx.cancel.set()
 
     async def _converse(self, ctx: TurnContext) -> str:
@@ -351,6 +381,13 @@ class LlmWorker:
         if ctx.seq == 0:
             FIRST_SENTENCE.observe(time.perf_counter() - ctx.started)
         job = SentenceJob(session_id=turn.session_id, turn_id=turn.turn_id, seq=ctx.seq, text=sentence, voice=ctx.agent.voice or self.llm.voice, sample_rate=self.settings.gateway.sample_rate, frame_duration=self.settings.gateway.frame_duration)
+        try:
+            await publish_work(self.nc, self.subjects.tts(turn.session_id), job.encode(), self.settings.work.publish_timeout_s)
+        except (StageBusy, StageUnavailable) as exc:
+            ERRORS.labels("llm", "tts_busy" if isinstance(exc, StageBusy) else "tts_unavailable").inc()
+            log.warning("TTS queue refused a sentence; ending the turn: %s", exc, extra={"fields": {"seq": ctx.seq}})
+            ctx.refused = True
+            ctx.cancel.set()
+            return
         ctx.seq += 1
         ctx.spoken.append(sentence)
-        await self.nc.publish(self.subjects.tts(turn.session_id), job.encode())

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
+import time
 from typing import Any
 
 from nats.aio.client import Client as NATS
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 
-from shared.messages import DeviceMcpReply, DeviceMcpRequest, DeviceTool, ToolCall, ToolList, ToolResult, ToolSpec
+from shared.messages import HDR_PROGRESS, DeviceMcpReply, DeviceMcpRequest, DeviceTool, ToolCall, ToolList, ToolResult, ToolSpec
 from shared.subjects import Subjects
 from shared.toolnames import name_keywords
 from shared.toolschema import validate
@@ -35,6 +39,15 @@ def relevant_tools(text: str, tools: list[ToolSpec]) -> list[ToolSpec]:
                 chosen.append(tool)
                 break
     return chosen
+
+
+# Silence from a tools worker this long means it died (it sends progress every second).
+WORKER_SILENCE_S = 3.0
+TOOL_RETRIES = 1
+
+
+class WorkerLost(Exception):
+    """The tools worker that took a call stopped answering mid-call."""
 
 
 class ToolClient:
@@ -109,11 +122,50 @@ class ToolClient:
         if name not in known:
             return ToolResult(name=name, ok=False, action="error", text=f"unknown tool '{name}'")
         request = ToolCall(session_id=session_id, turn_id=turn_id, device_id=device_id, name=name, arguments=arguments, **extra)
+        why = ""
+        for attempt in range(1 + TOOL_RETRIES):
+            try:
+                reply = await self._request_watched(self.subjects.tool(name), request.encode())
+                return ToolResult.decode(reply)
+            except (WorkerLost, NoRespondersError) as exc:
+                # The worker died mid-call (no word from it for WORKER_SILENCE_S) or none was
+                # there: another replica gets one more try.
+                why = "the tools worker died" if isinstance(exc, WorkerLost) else "no tools worker"
+                log.warning("tool call lost, %s", "retrying" if attempt < TOOL_RETRIES else "giving up", extra={"fields": {"tool": name, "why": why}})
+                await asyncio.sleep(0.2)
+            except Exception as exc:  # noqa: BLE001
+                return ToolResult(name=name, ok=False, action="error", text=f"tool call failed: {type(exc).__name__}")
+        return ToolResult(name=name, ok=False, action="error", text=f"tool call failed: {why}")
+
+    async def _request_watched(self, subject: str, body: bytes) -> bytes:
+        """Request/reply that tells a slow tool (the worker sends progress every second) from a
+        dead worker (silence): :class:`WorkerLost` after ``WORKER_SILENCE_S`` of silence."""
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
         try:
-            reply = await self.nc.request(self.subjects.tool(name), request.encode(), timeout=self.timeout_s)
-            return ToolResult.decode(reply.data)
-        except Exception as exc:  # noqa: BLE001
-            return ToolResult(name=name, ok=False, action="error", text=f"tool call failed: {type(exc).__name__}")
+            await self.nc.publish(subject, body, reply=inbox, headers={HDR_PROGRESS: "1"})
+            deadline = time.monotonic() + self.timeout_s
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise asyncio.TimeoutError
+                try:
+                    msg = await sub.next_msg(timeout=min(WORKER_SILENCE_S, remaining))
+                except NatsTimeoutError:
+                    if remaining <= WORKER_SILENCE_S:
+                        raise asyncio.TimeoutError from None
+                    raise WorkerLost(subject) from None
+                headers = msg.headers or {}
+                if headers.get(HDR_PROGRESS) and not msg.data:
+                    continue
+                if headers.get("Status") == "503":
+                    raise NoRespondersError
+                return msg.data
+        finally:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # noqa: BLE001
+                pass
 
     async def _call_device(self, tool: DeviceTool, arguments: dict, session_id: str, turn_id: str) -> ToolResult:
         """Call one of the device's MCP tools through the gateway that holds the session."""

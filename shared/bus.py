@@ -6,19 +6,32 @@ import asyncio
 import logging
 
 from nats.aio.client import Client as NATS
+from nats.errors import SlowConsumerError
+
+from shared.metrics import SLOW_CONSUMERS
 
 from shared.settings import NatsSettings
 
 log = logging.getLogger("shared.bus")
 
 
-async def connect(settings: NatsSettings, name: str, *, retry_first: bool = True) -> NATS:
+async def connect(settings: NatsSettings, name: str, *, retry_first: bool = True, service: str | None = None) -> NATS:
     """Connect to NATS with unlimited reconnects; wait for the first connection if asked.
 
     A service started before NATS (or while it restarts) keeps retrying instead of failing.
     """
 
+    slow = {"count": 0}
+
     async def on_error(exc: Exception) -> None:
+        if isinstance(exc, SlowConsumerError):
+            # NATS dropped messages for a subscription that fell behind: count it, log it once
+            # in a while rather than once per message.
+            SLOW_CONSUMERS.labels(service or name).inc()
+            slow["count"] += 1
+            if slow["count"] == 1 or slow["count"] % 100 == 0:
+                log.warning("slow consumer: messages dropped", extra={"fields": {"subject": getattr(exc, "subject", ""), "count": slow["count"]}})
+            return
         log.warning("nats error: %s", exc)
 
     async def on_disconnected() -> None:

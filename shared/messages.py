@@ -60,7 +60,9 @@ class Control(Message):
     """Session control, published by the gateway on ``xz.ctl.<S>``."""
 
     session_id: str
-    kind: Literal["listen_start", "listen_stop", "detect", "abort", "close"]
+    # ``cancel``: turn ``turn_id`` was superseded by a newer one; stop working on it (unlike
+    # ``abort``, which is the device's and also resets the VAD).
+    kind: Literal["listen_start", "listen_stop", "detect", "abort", "close", "cancel"]
     mode: ListenMode | None = None
     turn_id: str | None = None
     text: str | None = None
@@ -137,7 +139,9 @@ class SentenceJob(Message):
     frame_duration: int = 60
 
 
-OutKind = Literal["stt", "emotion", "sentence_start", "sentence_end", "turn_end", "error", "speech_start"]
+OutKind = Literal[
+    "stt", "emotion", "sentence_start", "sentence_end", "turn_end", "error", "speech_start", "utterance", "discard", "busy"
+]
 
 
 class OutEvent(Message):
@@ -152,6 +156,11 @@ class OutEvent(Message):
     - ``error``: the turn failed; ``text`` is a short message for logs.
     - ``speech_start``: the VAD heard the user start speaking (``turn_id`` is empty); the
       gateway uses it for idle tracking and for voice barge-in in realtime mode.
+    - ``utterance``: the VAD cut utterance ``turn_id`` and queued it for ASR; the gateway now
+      expects its ``stt`` (or a ``discard``) and says sorry if neither comes in time.
+    - ``discard``: ASR heard nothing worth answering in ``turn_id`` (noise, a cough).
+    - ``busy``: a stage's queue was full and refused ``turn_id``: the gateway tells the user to
+      try again.
     """
 
     kind: OutKind
@@ -172,6 +181,12 @@ HDR_KIND = "Xz-Kind"
 HDR_TURN = "Xz-Turn"
 HDR_SEQ = "Xz-Seq"
 HDR_INDEX = "Xz-Index"
+# On a sample of uplink frames: when the gateway received it (Unix seconds), for the VAD's
+# frame-lag histogram.
+HDR_RECEIVED = "Xz-Rx"
+# A tools worker still working on a call says so every second on the caller's inbox, so the
+# caller can tell a slow tool from a dead worker.
+HDR_PROGRESS = "Xz-Progress"
 KIND_AUDIO = "audio"
 
 

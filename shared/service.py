@@ -17,9 +17,10 @@ from typing import Any, Callable, Protocol
 
 from nats.aio.client import Client as NATS
 
-from shared import bus, metrics
+from shared import bus, metrics, workqueue
 from shared import logging as xlog
 from shared.settings import Settings, load_settings
+from shared.subjects import Subjects
 
 log = logging.getLogger("shared.service")
 
@@ -70,7 +71,7 @@ async def _serve(name: str, settings: Settings, factory: Callable[[Settings], Se
 
     log.info("starting", extra={"fields": {"pid": os.getpid()}})
     service = await asyncio.to_thread(factory, settings)
-    nc = await bus.connect(settings.nats, name=f"{name}-{os.getpid()}")
+    nc = await bus.connect(settings.nats, name=f"{name}-{os.getpid()}", service=name)
     metrics.NATS_CONNECTED.labels(name).set(1)
 
     def health() -> dict[str, Any]:
@@ -83,13 +84,23 @@ async def _serve(name: str, settings: Settings, factory: Callable[[Settings], Se
         state["service"] = name
         return state
 
+    # Every stage's work queue exists before anyone publishes to it, whoever starts first.
+    for stage in workqueue.STAGES:
+        try:
+            await workqueue.ensure_stream(nc, Subjects(settings.nats.prefix), stage, settings.work)
+        except Exception as exc:  # noqa: BLE001
+            log.error("cannot create the %s work queue (is JetStream enabled on the NATS server?): %s", stage, exc)
     await service.start(nc)
+    extra = getattr(service, "queue_depths", None)
+    watcher = asyncio.create_task(metrics.watch_queues(name, nc, settings.nats.prefix, extra))
     runner, bound = await metrics.start_server(settings.metrics_host, port, health)
     log.info("ready", extra={"fields": {"metrics_port": bound}})
     await stop.wait()
     log.info("stopping")
+    watcher.cancel()
     try:
-        await asyncio.wait_for(service.stop(), settings.nats.drain_timeout_s)
+        # A service may need longer to stop than NATS to drain (the gateway lets replies finish).
+        await asyncio.wait_for(service.stop(), getattr(service, "stop_timeout_s", settings.nats.drain_timeout_s))
     except Exception as exc:  # noqa: BLE001
         log.warning("service stop failed: %s", exc)
     await bus.drain(nc, settings.nats.drain_timeout_s)

@@ -32,6 +32,41 @@ class NatsSettings(BaseModel):
     drain_timeout_s: float = 10.0
 
 
+class StageQueueSettings(BaseModel):
+    """One stage's work queue (a JetStream work-queue stream)."""
+
+    # Messages waiting or being worked on, at most; a publish beyond it is refused and the
+    # device hears the "busy" phrase instead of a silent timeout.
+    max_messages: int = 64
+    max_bytes: int = 64 * 1024 * 1024
+    # Work older than this is useless to a user who is waiting: it expires unworked.
+    max_age_s: float = 60.0
+    # Work items one worker process takes at once.
+    concurrency: int = 1
+
+
+class WorkSettings(BaseModel):
+    """How stages hand work to each other: bounded JetStream work queues, at least once.
+
+    A worker that takes a message tells JetStream it is still busy with it every
+    ``ack_wait_s / 3``; a worker that dies stops doing so and, ``ack_wait_s`` later, the message
+    goes to another worker (at most ``max_deliver`` tries in all).
+    """
+
+    storage: Literal["memory", "file"] = "memory"
+    # JetStream replicas of each stream (1 for one nats-server; 3 in a NATS cluster).
+    replicas: int = 1
+    ack_wait_s: float = 4.0
+    max_deliver: int = 3
+    publish_timeout_s: float = 2.0
+    asr: StageQueueSettings = Field(default_factory=lambda: StageQueueSettings(max_messages=64))
+    # LLM concurrency 0: one turn at a time for the embedded llama.cpp (it generates one at a
+    # time, so a second turn would only wait inside this worker while another replica idles),
+    # 16 for the HTTP backends (the server batches).
+    llm: StageQueueSettings = Field(default_factory=lambda: StageQueueSettings(max_messages=64, concurrency=0))
+    tts: StageQueueSettings = Field(default_factory=lambda: StageQueueSettings(max_messages=1024))
+
+
 class MetricsSettings(BaseModel):
     """Where a service serves ``/metrics`` and ``/healthz``. Port 0 picks a free port."""
 
@@ -66,6 +101,21 @@ class VisionSettings(BaseModel):
     prompt: str = "Answer the user's question about the image in one or two short spoken sentences."
 
 
+class RateLimitSettings(BaseModel):
+    """Per source IP and per device: new connections and user turns per minute (0: no limit).
+
+    A connection over the limit is refused in the handshake (HTTP 429); a device that talks
+    faster than its turn limit hears a short "slow down" and is not heard for ``cooldown_s``.
+    """
+
+    connections_per_minute_per_ip: int = 120
+    connections_per_minute_per_device: int = 30
+    turns_per_minute_per_device: int = 30
+    turns_per_minute_per_ip: int = 240
+    cooldown_s: float = 10.0
+    slow_down_text: str = "You're talking faster than I can keep up. Please wait a moment."
+
+
 class GatewaySettings(BaseModel):
     host: str = "0.0.0.0"
     ws_port: int = 8000
@@ -92,6 +142,11 @@ class GatewaySettings(BaseModel):
     ping_interval_s: float = 20.0
     claim_timeout_s: float = 2.0
     max_ws_message_bytes: int = 65536
+    # Admission control: sessions one gateway process holds at most (then HTTP 503).
+    max_sessions: int = 5000
+    # SIGTERM: stop accepting, let replies in flight finish for up to this long, then close.
+    drain_s: float = 25.0
+    rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
     # A turn that produces nothing for this long is ended with `tts stop`.
     turn_timeout_s: float = 30.0
     auth: AuthSettings = Field(default_factory=AuthSettings)
@@ -113,6 +168,14 @@ class GatewaySettings(BaseModel):
     # cached by the TTS worker per voice, with no LLM. Empty: no greeting.
     wake_word_greeting: str = "Hi! I'm listening."
     greeting_voice: str | None = None
+    # Spoken when a stage is saturated and refused the turn.
+    busy_text: str = "Sorry, I'm a bit busy right now. Please try again in a moment."
+    # Spoken when a turn got lost (a worker died twice, a queue unreachable) or made no sound.
+    error_text: str = "Sorry, something went wrong. Please say that again."
+    # After the VAD cut an utterance: how long to wait for its transcript before saying sorry.
+    stt_timeout_s: float = 20.0
+    # A VAD worker silent this long (no heartbeat) is dead: its sessions are claimed again.
+    vad_dead_after_s: float = 3.0
     # Session endings (protocol.md §6.8): after this long without voice while the device keeps
     # streaming, say goodbye through the LLM and close; close without a word after hard_close_s.
     idle_farewell_s: float = 120.0
@@ -137,6 +200,8 @@ class GatewaySettings(BaseModel):
 
 class VadSettings(BaseModel):
     metrics_port: int = 9101
+    # Heartbeat period on xz.vad.alive (gateways count a worker dead after vad_dead_after_s).
+    heartbeat_s: float = 1.0
     # Silero speech probability above which a window counts as speech, and below which it
     # counts as silence (hysteresis).
     threshold: float = 0.5
@@ -299,6 +364,7 @@ class Settings(BaseSettings):
     log_json: bool = True
     metrics_host: str = "0.0.0.0"
     nats: NatsSettings = Field(default_factory=NatsSettings)
+    work: WorkSettings = Field(default_factory=WorkSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     vad: VadSettings = Field(default_factory=VadSettings)
     asr: AsrSettings = Field(default_factory=AsrSettings)

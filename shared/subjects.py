@@ -35,6 +35,12 @@ class Subjects:
         """Request/reply: a VAD worker takes ownership of a session."""
         return f"{self.prefix}.vad.claim"
 
+    @property
+    def vad_alive(self) -> str:
+        """VAD worker heartbeats (JSON ``{"worker_id", "sessions", "leaving"}``), every second:
+        gateways re-claim the sessions of a worker that falls silent."""
+        return f"{self.prefix}.vad.alive"
+
     def asr(self, session_id: str) -> str:
         """One finished utterance, VAD -> any ASR worker."""
         return f"{self.prefix}.asr.{session_id}"
@@ -58,6 +64,16 @@ class Subjects:
     @property
     def tts_all(self) -> str:
         return f"{self.prefix}.tts.*"
+
+    def say(self, session_id: str) -> str:
+        """A fixed phrase (greeting, "busy", "sorry"), gateway -> any TTS worker, from its clip
+        cache; plain NATS, outside the bounded sentence queue, so it is heard even when the
+        stages are saturated."""
+        return f"{self.prefix}.say.{session_id}"
+
+    @property
+    def say_all(self) -> str:
+        return f"{self.prefix}.say.*"
 
     def out(self, session_id: str) -> str:
         """Events and Opus frames for the device, any stage -> the gateway holding S."""

@@ -10,10 +10,10 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from shared import logging as xlog
-from shared.messages import ToolCall, ToolList, ToolResult
+from shared.messages import HDR_PROGRESS, ToolCall, ToolList, ToolResult
 from shared.metrics import DROPPED, ERRORS, histogram
 from shared.settings import Settings
 from shared.subjects import QUEUE_TOOLS, Subjects
@@ -28,8 +28,11 @@ from shared.toolschema import validate
 log = logging.getLogger("tools_svc")
 
 CALLS = Counter("xz_tools_calls_total", "Tool calls, by tool and outcome", ["tool", "outcome"])
+IN_FLIGHT = Gauge("xz_tools_in_flight", "Tool calls being run now")
 CALL_SECONDS = histogram("xz_tools_call_seconds", "Tool call duration", ("tool",))
 CALL_TIMEOUT_S = 30.0
+PROGRESS_EVERY_S = 1.0
+MAX_CONCURRENT_CALLS = 64
 
 
 class ToolsWorker:
@@ -38,7 +41,7 @@ class ToolsWorker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.subjects = Subjects(settings.nats.prefix)
-        self.context: dict[str, Any] = {"settings": settings.tools, "subjects": self.subjects}
+        self.context: dict[str, Any] = {"settings": settings.tools, "subjects": self.subjects, "work": settings.work}
         self.tools: dict[str, Tool] = builtin_tools(self.context)
         # Tools of configured MCP servers (<server>_<tool>), and of bridges on the MCP endpoint
         # (per agent); both are named around the plugins' names.
@@ -46,6 +49,8 @@ class ToolsWorker:
         endpoint = settings.tools.mcp_endpoint
         self.endpoint = McpEndpoint(endpoint, reserved=lambda: set(self._server_tools())) if endpoint.enabled else None
         self.nc: NATS | None = None
+        self._calls: set[asyncio.Task] = set()
+        self._call_slots = asyncio.Semaphore(MAX_CONCURRENT_CALLS)
         self._subs: list[Any] = []
         self._http: aiohttp.ClientSession | None = None
 
@@ -65,6 +70,9 @@ class ToolsWorker:
     async def stop(self) -> None:
         for sub in self._subs:
             await sub.unsubscribe()
+        if self._calls:
+            # Calls in hand finish (their callers are waiting), up to the drain deadline.
+            await asyncio.wait(self._calls, timeout=self.settings.nats.drain_timeout_s)
         if self.endpoint is not None:
             await self.endpoint.stop()
         await self.mcp.stop()
@@ -108,17 +116,54 @@ class ToolsWorker:
         await msg.respond(ToolList(tools=[t.spec for t in tools.values()]).encode())
 
     async def _on_call(self, msg: Msg) -> None:
+        """Each call runs in its own task (a slow tool must not hold up the others), at most
+        ``MAX_CONCURRENT_CALLS`` at once."""
+        task = asyncio.create_task(self._serve_call(msg))
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+
+    async def _serve_call(self, msg: Msg) -> None:
         name = msg.subject.rsplit(".", 1)[-1]
         try:
             request = ToolCall.decode(msg.data)
         except Exception:  # noqa: BLE001
             DROPPED.labels("tools", "bad_call").inc()
-            await msg.respond(ToolResult(name=name, ok=False, action="error", text="malformed tool call").encode())
+            await self._respond(msg, ToolResult(name=name, ok=False, action="error", text="malformed tool call").encode())
             return
-        with xlog.bind(session_id=request.session_id or None, turn_id=request.turn_id or None):
-            result = await self._run(name, request)
-            log.info("tool call", extra={"fields": {"tool": name, "ok": result.ok, "action": result.action}})
-        await msg.respond(result.encode())
+        progress = asyncio.create_task(self._progress(msg))
+        IN_FLIGHT.inc()
+        try:
+            async with self._call_slots:
+                with xlog.bind(session_id=request.session_id or None, turn_id=request.turn_id or None):
+                    result = await self._run(name, request)
+                    log.info("tool call", extra={"fields": {"tool": name, "ok": result.ok, "action": result.action}})
+        finally:
+            progress.cancel()
+            IN_FLIGHT.dec()
+        await self._respond(msg, result.encode())
+
+    async def _progress(self, msg: Msg) -> None:
+        """Tell the caller every second that this worker is alive and on it (when the caller
+        asked for that with the progress header)."""
+        if not msg.reply or self.nc is None or not (msg.headers or {}).get(HDR_PROGRESS):
+            return  # a plain request/reply caller gets only the result
+        while True:
+            await asyncio.sleep(PROGRESS_EVERY_S)
+            try:
+                await self.nc.publish(msg.reply, b"", headers={HDR_PROGRESS: "1"})
+            except Exception:  # noqa: BLE001
+                pass
+
+    async def _respond(self, msg: Msg, body: bytes) -> None:
+        if not msg.reply:
+            return
+        try:
+            # Not msg.respond(): it would copy the request's headers (the progress flag) onto
+            # the result.
+            await self.nc.publish(msg.reply, body)  # type: ignore[union-attr]
+        except Exception as exc:  # noqa: BLE001 - NATS away: the caller retries or times out
+            ERRORS.labels("tools", "respond").inc()
+            log.warning("tool reply failed: %s", exc)
 
     async def _run(self, name: str, request: ToolCall) -> ToolResult:
         tool = self._server_tools().get(name)

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from nats.aio.client import Client as NATS
@@ -26,6 +26,7 @@ from shared.messages import AudioFrameMeta, OutEvent, SentenceJob
 from shared.metrics import DROPPED, ERRORS, histogram
 from shared.settings import Settings
 from shared.subjects import QUEUE_TTS, Subjects, session_from_subject
+from shared.workqueue import WorkPuller
 from tts_svc.engine import PiperEngine, TtsEngine
 
 log = logging.getLogger("tts_svc")
@@ -49,23 +50,74 @@ class TtsWorker:
         self._voices: dict[str, TtsEngine] = {}
         self._voice_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="piper")
-        # Clips of fixed phrases (wake-word greeting), per voice, rate and frame size.
+        # Clips of fixed phrases (greeting, busy, sorry), per voice, rate and frame size.
         self._clips: OrderedDict[tuple, list[bytes]] = OrderedDict()
         self.nc: NATS | None = None
-        self._sub = None
+        self._say_sub = None
+        self._puller: WorkPuller | None = None
 
     async def start(self, nc: NATS) -> None:
         self.nc = nc
-        await asyncio.get_running_loop().run_in_executor(self._pool, lambda: list(self.engine.synthesize("Ready.")))
-        self._sub = await nc.subscribe(self.subjects.tts_all, queue=QUEUE_TTS, cb=self._on_sentence)
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._prewarm_clips)
+        self._say_sub = await nc.subscribe(self.subjects.say_all, queue=QUEUE_TTS, cb=self._on_say)
+        self._puller = WorkPuller(nc, self.subjects, "tts", self.settings.work, self._on_work, self.settings.work.tts.concurrency, "tts")
+        await self._puller.start()
 
     async def stop(self) -> None:
-        if self._sub is not None:
-            await self._sub.unsubscribe()
+        if self._say_sub is not None:
+            await self._say_sub.unsubscribe()
+        if self._puller is not None:
+            await self._puller.stop(self.settings.nats.drain_timeout_s)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def queue_depths(self) -> dict[str, int]:
+        return {"tts": self._puller.backlog if self._puller else 0}
+
+    async def _on_work(self, msg: Msg, _delivery: int) -> None:
+        # A redelivered sentence is synthesised again from its first frame; the gateway drops
+        # the frames it already has.
+        await self._on_sentence(msg)
+
+    async def _on_say(self, msg: Msg) -> None:
+        """A fixed phrase: from the clip cache (pre-rendered), else synthesised and cached."""
+        try:
+            job = SentenceJob.decode(msg.data)
+        except Exception:  # noqa: BLE001
+            DROPPED.labels("tts", "bad_job").inc()
+            return
+        job.cache = True
+        with xlog.bind(session_id=job.session_id, turn_id=job.turn_id):
+            await self._synthesise(job)
 
     def health(self) -> dict[str, Any]:
         return {"ok": True, "voice": getattr(self.engine, "name", "custom")}
+
+    def _render(self, text: str, voice: str | None, sample_rate: int, frame_duration: int) -> Iterator[bytes]:
+        """Synthesise ``text`` into Opus frames of the device's format (runs in the pool)."""
+        engine = self._engine_for(voice)
+        encoder = OpusEncoder(sample_rate, frame_duration)
+        resampler = Resampler(engine.sample_rate, sample_rate)
+        cutter = FrameCutter(encoder.frame_samples)
+        for chunk in engine.synthesize(text):
+            for frame in cutter.push(resampler.push(chunk)):
+                yield encoder.encode(frame)
+        for frame in cutter.push(resampler.push(np.zeros(0, dtype=np.int16), last=True)) + cutter.flush():
+            yield encoder.encode(frame)
+
+    def _prewarm_clips(self) -> None:
+        """Render the gateway's fixed phrases now, so "busy" and "sorry" cost no synthesis
+        later, when the stage may be saturated."""
+        gw = self.settings.gateway
+        phrases = [(gw.busy_text, None), (gw.error_text, None), (gw.wake_word_greeting, gw.greeting_voice)]
+        for text, voice in phrases:
+            if not text:
+                continue
+            try:
+                frames = list(self._render(text, voice, gw.sample_rate, gw.frame_duration))
+            except Exception as exc:  # noqa: BLE001 - a bad greeting voice must not stop the worker
+                log.warning("could not pre-render a phrase: %s", exc, extra={"fields": {"text": text[:60]}})
+                continue
+            self._clips[(voice or "", text, gw.sample_rate, gw.frame_duration)] = frames
 
     def _engine_for(self, voice: str | None) -> TtsEngine:
         if not voice:
@@ -113,15 +165,8 @@ class TtsWorker:
 
         def work() -> None:
             try:
-                engine = self._engine_for(job.voice)
-                encoder = OpusEncoder(job.sample_rate, job.frame_duration)
-                resampler = Resampler(engine.sample_rate, job.sample_rate)
-                cutter = FrameCutter(encoder.frame_samples)
-                for chunk in engine.synthesize(job.text):
-                    for frame in cutter.push(resampler.push(chunk)):
-                        loop.call_soon_threadsafe(queue.put_nowait, encoder.encode(frame))
-                for frame in cutter.push(resampler.push(np.zeros(0, dtype=np.int16), last=True)) + cutter.flush():
-                    loop.call_soon_threadsafe(queue.put_nowait, encoder.encode(frame))
+                for frame in self._render(job.text, job.voice, job.sample_rate, job.frame_duration):
+                    loop.call_soon_threadsafe(queue.put_nowait, frame)
             except Exception as exc:  # noqa: BLE001
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
             finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import os
@@ -17,10 +18,11 @@ from prometheus_client import Counter, Gauge
 
 from shared import logging as xlog
 from shared.audio import OpusDecoder
-from shared.messages import Control, OutEvent, Utterance, VadClaim, VadClaimAck, new_turn_id, now_ms
-from shared.metrics import DROPPED, ERRORS, histogram
+from shared.messages import HDR_RECEIVED, Control, OutEvent, Utterance, VadClaim, VadClaimAck, new_turn_id, now_ms
+from shared.metrics import DROPPED, ERRORS, FRAME_BUCKETS, histogram
 from shared.settings import Settings, VadSettings
 from shared.subjects import QUEUE_VAD, Subjects
+from shared.workqueue import StageBusy, StageUnavailable, publish_work
 from vad_svc.detector import Segmenter, SegmenterConfig, SileroModel, SpeechScorer
 
 log = logging.getLogger("vad_svc")
@@ -29,7 +31,12 @@ SESSIONS = Gauge("xz_vad_sessions", "Sessions owned by this VAD worker")
 FRAMES = Counter("xz_vad_frames_total", "Uplink Opus frames processed")
 UTTERANCES = Counter("xz_vad_utterances_total", "Utterances sent to ASR, by how they ended", ["reason"])
 DECISION_DELAY = histogram("xz_vad_end_of_turn_delay_seconds", "Last speech window to end-of-turn decision")
-FRAME_SECONDS = histogram("xz_vad_frame_processing_seconds", "Time to decode and score one frame")
+FRAME_SECONDS = histogram("xz_vad_frame_processing_seconds", "Time to decode and score one frame", buckets=FRAME_BUCKETS)
+FRAME_LAG = histogram(
+    "xz_vad_frame_lag_seconds",
+    "Gateway receipt of an uplink frame to the VAD having scored it (bus, queueing, decoding; one frame in 8)",
+    buckets=FRAME_BUCKETS,
+)
 
 
 class SessionStream:
@@ -128,18 +135,40 @@ class VadWorker:
         self.streams: dict[str, SessionStream] = {}
         self.nc: NATS | None = None
         self._gc_task: asyncio.Task | None = None
+        self._heartbeat_task: asyncio.Task | None = None
         self._claim_sub = None
 
     async def start(self, nc: NATS) -> None:
         self.nc = nc
         self._claim_sub = await nc.subscribe(self.subjects.vad_claim, queue=QUEUE_VAD, cb=self._on_claim)
         self._gc_task = asyncio.create_task(self._gc())
+        self._heartbeat_task = asyncio.create_task(self._heartbeat())
 
     async def stop(self) -> None:
-        if self._gc_task:
-            self._gc_task.cancel()
+        for task in (self._gc_task, self._heartbeat_task):
+            if task:
+                task.cancel()
         if self._claim_sub is not None:
             await self._claim_sub.unsubscribe()
+        # Leaving on purpose (SIGTERM, a rolling update): gateways re-claim at once rather than
+        # wait for the heartbeat to lapse.
+        await self._announce(leaving=True)
+
+    async def _announce(self, leaving: bool = False) -> None:
+        if self.nc is None or not self.nc.is_connected:
+            return
+        body = json.dumps({"worker_id": self.worker_id, "sessions": len(self.streams), "leaving": leaving}).encode()
+        try:
+            await self.nc.publish(self.subjects.vad_alive, body)
+            if leaving:
+                await self.nc.flush(timeout=2)
+        except Exception as exc:  # noqa: BLE001 - NATS away: the gateways notice the silence
+            log.debug("heartbeat failed: %s", exc)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await self._announce()
+            await asyncio.sleep(self.vad.heartbeat_s)
 
     def health(self) -> dict[str, Any]:
         return {"ok": True, "sessions": len(self.streams), "worker": self.worker_id}
@@ -181,6 +210,12 @@ class VadWorker:
         was_speaking = stream.utterance is not None
         result = stream.on_frame(msg.data)
         FRAME_SECONDS.observe(time.perf_counter() - started)
+        received = msg.headers.get(HDR_RECEIVED) if msg.headers else None
+        if received:
+            try:
+                FRAME_LAG.observe(max(0.0, time.time() - float(received)))
+            except ValueError:
+                DROPPED.labels("vad", "bad_header").inc()
         if stream.utterance is not None and not was_speaking and self.nc is not None:
             # Tell the gateway the user started speaking (idle tracking, voice barge-in).
             await self.nc.publish(self.subjects.out(session_id), OutEvent(kind="speech_start", session_id=session_id, turn_id="").encode())
@@ -221,11 +256,21 @@ class VadWorker:
         UTTERANCES.labels(reason).inc()
         with xlog.bind(session_id=stream.session_id, turn_id=turn_id):
             log.info("utterance", extra={"fields": {"frames": len(packets), "reason": reason, "seconds": round(len(packets) * stream.frame_ms / 1000, 2)}})
+        out = self.subjects.out(stream.session_id)
+        kind = "utterance"
         try:
-            await self.nc.publish(self.subjects.asr(stream.session_id), utterance.pack(packets))
+            await publish_work(self.nc, self.subjects.asr(stream.session_id), utterance.pack(packets), self.settings.work.publish_timeout_s)
+        except (StageBusy, StageUnavailable) as exc:
+            busy = isinstance(exc, StageBusy)
+            ERRORS.labels("vad", "asr_busy" if busy else "asr_unavailable").inc()
+            log.warning("ASR queue refused the utterance: %s", exc)
+            kind = "busy"
+        try:
+            # The gateway now waits for this turn's transcript (or hears that it was refused).
+            await self.nc.publish(out, OutEvent(kind=kind, session_id=stream.session_id, turn_id=turn_id, speech_end_ms=speech_end_ms).encode())  # type: ignore[arg-type]
         except Exception as exc:  # noqa: BLE001
             ERRORS.labels("vad", "publish").inc()
-            log.warning("utterance publish failed: %s", exc)
+            log.warning("utterance event publish failed: %s", exc)
 
     async def _drop(self, session_id: str) -> None:
         stream = self.streams.pop(session_id, None)

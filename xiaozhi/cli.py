@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from xiaozhi.stack import MODULES, SERVICES, Stack, pick_port
+from xiaozhi.stack import MODULES, SERVICES, Stack, free_port, pick_port
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--config", help="YAML settings file for every service")
     up.add_argument("--data-dir", default=".run", help="JetStream storage and logs (default .run)")
     up.add_argument("--json-logs", action="store_true", help="JSON log lines instead of readable text")
+    up.add_argument(
+        "--replicas",
+        action="append",
+        default=[],
+        metavar="STAGE=N",
+        help="run N processes of a worker stage (vad, asr, llm, tts, tools), e.g. --replicas llm=2 (repeatable)",
+    )
 
     run = sub.add_parser("run", help="run one service")
     run.add_argument("service", choices=sorted(MODULES))
@@ -126,12 +133,34 @@ def bind_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_replicas(values: list[str]) -> dict[str, int]:
+    """``["llm=2", "tts=3"]`` -> ``{"llm": 2, "tts": 3}``; only worker stages scale here."""
+    result: dict[str, int] = {}
+    for value in values:
+        stage, sep, count = value.partition("=")
+        if not sep or stage not in SERVICES or stage == "gateway":
+            raise ValueError(f"bad --replicas {value!r}: use STAGE=N with STAGE one of {', '.join(s for s in SERVICES if s != 'gateway')}")
+        try:
+            n = int(count)
+        except ValueError:
+            raise ValueError(f"bad --replicas {value!r}: N must be a number") from None
+        if not 1 <= n <= 16:
+            raise ValueError(f"bad --replicas {value!r}: N must be 1 to 16")
+        result[stage] = n
+    return result
+
+
 def up_command(args: argparse.Namespace) -> int:
     """Start NATS (unless given) and every service; print URLs; stop all on Ctrl-C."""
     from gateway.ota import lan_ip
     from shared.settings import load_settings
 
     settings = load_settings(args.config)
+    try:
+        replicas = parse_replicas(args.replicas)
+    except ValueError as exc:
+        print(f"xiaozhi up: {exc}", file=sys.stderr)
+        return 2
     data = Path(args.data_dir)
     env = {"XZ_LOG_JSON": "true" if args.json_logs else "false", "PYTHONUNBUFFERED": "1"}
     if args.config:
@@ -163,8 +192,10 @@ def up_command(args: argparse.Namespace) -> int:
         procs = []
         print("Loading models and starting services (first start takes a few seconds)...")
         for name in SERVICES:
-            metrics_port = pick_port(getattr(settings, name).metrics_port, "0.0.0.0")
-            procs.append(stack.start_service(name, metrics_port, gateway_env if name == "gateway" else None))
+            for replica in range(replicas.get(name, 1)):
+                preferred = getattr(settings, name).metrics_port
+                metrics_port = pick_port(preferred, "0.0.0.0") if replica == 0 else free_port()
+                procs.append(stack.start_service(name, metrics_port, gateway_env if name == "gateway" else None))
         stack.wait_healthy(procs, timeout=300)
         host = settings.gateway.public_host or lan_ip()
         ws_url = settings.gateway.websocket_url or f"ws://{host}:{ws_port}{settings.gateway.ws_path}"

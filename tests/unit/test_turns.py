@@ -678,3 +678,46 @@ def test_local_turn_of_a_stale_id_does_nothing() -> None:
     asm.abort()
     assert asm.begin_local_turn("t1", sentences=1) == []
     assert asm.current_turn_id is None
+
+
+# --------------------------------------------------------------------------- redelivered work
+
+
+def test_a_sentence_synthesised_again_after_a_worker_died_is_not_played_twice() -> None:
+    """A TTS worker died after its sentence played (before its ack): the survivor sends the
+    same sentence again; the device hears it once, and the next sentence follows."""
+    feed = Feed()
+    feed.event(stt())
+    feed.event(emotion())
+    feed.sentence(0, "First.", 2)
+    feed.sentence(0, "First.", 2)  # redelivered copy
+    feed.sentence(1, "Second.", 1)
+    feed.event(turn_end(2))
+    assert feed.actions == expected_turn([("First.", 2), ("Second.", 1)])
+    assert feed.asm.dropped >= 4
+
+
+def test_a_sentence_resent_midway_continues_where_the_device_is() -> None:
+    """The worker died mid-sentence: the copy's frames already played are dropped, the rest
+    continues the sentence."""
+    feed = Feed()
+    feed.event(stt())
+    feed.event(emotion())
+    feed.event(s_start(0, "Only."))
+    feed.audio(0, 0)
+    feed.audio(0, 1)
+    # The survivor starts the sentence again from frame 0.
+    feed.event(s_start(0, "Only."))
+    for i in range(4):
+        feed.audio(0, i)
+    feed.event(s_end(0, 4))
+    feed.event(turn_end(1))
+    assert feed.actions == expected_turn([("Only.", 4)])
+
+
+def test_a_discarded_turn_never_plays() -> None:
+    asm = TurnAssembler()
+    asm.discard("t9")
+    assert asm.on_event(stt("t9")) == []
+    assert asm.on_audio("t9", 0, 0, b"x") == []
+    assert asm.current_turn_id is None

@@ -18,6 +18,7 @@ import numpy as np
 
 from shared.audio import FrameCutter, OpusEncoder
 from shared.messages import AudioFrameMeta, OutEvent, SentenceJob, ToolCall, ToolResult, ToolSpec
+from shared.workqueue import StageBusy, StageUnavailable, publish_work
 
 log = logging.getLogger("tools_svc.play_music")
 
@@ -88,7 +89,10 @@ async def call(request: ToolCall, context: dict[str, Any]) -> ToolResult:
     nc, subjects = context["nc"], context["subjects"]
     name = title(song)
     intro = SentenceJob(session_id=request.session_id, turn_id=request.turn_id, seq=request.seq, text=f"Now playing {name}.", voice=request.voice, sample_rate=request.sample_rate, frame_duration=request.frame_duration)
-    await nc.publish(subjects.tts(request.session_id), intro.encode())
+    try:
+        await publish_work(nc, subjects.tts(request.session_id), intro.encode(), context["work"].publish_timeout_s)
+    except (StageBusy, StageUnavailable) as exc:
+        return ToolResult(name=SPEC.name, action="error", text=f"speech is unavailable: {exc}")
 
     async def stream() -> None:
         out = subjects.out(request.session_id)

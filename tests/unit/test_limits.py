@@ -1,0 +1,31 @@
+"""gateway.limits.RateLimiter: token buckets by key, in bounded memory."""
+
+from gateway.limits import RateLimiter
+
+
+def test_burst_then_refill() -> None:
+    limiter = RateLimiter(per_minute=3)
+    assert [limiter.allow("ip", 0.0) for _ in range(4)] == [True, True, True, False]
+    assert not limiter.allow("ip", 10.0)  # 10 s refills half a token
+    assert limiter.allow("ip", 20.5)  # 20 s: one token
+    assert not limiter.allow("ip", 20.6)
+
+
+def test_keys_are_independent() -> None:
+    limiter = RateLimiter(per_minute=1)
+    assert limiter.allow("a", 0.0)
+    assert not limiter.allow("a", 0.0)
+    assert limiter.allow("b", 0.0)
+
+
+def test_zero_means_no_limit() -> None:
+    limiter = RateLimiter(per_minute=0)
+    assert all(limiter.allow("x", 0.0) for _ in range(1000))
+    assert len(limiter) == 0
+
+
+def test_memory_is_bounded_under_a_flood_of_keys() -> None:
+    limiter = RateLimiter(per_minute=5, max_keys=100)
+    for i in range(10_000):
+        limiter.allow(f"10.0.{i // 256}.{i % 256}", float(i))
+    assert len(limiter) == 100
