@@ -14,6 +14,15 @@ from typing import Any
 _TYPES = {"number": "number", "boolean": "boolean", "string": "string", "integer": "integer"}
 
 
+def _list(value: Any) -> list:
+    """A list from a device field, or nothing: devices (or impostors) send any JSON."""
+    return value if isinstance(value, list) else []
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9_]", "_", text.lower())
 
@@ -36,10 +45,10 @@ class IotState:
 
     def update(self, message: dict[str, Any]) -> None:
         """Take an ``iot`` message: descriptors (one thing each) and/or states (full or delta)."""
-        for descriptor in message.get("descriptors") or []:
+        for descriptor in _list(message.get("descriptors")):
             if isinstance(descriptor, dict) and isinstance(descriptor.get("name"), str):
                 self.descriptors[descriptor["name"]] = descriptor
-        for state in message.get("states") or []:
+        for state in _list(message.get("states")):
             if isinstance(state, dict) and isinstance(state.get("name"), str) and isinstance(state.get("state"), dict):
                 self.states.setdefault(state["name"], {}).update(state["state"])
 
@@ -47,7 +56,7 @@ class IotState:
         out: list[IotTool] = []
         for thing, descriptor in self.descriptors.items():
             about = str(descriptor.get("description") or thing)
-            for prop, spec in (descriptor.get("properties") or {}).items():
+            for prop, spec in _dict(descriptor.get("properties")).items():
                 if not isinstance(spec, dict):
                     continue
                 out.append(IotTool(
@@ -58,7 +67,7 @@ class IotState:
                     thing=thing,
                     prop=prop,
                 ))
-            for method, spec in (descriptor.get("methods") or {}).items():
+            for method, spec in _dict(descriptor.get("methods")).items():
                 if not isinstance(spec, dict):
                     continue
                 params = spec.get("parameters") if isinstance(spec.get("parameters"), dict) else {}

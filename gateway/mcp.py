@@ -80,7 +80,8 @@ class McpState:
         if not isinstance(result, dict):
             self.listing_done = True
             return None
-        for tool in result.get("tools") or []:
+        tools = result.get("tools")
+        for tool in tools if isinstance(tools, list) else []:
             if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
                 continue
             schema = tool.get("inputSchema") if isinstance(tool.get("inputSchema"), dict) else {"type": "object", "properties": {}}
@@ -112,5 +113,6 @@ def result_text(payload: dict[str, Any]) -> tuple[bool, str]:
     result = payload.get("result")
     if not isinstance(result, dict):
         return False, "malformed reply"
-    texts = [c.get("text", "") for c in result.get("content") or [] if isinstance(c, dict) and c.get("type") == "text"]
+    content = result.get("content")
+    texts = [str(c.get("text", "")) for c in (content if isinstance(content, list) else []) if isinstance(c, dict) and c.get("type") == "text"]
     return not bool(result.get("isError")), "\n".join(texts)

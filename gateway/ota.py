@@ -40,7 +40,8 @@ def lan_ip() -> str:
 def vision_url(settings: GatewaySettings, http_port: int | None = None) -> str:
     """The vision endpoint handed to devices in MCP initialize (protocol.md §8)."""
     host = settings.public_host or lan_ip()
-    return f"http://{host}:{http_port or settings.http_port}/mcp/vision/explain"
+    scheme = "https" if settings.tls_cert_file else "http"
+    return f"{scheme}://{host}:{http_port or settings.http_port}/mcp/vision/explain"
 
 
 def local_timezone_offset_minutes() -> int:
@@ -52,7 +53,8 @@ def websocket_url(settings: GatewaySettings, request_host: str | None = None) ->
     if settings.websocket_url:
         return settings.websocket_url
     host = settings.public_host or (request_host if request_host and request_host not in ("0.0.0.0",) else None) or lan_ip()
-    return f"ws://{host}:{settings.ws_port}{settings.ws_path}"
+    scheme = "wss" if settings.tls_cert_file else "ws"
+    return f"{scheme}://{host}:{settings.ws_port}{settings.ws_path}"
 
 
 def device_token(settings: GatewaySettings, key: str, device_id: str, client_id: str, now_s: int) -> str:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import secrets
+import ssl
 import time
 from http import HTTPStatus
 from typing import Any
@@ -20,12 +21,22 @@ from websockets.http11 import Request, Response
 from gateway import metrics as m
 from gateway import auth, ota, protocol
 from gateway.bindings import SqliteBindingStore
+from gateway.httpguard import guarded
 from gateway.limits import RateLimiter
 from gateway.session import DeviceSession
 from shared.settings import Settings
 from shared.subjects import Subjects
 
 log = logging.getLogger("gateway.server")
+
+
+def server_tls(cert_file: str | None, key_file: str | None) -> ssl.SSLContext | None:
+    """wss:// and https:// when a certificate is configured."""
+    if not cert_file:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    return context
 
 
 def peer_ip(connection: ServerConnection) -> str:
@@ -71,6 +82,7 @@ class Gateway:
         self._vad_seen: dict[str, float] = {}
         self._vad_watch: asyncio.Task | None = None
         self._alive_sub = None
+        self._http_server: asyncio.AbstractServer | None = None
         self._draining = False
         # SIGTERM: replies in flight may finish (gateway.drain_s), then the process exits.
         self.stop_timeout_s = self.gw.drain_s + 5
@@ -88,6 +100,7 @@ class Gateway:
 
     async def start(self, nc: NATS) -> None:
         self.nc = nc
+        self._tls = server_tls(self.gw.tls_cert_file, self.gw.tls_key_file)
         self._alive_sub = await nc.subscribe(self.subjects.vad_alive, cb=self._on_vad_alive)
         self._vad_watch = asyncio.create_task(self._watch_vad())
         self._ws_server = await serve(
@@ -102,15 +115,23 @@ class Gateway:
             open_timeout=10,
             # Devices drop TCP rather than answer a close frame: do not wait long for one.
             close_timeout=2,
+            ssl=self._tls,
         )
         self.ws_port = self._ws_server.sockets[0].getsockname()[1] if self._ws_server.sockets else self.gw.ws_port
         self.bindings = SqliteBindingStore(self.gw.binding_db) if self.gw.binding else None
         app = ota.make_app(self.gw, self.auth_key, self.bindings)
-        self._http_runner = web.AppRunner(app, access_log=None)
+        # Idle keep-alive connections close after 15 s (aiohttp's default is an hour).
+        self._http_runner = web.AppRunner(app, access_log=None, keepalive_timeout=15)
         await self._http_runner.setup()
-        site = web.TCPSite(self._http_runner, self.gw.host, self.gw.http_port)
-        await site.start()
-        self.http_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        # Not web.TCPSite: the protocol factory is wrapped with a deadline on request heads.
+        self._http_server = await asyncio.get_running_loop().create_server(
+            guarded(self._http_runner.server, self.gw.http_header_timeout_s, lambda: m.DROPPED.labels("gateway", "http_head_timeout").inc()),  # type: ignore[arg-type]
+            self.gw.host,
+            self.gw.http_port,
+            ssl=self._tls,
+            reuse_address=True,
+        )
+        self.http_port = self._http_server.sockets[0].getsockname()[1]
         log.info(
             "listening",
             extra={"fields": {"ws": f"{self.gw.host}:{self.ws_port}", "http": f"{self.gw.host}:{self.http_port}", "websocket_url": ota.websocket_url(self.gw)}},
@@ -133,9 +154,19 @@ class Gateway:
 
     async def _watch_vad(self) -> None:
         """Every second: sessions whose VAD worker went silent are claimed again."""
+        nats_back_at: float | None = None
         while True:
             await asyncio.sleep(1.0)
             now = time.monotonic()
+            # Judge no worker while NATS is away, nor until heartbeats had time to come back
+            # after it returns: a NATS restart is not the death of every VAD.
+            if self.nc is None or not self.nc.is_connected:
+                nats_back_at = None
+                continue
+            if nats_back_at is None:
+                nats_back_at = now
+            if now - nats_back_at < self.gw.vad_dead_after_s + 1:
+                continue
             for worker in [w for w, seen in self._vad_seen.items() if now - seen > 60]:
                 del self._vad_seen[worker]
             for session in list(self.sessions):
@@ -166,13 +197,20 @@ class Gateway:
                 await asyncio.wait_for(self._ws_server.wait_closed(), 5)
             except asyncio.TimeoutError:
                 pass
+        if self._http_server is not None:
+            self._http_server.close()
         if self._http_runner is not None:
             await self._http_runner.cleanup()
         log.info("drained", extra={"fields": {"seconds": round(time.monotonic() - started, 2)}})
 
     def health(self) -> dict[str, Any]:
         # Draining: not ready, so the load balancer sends new devices elsewhere.
-        return {"ok": self._ws_server is not None and not self._draining, "sessions": len(self.sessions), "draining": self._draining}
+        return {
+            "ok": self._ws_server is not None and not self._draining,
+            "sessions": len(self.sessions),
+            "draining": self._draining,
+            "tasks": len(asyncio.all_tasks()),
+        }
 
     def admit_turn(self, device_id: str, ip: str) -> bool:
         """A user turn is starting: within this device's and this address's turn limits?"""

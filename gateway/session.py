@@ -105,7 +105,7 @@ class DeviceSession:
         self.vad_owner: str | None = None
         self.vad_claimed_at = 0.0
         # The VAD heard speech start and no utterance came of it yet.
-        self._speech_open = False
+        self._speech_open_at: float | None = None
         self._uplink: asyncio.Queue[tuple[str, bytes, bool, float]] = asyncio.Queue(maxsize=256)
         self._uplink_frames = 0
         self._claim_task: asyncio.Task | None = None
@@ -139,6 +139,12 @@ class DeviceSession:
     @property
     def turn_in_flight(self) -> bool:
         return self.assembler.current_turn_id is not None
+
+    @property
+    def _speech_open(self) -> bool:
+        """The user started speaking and no utterance came of it yet (speech the VAD found too
+        short to keep leaves no trace: after the longest utterance, it is over anyway)."""
+        return self._speech_open_at is not None and time.monotonic() - self._speech_open_at < 30.0
 
     @property
     def busy(self) -> bool:
@@ -287,7 +293,7 @@ class DeviceSession:
         self._claimed = False
         self.vad_owner = None
         if self._speech_open:
-            self._speech_open = False
+            self._speech_open_at = None
             await self._say(self.settings.error_text, reason="vad_lost")
         self._claim_task = asyncio.create_task(self._claim_vad())
 
@@ -558,7 +564,7 @@ class DeviceSession:
         """What became of an utterance: queued for ASR (wait for its transcript), nothing worth
         answering, or refused by a saturated stage (say so)."""
         if event.kind in ("utterance", "busy"):
-            self._speech_open = False
+            self._speech_open_at = None
         with xlog.bind(turn_id=event.turn_id):
             if event.kind == "utterance":
                 if self.assembler.is_stale(event.turn_id):
@@ -582,7 +588,7 @@ class DeviceSession:
     async def _on_speech_start(self) -> None:
         """The VAD heard speech. In realtime mode, speech over a reply interrupts it (barge-in)."""
         self._last_voice = time.monotonic()
-        self._speech_open = True
+        self._speech_open_at = time.monotonic()
         # A device that expects the server to cancel its echo (features.aec) would hear its own
         # reply as speech: without server-side AEC here, no voice barge-in for it.
         aec = bool(self.hello and self.hello.features.get("aec"))

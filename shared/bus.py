@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 
 from nats.aio.client import Client as NATS
 from nats.errors import SlowConsumerError
@@ -45,9 +46,17 @@ async def connect(settings: NatsSettings, name: str, *, retry_first: bool = True
 
     nc = NATS()
     delay = 0.2
+    auth: dict = {}
+    if settings.user:
+        auth["user"] = settings.user
+        auth["password"] = settings.secret() or ""
+    tls = tls_context(settings)
+    if tls is not None:
+        auth["tls"] = tls
     while True:
         try:
             await nc.connect(
+                **auth,
                 servers=[u.strip() for u in settings.url.split(",") if u.strip()],
                 name=name,
                 connect_timeout=settings.connect_timeout_s,
@@ -69,6 +78,16 @@ async def connect(settings: NatsSettings, name: str, *, retry_first: bool = True
             log.warning("nats connect failed, retrying: %s", exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+def tls_context(settings: NatsSettings) -> ssl.SSLContext | None:
+    """The TLS context for NATS, when asked for (``tls``, a CA file, or a ``tls://`` URL)."""
+    if not (settings.tls or settings.tls_ca_file or settings.url.startswith("tls://")):
+        return None
+    context = ssl.create_default_context(cafile=settings.tls_ca_file)
+    if settings.tls_cert_file:
+        context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+    return context
 
 
 async def drain(nc: NATS, timeout_s: float) -> None:

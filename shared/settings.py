@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import SecretStr, BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 try:  # pydantic-settings >= 2.2
@@ -25,6 +25,22 @@ class NatsSettings(BaseModel):
 
     url: str = "nats://127.0.0.1:4222"
     prefix: str = "xz"
+    # Credentials of this service's NATS user (deploy/nats: one user per service). The password
+    # may come from a file (a mounted secret) instead; it is never logged.
+    user: str | None = None
+    password: SecretStr | None = None
+    password_file: str | None = None
+    # TLS to NATS: a CA to trust (and a client certificate for mutual TLS), or just
+    # tls: true for a server certificate the system trusts. A tls:// URL turns it on too.
+    tls: bool = False
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+
+    def secret(self) -> str | None:
+        if self.password_file:
+            return Path(self.password_file).read_text().strip()
+        return self.password.get_secret_value() if self.password else None
     connect_timeout_s: float = 5.0
     # Keep retrying for ever: a service must outlive a NATS restart.
     max_reconnect_attempts: int = -1
@@ -125,6 +141,10 @@ class GatewaySettings(BaseModel):
     public_host: str | None = None
     # Overrides the WebSocket URL handed out by OTA (e.g. behind a reverse proxy).
     websocket_url: str | None = None
+    # TLS for the WebSocket and HTTP ports (wss:// and https://): a PEM certificate chain and
+    # its key. Unset: plain ws/http (put a TLS-terminating proxy or ingress in front instead).
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
     # Binary protocol version (1, 2 or 3) handed to devices by OTA. Unset: not sent, and the
     # device keeps what it has (v1 unless told otherwise before).
     protocol_version: int | None = None
@@ -142,6 +162,8 @@ class GatewaySettings(BaseModel):
     ping_interval_s: float = 20.0
     claim_timeout_s: float = 2.0
     max_ws_message_bytes: int = 65536
+    # An HTTP request (OTA, vision) must send its whole head within this (slowloris).
+    http_header_timeout_s: float = 10.0
     # Admission control: sessions one gateway process holds at most (then HTTP 503).
     max_sessions: int = 5000
     # SIGTERM: stop accepting, let replies in flight finish for up to this long, then close.

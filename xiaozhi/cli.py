@@ -82,7 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     bind.add_argument("--db", help="binding database (default: the gateway's binding_db setting)")
     bind.add_argument("--config", help="YAML settings file")
 
+    natsauth = sub.add_parser("nats-auth", help="print a nats-server users config: one user per service, each limited to its own subjects")
+    natsauth.add_argument("--prefix", default="xz", help="subject prefix (default xz)")
+    natsauth.add_argument("--secrets-dir", help="also write each service's password to DIR/<service>.password (for XZ_NATS__PASSWORD_FILE)")
+
     args = parser.parse_args(argv)
+    if args.command == "nats-auth":
+        return nats_auth_command(args)
     if args.command == "bind":
         return bind_command(args)
     if args.command == "bench":
@@ -130,6 +136,26 @@ def bind_command(args: argparse.Namespace) -> int:
         print(f"no device is waiting with code {args.code}", file=sys.stderr)
         return 1
     print(f"bound device {device_id} to {args.owner}")
+    return 0
+
+
+def nats_auth_command(args: argparse.Namespace) -> int:
+    """The authorization block on stdout; the passwords on stderr (or in files), never both."""
+    from shared import natsauth
+
+    config, passwords = natsauth.generate(args.prefix)
+    print(config, end="")
+    if args.secrets_dir:
+        folder = Path(args.secrets_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        for service, password in passwords.items():
+            path = folder / f"{service}.password"
+            path.write_text(password + "\n")
+            path.chmod(0o600)
+        print(f"passwords written to {folder}/<service>.password; set XZ_NATS__USER=<service> and XZ_NATS__PASSWORD_FILE for each service", file=sys.stderr)
+    else:
+        for service, password in passwords.items():
+            print(f"{service}: XZ_NATS__USER={service} XZ_NATS__PASSWORD={password}", file=sys.stderr)
     return 0
 
 

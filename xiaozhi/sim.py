@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import ssl
 import struct
 import time
 import uuid
@@ -189,9 +190,13 @@ class SimDevice:
         mcp_page_bytes: int = 8000,
         frame_ms: int = FRAME_MS,
         answer_mcp_calls: bool = True,
+        ssl_context: "ssl.SSLContext | None" = None,
     ) -> None:
         if not ota_url and not ws_url:
             raise ValueError("give an OTA URL or a WebSocket URL")
+        # For https/wss servers whose certificate the system does not trust (the firmware
+        # carries its own CA bundle).
+        self.ssl_context = ssl_context
         self.ota_url = ota_url
         self.ws_url = ws_url
         self.device_id = device_id or random_mac()
@@ -252,7 +257,8 @@ class SimDevice:
             "display": {"monochrome": False, "width": 240, "height": 240},
             "board": {"type": self.board, "name": self.board, "ssid": "sim", "rssi": -50, "channel": 6, "ip": "127.0.0.1", "mac": self.device_id},
         }
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        connector = aiohttp.TCPConnector(ssl=self.ssl_context) if self.ssl_context else None
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10), connector=connector) as http:
             async with http.post(self.ota_url, json=body, headers=headers) as response:
                 if response.status != 200:
                     raise RuntimeError(f"OTA answered HTTP {response.status}: {(await response.text())[:200]}")
@@ -294,7 +300,8 @@ class SimDevice:
         headers = {"Protocol-Version": str(self.protocol_version), "Device-Id": self.device_id, "Client-Id": self.client_id}
         if self.token:
             headers["Authorization"] = self.token if " " in self.token else f"Bearer {self.token}"
-        self.ws = await websockets.connect(self.ws_url, additional_headers=headers, compression=None, open_timeout=10, max_size=None, ping_interval=None)
+        tls = {"ssl": self.ssl_context} if self.ssl_context and self.ws_url.startswith("wss://") else {}
+        self.ws = await websockets.connect(self.ws_url, additional_headers=headers, compression=None, open_timeout=10, max_size=None, ping_interval=None, **tls)
         self._reader = asyncio.create_task(self._read())
         hello = {
             "type": "hello",

@@ -175,3 +175,20 @@ def test_downlink_params_limited_to_what_the_firmware_decodes(monkeypatch):
     monkeypatch.setenv("XZ_GATEWAY__SAMPLE_RATE", "16000")
     settings = _load()
     assert (settings.gateway.frame_duration, settings.gateway.sample_rate) == (20, 16000)
+
+
+def test_nats_password_is_secret_and_can_come_from_a_file(tmp_path, monkeypatch) -> None:
+    from shared.settings import load_settings
+
+    monkeypatch.setenv("XZ_NATS__USER", "gateway")
+    monkeypatch.setenv("XZ_NATS__PASSWORD", "hunter2-very-secret")
+    settings = load_settings(None)
+    assert settings.nats.secret() == "hunter2-very-secret"
+    # Printing or dumping the settings (as a log line might) does not show it.
+    assert "hunter2" not in repr(settings)
+    assert "hunter2" not in settings.model_dump_json()
+    secret_file = tmp_path / "gateway.password"
+    secret_file.write_text("from-a-mounted-secret\n")
+    monkeypatch.delenv("XZ_NATS__PASSWORD")
+    monkeypatch.setenv("XZ_NATS__PASSWORD_FILE", str(secret_file))
+    assert load_settings(None).nats.secret() == "from-a-mounted-secret"

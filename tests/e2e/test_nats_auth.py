@@ -1,0 +1,119 @@
+"""NATS authorisation against a real nats-server running the generated users config: the whole
+pipeline works with one user per service, and each user is refused what is not its job."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+
+import pytest
+from nats.aio.client import Client as NATS
+
+from shared import natsauth
+from tests.conftest import fixture_wav
+from xiaozhi.sim import SimDevice, read_wav
+from xiaozhi.stack import SERVICES, Stack, free_port, nats_server_binary, wait_tcp
+
+pytestmark = pytest.mark.e2e
+
+
+async def try_as(url: str, user: str, password: str, action) -> list[str]:
+    """Run ``action(nc)`` as ``user``; returns the errors NATS reported."""
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    nc = NATS()
+    await nc.connect(url, user=user, password=password, error_cb=on_error, allow_reconnect=False)
+    try:
+        await action(nc)
+        await nc.flush(timeout=2)
+        await asyncio.sleep(0.3)
+    finally:
+        await nc.close()
+    return errors
+
+
+def violation(errors: list[str]) -> bool:
+    return any("permissions violation" in e.lower() for e in errors)
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("auth")
+    config, passwords = natsauth.generate()
+    port = free_port()
+    conf = tmp / "nats.conf"
+    conf.write_text(f'listen: "127.0.0.1:{port}"\njetstream: {{ store_dir: "{tmp / "js"}" }}\n' + config)
+    log = open(tmp / "nats.log", "ab")
+    nats = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    assert wait_tcp("127.0.0.1", port, 10), (tmp / "nats.log").read_text()
+    url = f"nats://127.0.0.1:{port}"
+    stack = Stack(env={"XZ_LOG_JSON": "true", "PYTHONUNBUFFERED": "1", "XZ_GATEWAY__HOST": "127.0.0.1", "XZ_GATEWAY__BINDING_DB": str(tmp / "b.sqlite")}, log_dir=tmp / "logs")
+    stack.nats_url = url
+    try:
+        ws_port = free_port()
+        procs = []
+        for name in SERVICES:
+            env = {"XZ_NATS__USER": name, "XZ_NATS__PASSWORD": passwords[name]}
+            if name == "gateway":
+                env.update({"XZ_GATEWAY__WS_PORT": str(ws_port), "XZ_GATEWAY__HTTP_PORT": str(free_port())})
+            procs.append(stack.start_service(name, free_port(), env))
+        stack.wait_healthy(procs, timeout=240)
+        yield url, passwords, f"ws://127.0.0.1:{ws_port}/xiaozhi/v1/", stack
+    finally:
+        stack.stop()
+        nats.terminate()
+        nats.wait(10)
+
+
+async def test_the_pipeline_works_with_one_user_per_service(secured):
+    url, passwords, ws_url, stack = secured
+    async with SimDevice(ws_url=ws_url) as device:
+        report = await device.speak(read_wav(fixture_wav("en_what_time.wav")), reply_timeout=60)
+        assert report.error is None and report.stt and "time" in report.stt.lower(), report
+        assert report.frames > 0
+        typed = await device.type_text("Tell me a short joke.")
+        assert typed.error is None and typed.frames > 0, typed
+    # No service ran into a permission it lacked.
+    for name in SERVICES:
+        text = (stack.log_dir / f"{name}.log").read_text()
+        assert "Permissions Violation" not in text, (name, [line for line in text.splitlines() if "Permissions" in line][:3])
+
+
+async def test_each_user_is_refused_what_is_not_its_job(secured):
+    url, passwords, _ws, _stack = secured
+    refused_publish = {
+        "gateway": ["xz.tts.s1", "xz.asr.s1", "xz.out.s1", "xz.tools.call.get_time"],
+        "vad": ["xz.llm.s1", "xz.tts.s1", "xz.audio.s1", "xz.ctl.s1"],
+        "asr": ["xz.tts.s1", "xz.audio.s1", "xz.ctl.s1"],
+        "llm": ["xz.asr.s1", "xz.audio.s1", "xz.say.s1"],
+        "tts": ["xz.llm.s1", "xz.tts.s1", "xz.audio.s1"],
+        "tools": ["xz.llm.s1", "xz.audio.s1", "xz.ctl.s1"],
+    }
+    for user, subjects in refused_publish.items():
+        for subject in subjects:
+            errors = await try_as(url, user, passwords[user], lambda nc, s=subject: nc.publish(s, b"x"))
+            assert violation(errors), (user, subject, errors)
+    refused_subscribe = {"tts": "xz.audio.*", "asr": "xz.out.*", "tools": "xz.ctl.*", "gateway": "xz.tts.*"}
+    for user, subject in refused_subscribe.items():
+        errors = await try_as(url, user, passwords[user], lambda nc, s=subject: nc.subscribe(s))
+        assert violation(errors), (user, subject, errors)
+    # Nobody may delete a work queue, not even the workers that made it.
+    errors = await try_as(url, "asr", passwords["asr"], lambda nc: nc.publish("$JS.API.STREAM.DELETE.XZ_ASR", b""))
+    assert violation(errors)
+    # What a user needs is allowed (no violation): the gateway sends audio and claims VAD.
+    errors = await try_as(url, "gateway", passwords["gateway"], lambda nc: nc.publish("xz.audio.s1", b"x"))
+    assert not violation(errors), errors
+
+
+async def test_unknown_users_and_wrong_passwords_cannot_connect(secured):
+    url, passwords, _ws, _stack = secured
+    for user, password in (("gateway", "wrong"), ("nobody", "x")):
+        nc = NATS()
+        with pytest.raises(Exception):
+            await nc.connect(url, user=user, password=password, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2)
+    nc = NATS()
+    with pytest.raises(Exception):
+        await nc.connect(url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2)
