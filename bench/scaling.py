@@ -5,8 +5,8 @@ default local models) with the given number of LLM worker processes and llama.cp
 process, warms it with one turn, then runs the same closed-loop load as ``xiaozhi bench``:
 D devices, each speaking fixture WAVs in real time, waiting for and playing out the reply,
 thinking briefly and speaking again. Temperature 0, so the model says the same things in every
-configuration. It reports turns per second, voice-to-voice latency, how long turns waited for
-the model (``xz_queue_depth{queue="model"}`` is sampled) and the CPU each stage used.
+configuration. It reports turns per second, voice-to-voice latency, how many turns waited for
+the model (``xz_queue_depth`` of the LLM work queue and inside the workers, sampled) and the CPU each stage used.
 
     .venv/bin/python bench/scaling.py --devices 8 --turns 3 \\
         --config llm=1,threads=2 --config llm=2,threads=1 --config llm=2,threads=2 --json scaling.json
@@ -46,14 +46,18 @@ def parse_config(text: str) -> dict[str, int]:
 
 
 async def sample_model_queue(ports: list[int], samples: list[int]) -> None:
+    """Turns waiting: in the LLM work queue (shared, reported by every worker: take the
+    largest) plus inside the workers for the model."""
     while True:
-        total = 0
+        shared_queue, in_workers = 0, 0
         for port in ports:
             try:
-                total += int(prom.value(await asyncio.to_thread(prom.scrape, port), "xz_queue_depth", queue="model"))
+                scraped = await asyncio.to_thread(prom.scrape, port)
             except Exception:  # noqa: BLE001 - a scrape during shutdown
-                pass
-        samples.append(total)
+                continue
+            shared_queue = max(shared_queue, int(prom.value(scraped, "xz_queue_depth", queue="llm")))
+            in_workers += int(prom.value(scraped, "xz_queue_depth", queue="model"))
+        samples.append(shared_queue + in_workers)
         await asyncio.sleep(0.5)
 
 

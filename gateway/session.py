@@ -232,7 +232,8 @@ class DeviceSession:
     async def _on_hello(self, hello: protocol.Hello) -> None:
         self.hello = hello
         await self._send(protocol.server_hello(self.session_id, self.settings.sample_rate, self.settings.frame_duration, self.version))
-        self._out_sub = await self.nc.subscribe(self.subjects.out(self.session_id), cb=self._on_out)
+        # Bounded: a reply's frames arrive faster than real time (a long song: thousands).
+        self._out_sub = await self.nc.subscribe(self.subjects.out(self.session_id), cb=self._on_out, pending_msgs_limit=20000, pending_bytes_limit=16 * 1024 * 1024)
         self._mcp_sub = await self.nc.subscribe(self.subjects.device_mcp(self.session_id), cb=self._on_mcp_request)
         if hello.features.get("mcp"):
             token = auth.issue_vision_token(self.auth_key, self.device_id, int(time.time()), self.settings.auth.vision_ttl_seconds) if self.vision_url else None

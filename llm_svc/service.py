@@ -76,6 +76,10 @@ class LlmWorker:
         self.tools: ToolClient | None = None
         self._puller: WorkPuller | None = None
         self._end_sub = None
+        self._ctl_sub = None
+        # Turns cancelled and sessions closed, as seen on xz.ctl.* (bounded, oldest dropped).
+        self._cancelled: dict[str, None] = {}
+        self._closed_sessions: dict[str, float] = {}
         self._tasks: set[asyncio.Task] = set()
         self._exit_commands = {self._norm(c) for c in self.llm.exit_commands}
 
@@ -85,6 +89,7 @@ class LlmWorker:
         self.agents_kv = await open_bucket(nc, self.subjects.kv_agents)
         self.tools = ToolClient(nc, self.subjects, self.llm.tool_timeout_s)
         self._end_sub = await nc.subscribe(self.subjects.session_end, queue=QUEUE_LLM, cb=self._on_session_end)
+        self._ctl_sub = await nc.subscribe(self.subjects.ctl("*"), cb=self._watch_ctl)
         concurrency = self.settings.work.llm.concurrency or (1 if self.backend.name == "llamacpp" else 16)
         self._puller = WorkPuller(nc, self.subjects, "llm", self.settings.work, self._on_work, concurrency, "llm")
         await self._puller.start()
@@ -92,8 +97,9 @@ class LlmWorker:
     async def stop(self) -> None:
         if self._puller is not None:
             await self._puller.stop(self.settings.nats.drain_timeout_s)
-        if self._end_sub is not None:
-            await self._end_sub.unsubscribe()
+        for sub in (self._end_sub, self._ctl_sub):
+            if sub is not None:
+                await sub.unsubscribe()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=self.settings.nats.drain_timeout_s)
         await self.backend.close()
@@ -124,10 +130,37 @@ class LlmWorker:
                 retry_id = new_turn_id()
                 log.warning("answering a redelivered turn afresh", extra={"fields": {"new_turn_id": retry_id, "delivery": delivery}})
             turn.turn_id = retry_id
+        if self._cancelled_before_start(turn):
+            with xlog.bind(session_id=turn.session_id, turn_id=turn.turn_id):
+                log.info("turn was cancelled while it waited in the queue; skipped")
+            TURNS.labels("cancelled").inc()
+            return
         task = asyncio.create_task(self._answer(turn))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         await asyncio.shield(task)
+
+    def _cancelled_before_start(self, turn: UserTurn) -> bool:
+        """Superseded, aborted or closed while it waited in the queue (seen on xz.ctl.*)."""
+        if turn.turn_id in self._cancelled:
+            return True
+        closed_at = self._closed_sessions.get(turn.session_id)
+        return closed_at is not None and turn.source != "idle"
+
+    async def _watch_ctl(self, msg: Msg) -> None:
+        """Every session's control messages, to know of turns cancelled before they start."""
+        try:
+            ctl = Control.decode(msg.data)
+        except Exception:  # noqa: BLE001
+            return
+        if ctl.kind in ("cancel", "abort") and ctl.turn_id:
+            self._cancelled[ctl.turn_id] = None
+            while len(self._cancelled) > 10000:
+                self._cancelled.pop(next(iter(self._cancelled)))
+        elif ctl.kind == "close":
+            self._closed_sessions[ctl.session_id] = time.monotonic()
+            while len(self._closed_sessions) > 10000:
+                self._closed_sessions.pop(next(iter(self._closed_sessions)))
 
     async def _answer(self, turn: UserTurn) -> None:
         assert self.nc is not None

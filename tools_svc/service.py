@@ -118,6 +118,11 @@ class ToolsWorker:
     async def _on_call(self, msg: Msg) -> None:
         """Each call runs in its own task (a slow tool must not hold up the others), at most
         ``MAX_CONCURRENT_CALLS`` at once."""
+        if len(self._calls) >= MAX_CONCURRENT_CALLS * 4:
+            # Bounded: this worker is saturated; the caller hears it at once (and may retry).
+            ERRORS.labels("tools", "busy").inc()
+            await self._respond(msg, ToolResult(name=msg.subject.rsplit(".", 1)[-1], ok=False, action="error", text="the tools worker is busy").encode())
+            return
         task = asyncio.create_task(self._serve_call(msg))
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)

@@ -192,7 +192,9 @@ class VadWorker:
                 await self._on_ctl(s, m)
 
             stream.subs = [
-                await self.nc.subscribe(self.subjects.audio(sid), cb=on_audio),
+                # Bounded: a minute of frames; beyond that NATS drops them and it is counted as a
+                # slow consumer.
+                await self.nc.subscribe(self.subjects.audio(sid), cb=on_audio, pending_msgs_limit=1000, pending_bytes_limit=2 * 1024 * 1024),
                 await self.nc.subscribe(self.subjects.ctl(sid), cb=on_ctl),
             ]
             self.streams[sid] = stream

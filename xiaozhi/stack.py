@@ -92,9 +92,11 @@ class Stack:
     procs: list[Proc] = field(default_factory=list)
     nats_url: str | None = None
 
-    def start_nats(self, port: int, host: str = "127.0.0.1", store_dir: str | None = None, log_file: str | None = None) -> str:
-        """Start nats-server with JetStream; returns its URL."""
+    def start_nats(self, port: int, host: str = "127.0.0.1", store_dir: str | None = None, log_file: str | None = None, monitor_port: int | None = None) -> str:
+        """Start nats-server with JetStream (and its HTTP monitoring on ``monitor_port``); returns its URL."""
         args = [nats_server_binary(), "-a", host, "-p", str(port), "-js"]
+        if monitor_port:
+            args += ["-m", str(monitor_port)]
         if store_dir:
             Path(store_dir).mkdir(parents=True, exist_ok=True)
             args += ["-sd", store_dir]

@@ -23,12 +23,15 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from tests.conftest import fixture_wav, start_nats
+from xiaozhi import prom
 from xiaozhi.sim import SimDevice, read_wav
 from xiaozhi.stack import Proc, Stack, free_port
 
 pytestmark = pytest.mark.e2e
 
 ACK_WAIT_S = 2.0
+LLM_QUEUE = 2
+BUSY = "Sorry, I'm a bit busy right now. Please try again in a moment."
 # The survivor must have no pull request left when the work is queued (fetches expire in 5 s).
 FREEZE_S = 5.5
 
@@ -54,6 +57,8 @@ def faults(tmp_path_factory):
             "PYTHONUNBUFFERED": "1",
             "XZ_GATEWAY__HOST": "127.0.0.1",
             "XZ_WORK__ACK_WAIT_S": str(ACK_WAIT_S),
+            # A small LLM queue, so that the overload test can fill it.
+            "XZ_WORK__LLM__MAX_MESSAGES": str(LLM_QUEUE),
             "XZ_LLM__TEMPERATURE": "0",
             "XZ_GATEWAY__BINDING_DB": str(tmp / "bindings.sqlite"),
         },
@@ -115,6 +120,51 @@ async def next_turn_works(faults: FaultStack) -> None:
         report = await device.type_text("What time is it?", reply_timeout=60)
         assert report.error is None, report
         assert report.stopped and report.frames > 0, report
+
+
+async def test_sessions_and_sentences_spread_over_replicas(faults):
+    """Before anything is killed: sessions spread over both VAD workers, and the sentences of
+    one long reply are synthesised by both TTS workers and still play in order."""
+    devices = [SimDevice(ws_url=faults.ws_url) for _ in range(12)]
+    await asyncio.gather(*(d.connect() for d in devices))
+    try:
+        await asyncio.sleep(0.5)
+        owned = [vad_sessions(p) for p in faults.procs["vad"]]
+        assert sum(owned) == 12 and min(owned) >= 1, owned
+    finally:
+        await asyncio.gather(*(d.close() for d in devices))
+    before = [prom.value(prom.scrape(p.metrics_port), "xz_tts_sentences_total") for p in faults.procs["tts"]]
+    async with SimDevice(ws_url=faults.ws_url) as device:
+        report = await device.type_text("Tell me a long story about a dragon and a knight.", reply_timeout=90)
+        assert report.error is None and report.stopped, report
+    after = [prom.value(prom.scrape(p.metrics_port), "xz_tts_sentences_total") for p in faults.procs["tts"]]
+    done = [a - b for a, b in zip(after, before)]
+    assert len(report.sentences) >= 3, report.sentences
+    assert all(d >= 1 for d in done), done
+    # The device heard the sentences in the order the model wrote them.
+    replies = [json.loads(line) for line in (faults.stack.log_dir / "llm.log").read_text().splitlines() if '"msg": "reply"' in line]
+    written = next(r["text"] for r in reversed(replies) if r.get("sentences") == len(report.sentences))
+    assert " ".join(report.sentences)[:300] == written  # (the log keeps 300 characters)
+
+
+async def test_a_saturated_stage_says_busy_instead_of_going_silent(faults):
+    """More turns at once than the LLM queue holds: the ones it refuses hear "busy" at once,
+    the others are answered, nobody waits for a timeout."""
+    devices = [SimDevice(ws_url=faults.ws_url) for _ in range(6)]
+    await asyncio.gather(*(d.connect() for d in devices))
+    try:
+        started = time.monotonic()
+        reports = await asyncio.gather(*(d.type_text("Tell me a short joke.", reply_timeout=90) for d in devices))
+    finally:
+        await asyncio.gather(*(d.close() for d in devices))
+    busy = [r for r in reports if r.sentences == [BUSY]]
+    answered = [r for r in reports if r.sentences and r.sentences != [BUSY]]
+    for report in reports:
+        assert report.error is None and report.stopped and report.frames > 0, report
+    assert busy, [r.sentences for r in reports]
+    assert answered, [r.sentences for r in reports]
+    # Busy is said at once, not after a timeout.
+    assert min(r.first_audio for r in busy if r.first_audio) - started < 5
 
 
 async def test_kill_llm_worker_mid_answer(faults):

@@ -1,0 +1,29 @@
+"""A subscription that falls behind: NATS drops its messages, and the service counts it."""
+
+from __future__ import annotations
+
+import asyncio
+
+from shared import bus
+from shared.metrics import SLOW_CONSUMERS
+from shared.settings import NatsSettings
+
+
+async def test_slow_consumers_are_counted(nats_only):
+    nc = await bus.connect(NatsSettings(url=nats_only.nats_url), name="slow-test", service="slowtest")
+    try:
+        before = SLOW_CONSUMERS.labels("slowtest")._value.get()
+
+        async def slow(_msg) -> None:
+            await asyncio.sleep(0.05)
+
+        await nc.subscribe("xz.test.slow", cb=slow, pending_msgs_limit=5)
+        for i in range(200):
+            await nc.publish("xz.test.slow", b"x")
+        await nc.flush()
+        await asyncio.sleep(0.5)
+        dropped = SLOW_CONSUMERS.labels("slowtest")._value.get() - before
+        assert dropped >= 100, dropped
+        assert nc.is_connected  # counted, not fatal
+    finally:
+        await nc.close()
