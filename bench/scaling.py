@@ -66,6 +66,9 @@ async def run_config(config: dict[str, int], args: argparse.Namespace) -> dict:
     env = {
         "XZ_LOG_LEVEL": "WARNING",
         "XZ_GATEWAY__HOST": "127.0.0.1",
+        # Every simulated device comes from this one address: no per-address limits.
+        "XZ_GATEWAY__RATE_LIMITS__CONNECTIONS_PER_MINUTE_PER_IP": "0",
+        "XZ_GATEWAY__RATE_LIMITS__TURNS_PER_MINUTE_PER_IP": "0",
         "XZ_LLM__TEMPERATURE": "0",
         "XZ_LLM__THREADS": str(config["threads"]),
         "XZ_GATEWAY__BINDING_DB": str(tmp / "bindings.sqlite"),

@@ -97,8 +97,8 @@ class Soak:
                 self.turns.append({"at": time.monotonic(), "ok": False, "latency_s": None, "error": f"session: {type(exc).__name__}"})
             await asyncio.sleep(rng.uniform(1, 4))
 
-    async def sampler(self, pids: dict[str, list[int]], ports: dict[str, int], monitor: int, t0: float) -> None:
-        while time.monotonic() < self.stop_at + 5:
+    async def sampler(self, pids: dict[str, list[int]], ports: dict[str, int], monitor: int, t0: float, once: bool = False) -> None:
+        while once or time.monotonic() < self.stop_at + 5:
             varz = get_json(f"http://127.0.0.1:{monitor}/varz")
             gw = get_json(f"http://127.0.0.1:{ports['gateway']}/healthz")
             vad = get_json(f"http://127.0.0.1:{ports['vad']}/healthz")
@@ -111,11 +111,13 @@ class Soak:
                 "nats_subscriptions": varz.get("subscriptions"),
                 "nats_connections": varz.get("connections"),
             })
+            if once:
+                return
             await asyncio.sleep(self.args.sample)
 
     async def run(self) -> dict:
         tmp = Path(tempfile.mkdtemp(prefix="xz-soak-"))
-        stack = Stack(env={"XZ_LOG_LEVEL": "WARNING", "XZ_GATEWAY__HOST": "127.0.0.1", "XZ_GATEWAY__BINDING_DB": str(tmp / "b.sqlite")}, log_dir=tmp / "logs")
+        stack = Stack(env={"XZ_LOG_LEVEL": "WARNING", "XZ_GATEWAY__HOST": "127.0.0.1", "XZ_GATEWAY__RATE_LIMITS__CONNECTIONS_PER_MINUTE_PER_IP": "0", "XZ_GATEWAY__RATE_LIMITS__TURNS_PER_MINUTE_PER_IP": "0", "XZ_GATEWAY__BINDING_DB": str(tmp / "b.sqlite")}, log_dir=tmp / "logs")
         monitor = free_port()
         try:
             stack.start_nats(free_port(), "127.0.0.1", str(tmp / "js"), monitor_port=monitor)
@@ -134,7 +136,10 @@ class Soak:
             await asyncio.gather(self.sampler(pids, ports, monitor, t0), *(self.device(i, url) for i in range(self.args.devices)))
             progress.cancel()
             await asyncio.sleep(5)
-            self.samples.append({**self.samples[-1], "t": round(time.monotonic() - t0, 1), "note": "after every device left"} if self.samples else {})
+            # One more sample once every device has left: sessions and tasks back to idle?
+            self.stop_at = time.monotonic() - 5
+            await self.sampler(pids, ports, monitor, t0, once=True)
+            self.samples[-1]["note"] = "after every device left"
             return self.report(pids)
         finally:
             stack.stop()

@@ -184,7 +184,7 @@ async def main() -> int:
     parser.add_argument("--json", dest="json_path")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="xz-stream-"))
-    stack = Stack(env={"XZ_LOG_LEVEL": "WARNING", "XZ_GATEWAY__HOST": "127.0.0.1"}, log_dir=tmp / "logs")
+    stack = Stack(env={"XZ_LOG_LEVEL": "WARNING", "XZ_GATEWAY__HOST": "127.0.0.1", "XZ_GATEWAY__RATE_LIMITS__CONNECTIONS_PER_MINUTE_PER_IP": "0", "XZ_GATEWAY__RATE_LIMITS__TURNS_PER_MINUTE_PER_IP": "0"}, log_dir=tmp / "logs")
     frames = quiet_frames()
     try:
         stack.start_nats(free_port(), "127.0.0.1", str(tmp / "js"))

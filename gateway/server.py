@@ -83,6 +83,7 @@ class Gateway:
         self._vad_watch: asyncio.Task | None = None
         self._alive_sub = None
         self._http_server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task] = set()
         self._draining = False
         # SIGTERM: replies in flight may finish (gateway.drain_s), then the process exits.
         self.stop_timeout_s = self.gw.drain_s + 5
@@ -137,6 +138,12 @@ class Gateway:
             extra={"fields": {"ws": f"{self.gw.host}:{self.ws_port}", "http": f"{self.gw.host}:{self.http_port}", "websocket_url": ota.websocket_url(self.gw)}},
         )
 
+    def _background(self, coro) -> None:
+        """Run ``coro`` on its own, holding a reference so it is not collected mid-way."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def _on_vad_alive(self, msg: Msg) -> None:
         try:
             beat = json.loads(msg.data)
@@ -148,7 +155,7 @@ class Gateway:
             self._vad_seen.pop(worker, None)
             for session in list(self.sessions):
                 if session.vad_owner == worker:
-                    asyncio.create_task(session.reclaim_vad("leaving"))
+                    self._background(session.reclaim_vad("leaving"))
             return
         self._vad_seen[worker] = time.monotonic()
 
@@ -171,7 +178,7 @@ class Gateway:
                 del self._vad_seen[worker]
             for session in list(self.sessions):
                 if session.needs_vad(now, self._vad_seen, self.gw.vad_dead_after_s):
-                    asyncio.create_task(session.reclaim_vad("dead"))
+                    self._background(session.reclaim_vad("dead"))
 
     async def stop(self) -> None:
         """Drain: refuse new devices, let each session finish the reply it is playing, close it
@@ -184,7 +191,7 @@ class Gateway:
         log.info("draining", extra={"fields": {"sessions": len(self.sessions), "deadline_s": self.gw.drain_s}})
         while self.sessions and time.monotonic() - started < self.gw.drain_s:
             for session in [s for s in list(self.sessions) if not s.busy]:
-                asyncio.create_task(session.close_for_restart())
+                self._background(session.close_for_restart())
             await asyncio.sleep(0.2)
         left = list(self.sessions)
         if left:

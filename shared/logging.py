@@ -45,6 +45,22 @@ def set_turn(turn_id: str | None) -> None:
     _turn.set(turn_id)
 
 
+# Field names whose values are never written to a log, whoever passes them (and nested).
+_SECRET_WORDS = ("password", "passwd", "secret", "token", "api_key", "apikey", "authorization", "cookie", "credential", "private_key")
+REDACTED = "[redacted]"
+
+
+def redact(value: Any, depth: int = 0) -> Any:
+    """A copy of log fields with secret-looking keys' values replaced."""
+    if depth > 4:
+        return value
+    if isinstance(value, dict):
+        return {k: (REDACTED if isinstance(k, str) and any(w in k.lower() for w in _SECRET_WORDS) and v not in (None, "") else redact(v, depth + 1)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v, depth + 1) for v in value]
+    return value
+
+
 class JsonFormatter(logging.Formatter):
     """Formats a record as one JSON line."""
 
@@ -65,7 +81,7 @@ class JsonFormatter(logging.Formatter):
             out["turn_id"] = turn
         fields = getattr(record, "fields", None)
         if fields:
-            out.update(fields)
+            out.update(redact(fields))
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False, default=str)
@@ -82,7 +98,7 @@ class TextFormatter(logging.Formatter):
             ids += f" s={session[:8]}"
         if turn:
             ids += f" t={turn[:8]}"
-        fields = getattr(record, "fields", None) or {}
+        fields = redact(getattr(record, "fields", None) or {})
         extra = "".join(f" {k}={v}" for k, v in fields.items())
         line = (
             f"{time.strftime('%H:%M:%S', time.localtime(record.created))}.{int(record.msecs):03d} "

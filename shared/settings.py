@@ -124,10 +124,10 @@ class RateLimitSettings(BaseModel):
     faster than its turn limit hears a short "slow down" and is not heard for ``cooldown_s``.
     """
 
-    connections_per_minute_per_ip: int = 120
+    connections_per_minute_per_ip: int = 600
     connections_per_minute_per_device: int = 30
     turns_per_minute_per_device: int = 30
-    turns_per_minute_per_ip: int = 240
+    turns_per_minute_per_ip: int = 1200
     cooldown_s: float = 10.0
     slow_down_text: str = "You're talking faster than I can keep up. Please wait a moment."
 

@@ -84,7 +84,7 @@ class Attacker:
     async def unknown_types(self) -> None:
         ws = await self.socket()
         await self.hello(ws)
-        for i in range(self.rounds):
+        for _ in range(self.rounds):
             message = {"type": self.rng.choice(["xyz", "", "HELLO", "listen ", "tts", "stt", "iot", "mcp", "goodbye"]), "state": self.rng.choice(["start", "banana", None, 5]), "payload": self.rng.choice([None, [], {"id": "x"}, "str", 12])}
             await ws.send(json.dumps(message))
             self.tried["unknown or wrongly typed messages"] += 1
