@@ -136,6 +136,7 @@ class WorkPuller:
         self.backlog = 0
         self._loop_task: asyncio.Task | None = None
         self._backlog_task: asyncio.Task | None = None
+        self._sub = None
         self._stopping = False
 
     async def start(self) -> None:
@@ -156,6 +157,14 @@ class WorkPuller:
                 pass
         if self.active:
             await asyncio.wait(self.active, timeout=timeout_s)
+        if self._sub is not None:
+            # Before the connection drains: a pull subscription with a pending fetch's status
+            # message in its queue would otherwise hold the drain until it is cancelled.
+            try:
+                await self._sub.unsubscribe()
+            except Exception:  # noqa: BLE001
+                pass
+            self._sub = None
 
     async def _loop(self) -> None:
         slots = asyncio.Semaphore(self.concurrency)
@@ -164,6 +173,7 @@ class WorkPuller:
             try:
                 if sub is None:
                     sub = await self.nc.jetstream().pull_subscribe_bind(durable=self.stage, stream=self.stream)
+                    self._sub = sub
                 await slots.acquire()
                 try:
                     msgs = await sub.fetch(1, timeout=5)
