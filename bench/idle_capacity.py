@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import tempfile
 import time
@@ -21,24 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from xiaozhi.procstat import cpu_seconds, rss_bytes, threads  # noqa: E402
 from xiaozhi.sim import SimDevice  # noqa: E402
 from xiaozhi.stack import Stack, free_port  # noqa: E402
-
-
-def rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def tasks_of(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/task"))
 
 
 async def connect_all(url: str, n: int, batch: int = 100) -> list[SimDevice]:
@@ -51,19 +35,19 @@ async def connect_all(url: str, n: int, batch: int = 100) -> list[SimDevice]:
 
 
 async def measure(url: str, pids: dict[str, int], n: int, idle_s: float) -> dict:
-    before = {name: rss(pid) for name, pid in pids.items()}
+    before = {name: rss_bytes(pid) for name, pid in pids.items()}
     t0 = time.monotonic()
     devices = await connect_all(url, n)
     connect_s = time.monotonic() - t0
     await asyncio.sleep(2)  # let MCP initialize/tools-list settle
-    cpu0 = {name: cpu_s(pid) for name, pid in pids.items()}
+    cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
     await asyncio.sleep(idle_s)
-    cpu1 = {name: cpu_s(pid) for name, pid in pids.items()}
-    during = {name: rss(pid) for name, pid in pids.items()}
+    cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    during = {name: rss_bytes(pid) for name, pid in pids.items()}
     held = sum(1 for d in devices if not d.closed)
     await asyncio.gather(*(d.close() for d in devices))
     await asyncio.sleep(3)
-    after = {name: rss(pid) for name, pid in pids.items()}
+    after = {name: rss_bytes(pid) for name, pid in pids.items()}
     return {
         "devices": n,
         "held": held,
@@ -103,7 +87,7 @@ async def main() -> int:
         results = []
         for n in args.devices:
             result = await measure(url, pids, n, args.idle)
-            result["gateway_threads"] = tasks_of(pids["gateway"])
+            result["gateway_threads"] = threads(pids["gateway"])
             results.append(result)
             g, v = result["services"]["gateway"], result["services"]["vad"]
             print(

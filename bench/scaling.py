@@ -45,7 +45,7 @@ def parse_config(text: str) -> dict[str, int]:
     return config
 
 
-async def sample_model_queue(ports: list[int], samples: list[int]) -> None:
+async def sample_turns_waiting(ports: list[int], samples: list[int]) -> None:
     """Turns waiting: in the LLM work queue (shared, reported by every worker: take the
     largest) plus inside the workers for the model."""
     while True:
@@ -89,7 +89,7 @@ async def run_config(config: dict[str, int], args: argparse.Namespace) -> dict:
             await device.speak(read_wav(args.wavs[0]), reply_timeout=120)
         llm_ports = [p.metrics_port for p in procs if p.name == "llm"]
         queue_samples: list[int] = []
-        sampler = asyncio.create_task(sample_model_queue(llm_ports, queue_samples))
+        sampler = asyncio.create_task(sample_turns_waiting(llm_ports, queue_samples))
         before = [prom.scrape(port) for port in llm_ports]
         bench = Bench(BenchConfig(ota_url=None, ws_url=url, devices=args.devices, ramp_up_s=args.ramp_up, turns=args.turns, wavs=args.wavs, think_s=args.think, reply_timeout_s=120))
         started = time.monotonic()

@@ -28,20 +28,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from xiaozhi.bench import percentile  # noqa: E402
+from xiaozhi.procstat import rss_mb  # noqa: E402
 from xiaozhi.sim import SimDevice, read_wav  # noqa: E402
 from xiaozhi.stack import SERVICES, Stack, free_port  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "audio"
-
-
-def rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 def get_json(url: str) -> dict:

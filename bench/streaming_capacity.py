@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import tempfile
 import time
@@ -34,22 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from shared.audio import OpusEncoder  # noqa: E402
 from xiaozhi import prom  # noqa: E402
 from xiaozhi.bench import percentile  # noqa: E402
+from xiaozhi.procstat import cpu_seconds, rss_mb  # noqa: E402
 from xiaozhi.sim import UPLINK_RATE, SimDevice, wrap_audio  # noqa: E402
 from xiaozhi.stack import Stack, free_port  # noqa: E402
 
 FRAME_MS = 60
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def quiet_frames(n: int = 50, level_dbfs: float = -60.0) -> list[bytes]:
@@ -117,12 +105,12 @@ async def measure(url: str, pids: dict[str, int], ports: dict[str, int], n: int,
     streamer.lateness.clear()
     sent0 = streamer.sent
     scrape0 = {name: prom.scrape(port) for name, port in ports.items()}
-    cpu0 = {name: cpu_s(pid) for name, pid in pids.items()}
+    cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
     own0 = time.process_time()
     t0 = time.monotonic()
     await asyncio.sleep(seconds)
     elapsed = time.monotonic() - t0
-    cpu1 = {name: cpu_s(pid) for name, pid in pids.items()}
+    cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
     own1 = time.process_time()
     scrape1 = {name: prom.scrape(port) for name, port in ports.items()}
     sent = streamer.sent - sent0

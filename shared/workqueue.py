@@ -140,7 +140,8 @@ class WorkPuller:
         self._stopping = False
 
     async def start(self) -> None:
-        await ensure_stream(self.nc, self.subjects, self.stage, self.work)
+        # The stream was made at service start (shared.service); if it is missing, the pull
+        # loop makes it again when its fetch fails.
         self._loop_task = asyncio.create_task(self._loop())
         self._backlog_task = asyncio.create_task(self._watch_backlog())
 

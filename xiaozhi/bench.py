@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -21,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from xiaozhi.procstat import cpu_seconds, rss_bytes
 from xiaozhi.sim import SimDevice, TurnReport, read_wav
 
 SERVICE_MODULES = ("gateway", "vad_svc", "asr_svc", "llm_svc", "tts_svc", "tools_svc", "manager")
@@ -82,7 +82,7 @@ class ProcessWatcher:
 
     def __init__(self) -> None:
         self.pids = self._find()
-        self.cpu_start = {pid: self._cpu(pid) for pid in self.pids}
+        self.cpu_start = {pid: cpu_seconds(pid) for pid in self.pids}
         self.peak_rss: dict[int, int] = {pid: 0 for pid in self.pids}
         self._task: asyncio.Task | None = None
 
@@ -101,29 +101,11 @@ class ProcessWatcher:
                 found[int(entry.name)] = args[2]
         return found
 
-    @staticmethod
-    def _cpu(pid: int) -> float:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
-            return 0.0
-
-    @staticmethod
-    def _rss(pid: int) -> int:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return 0
-
     def start(self) -> None:
         async def sample() -> None:
             while True:
                 for pid in self.pids:
-                    self.peak_rss[pid] = max(self.peak_rss[pid], self._rss(pid))
+                    self.peak_rss[pid] = max(self.peak_rss[pid], rss_bytes(pid))
                 await asyncio.sleep(0.5)
 
         if self.pids:
@@ -136,8 +118,8 @@ class ProcessWatcher:
         for pid, name in self.pids.items():
             entry = by_service.setdefault(name, {"processes": 0, "cpu_s": 0.0, "peak_rss_mb": 0.0})
             entry["processes"] += 1
-            entry["cpu_s"] += round(self._cpu(pid) - self.cpu_start[pid], 2)
-            entry["peak_rss_mb"] = max(entry["peak_rss_mb"], round(max(self.peak_rss[pid], self._rss(pid)) / 1e6, 1))
+            entry["cpu_s"] += round(cpu_seconds(pid) - self.cpu_start[pid], 2)
+            entry["peak_rss_mb"] = max(entry["peak_rss_mb"], round(max(self.peak_rss[pid], rss_bytes(pid)) / 1e6, 1))
         return by_service
 
 

@@ -10,7 +10,6 @@ import asyncio
 import json
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -18,6 +17,7 @@ from tests.conftest import start_gateway
 from xiaozhi import prom
 from gateway.auth import issue_vision_token
 from xiaozhi.attack import Attacker
+from xiaozhi.procstat import rss_mb
 from xiaozhi.sim import SimDevice, random_mac
 
 pytestmark = pytest.mark.e2e
@@ -28,13 +28,6 @@ KEY = "attack-test-key"
 def health(port: int) -> dict:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=3) as response:
         return json.loads(response.read())
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 async def test_gateway_survives_bad_input_and_comes_back_to_baseline(pipeline):

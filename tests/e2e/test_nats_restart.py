@@ -11,26 +11,18 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-import urllib.request
 
 import pytest
 
 from tests.conftest import fixture_wav
 from xiaozhi.sim import SimDevice, read_wav
-from xiaozhi.stack import SERVICES, Stack, free_port
+from xiaozhi.stack import SERVICES, Stack, free_port, healthy
 
 pytestmark = pytest.mark.e2e
 
 
 def all_healthy(procs) -> bool:
-    for proc in procs:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{proc.metrics_port}/healthz", timeout=1) as response:
-                if response.status != 200:
-                    return False
-        except Exception:  # noqa: BLE001 - 503 while NATS is away
-            return False
-    return True
+    return all(healthy(p.metrics_port) for p in procs)
 
 
 async def test_services_and_devices_ride_out_a_nats_restart(tmp_path):
