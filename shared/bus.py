@@ -9,7 +9,7 @@ import ssl
 from nats.aio.client import Client as NATS
 from nats.errors import SlowConsumerError
 
-from shared.metrics import SLOW_CONSUMERS
+from shared.metrics import NATS_CONNECTED, SLOW_CONSUMERS
 
 from shared.settings import NatsSettings
 
@@ -36,9 +36,14 @@ async def connect(settings: NatsSettings, name: str, *, retry_first: bool = True
         log.warning("nats error: %s", exc)
 
     async def on_disconnected() -> None:
+        # The gauge follows the connection itself, not only /healthz polls (alerts use it).
+        if service:
+            NATS_CONNECTED.labels(service).set(0)
         log.warning("nats disconnected")
 
     async def on_reconnected() -> None:
+        if service:
+            NATS_CONNECTED.labels(service).set(1)
         log.info("nats reconnected", extra={"fields": {"url": nc.connected_url.geturl() if nc.connected_url else None}})
 
     async def on_closed() -> None:

@@ -84,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
 
     natsauth = sub.add_parser("nats-auth", help="print a nats-server users config: one user per service, each limited to its own subjects")
     natsauth.add_argument("--prefix", default="xz", help="subject prefix (default xz)")
-    natsauth.add_argument("--secrets-dir", help="also write each service's password to DIR/<service>.password (for XZ_NATS__PASSWORD_FILE)")
+    natsauth.add_argument(
+        "--secrets-dir",
+        help="write DIR/auth.conf (the block, for nats-server's `include`) and DIR/<service>.password (for XZ_NATS__PASSWORD_FILE) instead of printing",
+    )
+    natsauth.add_argument("--if-missing", action="store_true", help="with --secrets-dir: keep an existing DIR/auth.conf and its passwords (idempotent start-up)")
 
     args = parser.parse_args(argv)
     if args.command == "nats-auth":
@@ -140,22 +144,40 @@ def bind_command(args: argparse.Namespace) -> int:
 
 
 def nats_auth_command(args: argparse.Namespace) -> int:
-    """The authorization block on stdout; the passwords on stderr (or in files), never both."""
+    """The authorization block and the passwords: on stdout and stderr, or as files in a folder.
+
+    With ``--secrets-dir`` the folder gets ``auth.conf`` (include it from nats-server's config)
+    and one ``<service>.password`` file per service, all mode 0600 (compose's one-shot
+    ``nats-auth`` service and ``kubectl create secret --from-file`` use this layout).
+    """
     from shared import natsauth
 
-    config, passwords = natsauth.generate(args.prefix)
-    print(config, end="")
+    if args.if_missing and not args.secrets_dir:
+        print("xiaozhi nats-auth: --if-missing needs --secrets-dir", file=sys.stderr)
+        return 2
     if args.secrets_dir:
         folder = Path(args.secrets_dir)
+        if args.if_missing and (folder / "auth.conf").is_file():
+            missing = [s for s in natsauth.SERVICES if not (folder / f"{s}.password").is_file()]
+            if not missing:
+                print(f"{folder}/auth.conf exists; kept", file=sys.stderr)
+                return 0
+            print(f"{folder}/auth.conf exists but {', '.join(missing)} have no password file; writing new ones", file=sys.stderr)
+    config, passwords = natsauth.generate(args.prefix)
+    if args.secrets_dir:
         folder.mkdir(parents=True, exist_ok=True)
-        for service, password in passwords.items():
-            path = folder / f"{service}.password"
-            path.write_text(password + "\n")
-            path.chmod(0o600)
-        print(f"passwords written to {folder}/<service>.password; set XZ_NATS__USER=<service> and XZ_NATS__PASSWORD_FILE for each service", file=sys.stderr)
-    else:
-        for service, password in passwords.items():
-            print(f"{service}: XZ_NATS__USER={service} XZ_NATS__PASSWORD={password}", file=sys.stderr)
+        for name, text in [("auth.conf", config)] + [(f"{s}.password", p + "\n") for s, p in passwords.items()]:
+            path = folder / name
+            # Written whole, then renamed: a reader never sees half a file.
+            tmp = folder / f".{name}.tmp"
+            tmp.write_text(text)
+            tmp.chmod(0o600)
+            tmp.replace(path)
+        print(f"wrote {folder}/auth.conf and {folder}/<service>.password; give each service XZ_NATS__USER=<service> and XZ_NATS__PASSWORD_FILE", file=sys.stderr)
+        return 0
+    print(config, end="")
+    for service, password in passwords.items():
+        print(f"{service}: XZ_NATS__USER={service} XZ_NATS__PASSWORD={password}", file=sys.stderr)
     return 0
 
 
