@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # CPUs and segfaults at the first decode (llama.cpp issue #20824). See ../shared/models.md.
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
-.PHONY: install run test test-unit clean
+.PHONY: install tools run test test-unit clean
 
 install: $(STAMP)
 
@@ -31,7 +31,17 @@ $(STAMP): pyproject.toml Makefile
 run: install
 	$(VENV)/bin/xiaozhi up
 
-test: install
+# promtool and prometheus for tests/deploy (Debian's prometheus package): installed when missing
+# and this runs as root with apt-get (as on CI); otherwise those tests skip and say why.
+tools:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's prometheus package (promtool) for the deploy tests"; \
+	    ( apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus ) >/dev/null 2>&1 \
+	      || echo "could not install prometheus: the promtool and Prometheus tests will skip"; \
+	  else echo "promtool not found (apt-get install prometheus): the promtool and Prometheus tests will skip"; fi; }
+
+test: install tools
 	$(PY) -m pytest -q -ra
 
 test-unit: install
