@@ -39,6 +39,8 @@ def lan_ip() -> str:
 
 def vision_url(settings: GatewaySettings, http_port: int | None = None) -> str:
     """The vision endpoint handed to devices in MCP initialize (protocol.md §8)."""
+    if settings.vision.url:
+        return settings.vision.url
     host = settings.public_host or lan_ip()
     scheme = "https" if settings.tls_cert_file else "http"
     return f"{scheme}://{host}:{http_port or settings.http_port}/mcp/vision/explain"

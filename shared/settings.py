@@ -110,6 +110,9 @@ class VisionSettings(BaseModel):
     base_url: str | None = None
     api_key: str = "none"
     model: str = "default"
+    # The endpoint's URL as devices reach it (behind an ingress or reverse proxy, e.g.
+    # https://xiaozhi.example.com/mcp/vision/explain). Unset: http(s)://public_host:http_port/...
+    url: str | None = None
     # Under the device's own 30 s HTTP timeout, so it gets our answer, not its timeout.
     timeout_s: float = 20.0
     max_tokens: int = 200

@@ -59,3 +59,13 @@ def test_ota_answer_shape():
     }
     assert build_ota_response(settings, {"application": {"version": "abc"}}, None)["firmware"]["version"] == "0.0.0"
     assert build_ota_response(GatewaySettings(websocket_url="wss://x/ws"), {}, None)["websocket"]["url"] == "wss://x/ws"
+
+
+def test_vision_url_defaults_to_the_public_host_and_can_be_set_whole():
+    from gateway.ota import vision_url
+    from shared.settings import GatewaySettings
+
+    assert vision_url(GatewaySettings(public_host="10.0.0.5", http_port=8003)) == "http://10.0.0.5:8003/mcp/vision/explain"
+    # Behind an ingress the device must get the public https URL, not the pod's port.
+    behind = GatewaySettings(public_host="xiaozhi.example.com", vision={"url": "https://xiaozhi.example.com/mcp/vision/explain"})
+    assert vision_url(behind) == "https://xiaozhi.example.com/mcp/vision/explain"
