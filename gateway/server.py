@@ -82,6 +82,7 @@ class Gateway:
         self._vad_seen: dict[str, float] = {}
         self._vad_watch: asyncio.Task | None = None
         self._alive_sub = None
+        self._bind_sub = None
         self._http_server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
         self._draining = False
@@ -120,6 +121,9 @@ class Gateway:
         )
         self.ws_port = self._ws_server.sockets[0].getsockname()[1] if self._ws_server.sockets else self.gw.ws_port
         self.bindings = SqliteBindingStore(self.gw.binding_db) if self.gw.binding else None
+        if self.bindings is not None:
+            # The manager's "bind by code": whichever gateway holds the code answers.
+            self._bind_sub = await nc.subscribe(self.subjects.gateway_bind, cb=self._on_bind)
         app = ota.make_app(self.gw, self.auth_key, self.bindings)
         # Idle keep-alive connections close after 15 s (aiohttp's default is an hour).
         self._http_runner = web.AppRunner(app, access_log=None, keepalive_timeout=15)
@@ -143,6 +147,25 @@ class Gateway:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _on_bind(self, msg: Msg) -> None:
+        """``{"code": "123456", "owner": "name"}``: bind the device waiting with that code.
+
+        Only the gateway that issued the code answers (``{"device_id": ...}``); the others stay
+        silent, so the manager's request gets one answer or times out."""
+        try:
+            request = json.loads(msg.data)
+            code, owner = str(request["code"]).strip(), str(request["owner"])
+        except (ValueError, KeyError, TypeError):
+            m.DROPPED.labels("gateway", "bad_bind_request").inc()
+            return
+        if self.bindings is None or not msg.reply:
+            return
+        device_id = await asyncio.to_thread(self.bindings.bind, code, owner)
+        if device_id is None:
+            return
+        log.info("device bound", extra={"fields": {"device_id": device_id, "owner": owner}})
+        await msg.respond(json.dumps({"device_id": device_id}).encode())
 
     async def _on_vad_alive(self, msg: Msg) -> None:
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import logging
 import re
 import threading
@@ -244,7 +245,19 @@ class LlmWorker:
         messages: list[dict[str, Any]] = [{"role": "system", "content": prompt}]
         if memory is not None:
             messages += memory.turns
-        log.info("prompt", extra={"fields": {"agent": agent.name, "memory": agent.memory, "remembered_messages": len(memory.turns) if memory else 0, "summary": bool(memory and memory.summary)}})
+        log.info(
+            "prompt",
+            extra={
+                "fields": {
+                    "agent": agent.name,
+                    # Which role prompt this turn used (a digest: the prompt itself is the owner's).
+                    "role_sha": hashlib.sha256((agent.role_prompt or "").encode()).hexdigest()[:12] if agent.role_prompt else None,
+                    "memory": agent.memory,
+                    "remembered_messages": len(memory.turns) if memory else 0,
+                    "summary": bool(memory and memory.summary),
+                }
+            },
+        )
         offered = []
         if turn.source == "idle":
             ctx.close_after = True

@@ -33,7 +33,7 @@ def permissions(prefix: str = "xz") -> dict[str, dict[str, list[str]]]:
     return {
         "gateway": {
             "pub": [f"{p}.audio.*", f"{p}.ctl.*", f"{p}.vad.claim", f"{p}.llm.*", f"{p}.say.*", f"{p}.session.end"] + js_api,
-            "sub": [f"{p}.out.*", f"{p}.device.*.mcp", f"{p}.vad.alive"] + inbox,
+            "sub": [f"{p}.out.*", f"{p}.device.*.mcp", f"{p}.vad.alive", f"{p}.gateway.bind"] + inbox,
         },
         "vad": {
             "pub": [f"{p}.asr.*", f"{p}.out.*", f"{p}.vad.alive"] + js_api,
@@ -58,7 +58,7 @@ def permissions(prefix: str = "xz") -> dict[str, dict[str, list[str]]]:
             "sub": [f"{p}.tools.list", f"{p}.tools.call.*"] + inbox,
         },
         "manager": {
-            "pub": [f"$KV.{p}_agents.>", f"$KV.{p}_config.>"] + js_api,
+            "pub": [f"$KV.{p}_agents.>", f"$KV.{p}_config.>", f"{p}.gateway.bind"] + js_api,
             "sub": inbox,
         },
     }

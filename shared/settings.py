@@ -380,6 +380,28 @@ class ToolsSettings(BaseModel):
     mcp_endpoint: McpEndpointSettings = Field(default_factory=McpEndpointSettings)
 
 
+class ManagerSettings(BaseModel):
+    """The manager: admin API and web console (``manager/``)."""
+
+    host: str = "0.0.0.0"
+    port: int = 8002
+    metrics_port: int = 9106
+    # SQLAlchemy URL: sqlite:///path (default), mysql+pymysql://user:pw@host/db (MySQL/MariaDB),
+    # postgresql+psycopg://user:pw@host/db. The schema is migrated (Alembic) at start.
+    database_url: str = "sqlite:///data/manager.db"
+    # The first administrator, made at the first start when there is no user at all. Its
+    # password: this value or file; unset, a random one is written to admin_password_out
+    # (mode 0600) and the log says where.
+    admin_user: str = "admin"
+    admin_password: SecretStr | None = None
+    admin_password_file: str | None = None
+    admin_password_out: str = "data/manager-admin-password"
+    # Sign-in tokens expire after this long; personal API tokens when their owner says.
+    session_ttl_s: int = 7 * 24 * 3600
+    # Failed sign-ins per username and per address per minute before 429.
+    login_attempts_per_minute: int = 10
+
+
 class Settings(BaseSettings):
     """All settings of all services; each service reads its own section."""
 
@@ -396,6 +418,7 @@ class Settings(BaseSettings):
     llm: LlmSettings = Field(default_factory=LlmSettings)
     tts: TtsSettings = Field(default_factory=TtsSettings)
     tools: ToolsSettings = Field(default_factory=ToolsSettings)
+    manager: ManagerSettings = Field(default_factory=ManagerSettings)
 
     _yaml_file: Any = None
 

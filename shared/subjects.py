@@ -107,6 +107,12 @@ class Subjects:
         return f"{self.prefix}_memory"
 
     @property
+    def gateway_bind(self) -> str:
+        """Request: the manager claims the device waiting with an activation code; the gateway
+        holding that code answers (the others stay silent)."""
+        return f"{self.prefix}.gateway.bind"
+
+    @property
     def kv_agents(self) -> str:
         return f"{self.prefix}_agents"
 

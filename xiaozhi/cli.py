@@ -124,6 +124,8 @@ def run_service(name: str, argv: list[str]) -> int:
         from llm_svc.service import LlmWorker as factory
     elif name == "tts":
         from tts_svc.service import TtsWorker as factory
+    elif name == "manager":
+        from manager.service import ManagerService as factory
     else:
         from tools_svc.service import ToolsWorker as factory
     return run(name, factory, lambda s: getattr(s, name).metrics_port, argv)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO
 
 SERVICES = ("tools", "tts", "asr", "llm", "vad", "gateway")
-MODULES = {"gateway": "gateway", "vad": "vad_svc", "asr": "asr_svc", "llm": "llm_svc", "tts": "tts_svc", "tools": "tools_svc"}
+MODULES = {"gateway": "gateway", "vad": "vad_svc", "asr": "asr_svc", "llm": "llm_svc", "tts": "tts_svc", "tools": "tools_svc", "manager": "manager"}
 
 
 def nats_server_binary() -> str:

@@ -1,0 +1,415 @@
+"""The REST API (FastAPI). Every route but sign-in needs a bearer token; every device, agent and
+history route is scoped to the token's user, so one user never sees another's devices."""
+
+# No `from __future__ import annotations`: FastAPI must see the dependency aliases defined
+# inside create_app (CurrentUser, Admin, DB) as real objects, not strings.
+
+import datetime as dt
+from typing import Annotated, Any, Literal, Protocol
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field, field_validator
+from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from manager import auth
+from manager.models import Agent, ApiToken, ChatTurn, Device, User, utcnow
+from shared.settings import ManagerSettings
+
+
+class Live(Protocol):
+    """Where changes go so the pipeline applies them (manager.live.Publisher)."""
+
+    def device_changed(self, device_id: str, agent: Agent | None) -> bool: ...
+    def agent_changed(self, agent: Agent, device_ids: list[str]) -> bool: ...
+    def devices_removed(self, device_ids: list[str]) -> bool: ...
+
+
+class Binder(Protocol):
+    """Claims the device waiting with an activation code (the gateways hold the codes)."""
+
+    def bind(self, code: str, owner: str) -> dict[str, Any] | None: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Request and response bodies
+
+Username = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")]
+Password = Annotated[str, Field(min_length=auth.MIN_PASSWORD, max_length=256)]
+
+
+class LoginIn(BaseModel):
+    username: str = Field(max_length=64)
+    password: str = Field(max_length=256)
+
+
+class TokenOut(BaseModel):
+    token: str
+    expires_at: dt.datetime | None
+
+
+class UserIn(BaseModel):
+    username: Username
+    password: Password
+    role: Literal["admin", "user"] = "user"
+
+
+class UserOut(BaseModel):
+    id: int
+    username: str
+    role: str
+    created_at: dt.datetime
+
+
+class PasswordIn(BaseModel):
+    old_password: str = Field(max_length=256)
+    new_password: Password
+
+
+class ApiTokenIn(BaseModel):
+    name: str = Field(min_length=1, max_length=100)
+    expires_in_days: int | None = Field(default=None, ge=1, le=3650)
+
+
+class ApiTokenOut(BaseModel):
+    id: int
+    name: str
+    prefix: str
+    created_at: dt.datetime
+    expires_at: dt.datetime | None
+    last_used_at: dt.datetime | None
+
+
+class ApiTokenCreated(ApiTokenOut):
+    token: str
+
+
+class AgentIn(BaseModel):
+    name: str = Field(min_length=1, max_length=100)
+    role_prompt: str | None = Field(default=None, max_length=8000)
+    voice: str | None = Field(default=None, max_length=255)
+    llm_backend: Literal["llamacpp", "openai", "vllm"] | None = None
+    llm_model: str | None = Field(default=None, max_length=255)
+    asr_model: str | None = Field(default=None, max_length=255)
+    language: str | None = Field(default=None, max_length=16)
+    tools: list[Annotated[str, Field(min_length=1, max_length=100)]] | None = Field(default=None, max_length=200)
+    memory: Literal["none", "short", "summary"] = "short"
+    wake_greeting: str | None = Field(default=None, max_length=255)
+
+
+class AgentOut(AgentIn):
+    id: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    device_count: int = 0
+
+
+class BindIn(BaseModel):
+    code: str = Field(pattern=r"^\s*\d{6}\s*$")
+    agent_id: int | None = None
+    alias: str | None = Field(default=None, max_length=100)
+
+
+class DevicePatch(BaseModel):
+    alias: str | None = Field(default=None, max_length=100)
+    agent_id: int | None = None
+    auto_upgrade: bool | None = None
+
+
+class DeviceOut(BaseModel):
+    device_id: str
+    alias: str | None
+    agent_id: int | None
+    board: str | None
+    firmware_version: str | None
+    auto_upgrade: bool
+    bound_at: dt.datetime
+    last_seen: dt.datetime | None
+    live_config: bool = True  # False: saved, but the pipeline could not be told yet (re-sync retries)
+
+    @field_validator("device_id")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.lower()
+
+
+class TurnOut(BaseModel):
+    session_id: str
+    turn_id: str | None
+    role: str
+    text: str
+    created_at: dt.datetime
+
+
+class Problem(BaseModel):
+    detail: str
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def create_app(settings: ManagerSettings, sessions: sessionmaker[Session], live: Live, binder: Binder) -> FastAPI:
+    app = FastAPI(
+        title="xiaozhi manager",
+        version="0.1.0",
+        description="Users, devices, agents and live configuration of a xiaozhi voice backend.",
+        responses={401: {"model": Problem, "description": "missing, unknown or expired token"}},
+    )
+    limiter = auth.LoginLimiter(settings.login_attempts_per_minute)
+    bearer = HTTPBearer(auto_error=False)
+
+    def db() -> Any:
+        with sessions() as session:
+            yield session
+
+    DB = Annotated[Session, Depends(db)]
+
+    def current_user(session: DB, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> User:
+        if credentials is None or credentials.scheme.lower() != "bearer":
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "sign in first (Authorization: Bearer <token>)", headers={"WWW-Authenticate": "Bearer"})
+        row = session.execute(select(ApiToken).where(ApiToken.token_hash == auth.digest(credentials.credentials))).scalar_one_or_none()
+        now = utcnow()
+        if row is None or (row.expires_at is not None and row.expires_at < now):
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "unknown or expired token", headers={"WWW-Authenticate": "Bearer"})
+        if row.last_used_at is None or (now - row.last_used_at).total_seconds() > 60:
+            row.last_used_at = now
+            session.commit()
+        user = session.get(User, row.user_id)
+        assert user is not None
+        return user
+
+    CurrentUser = Annotated[User, Depends(current_user)]
+
+    def admin(user: CurrentUser) -> User:
+        if user.role != "admin":
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "administrators only")
+        return user
+
+    Admin = Annotated[User, Depends(admin)]
+
+    def own_agent(session: Session, user: User, agent_id: int) -> Agent:
+        agent = session.get(Agent, agent_id)
+        if agent is None or agent.owner_id != user.id:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such agent")
+        return agent
+
+    def own_device(session: Session, user: User, device_id: str) -> Device:
+        device = session.execute(select(Device).where(Device.device_id == device_id.lower())).scalar_one_or_none()
+        if device is None or device.owner_id != user.id:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such device")
+        return device
+
+    def agent_out(session: Session, agent: Agent) -> AgentOut:
+        count = session.execute(select(func.count()).select_from(Device).where(Device.agent_id == agent.id)).scalar_one()
+        return AgentOut.model_validate({**{c: getattr(agent, c) for c in AgentOut.model_fields if c != "device_count"}, "device_count": count})
+
+    def device_out(device: Device, published: bool = True) -> DeviceOut:
+        return DeviceOut.model_validate({**{c: getattr(device, c) for c in DeviceOut.model_fields if c != "live_config"}, "live_config": published})
+
+    # -- sign-in -------------------------------------------------------------------------------
+
+    @app.post("/api/auth/login", response_model=TokenOut, tags=["auth"], responses={429: {"model": Problem}, 401: {"model": Problem}})
+    def login(body: LoginIn, request: Request, session: DB) -> TokenOut:
+        keys = (f"user:{body.username.lower()}", f"ip:{request.client.host if request.client else '?'}")
+        if limiter.blocked(*keys):
+            raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, "too many failed sign-ins; wait a minute")
+        user = session.execute(select(User).where(User.username == body.username)).scalar_one_or_none()
+        if not auth.verify_password(user, body.password):
+            limiter.failed(*keys)
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "wrong username or password")
+        assert user is not None
+        token, row = auth.new_token(user, "session", "sign-in", settings.session_ttl_s)
+        session.add(row)
+        session.commit()
+        return TokenOut(token=token, expires_at=row.expires_at)
+
+    @app.post("/api/auth/logout", status_code=204, tags=["auth"])
+    def logout(user: CurrentUser, session: DB, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Response:
+        assert credentials is not None
+        session.execute(delete(ApiToken).where(ApiToken.token_hash == auth.digest(credentials.credentials), ApiToken.user_id == user.id))
+        session.commit()
+        return Response(status_code=204)
+
+    # -- me, users -----------------------------------------------------------------------------
+
+    @app.get("/api/me", response_model=UserOut, tags=["users"])
+    def me(user: CurrentUser) -> User:
+        return user
+
+    @app.put("/api/me/password", status_code=204, tags=["users"], responses={400: {"model": Problem}})
+    def change_password(body: PasswordIn, user: CurrentUser, session: DB) -> Response:
+        if not auth.verify_password(user, body.old_password):
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, "the old password is wrong")
+        user = session.merge(user)
+        user.password_hash = auth.hash_password(body.new_password)
+        # Every sign-in session ends; personal tokens stay (they are revoked one by one).
+        session.execute(delete(ApiToken).where(ApiToken.user_id == user.id, ApiToken.kind == "session"))
+        session.commit()
+        return Response(status_code=204)
+
+    @app.get("/api/users", response_model=list[UserOut], tags=["users"], responses={403: {"model": Problem}})
+    def list_users(_admin: Admin, session: DB) -> list[User]:
+        return list(session.execute(select(User).order_by(User.id)).scalars())
+
+    @app.post("/api/users", response_model=UserOut, status_code=201, tags=["users"], responses={403: {"model": Problem}, 409: {"model": Problem}})
+    def create_user(body: UserIn, _admin: Admin, session: DB) -> User:
+        user = User(username=body.username, password_hash=auth.hash_password(body.password), role=body.role)
+        session.add(user)
+        try:
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+            raise HTTPException(status.HTTP_409_CONFLICT, "that username is taken") from None
+        return user
+
+    @app.delete("/api/users/{user_id}", status_code=204, tags=["users"], responses={403: {"model": Problem}, 404: {"model": Problem}, 409: {"model": Problem}})
+    def delete_user(user_id: int, me_: Admin, session: DB) -> Response:
+        if user_id == me_.id:
+            raise HTTPException(status.HTTP_409_CONFLICT, "you cannot delete yourself")
+        user = session.get(User, user_id)
+        if user is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such user")
+        device_ids = list(session.execute(select(Device.device_id).where(Device.owner_id == user_id)).scalars())
+        # Children first: not every database cascades (SQLite without foreign keys, MyISAM).
+        session.execute(delete(Device).where(Device.owner_id == user_id))
+        session.execute(delete(Agent).where(Agent.owner_id == user_id))
+        session.execute(delete(ApiToken).where(ApiToken.user_id == user_id))
+        session.delete(user)
+        session.commit()
+        if device_ids:
+            live.devices_removed(device_ids)
+        return Response(status_code=204)
+
+    # -- personal API tokens -------------------------------------------------------------------
+
+    @app.get("/api/tokens", response_model=list[ApiTokenOut], tags=["tokens"])
+    def list_tokens(user: CurrentUser, session: DB) -> list[ApiToken]:
+        return list(session.execute(select(ApiToken).where(ApiToken.user_id == user.id, ApiToken.kind == "personal").order_by(ApiToken.id)).scalars())
+
+    @app.post("/api/tokens", response_model=ApiTokenCreated, status_code=201, tags=["tokens"])
+    def create_token(body: ApiTokenIn, user: CurrentUser, session: DB) -> ApiTokenCreated:
+        token, row = auth.new_token(user, "personal", body.name, body.expires_in_days * 86400 if body.expires_in_days else None)
+        session.add(row)
+        session.commit()
+        return ApiTokenCreated(token=token, **ApiTokenOut.model_validate(row, from_attributes=True).model_dump())
+
+    @app.delete("/api/tokens/{token_id}", status_code=204, tags=["tokens"], responses={404: {"model": Problem}})
+    def revoke_token(token_id: int, user: CurrentUser, session: DB) -> Response:
+        row = session.get(ApiToken, token_id)
+        if row is None or row.user_id != user.id or row.kind != "personal":
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such token")
+        session.delete(row)
+        session.commit()
+        return Response(status_code=204)
+
+    # -- agents ----------------------------------------------------------------------------------
+
+    @app.get("/api/agents", response_model=list[AgentOut], tags=["agents"])
+    def list_agents(user: CurrentUser, session: DB) -> list[AgentOut]:
+        agents = session.execute(select(Agent).where(Agent.owner_id == user.id).order_by(Agent.id)).scalars()
+        return [agent_out(session, a) for a in agents]
+
+    @app.post("/api/agents", response_model=AgentOut, status_code=201, tags=["agents"])
+    def create_agent(body: AgentIn, user: CurrentUser, session: DB) -> AgentOut:
+        agent = Agent(owner_id=user.id, **body.model_dump())
+        session.add(agent)
+        session.commit()
+        return agent_out(session, agent)
+
+    @app.get("/api/agents/{agent_id}", response_model=AgentOut, tags=["agents"], responses={404: {"model": Problem}})
+    def get_agent(agent_id: int, user: CurrentUser, session: DB) -> AgentOut:
+        return agent_out(session, own_agent(session, user, agent_id))
+
+    @app.put("/api/agents/{agent_id}", response_model=AgentOut, tags=["agents"], responses={404: {"model": Problem}})
+    def update_agent(agent_id: int, body: AgentIn, user: CurrentUser, session: DB) -> AgentOut:
+        agent = own_agent(session, user, agent_id)
+        for key, value in body.model_dump().items():
+            setattr(agent, key, value)
+        agent.updated_at = utcnow()
+        session.commit()
+        device_ids = list(session.execute(select(Device.device_id).where(Device.agent_id == agent.id)).scalars())
+        if device_ids:
+            live.agent_changed(agent, device_ids)
+        return agent_out(session, agent)
+
+    @app.delete("/api/agents/{agent_id}", status_code=204, tags=["agents"], responses={404: {"model": Problem}})
+    def delete_agent(agent_id: int, user: CurrentUser, session: DB) -> Response:
+        agent = own_agent(session, user, agent_id)
+        devices = list(session.execute(select(Device).where(Device.agent_id == agent.id)).scalars())
+        for device in devices:
+            device.agent_id = None
+        session.delete(agent)
+        session.commit()
+        if devices:
+            live.devices_removed([d.device_id for d in devices])
+        return Response(status_code=204)
+
+    # -- devices -------------------------------------------------------------------------------
+
+    @app.get("/api/devices", response_model=list[DeviceOut], tags=["devices"])
+    def list_devices(user: CurrentUser, session: DB) -> list[DeviceOut]:
+        rows = session.execute(select(Device).where(Device.owner_id == user.id).order_by(Device.id)).scalars()
+        return [device_out(d) for d in rows]
+
+    @app.post("/api/devices/bind", response_model=DeviceOut, status_code=201, tags=["devices"], responses={404: {"model": Problem}, 409: {"model": Problem}, 503: {"model": Problem}})
+    def bind_device(body: BindIn, user: CurrentUser, session: DB) -> DeviceOut:
+        agent = own_agent(session, user, body.agent_id) if body.agent_id is not None else None
+        claimed = binder.bind(body.code.strip(), user.username)
+        if claimed is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no device is waiting with that code (it is spoken by the device and valid for a day)")
+        device_id = str(claimed["device_id"]).lower()
+        existing = session.execute(select(Device).where(Device.device_id == device_id)).scalar_one_or_none()
+        if existing is not None and existing.owner_id != user.id:
+            raise HTTPException(status.HTTP_409_CONFLICT, "that device is bound to another account; its owner must unbind it first")
+        device = existing or Device(device_id=device_id, owner_id=user.id)
+        device.agent_id = agent.id if agent else device.agent_id
+        device.alias = body.alias or device.alias
+        device.board = claimed.get("board") or device.board
+        device.firmware_version = claimed.get("firmware_version") or device.firmware_version
+        device.bound_at = utcnow()
+        session.add(device)
+        session.commit()
+        published = live.device_changed(device.device_id, device.agent)
+        return device_out(device, published)
+
+    @app.get("/api/devices/{device_id}", response_model=DeviceOut, tags=["devices"], responses={404: {"model": Problem}})
+    def get_device(device_id: str, user: CurrentUser, session: DB) -> DeviceOut:
+        return device_out(own_device(session, user, device_id))
+
+    @app.patch("/api/devices/{device_id}", response_model=DeviceOut, tags=["devices"], responses={404: {"model": Problem}})
+    def update_device(device_id: str, body: DevicePatch, user: CurrentUser, session: DB) -> DeviceOut:
+        device = own_device(session, user, device_id)
+        changes = body.model_dump(exclude_unset=True)
+        if "agent_id" in changes:
+            device.agent_id = own_agent(session, user, changes["agent_id"]).id if changes["agent_id"] is not None else None
+        if "alias" in changes:
+            device.alias = changes["alias"]
+        if changes.get("auto_upgrade") is not None:
+            device.auto_upgrade = changes["auto_upgrade"]
+        session.commit()
+        session.refresh(device)
+        published = live.device_changed(device.device_id, device.agent) if "agent_id" in changes else True
+        return device_out(device, published)
+
+    @app.delete("/api/devices/{device_id}", status_code=204, tags=["devices"], responses={404: {"model": Problem}})
+    def unbind_device(device_id: str, user: CurrentUser, session: DB) -> Response:
+        device = own_device(session, user, device_id)
+        session.execute(delete(ChatTurn).where(ChatTurn.device_id == device.device_id))
+        session.delete(device)
+        session.commit()
+        live.devices_removed([device.device_id])
+        return Response(status_code=204)
+
+    @app.get("/api/devices/{device_id}/history", response_model=list[TurnOut], tags=["devices"], responses={404: {"model": Problem}})
+    def history(device_id: str, user: CurrentUser, session: DB, limit: Annotated[int, Query(ge=1, le=500)] = 100) -> list[ChatTurn]:
+        device = own_device(session, user, device_id)
+        rows = session.execute(select(ChatTurn).where(ChatTurn.device_id == device.device_id).order_by(ChatTurn.created_at.desc(), ChatTurn.id.desc()).limit(limit)).scalars()
+        return list(rows)
+
+    @app.get("/api/health", tags=["health"], include_in_schema=False)
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app

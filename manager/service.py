@@ -1,0 +1,125 @@
+"""The manager as a service: the API on ``manager.port`` (8002), metrics on 9106, NATS for
+live configuration (``manager.live``) and for claiming devices by code from the gateways."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from sqlalchemy import func, select
+
+from manager import auth
+from manager.app import create_app
+from manager.db import make_engine, migrate, session_factory
+from manager.live import Publisher
+from manager.models import User
+from shared.settings import Settings
+from shared.subjects import Subjects
+
+log = logging.getLogger("manager.service")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn inside our event loop: signals belong to shared.service, not to uvicorn."""
+
+    def install_signal_handlers(self) -> None:  # uvicorn < 0.29
+        pass
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # noqa: ANN201 - uvicorn >= 0.29
+        yield
+
+
+class NatsBinder:
+    """Asks the gateways for the device waiting with a code (from the API's threads)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, nc: Any, subject: str, timeout_s: float = 2.0) -> None:
+        self.loop, self.nc, self.subject, self.timeout_s = loop, nc, subject, timeout_s
+
+    def bind(self, code: str, owner: str) -> dict[str, Any] | None:
+        async def ask() -> dict[str, Any] | None:
+            try:
+                reply = await self.nc.request(self.subject, json.dumps({"code": code, "owner": owner}).encode(), timeout=self.timeout_s)
+            except Exception as exc:  # noqa: BLE001 - no gateway holds the code (timeout, no responders)
+                log.info("no gateway holds activation code", extra={"fields": {"why": type(exc).__name__}})
+                return None
+            return json.loads(reply.data)
+
+        return asyncio.run_coroutine_threadsafe(ask(), self.loop).result(timeout=self.timeout_s + 3)
+
+
+def ensure_admin(sessions, settings) -> str | None:  # noqa: ANN001
+    """Make the first administrator when there is no user; returns where its password is."""
+    m = settings.manager
+    with sessions() as db:
+        if db.execute(select(func.count()).select_from(User)).scalar_one() > 0:
+            return None
+        if m.admin_password is not None:
+            password, where = m.admin_password.get_secret_value(), "the manager.admin_password setting"
+        elif m.admin_password_file:
+            password, where = Path(m.admin_password_file).read_text().strip(), m.admin_password_file
+        else:
+            password = secrets.token_urlsafe(12)
+            out = Path(m.admin_password_out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(password + "\n")
+            out.chmod(0o600)
+            where = str(out.resolve())
+        db.add(User(username=m.admin_user, password_hash=auth.hash_password(password), role="admin"))
+        db.commit()
+    log.warning("first administrator created", extra={"fields": {"username": m.admin_user, "password_in": where}})
+    return where
+
+
+class ManagerService:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.m = settings.manager
+        self.subjects = Subjects(settings.nats.prefix)
+        self.engine = make_engine(self.m.database_url)
+        migrate(self.engine)
+        self.sessions = session_factory(self.engine)
+        ensure_admin(self.sessions, settings)
+        self.server: _Server | None = None
+        self._tasks: list[asyncio.Task] = []
+        self.port: int | None = None
+
+    async def start(self, nc: Any) -> None:
+        loop = asyncio.get_running_loop()
+        self.publisher = Publisher(loop, nc, self.subjects.kv_agents, self.sessions)
+        await self.publisher.open()
+        binder = NatsBinder(loop, nc, self.subjects.gateway_bind)
+        app = create_app(self.m, self.sessions, self.publisher, binder)
+        config = uvicorn.Config(app, host=self.m.host, port=self.m.port, log_config=None, access_log=False, lifespan="off", server_header=False)
+        self.server = _Server(config)
+        self._tasks.append(asyncio.create_task(self.server.serve()))
+        self._tasks.append(asyncio.create_task(self.publisher.run_resync(30.0)))
+        for _ in range(200):
+            if self.server.started:
+                break
+            if self._tasks[0].done():
+                self._tasks[0].result()  # raises: the port is taken, say so
+            await asyncio.sleep(0.05)
+        sockets = [s for server in getattr(self.server, "servers", []) for s in server.sockets]
+        self.port = sockets[0].getsockname()[1] if sockets else self.m.port
+        log.info("manager listening", extra={"fields": {"url": f"http://{self.m.host}:{self.port}/", "pid": os.getpid()}})
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+        for task in self._tasks[1:]:
+            task.cancel()
+        if self._tasks:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(self._tasks[0], 10)
+        self.engine.dispose()
+
+    def health(self) -> dict[str, Any]:
+        return {"ok": bool(self.server and self.server.started), "port": self.port}

@@ -1,0 +1,87 @@
+"""Live configuration through the manager: a device bound in the manager gets its agent, and a
+role prompt changed in the manager during a live session is the one the very next turn uses,
+with no service restarted. Real processes: the pipeline, a gateway holding activation codes,
+the manager; the device speaks real speech in real time."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from tests.conftest import fixture_wav, start_gateway
+from tests.manager.conftest import ADMIN_PASSWORD, Api
+from xiaozhi.sim import SimDevice, read_wav
+from xiaozhi.stack import free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def prompts(pipeline, session_id: str) -> list[dict]:
+    out = []
+    for line in pipeline.log("llm").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("session_id") == session_id and record.get("msg") == "prompt":
+            out.append(record)
+    return out
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@pytest.fixture
+def manager_on_pipeline(pipeline, tmp_path):
+    binding = start_gateway(pipeline.stack, binding="true", binding_db=str(tmp_path / "bindings.db"))
+    port = free_port()
+    proc = pipeline.stack.start_service("manager", free_port(), {
+        "XZ_MANAGER__HOST": "127.0.0.1",
+        "XZ_MANAGER__PORT": str(port),
+        "XZ_MANAGER__DATABASE_URL": f"sqlite:///{tmp_path / 'manager.db'}",
+        "XZ_MANAGER__ADMIN_PASSWORD": ADMIN_PASSWORD,
+    })
+    pipeline.stack.wait_healthy([proc])
+    try:
+        yield Api(f"http://127.0.0.1:{port}").login("admin", ADMIN_PASSWORD), binding
+    finally:
+        proc.popen.terminate()
+        proc.popen.wait(15)
+        binding.stop()
+
+
+async def test_a_role_prompt_changed_in_the_manager_applies_to_the_next_turn(pipeline, manager_on_pipeline):
+    api, binding = manager_on_pipeline
+    first_role = "You are {name}, a cheerful pirate. Answer like a pirate."
+    _, agent = api.call("POST", "/api/agents", {"name": "Captain Pete", "role_prompt": first_role})
+
+    device = SimDevice(ota_url=f"{binding.http_url}/xiaozhi/ota/")
+    code = (await device.ota())["activation"]["code"]
+    status, bound = api.call("POST", "/api/devices/bind", {"code": code, "agent_id": agent["id"]})
+    assert status == 201 and bound["live_config"], bound
+    assert await device.activate(polls=2, wait_pending_s=0.1)
+
+    llm_pid = next(p.popen.pid for p in pipeline.stack.procs if p.name == "llm")
+    speech = read_wav(fixture_wav("en_what_time.wav"))
+    async with SimDevice(ws_url=pipeline.ws_url, device_id=device.device_id) as live:
+        report = await live.speak(speech)
+        assert report.error is None and report.stt and report.frames > 0, report
+        first = prompts(pipeline, live.session_id)
+        assert first and first[-1]["agent"] == "Captain Pete" and first[-1]["role_sha"] == sha(first_role)
+
+        # The owner edits the agent in the manager while the session stays open.
+        second_role = "You are {name}, a retired pirate who now grows tomatoes."
+        status, _ = api.call("PUT", f"/api/agents/{agent['id']}", {"name": "Old Pete", "role_prompt": second_role})
+        assert status == 200
+
+        report = await live.speak(speech)
+        assert report.error is None and report.stt and report.frames > 0, report
+        after = prompts(pipeline, live.session_id)
+        assert len(after) == len(first) + 1
+        assert after[-1]["agent"] == "Old Pete" and after[-1]["role_sha"] == sha(second_role)
+    # Nothing was restarted for it.
+    assert next(p.popen.pid for p in pipeline.stack.procs if p.name == "llm") == llm_pid
+    assert all(p.alive() for p in pipeline.stack.procs if p.name in ("llm", "gateway", "tts", "asr", "vad"))

@@ -1,0 +1,227 @@
+"""The manager's API on SQLite, MariaDB and PostgreSQL: sign-in, roles, tokens, ownership,
+agents, binding a device by the code it speaks, and the live config it publishes to NATS KV."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from nats.aio.client import Client as NATS
+from sqlalchemy import create_engine, inspect
+
+from manager.db import migrate
+from shared.agents import kv_key
+from tests.manager.conftest import ADMIN_PASSWORD, Api
+from xiaozhi.sim import SimDevice
+
+pytestmark = pytest.mark.e2e
+
+
+def test_schema_is_migrated_and_matches_the_models(manager):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from manager.models import Base
+
+    engine = create_engine(manager.database_url)
+    try:
+        migrate(engine)  # a second run (the manager ran the first) changes nothing
+        with engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+            assert {"users", "api_tokens", "agents", "devices", "chat_turns", "alembic_version"} <= set(inspect(conn).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_sign_in_roles_and_users(manager):
+    anonymous = Api(manager.base)
+    assert anonymous.call("GET", "/api/me")[0] == 401
+    assert anonymous.call("GET", "/api/me", token="xzm_not-a-token")[0] == 401
+    assert anonymous.call("POST", "/api/auth/login", {"username": "admin", "password": "wrong-password"})[0] == 401
+    admin = manager.admin()
+    status, me = admin.call("GET", "/api/me")
+    assert status == 200 and me["username"] == "admin" and me["role"] == "admin"
+
+    status, alice = admin.call("POST", "/api/users", {"username": "alice", "password": "alice-password"})
+    assert status == 201 and alice["role"] == "user"
+    assert admin.call("POST", "/api/users", {"username": "alice", "password": "another-password"})[0] == 409
+    assert admin.call("POST", "/api/users", {"username": "bob", "password": "short"})[0] == 422
+    as_alice = Api(manager.base).login("alice", "alice-password")
+    assert as_alice.call("GET", "/api/users")[0] == 403
+    assert as_alice.call("POST", "/api/users", {"username": "mallory", "password": "mallory-password", "role": "admin"})[0] == 403
+
+    # A new password ends the old sign-ins.
+    assert as_alice.call("PUT", "/api/me/password", {"old_password": "nope-nope", "new_password": "alice-password-2"})[0] == 400
+    assert as_alice.call("PUT", "/api/me/password", {"old_password": "alice-password", "new_password": "alice-password-2"})[0] == 204
+    assert as_alice.call("GET", "/api/me")[0] == 401
+    fresh = Api(manager.base).login("alice", "alice-password-2")
+    assert fresh.call("POST", "/api/auth/logout")[0] == 204
+    assert fresh.call("GET", "/api/me")[0] == 401
+
+    # The password hash is argon2, never the password.
+    engine = create_engine(manager.database_url)
+    try:
+        with engine.connect() as conn:
+            from sqlalchemy import text
+
+            stored = conn.execute(text("SELECT password_hash FROM users WHERE username = 'alice'")).scalar_one()
+            tokens = [row[0] for row in conn.execute(text("SELECT token_hash FROM api_tokens"))]
+    finally:
+        engine.dispose()
+    assert stored.startswith("$argon2id$") and "alice-password" not in stored
+    assert fresh.token not in tokens and all(len(t) == 64 for t in tokens)
+
+
+def test_failed_sign_ins_are_limited(manager):
+    api = Api(manager.base)
+    status, _ = manager.admin().call("POST", "/api/users", {"username": "carol", "password": "carol-password"})
+    assert status == 201
+    codes = [api.call("POST", "/api/auth/login", {"username": "carol", "password": f"guess-{i}-guess"})[0] for i in range(6)]
+    assert codes[:5] == [401] * 5 and codes[5] == 429
+    # Even the right password waits out the minute: a guesser learns nothing from it.
+    assert api.call("POST", "/api/auth/login", {"username": "carol", "password": "carol-password"})[0] == 429
+
+
+def test_personal_api_tokens(manager):
+    admin = manager.admin()
+    status, created = admin.call("POST", "/api/tokens", {"name": "home-assistant", "expires_in_days": 30})
+    assert status == 201 and created["token"].startswith("xzm_") and created["prefix"] == created["token"][:10]
+    scripted = Api(manager.base, created["token"])
+    assert scripted.call("GET", "/api/me")[1]["username"] == "admin"
+    listed = admin.call("GET", "/api/tokens")[1]
+    assert [t["name"] for t in listed] == ["home-assistant"] and "token" not in listed[0]
+    assert admin.call("DELETE", f"/api/tokens/{created['id']}")[0] == 204
+    assert scripted.call("GET", "/api/me")[0] == 401
+
+
+def test_agents_are_private_to_their_owner(manager):
+    admin = manager.admin()
+    admin.call("POST", "/api/users", {"username": "dave", "password": "dave-password"})
+    dave = Api(manager.base).login("dave", "dave-password")
+    status, agent = dave.call("POST", "/api/agents", {"name": "Pirate", "role_prompt": "You are a pirate.", "memory": "summary", "tools": ["get_time"]})
+    assert status == 201 and agent["memory"] == "summary" and agent["tools"] == ["get_time"]
+    assert dave.call("GET", f"/api/agents/{agent['id']}")[1]["name"] == "Pirate"
+    # Another user (even an admin) neither sees nor changes it.
+    assert all(a["id"] != agent["id"] for a in admin.call("GET", "/api/agents")[1])
+    assert admin.call("GET", f"/api/agents/{agent['id']}")[0] == 404
+    assert admin.call("PUT", f"/api/agents/{agent['id']}", {"name": "Hijacked"})[0] == 404
+    assert admin.call("DELETE", f"/api/agents/{agent['id']}")[0] == 404
+    assert dave.call("POST", "/api/agents", {"name": "x", "memory": "forever"})[0] == 422
+    assert dave.call("DELETE", f"/api/agents/{agent['id']}")[0] == 204
+    assert dave.call("GET", f"/api/agents/{agent['id']}")[0] == 404
+
+
+async def _kv_agent(nats_url: str, device_id: str) -> dict | None:
+    nc = NATS()
+    await nc.connect(nats_url)
+    try:
+        kv = await nc.jetstream().key_value("xz_agents")
+        try:
+            entry = await kv.get(kv_key(device_id))
+        except Exception:  # noqa: BLE001 - no entry
+            return None
+        return json.loads(entry.value) if entry and entry.value else None
+    finally:
+        await nc.close()
+
+
+async def test_bind_by_spoken_code_and_live_config(manager):
+    admin = manager.admin()
+    admin.call("POST", "/api/users", {"username": "erin", "password": "erin-password"})
+    erin = Api(manager.base).login("erin", "erin-password")
+    _, agent = erin.call("POST", "/api/agents", {"name": "Captain Pete", "role_prompt": "You are {name}, a cheerful pirate."})
+
+    # The device boots, asks OTA, and speaks its activation code.
+    device = SimDevice(ota_url=manager.ota_url)
+    code = (await device.ota())["activation"]["code"]
+    assert erin.call("POST", "/api/devices/bind", {"code": "000000" if code != "000000" else "111111"})[0] == 404
+    status, bound = erin.call("POST", "/api/devices/bind", {"code": code, "agent_id": agent["id"], "alias": "kitchen"})
+    assert status == 201, bound
+    assert bound["device_id"] == device.device_id.lower() and bound["agent_id"] == agent["id"] and bound["live_config"] is True
+    # The device's activation poll now succeeds: the gateway that held the code bound it.
+    assert await device.activate(polls=2, wait_pending_s=0.1) is True
+    # Its agent is in the KV bucket the pipeline reads on every turn.
+    stored = await _kv_agent(manager.stack.nats_url, device.device_id)
+    assert stored is not None and stored["name"] == "Captain Pete" and stored["agent_id"] == str(agent["id"])
+
+    # Another user cannot see, change, claim or unbind it.
+    other = manager.admin()
+    assert other.call("GET", f"/api/devices/{device.device_id}")[0] == 404
+    assert other.call("PATCH", f"/api/devices/{device.device_id}", {"alias": "mine"})[0] == 404
+    assert other.call("DELETE", f"/api/devices/{device.device_id}")[0] == 404
+    assert all(d["device_id"] != device.device_id.lower() for d in other.call("GET", "/api/devices")[1])
+    assert erin.call("PATCH", f"/api/devices/{device.device_id}", {"agent_id": 999999})[0] == 404
+
+    # Editing the agent republishes it for its devices.
+    status, _ = erin.call("PUT", f"/api/agents/{agent['id']}", {"name": "Captain Pete", "role_prompt": "You are {name}, a grumpy pirate.", "memory": "none"})
+    assert status == 200
+    stored = await _kv_agent(manager.stack.nats_url, device.device_id)
+    assert stored["role_prompt"] == "You are {name}, a grumpy pirate." and stored["memory"] == "none"
+
+    # Detaching the agent removes the entry (the default agent applies); unbinding too.
+    assert erin.call("PATCH", f"/api/devices/{device.device_id}", {"agent_id": None})[1]["agent_id"] is None
+    assert await _kv_agent(manager.stack.nats_url, device.device_id) is None
+    erin.call("PATCH", f"/api/devices/{device.device_id}", {"agent_id": agent["id"]})
+    assert (await _kv_agent(manager.stack.nats_url, device.device_id))["name"] == "Captain Pete"
+    assert erin.call("GET", f"/api/devices/{device.device_id}/history")[1] == []
+    assert erin.call("DELETE", f"/api/devices/{device.device_id}")[0] == 204
+    assert await _kv_agent(manager.stack.nats_url, device.device_id) is None
+    assert erin.call("GET", "/api/devices")[1] == []
+
+
+def test_bad_input_gets_clear_errors(manager):
+    admin = manager.admin()
+    for method, path, body in [
+        ("POST", "/api/agents", {"name": ""}),
+        ("POST", "/api/agents", {"name": "x" * 101}),
+        ("POST", "/api/devices/bind", {"code": "12345"}),
+        ("POST", "/api/devices/bind", {"code": "abcdef"}),
+        ("POST", "/api/users", {"username": "has space", "password": "long-enough"}),
+        ("POST", "/api/tokens", {"name": "t", "expires_in_days": 0}),
+    ]:
+        status, answer = admin.call(method, path, body)
+        assert status == 422, (path, body, status, answer)
+        assert answer["detail"], answer
+    # Not JSON at all.
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(manager.base + "/api/agents", data=b"{not json", method="POST", headers={"Authorization": f"Bearer {admin.token}", "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=10)
+    assert err.value.code == 422
+    # The service is still fine.
+    assert admin.call("GET", "/api/me")[0] == 200
+
+
+def test_first_admin_password_is_written_once(tmp_path):
+    """With no password configured the first start writes a random one, mode 0600, and only once."""
+    import stat
+
+    from manager.db import make_engine, session_factory
+    from manager.service import ensure_admin
+    from shared.settings import Settings
+
+    settings = Settings(manager={"database_url": f"sqlite:///{tmp_path / 'm.db'}", "admin_password_out": str(tmp_path / "pw")})
+    engine = make_engine(settings.manager.database_url)
+    migrate(engine)
+    sessions = session_factory(engine)
+    assert ensure_admin(sessions, settings) == str((tmp_path / "pw").resolve())
+    password = (tmp_path / "pw").read_text().strip()
+    assert len(password) >= 12 and stat.S_IMODE((tmp_path / "pw").stat().st_mode) == 0o600
+    assert ensure_admin(sessions, settings) is None  # a user exists: nothing is made or written
+    from manager import auth
+    from manager.models import User
+
+    with sessions() as db:
+        admin = db.query(User).one()
+        assert admin.role == "admin" and auth.verify_password(admin, password)
+    engine.dispose()
+    assert ADMIN_PASSWORD  # the fixture's configured password is used by the other tests
+
+
+def test_nothing_leaks_into_logs(manager):
+    log = manager.log("manager")
+    assert ADMIN_PASSWORD not in log
+    assert "alice-password" not in log
+    assert "xzm_" not in log
