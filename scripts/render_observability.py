@@ -51,7 +51,7 @@ ROWS: list[tuple[str, list[tuple[str, str, str, list[tuple[str, str]], str]]]] =
             ("Streaming devices", "stat", "short", [("sum(rate(xz_vad_frames_total[1m])) * 0.06", "streams")], "Devices sending audio now: uplink frames per second times 60 ms."),
             ("Turns in flight", "stat", "short", [("sum(xz_gateway_turns_in_flight)", "turns")], "Sessions with a reply under way."),
             ("Turns / min", "stat", "short", [("sum(rate(xz_llm_turns_total[5m])) * 60", "turns/min")], "Turns answered by the LLM stage, per minute (5-minute average)."),
-            ("Voice to voice p95", "stat", "s", [(f"histogram_quantile(0.95, sum by (le) (rate(xz_gateway_voice_to_voice_seconds_bucket[5m])))", "p95")], "End of the user's speech to the first reply frame sent, 95th percentile over 5 minutes."),
+            ("Voice to voice p95", "stat", "s", [("histogram_quantile(0.95, sum by (le) (rate(xz_gateway_voice_to_voice_seconds_bucket[5m])))", "p95")], "End of the user's speech to the first reply frame sent, 95th percentile over 5 minutes."),
             ("Fallback replies (5m)", "stat", "short", [("sum(increase(xz_gateway_fallback_replies_total[5m])) or vector(0)", "fallbacks")], "Fixed phrases spoken instead of an answer (busy, timeouts, lost VAD)."),
         ],
     ),
