@@ -246,6 +246,18 @@ def up_command(args: argparse.Namespace) -> int:
                 preferred = getattr(settings, name).metrics_port
                 metrics_port = pick_port(preferred, "0.0.0.0") if replica == 0 else free_port()
                 procs.append(stack.start_service(name, metrics_port, gateway_env if name == "gateway" else None))
+        # The manager (admin API): its database and first password under the data folder
+        # unless configured otherwise.
+        manager_port = pick_port(settings.manager.port, settings.manager.host)
+        manager_env = {"XZ_MANAGER__PORT": str(manager_port)}
+        defaults = type(settings.manager)()
+        if settings.manager.database_url == defaults.database_url:
+            manager_env["XZ_MANAGER__DATABASE_URL"] = f"sqlite:///{(data / 'manager.db').resolve()}"
+        if settings.manager.admin_password_out == defaults.admin_password_out:
+            manager_env["XZ_MANAGER__ADMIN_PASSWORD_OUT"] = str((data / "manager-admin-password").resolve())
+        if manager_port != settings.manager.port:
+            print(f"Port {settings.manager.port} is taken; the manager's port is {manager_port}")
+        procs.append(stack.start_service("manager", pick_port(settings.manager.metrics_port, "0.0.0.0"), manager_env))
         stack.wait_healthy(procs, timeout=300)
         host = settings.gateway.public_host or lan_ip()
         ws_url = settings.gateway.websocket_url or f"ws://{host}:{ws_port}{settings.gateway.ws_path}"
@@ -253,6 +265,9 @@ def up_command(args: argparse.Namespace) -> int:
         print("xiaozhi backend is running.")
         print(f"  OTA URL (give this to the device):  http://{host}:{http_port}/xiaozhi/ota/")
         print(f"  WebSocket URL:                      {ws_url}")
+        password_file = Path(manager_env.get("XZ_MANAGER__ADMIN_PASSWORD_OUT", settings.manager.admin_password_out))
+        first = f" (first sign-in: {settings.manager.admin_user}, password in {password_file})" if password_file.is_file() else ""
+        print(f"  Manager API:                        http://{host}:{manager_port}/docs{first}")
         print("  Metrics:                            " + ", ".join(f"{p.name} http://127.0.0.1:{p.metrics_port}/metrics" for p in procs))
         print(f"  Try it:  .venv/bin/xiaozhi sim --ota http://127.0.0.1:{http_port}/xiaozhi/ota/ --wav tests/fixtures/audio/en_what_time.wav")
         print("Press Ctrl-C to stop.")
