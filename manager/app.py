@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -36,6 +36,14 @@ class Binder(Protocol):
 # ---------------------------------------------------------------------------------------------
 # Request and response bodies
 
+
+def _utc(value: dt.datetime) -> dt.datetime:
+    return value.replace(tzinfo=dt.timezone.utc) if value.tzinfo is None else value
+
+
+# Stored as naive UTC (every database the same); answered as RFC 3339 with the offset.
+Time = Annotated[dt.datetime, AfterValidator(_utc)]
+
 Username = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")]
 Password = Annotated[str, Field(min_length=auth.MIN_PASSWORD, max_length=256)]
 
@@ -47,7 +55,7 @@ class LoginIn(BaseModel):
 
 class TokenOut(BaseModel):
     token: str
-    expires_at: dt.datetime | None
+    expires_at: Time | None
 
 
 class UserIn(BaseModel):
@@ -60,7 +68,7 @@ class UserOut(BaseModel):
     id: int
     username: str
     role: str
-    created_at: dt.datetime
+    created_at: Time
 
 
 class PasswordIn(BaseModel):
@@ -77,9 +85,9 @@ class ApiTokenOut(BaseModel):
     id: int
     name: str
     prefix: str
-    created_at: dt.datetime
-    expires_at: dt.datetime | None
-    last_used_at: dt.datetime | None
+    created_at: Time
+    expires_at: Time | None
+    last_used_at: Time | None
 
 
 class ApiTokenCreated(ApiTokenOut):
@@ -101,8 +109,8 @@ class AgentIn(BaseModel):
 
 class AgentOut(AgentIn):
     id: int
-    created_at: dt.datetime
-    updated_at: dt.datetime
+    created_at: Time
+    updated_at: Time
     device_count: int = 0
 
 
@@ -125,8 +133,8 @@ class DeviceOut(BaseModel):
     board: str | None
     firmware_version: str | None
     auto_upgrade: bool
-    bound_at: dt.datetime
-    last_seen: dt.datetime | None
+    bound_at: Time
+    last_seen: Time | None
     live_config: bool = True  # False: saved, but the pipeline could not be told yet (re-sync retries)
 
     @field_validator("device_id")
@@ -140,7 +148,7 @@ class TurnOut(BaseModel):
     turn_id: str | None
     role: str
     text: str
-    created_at: dt.datetime
+    created_at: Time
 
 
 class Problem(BaseModel):
@@ -155,7 +163,10 @@ def create_app(settings: ManagerSettings, sessions: sessionmaker[Session], live:
         title="xiaozhi manager",
         version="0.1.0",
         description="Users, devices, agents and live configuration of a xiaozhi voice backend.",
-        responses={401: {"model": Problem, "description": "missing, unknown or expired token"}},
+        responses={
+            400: {"model": Problem, "description": "the body could not be parsed (not JSON)"},
+            401: {"model": Problem, "description": "missing, unknown or expired token"},
+        },
     )
     limiter = auth.LoginLimiter(settings.login_attempts_per_minute)
     bearer = HTTPBearer(auto_error=False)
@@ -228,7 +239,8 @@ def create_app(settings: ManagerSettings, sessions: sessionmaker[Session], live:
     @app.post("/api/auth/logout", status_code=204, tags=["auth"])
     def logout(user: CurrentUser, session: DB, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Response:
         assert credentials is not None
-        session.execute(delete(ApiToken).where(ApiToken.token_hash == auth.digest(credentials.credentials), ApiToken.user_id == user.id))
+        # Ends this sign-in; a personal API token is revoked on its own (DELETE /api/tokens/{id}).
+        session.execute(delete(ApiToken).where(ApiToken.token_hash == auth.digest(credentials.credentials), ApiToken.user_id == user.id, ApiToken.kind == "session"))
         session.commit()
         return Response(status_code=204)
 
