@@ -6,7 +6,7 @@ import json
 import logging
 import socket
 import time
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 
@@ -120,8 +120,26 @@ def _request_host(request: web.Request) -> str | None:
     return host.rsplit(":", 1)[0] if host else None
 
 
-def make_app(settings: GatewaySettings, auth_key: str, bindings: BindingStore | None = None) -> web.Application:
-    """The HTTP app on :8003: OTA on both URL forms, activation, firmware downloads, CORS."""
+def device_info(body: dict[str, Any], user_agent: str) -> dict[str, str | None]:
+    """Board and firmware version from the OTA system-info, else from ``User-Agent: board/version``."""
+    application = body.get("application") if isinstance(body.get("application"), dict) else {}
+    board = body.get("board") if isinstance(body.get("board"), dict) else {}
+    agent_board, _, agent_version = user_agent.partition("/")
+    version = application.get("version") if isinstance(application.get("version"), str) else agent_version
+    board_type = board.get("type") if isinstance(board.get("type"), str) else agent_board
+    return {"board": (board_type or "")[:100] or None, "firmware_version": (version or "")[:64] or None}
+
+
+def make_app(
+    settings: GatewaySettings,
+    auth_key: str,
+    bindings: BindingStore | None = None,
+    on_seen: Callable[[dict[str, Any]], None] | None = None,
+) -> web.Application:
+    """The HTTP app on :8003: OTA on both URL forms, activation, firmware downloads, CORS.
+
+    ``on_seen`` hears of every device that asked OTA, with the board and firmware version its
+    system-info names (the manager shows them)."""
 
     async def options(_request: web.Request) -> web.Response:
         return web.Response(status=200, headers=CORS_HEADERS)
@@ -157,6 +175,8 @@ def make_app(settings: GatewaySettings, auth_key: str, bindings: BindingStore | 
         response = build_ota_response(settings, body, _request_host(request), token=token, base_url=base_url, activation=activation)
         m.OTA_REQUESTS.labels("POST", "ok").inc()
         log.info("ota", extra={"fields": {"device_id": device_id, "client_id": client_id, "user_agent": request.headers.get("User-Agent")}})
+        if on_seen is not None:
+            on_seen({"device_id": device_id, "event": "ota", **device_info(body, request.headers.get("User-Agent", ""))})
         return web.json_response(response, headers=CORS_HEADERS)
 
     async def activate(request: web.Request) -> web.Response:

@@ -83,6 +83,7 @@ class Gateway:
         self._vad_watch: asyncio.Task | None = None
         self._alive_sub = None
         self._bind_sub = None
+        self._online_sub = None
         self._http_server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
         self._draining = False
@@ -124,7 +125,8 @@ class Gateway:
         if self.bindings is not None:
             # The manager's "bind by code": whichever gateway holds the code answers.
             self._bind_sub = await nc.subscribe(self.subjects.gateway_bind, cb=self._on_bind)
-        app = ota.make_app(self.gw, self.auth_key, self.bindings)
+        self._online_sub = await nc.subscribe(self.subjects.online, cb=self._on_online)
+        app = ota.make_app(self.gw, self.auth_key, self.bindings, on_seen=self._publish_seen)
         # Idle keep-alive connections close after 15 s (aiohttp's default is an hour).
         self._http_runner = web.AppRunner(app, access_log=None, keepalive_timeout=15)
         await self._http_runner.setup()
@@ -147,6 +149,38 @@ class Gateway:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _publish_seen(self, event: dict[str, Any]) -> None:
+        """Tell the manager a device was seen (OTA, connected, disconnected); best effort."""
+        if self.nc is None or self.nc.is_closed:
+            return
+        event = {**event, "at": time.time()}
+
+        async def send() -> None:
+            try:
+                await self.nc.publish(self.subjects.device_seen, json.dumps(event).encode())  # type: ignore[union-attr]
+            except Exception as exc:  # noqa: BLE001 - NATS down: the next event says the same
+                m.ERRORS.labels("gateway", "seen_publish").inc()
+                log.debug("device-seen event not published: %s", exc)
+
+        self._background(send())
+
+    async def _on_online(self, msg: Msg) -> None:
+        """``{"device_ids": [...]}``: answer with those that have a session here (if any)."""
+        try:
+            wanted = {str(d).lower() for d in json.loads(msg.data)["device_ids"]}
+        except (ValueError, KeyError, TypeError):
+            m.DROPPED.labels("gateway", "bad_online_request").inc()
+            return
+        if not msg.reply:
+            return
+        found = [
+            {"device_id": s.device_id.lower(), "session_id": s.session_id, "since": s.connected_at}
+            for s in list(self.sessions)
+            if s.device_id.lower() in wanted
+        ]
+        if found:
+            await msg.respond(json.dumps({"online": found}).encode())
 
     async def _on_bind(self, msg: Msg) -> None:
         """``{"code": "123456", "owner": "name"}``: bind the device waiting with that code.
@@ -317,6 +351,7 @@ class Gateway:
             admit_turn=lambda: self.admit_turn(device_id, peer_ip(ws)),
         )
         self.sessions.add(session)
+        self._publish_seen({"device_id": device_id, "event": "connected"})
         try:
             await session.run()
         except Exception:  # noqa: BLE001 - one bad session must not take others down
@@ -324,3 +359,4 @@ class Gateway:
             m.ERRORS.labels("gateway", "session_crash").inc()
         finally:
             self.sessions.discard(session)
+            self._publish_seen({"device_id": device_id, "event": "disconnected"})

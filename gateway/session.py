@@ -82,6 +82,7 @@ class DeviceSession:
         self.client_id = client_id
         self.version = version
         self.session_id = str(uuid.uuid4())
+        self.connected_at = time.time()
         self.hello: protocol.Hello | None = None
         self.mode = "auto"
         self.assembler = TurnAssembler()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import json
 import logging
 import re
 import threading
@@ -218,6 +219,17 @@ class LlmWorker:
             log.info("reply", extra={"fields": {"sentences": ctx.seq, "text": reply[:300], "seconds": round(time.perf_counter() - ctx.started, 3)}})
             if reply and turn.source != "idle" and ctx.agent.memory != "none":
                 await self.memory.add_turn(self._memory_key(turn), turn.text, reply)
+            if turn.device_id and turn.source != "idle":
+                await self._publish_history(turn, reply)
+
+    async def _publish_history(self, turn: UserTurn, reply: str) -> None:
+        """The turn's texts for the owner's chat history (the manager keeps bound devices')."""
+        event = {"device_id": turn.device_id, "session_id": turn.session_id, "turn_id": turn.turn_id, "user": turn.text, "assistant": reply, "at": time.time()}
+        try:
+            await self.nc.publish(self.subjects.history, json.dumps(event).encode())
+        except Exception as exc:  # noqa: BLE001 - history is best effort; the turn is done
+            ERRORS.labels("llm", "history_publish").inc()
+            log.warning("history not published: %s", exc)
 
     @staticmethod
     def _on_ctl(ctx: TurnContext, msg: Msg) -> None:

@@ -27,6 +27,12 @@ class Live(Protocol):
     def devices_removed(self, device_ids: list[str]) -> bool: ...
 
 
+class Registry(Protocol):
+    """Which devices have a live session now (the gateways know)."""
+
+    def online(self, device_ids: list[str]) -> dict[str, dict[str, Any]]: ...
+
+
 class Binder(Protocol):
     """Claims the device waiting with an activation code (the gateways hold the codes)."""
 
@@ -135,6 +141,7 @@ class DeviceOut(BaseModel):
     auto_upgrade: bool
     bound_at: Time
     last_seen: Time | None
+    online: bool = False  # a session with a gateway right now
     live_config: bool = True  # False: saved, but the pipeline could not be told yet (re-sync retries)
 
     @field_validator("device_id")
@@ -158,7 +165,7 @@ class Problem(BaseModel):
 # ---------------------------------------------------------------------------------------------
 
 
-def create_app(settings: ManagerSettings, sessions: sessionmaker[Session], live: Live, binder: Binder) -> FastAPI:
+def create_app(settings: ManagerSettings, sessions: sessionmaker[Session], live: Live, binder: Binder, registry: Registry) -> FastAPI:
     app = FastAPI(
         title="xiaozhi manager",
         version="0.1.0",
@@ -216,8 +223,9 @@ def create_app(settings: ManagerSettings, sessions: sessionmaker[Session], live:
         count = session.execute(select(func.count()).select_from(Device).where(Device.agent_id == agent.id)).scalar_one()
         return AgentOut.model_validate({**{c: getattr(agent, c) for c in AgentOut.model_fields if c != "device_count"}, "device_count": count})
 
-    def device_out(device: Device, published: bool = True) -> DeviceOut:
-        return DeviceOut.model_validate({**{c: getattr(device, c) for c in DeviceOut.model_fields if c != "live_config"}, "live_config": published})
+    def device_out(device: Device, published: bool = True, online: bool = False) -> DeviceOut:
+        fields = {c: getattr(device, c) for c in DeviceOut.model_fields if c not in ("live_config", "online")}
+        return DeviceOut.model_validate({**fields, "live_config": published, "online": online})
 
     # -- sign-in -------------------------------------------------------------------------------
 
@@ -362,8 +370,9 @@ def create_app(settings: ManagerSettings, sessions: sessionmaker[Session], live:
 
     @app.get("/api/devices", response_model=list[DeviceOut], tags=["devices"])
     def list_devices(user: CurrentUser, session: DB) -> list[DeviceOut]:
-        rows = session.execute(select(Device).where(Device.owner_id == user.id).order_by(Device.id)).scalars()
-        return [device_out(d) for d in rows]
+        rows = list(session.execute(select(Device).where(Device.owner_id == user.id).order_by(Device.id)).scalars())
+        online = registry.online([d.device_id for d in rows])
+        return [device_out(d, online=d.device_id in online) for d in rows]
 
     @app.post("/api/devices/bind", response_model=DeviceOut, status_code=201, tags=["devices"], responses={404: {"model": Problem}, 409: {"model": Problem}, 503: {"model": Problem}})
     def bind_device(body: BindIn, user: CurrentUser, session: DB) -> DeviceOut:
@@ -388,7 +397,8 @@ def create_app(settings: ManagerSettings, sessions: sessionmaker[Session], live:
 
     @app.get("/api/devices/{device_id}", response_model=DeviceOut, tags=["devices"], responses={404: {"model": Problem}})
     def get_device(device_id: str, user: CurrentUser, session: DB) -> DeviceOut:
-        return device_out(own_device(session, user, device_id))
+        device = own_device(session, user, device_id)
+        return device_out(device, online=device.device_id in registry.online([device.device_id]))
 
     @app.patch("/api/devices/{device_id}", response_model=DeviceOut, tags=["devices"], responses={404: {"model": Problem}})
     def update_device(device_id: str, body: DevicePatch, user: CurrentUser, session: DB) -> DeviceOut:

@@ -15,11 +15,12 @@ from typing import Any
 import uvicorn
 from sqlalchemy import func, select
 
-from manager import auth
+from manager import auth, events
 from manager.app import create_app
 from manager.db import make_engine, migrate, session_factory
 from manager.live import Publisher
 from manager.models import User
+from shared.metrics import DROPPED
 from shared.settings import Settings
 from shared.subjects import Subjects
 
@@ -53,6 +54,47 @@ class NatsBinder:
             return json.loads(reply.data)
 
         return asyncio.run_coroutine_threadsafe(ask(), self.loop).result(timeout=self.timeout_s + 3)
+
+
+class NatsRegistry:
+    """Which devices have a session now: asks every gateway and gathers the answers briefly."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, nc: Any, subject: str, wait_s: float = 0.3) -> None:
+        self.loop, self.nc, self.subject, self.wait_s = loop, nc, subject, wait_s
+
+    def online(self, device_ids: list[str]) -> dict[str, dict[str, Any]]:
+        if not device_ids:
+            return {}
+
+        async def ask() -> dict[str, dict[str, Any]]:
+            found: dict[str, dict[str, Any]] = {}
+            done = asyncio.Event()
+            wanted = {d.lower() for d in device_ids}
+
+            async def on_reply(msg: Any) -> None:
+                try:
+                    for entry in json.loads(msg.data).get("online", []):
+                        found[str(entry["device_id"]).lower()] = entry
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    return
+                if wanted <= set(found):
+                    done.set()
+
+            inbox = self.nc.new_inbox()
+            sub = await self.nc.subscribe(inbox, cb=on_reply)
+            try:
+                await self.nc.publish(self.subject, json.dumps({"device_ids": sorted(wanted)}).encode(), reply=inbox)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(done.wait(), self.wait_s)
+            finally:
+                await sub.unsubscribe()
+            return found
+
+        try:
+            return asyncio.run_coroutine_threadsafe(ask(), self.loop).result(timeout=self.wait_s + 3)
+        except Exception as exc:  # noqa: BLE001 - NATS down: nobody is known to be online
+            log.warning("online status unavailable: %s", exc)
+            return {}
 
 
 def ensure_admin(sessions, settings) -> str | None:  # noqa: ANN001
@@ -96,7 +138,13 @@ class ManagerService:
         self.publisher = Publisher(loop, nc, self.subjects.kv_agents, self.sessions)
         await self.publisher.open()
         binder = NatsBinder(loop, nc, self.subjects.gateway_bind)
-        app = create_app(self.m, self.sessions, self.publisher, binder)
+        registry = NatsRegistry(loop, nc, self.subjects.online)
+        app = create_app(self.m, self.sessions, self.publisher, binder, registry)
+        # Events from the pipeline, shared among manager replicas (queue group).
+        self._subs = [
+            await nc.subscribe(self.subjects.device_seen, queue="manager", cb=self._on_seen),
+            await nc.subscribe(self.subjects.history, queue="manager", cb=self._on_history),
+        ]
         config = uvicorn.Config(app, host=self.m.host, port=self.m.port, log_config=None, access_log=False, lifespan="off", server_header=False)
         self.server = _Server(config)
         self._tasks.append(asyncio.create_task(self.server.serve()))
@@ -110,6 +158,24 @@ class ManagerService:
         sockets = [s for server in getattr(self.server, "servers", []) for s in server.sockets]
         self.port = sockets[0].getsockname()[1] if sockets else self.m.port
         log.info("manager listening", extra={"fields": {"url": f"http://{self.m.host}:{self.port}/", "pid": os.getpid()}})
+
+    async def _on_seen(self, msg: Any) -> None:
+        try:
+            event = json.loads(msg.data)
+            device_id = str(event["device_id"]).lower()
+        except (ValueError, KeyError, TypeError):
+            DROPPED.labels("manager", "bad_seen_event").inc()
+            return
+        await asyncio.to_thread(events.record_seen, self.sessions, device_id, event)
+
+    async def _on_history(self, msg: Any) -> None:
+        try:
+            event = json.loads(msg.data)
+            device_id = str(event["device_id"]).lower()
+        except (ValueError, KeyError, TypeError):
+            DROPPED.labels("manager", "bad_history_event").inc()
+            return
+        await asyncio.to_thread(events.record_history, self.sessions, device_id, event)
 
     async def stop(self) -> None:
         if self.server is not None:

@@ -32,8 +32,8 @@ def permissions(prefix: str = "xz") -> dict[str, dict[str, list[str]]]:
     stage = {s: f"{p}_{s}".upper() for s in ("asr", "llm", "tts")}
     return {
         "gateway": {
-            "pub": [f"{p}.audio.*", f"{p}.ctl.*", f"{p}.vad.claim", f"{p}.llm.*", f"{p}.say.*", f"{p}.session.end"] + js_api,
-            "sub": [f"{p}.out.*", f"{p}.device.*.mcp", f"{p}.vad.alive", f"{p}.gateway.bind"] + inbox,
+            "pub": [f"{p}.audio.*", f"{p}.ctl.*", f"{p}.vad.claim", f"{p}.llm.*", f"{p}.say.*", f"{p}.session.end", f"{p}.registry.seen"] + js_api,
+            "sub": [f"{p}.out.*", f"{p}.device.*.mcp", f"{p}.vad.alive", f"{p}.gateway.bind", f"{p}.registry.online"] + inbox,
         },
         "vad": {
             "pub": [f"{p}.asr.*", f"{p}.out.*", f"{p}.vad.alive"] + js_api,
@@ -44,7 +44,7 @@ def permissions(prefix: str = "xz") -> dict[str, dict[str, list[str]]]:
             "sub": inbox,
         },
         "llm": {
-            "pub": [f"{p}.tts.*", f"{p}.out.*", f"{p}.tools.list", f"{p}.tools.call.*", f"{p}.device.*.mcp", f"$KV.{p}_memory.>"]
+            "pub": [f"{p}.tts.*", f"{p}.out.*", f"{p}.tools.list", f"{p}.tools.call.*", f"{p}.device.*.mcp", f"$KV.{p}_memory.>", f"{p}.history"]
             + ack(stage["llm"]) + js_api,
             "sub": [f"{p}.ctl.*", f"{p}.session.end"] + inbox,
         },
@@ -58,8 +58,8 @@ def permissions(prefix: str = "xz") -> dict[str, dict[str, list[str]]]:
             "sub": [f"{p}.tools.list", f"{p}.tools.call.*"] + inbox,
         },
         "manager": {
-            "pub": [f"$KV.{p}_agents.>", f"$KV.{p}_config.>", f"{p}.gateway.bind"] + js_api,
-            "sub": inbox,
+            "pub": [f"$KV.{p}_agents.>", f"$KV.{p}_config.>", f"{p}.gateway.bind", f"{p}.registry.online"] + js_api,
+            "sub": [f"{p}.registry.seen", f"{p}.history"] + inbox,
         },
     }
 

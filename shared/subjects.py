@@ -113,6 +113,22 @@ class Subjects:
         return f"{self.prefix}.gateway.bind"
 
     @property
+    def device_seen(self) -> str:
+        """Event: a device asked OTA, connected or disconnected (board, firmware, when)."""
+        return f"{self.prefix}.registry.seen"
+
+    @property
+    def online(self) -> str:
+        """Request to every gateway: which of these devices have a session with you now?
+        Each gateway holding some answers; the asker gathers the answers for a moment."""
+        return f"{self.prefix}.registry.online"
+
+    @property
+    def history(self) -> str:
+        """Event: one finished turn's texts (user and reply), for the owner's chat history."""
+        return f"{self.prefix}.history"
+
+    @property
     def kv_agents(self) -> str:
         return f"{self.prefix}_agents"
 

@@ -5,6 +5,7 @@ the manager; the device speaks real speech in real time."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 
@@ -77,11 +78,26 @@ async def test_a_role_prompt_changed_in_the_manager_applies_to_the_next_turn(pip
         status, _ = api.call("PUT", f"/api/agents/{agent['id']}", {"name": "Old Pete", "role_prompt": second_role})
         assert status == 200
 
+        # The manager sees the session (asking the gateways).
+        listed = {d["device_id"]: d for d in api.call("GET", "/api/devices")[1]}
+        assert listed[device.device_id.lower()]["online"] is True
+
         report = await live.speak(speech)
         assert report.error is None and report.stt and report.frames > 0, report
         after = prompts(pipeline, live.session_id)
         assert len(after) == len(first) + 1
         assert after[-1]["agent"] == "Old Pete" and after[-1]["role_sha"] == sha(second_role)
+    # Offline once the session closed; both turns are in the device's chat history, newest first.
+    for _ in range(50):
+        state = api.call("GET", f"/api/devices/{device.device_id}")[1]
+        history = api.call("GET", f"/api/devices/{device.device_id}/history")[1]
+        if not state["online"] and len(history) >= 4:
+            break
+        await asyncio.sleep(0.1)
+    assert state["online"] is False and state["last_seen"]
+    assert [h["role"] for h in history] == ["assistant", "user", "assistant", "user"], history
+    assert history[1]["text"] == report.stt and history[0]["text"]
+    assert {h["session_id"] for h in history} == {live.session_id}
     # Nothing was restarted for it.
     assert next(p.popen.pid for p in pipeline.stack.procs if p.name == "llm") == llm_pid
     assert all(p.alive() for p in pipeline.stack.procs if p.name in ("llm", "gateway", "tts", "asr", "vad"))

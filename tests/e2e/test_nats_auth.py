@@ -55,12 +55,16 @@ def secured(tmp_path_factory):
     try:
         ws_port = free_port()
         procs = []
-        for name in SERVICES:
+        manager_port = free_port()
+        for name in SERVICES + ("manager",):
             env = {"XZ_NATS__USER": name, "XZ_NATS__PASSWORD": passwords[name]}
             if name == "gateway":
                 env.update({"XZ_GATEWAY__WS_PORT": str(ws_port), "XZ_GATEWAY__HTTP_PORT": str(free_port())})
+            if name == "manager":
+                env.update({"XZ_MANAGER__HOST": "127.0.0.1", "XZ_MANAGER__PORT": str(manager_port), "XZ_MANAGER__DATABASE_URL": f"sqlite:///{tmp / 'manager.db'}", "XZ_MANAGER__ADMIN_PASSWORD": "admin-password"})
             procs.append(stack.start_service(name, free_port(), env))
         stack.wait_healthy(procs, timeout=240)
+        stack.manager_url = f"http://127.0.0.1:{manager_port}"  # type: ignore[attr-defined]
         yield url, passwords, f"ws://127.0.0.1:{ws_port}/xiaozhi/v1/", stack
     finally:
         stack.stop()
@@ -76,8 +80,14 @@ async def test_the_pipeline_works_with_one_user_per_service(secured):
         assert report.frames > 0
         typed = await device.type_text("Tell me a short joke.")
         assert typed.error is None and typed.frames > 0, typed
+        # The manager runs as its own NATS user too (it heard the gateway's and the LLM's
+        # events of this turn: any refused subscription would be in its log, checked below).
+        from tests.manager.conftest import Api
+
+        api = Api(stack.manager_url).login("admin", "admin-password")
+        assert api.call("GET", "/api/devices") == (200, [])
     # No service ran into a permission it lacked.
-    for name in SERVICES:
+    for name in SERVICES + ("manager",):
         text = (stack.log_dir / f"{name}.log").read_text()
         assert "Permissions Violation" not in text, (name, [line for line in text.splitlines() if "Permissions" in line][:3])
 
@@ -91,6 +101,7 @@ async def test_each_user_is_refused_what_is_not_its_job(secured):
         "llm": ["xz.asr.s1", "xz.audio.s1", "xz.say.s1"],
         "tts": ["xz.llm.s1", "xz.tts.s1", "xz.audio.s1"],
         "tools": ["xz.llm.s1", "xz.audio.s1", "xz.ctl.s1"],
+        "manager": ["xz.llm.s1", "xz.audio.s1", "xz.out.s1", "xz.history", "xz.registry.seen"],
     }
     for user, subjects in refused_publish.items():
         for subject in subjects:
@@ -106,6 +117,10 @@ async def test_each_user_is_refused_what_is_not_its_job(secured):
     # What a user needs is allowed (no violation): the gateway sends audio and claims VAD.
     errors = await try_as(url, "gateway", passwords["gateway"], lambda nc: nc.publish("xz.audio.s1", b"x"))
     assert not violation(errors), errors
+    # The manager asks the gateways who is online and claims devices by code.
+    for subject in ("xz.registry.online", "xz.gateway.bind"):
+        errors = await try_as(url, "manager", passwords["manager"], lambda nc, s=subject: nc.publish(s, b"{}"))
+        assert not violation(errors), (subject, errors)
 
 
 async def test_unknown_users_and_wrong_passwords_cannot_connect(secured):

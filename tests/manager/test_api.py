@@ -3,6 +3,7 @@ agents, binding a device by the code it speaks, and the live config it publishes
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -140,6 +141,16 @@ async def test_bind_by_spoken_code_and_live_config(manager):
     assert bound["device_id"] == device.device_id.lower() and bound["agent_id"] == agent["id"] and bound["live_config"] is True
     # The device's activation poll now succeeds: the gateway that held the code bound it.
     assert await device.activate(polls=2, wait_pending_s=0.1) is True
+    # Its next OTA request tells the manager its board and firmware, and when it was seen.
+    await device.ota()
+    for _ in range(50):
+        seen = erin.call("GET", f"/api/devices/{device.device_id}")[1]
+        if seen["last_seen"]:
+            break
+        await asyncio.sleep(0.1)
+    assert seen["board"] == device.board and seen["firmware_version"] == device.firmware_version, seen
+    assert seen["last_seen"].endswith("Z") or seen["last_seen"].endswith("+00:00")
+    assert seen["online"] is False  # asked OTA, but no WebSocket session
     # Its agent is in the KV bucket the pipeline reads on every turn.
     stored = await _kv_agent(manager.stack.nats_url, device.device_id)
     assert stored is not None and stored["name"] == "Captain Pete" and stored["agent_id"] == str(agent["id"])

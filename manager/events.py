@@ -1,0 +1,66 @@
+"""What the pipeline tells the manager: devices seen (OTA, connected, disconnected) and the
+texts of finished turns. Kept only for bound devices; anything else is ignored."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from manager.models import ChatTurn, Device, utcnow
+from shared.metrics import DROPPED, ERRORS
+
+log = logging.getLogger("manager.events")
+
+
+def _when(event: dict[str, Any]) -> dt.datetime:
+    try:
+        return dt.datetime.fromtimestamp(float(event["at"]), dt.timezone.utc).replace(tzinfo=None)
+    except (KeyError, TypeError, ValueError, OverflowError, OSError):
+        return utcnow()
+
+
+def record_seen(sessions: sessionmaker[Session], device_id: str, event: dict[str, Any]) -> bool:
+    """Last seen, board and firmware version of a bound device; False when not bound."""
+    try:
+        with sessions() as db:
+            device = db.execute(select(Device).where(Device.device_id == device_id)).scalar_one_or_none()
+            if device is None:
+                return False
+            device.last_seen = max(device.last_seen or _when(event), _when(event))
+            for field, limit in (("board", 100), ("firmware_version", 64)):
+                value = event.get(field)
+                if isinstance(value, str) and value:
+                    setattr(device, field, value[:limit])
+            db.commit()
+            return True
+    except Exception as exc:  # noqa: BLE001 - a database hiccup loses one "seen", nothing more
+        ERRORS.labels("manager", "seen_store").inc()
+        log.warning("could not record a device as seen: %s", exc)
+        return False
+
+
+def record_history(sessions: sessionmaker[Session], device_id: str, event: dict[str, Any]) -> bool:
+    """A finished turn's user text and reply into the chat history of a bound device."""
+    user, assistant = event.get("user"), event.get("assistant")
+    session_id, turn_id = str(event.get("session_id") or "")[:64], (str(event["turn_id"])[:64] if event.get("turn_id") else None)
+    if not session_id or not isinstance(user, str) or not isinstance(assistant, str):
+        DROPPED.labels("manager", "bad_history_event").inc()
+        return False
+    at = _when(event)
+    try:
+        with sessions() as db:
+            if db.execute(select(Device.id).where(Device.device_id == device_id)).scalar_one_or_none() is None:
+                return False
+            for role, text in (("user", user), ("assistant", assistant)):
+                if text:
+                    db.add(ChatTurn(device_id=device_id, session_id=session_id, turn_id=turn_id, role=role, text=text[:8000], created_at=at))
+            db.commit()
+            return True
+    except Exception as exc:  # noqa: BLE001
+        ERRORS.labels("manager", "history_store").inc()
+        log.warning("could not store chat history: %s", exc)
+        return False
