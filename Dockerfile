@@ -2,7 +2,7 @@
 # One image for every service; the command picks which one runs:
 #
 #   docker build -t xiaozhi-nats .
-#   docker run --rm xiaozhi-nats run gateway      # or: run vad | asr | llm | tts | tools
+#   docker run --rm xiaozhi-nats run gateway      # or: run vad | asr | llm | tts | tools | manager
 #   docker run --rm xiaozhi-nats nats-auth --secrets-dir /secrets --if-missing
 #   docker run --rm xiaozhi-nats                  # no command: prints `xiaozhi --help`
 #
@@ -55,6 +55,7 @@ COPY asr_svc/ asr_svc/
 COPY llm_svc/ llm_svc/
 COPY tts_svc/ tts_svc/
 COPY tools_svc/ tools_svc/
+COPY manager/ manager/
 COPY xiaozhi/ xiaozhi/
 COPY scripts/check_llama.py scripts/check_llama.py
 # DL3013 (pin versions) does not apply: this is the project itself, its deps pinned above.
@@ -99,6 +100,9 @@ RUN groupadd --system --gid 10001 xiaozhi \
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder --chown=10001:10001 /opt/cache /opt/cache
 
+# DL3064: XZ_MANAGER__ADMIN_PASSWORD_OUT is where the manager writes the first admin password
+# at its first start (a path in the /data volume), not a secret baked into the image.
+# hadolint ignore=DL3064
 ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -108,14 +112,16 @@ ENV VIRTUAL_ENV=/opt/venv \
     XZ_LOG_JSON=true \
     XZ_GATEWAY__BINDING_DB=/data/bindings.db \
     XZ_GATEWAY__FIRMWARE_DIR=/data/firmware \
-    XZ_TOOLS__MUSIC_DIR=/data/music
+    XZ_TOOLS__MUSIC_DIR=/data/music \
+    XZ_MANAGER__DATABASE_URL=sqlite:////data/manager.db \
+    XZ_MANAGER__ADMIN_PASSWORD_OUT=/data/manager-admin-password
 
 WORKDIR /app
 USER 10001:10001
 
-# 8000 WebSocket, 8003 HTTP (OTA), 8004 MCP endpoint (tools), 9100-9105 /metrics and /healthz
-# of gateway, vad, asr, llm, tts, tools.
-EXPOSE 8000 8003 8004 9100-9105
+# 8000 WebSocket, 8003 HTTP (OTA), 8004 MCP endpoint (tools), 8002 the manager's API,
+# 9100-9106 /metrics and /healthz of gateway, vad, asr, llm, tts, tools, manager.
+EXPOSE 8000 8002 8003 8004 9100-9106
 
 ENTRYPOINT ["xiaozhi"]
 CMD ["--help"]

@@ -5,10 +5,12 @@ history route is scoped to the token's user, so one user never sees another's de
 # inside create_app (CurrentUser, Admin, DB) as real objects, not strings.
 
 import datetime as dt
+import time
 from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import Counter
 from pydantic import AfterValidator, BaseModel, Field, field_validator
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
@@ -16,7 +18,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from manager import auth
 from manager.models import Agent, ApiToken, ChatTurn, Device, User, utcnow
+from shared.metrics import histogram
 from shared.settings import ManagerSettings
+
+REQUESTS = Counter("xz_manager_requests_total", "API requests, by method, route template and status class", ["method", "route", "status"])
+REQUEST_SECONDS = histogram("xz_manager_request_seconds", "API request duration", ("method", "route"))
 
 
 class Live(Protocol):
@@ -41,6 +47,9 @@ class Binder(Protocol):
 
 # ---------------------------------------------------------------------------------------------
 # Request and response bodies
+
+
+_METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
 
 
 def _utc(value: dt.datetime) -> dt.datetime:
@@ -176,6 +185,20 @@ def create_app(settings: ManagerSettings, sessions: sessionmaker[Session], live:
         },
     )
     limiter = auth.LoginLimiter(settings.login_attempts_per_minute)
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next):  # noqa: ANN001, ANN202
+        started = time.perf_counter()
+        status_class = "5xx"
+        try:
+            response = await call_next(request)
+            status_class = f"{response.status_code // 100}xx"
+            return response
+        finally:
+            # The route template (/api/devices/{device_id}), never the raw path: labels stay bounded.
+            route = getattr(request.scope.get("route"), "path", None) or "unmatched"
+            REQUESTS.labels(request.method if request.method in _METHODS else "other", route, status_class).inc()
+            REQUEST_SECONDS.labels(request.method if request.method in _METHODS else "other", route).observe(time.perf_counter() - started)
     bearer = HTTPBearer(auto_error=False)
 
     def db() -> Any:

@@ -98,6 +98,7 @@ class ManagerStack:
     ws_url: str
     database_url: str
     log_dir: Path
+    metrics_port: int
 
     def admin(self) -> Api:
         return Api(self.base).login("admin", ADMIN_PASSWORD)
@@ -132,6 +133,6 @@ def manager(database_url, tmp_path_factory) -> Iterator[ManagerStack]:
             "XZ_MANAGER__LOGIN_ATTEMPTS_PER_MINUTE": "5",
         })
         stack.wait_healthy([gateway, mgr], timeout=90)
-        yield ManagerStack(stack, f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{http_port}/xiaozhi/ota/", f"ws://127.0.0.1:{ws_port}/xiaozhi/v1/", database_url, tmp / "logs")
+        yield ManagerStack(stack, f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{http_port}/xiaozhi/ota/", f"ws://127.0.0.1:{ws_port}/xiaozhi/v1/", database_url, tmp / "logs", mgr.metrics_port)
     finally:
         stack.stop()

@@ -236,3 +236,19 @@ def test_nothing_leaks_into_logs(manager):
     assert ADMIN_PASSWORD not in log
     assert "alice-password" not in log
     assert "xzm_" not in log
+
+
+def test_requests_are_measured_by_route_template(manager):
+    from xiaozhi import prom
+
+    api = manager.admin()
+    api.call("GET", "/api/me")
+    api.call("GET", "/api/devices/aa:bb:cc:dd:ee:ff")  # 404: not this user's
+    samples = prom.scrape(manager.metrics_port)
+    assert prom.value(samples, "xz_manager_requests_total", method="GET", route="/api/me", status="2xx") >= 1
+    assert prom.value(samples, "xz_manager_requests_total", method="GET", route="/api/devices/{device_id}", status="4xx") >= 1
+    assert prom.value(samples, "xz_manager_request_seconds_count", method="POST", route="/api/auth/login") >= 1
+    # No label carries a device id, a token or a raw path.
+    for (name, labels), _value in samples.items():
+        for _key, value in labels:
+            assert "aa:bb" not in value and "xzm_" not in value, (name, labels)
