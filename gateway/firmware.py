@@ -24,22 +24,36 @@ class Image:
     filename: str
 
 
-def newest_image(folder: str | Path, board: str) -> Image | None:
-    """The newest image for ``board`` in ``folder`` (numeric comparison: 1.10 > 1.9)."""
-    path = Path(folder)
-    if not board or not path.is_dir():
+def newest_of(names: list[str], board: str) -> Image | None:
+    """The newest ``<board>_<version>.bin`` among ``names`` (numeric comparison: 1.10 > 1.9)."""
+    if not board:
         return None
     best: tuple[tuple[int, ...], Image] | None = None
-    for entry in path.iterdir():
-        match = _FILE.match(entry.name)
-        if not match or match["board"] != board or not entry.is_file():
+    for name in names:
+        match = _FILE.match(name)
+        if not match or match["board"] != board:
             continue
         version = parse_version(match["version"])
         if version is None:
             continue
         if best is None or version > best[0]:
-            best = (version, Image(board, match["version"], entry.name))
+            best = (version, Image(board, match["version"], name))
     return best[1] if best else None
+
+
+def newest_image(folder: str | Path, board: str) -> Image | None:
+    """The newest image for ``board`` in ``folder``."""
+    path = Path(folder)
+    if not board or not path.is_dir():
+        return None
+    return newest_of([entry.name for entry in path.iterdir() if entry.is_file()], board)
+
+
+def newer(a: Image | None, b: Image | None) -> Image | None:
+    """The newer of two images (either may be missing)."""
+    if a is None or b is None:
+        return a or b
+    return a if (parse_version(a.version) or ()) >= (parse_version(b.version) or ()) else b
 
 
 def safe_path(folder: str | Path, filename: str) -> Path | None:

@@ -66,13 +66,22 @@ def device_token(settings: GatewaySettings, key: str, device_id: str, client_id:
     return auth.issue_device_token(key, client_id, device_id, now_s)
 
 
-def firmware_section(settings: GatewaySettings, body: dict[str, Any], base_url: str) -> dict[str, Any]:
-    """``firmware``: the newest image for the device's board when it is newer, else its own version."""
+def firmware_section(
+    settings: GatewaySettings,
+    body: dict[str, Any],
+    base_url: str,
+    stored: firmware.Image | None = None,
+    allow_upgrade: bool = True,
+) -> dict[str, Any]:
+    """``firmware``: the newest image for the device's board when it is newer, else its own version.
+
+    Images come from the gateway's folder and (``stored``) the manager's object store, the
+    newer of the two; ``allow_upgrade`` False (the owner's switch) offers none."""
     application = body.get("application") if isinstance(body.get("application"), dict) else {}
     board = body.get("board") if isinstance(body.get("board"), dict) else {}
     version = application.get("version") if isinstance(application.get("version"), str) else ""
     current = firmware.parse_version(version)
-    image = firmware.newest_image(settings.firmware_dir, str(board.get("type") or ""))
+    image = firmware.newer(firmware.newest_image(settings.firmware_dir, str(board.get("type") or "")), stored) if allow_upgrade else None
     if image is not None:
         image_version = firmware.parse_version(image.version)
         newer = current is None or image_version > current  # type: ignore[operator]
@@ -95,6 +104,8 @@ def build_ota_response(
     token: str = "",
     base_url: str = "",
     activation: dict[str, Any] | None = None,
+    stored: firmware.Image | None = None,
+    allow_upgrade: bool = True,
 ) -> dict[str, Any]:
     """The JSON answer of §1.4: server time, firmware, websocket (never mqtt), activation."""
     websocket: dict[str, Any] = {"url": websocket_url(settings, request_host), "token": token}
@@ -105,7 +116,7 @@ def build_ota_response(
         offset = local_timezone_offset_minutes()
     response: dict[str, Any] = {
         "server_time": {"timestamp": now_ms if now_ms is not None else int(time.time() * 1000), "timezone_offset": offset},
-        "firmware": firmware_section(settings, body, base_url),
+        "firmware": firmware_section(settings, body, base_url, stored, allow_upgrade),
         "websocket": websocket,
     }
     if activation:
@@ -135,6 +146,7 @@ def make_app(
     auth_key: str,
     bindings: BindingStore | None = None,
     on_seen: Callable[[dict[str, Any]], None] | None = None,
+    catalog: Any = None,
 ) -> web.Application:
     """The HTTP app on :8003: OTA on both URL forms, activation, firmware downloads, CORS.
 
@@ -172,7 +184,13 @@ def make_app(
             activation = {"code": code, "message": f"{settings.console_url}\n{code}", "challenge": device_id, "timeout_ms": 30000}
             log.info("activation code issued", extra={"fields": {"device_id": device_id}})
         base_url = f"{request.scheme}://{request.host}"
-        response = build_ota_response(settings, body, _request_host(request), token=token, base_url=base_url, activation=activation)
+        stored, allow = None, True
+        if catalog is not None:
+            # The manager's images (object store) and the owner's auto-upgrade switch.
+            board = body.get("board") if isinstance(body.get("board"), dict) else {}
+            allow = await catalog.auto_upgrade(device_id)
+            stored = await catalog.newest(str(board.get("type") or "")) if allow else None
+        response = build_ota_response(settings, body, _request_host(request), token=token, base_url=base_url, activation=activation, stored=stored, allow_upgrade=allow)
         m.OTA_REQUESTS.labels("POST", "ok").inc()
         log.info("ota", extra={"fields": {"device_id": device_id, "client_id": client_id, "user_agent": request.headers.get("User-Agent")}})
         if on_seen is not None:
@@ -192,7 +210,14 @@ def make_app(
         return web.Response(status=202, text="waiting for the owner to enter the code", headers=CORS_HEADERS)
 
     async def download(request: web.Request) -> web.StreamResponse:
-        path = firmware.safe_path(settings.firmware_dir, request.match_info["name"])
+        name = request.match_info["name"]
+        path = firmware.safe_path(settings.firmware_dir, name)
+        if path is None and catalog is not None and firmware.SAFE_NAME.match(name):
+            data = await catalog.read(name)
+            if data is not None:
+                m.OTA_REQUESTS.labels("DOWNLOAD", "ok").inc()
+                # A whole body, so Content-Length is sent (the firmware refuses chunked downloads).
+                return web.Response(body=data, headers={"Content-Type": "application/octet-stream"})
         if path is None:
             m.OTA_REQUESTS.labels("DOWNLOAD", "rejected").inc()
             return web.Response(status=404, text="no such firmware image\n")

@@ -21,6 +21,7 @@ from websockets.http11 import Request, Response
 from gateway import metrics as m
 from gateway import auth, ota, protocol
 from gateway.bindings import SqliteBindingStore
+from gateway.fwstore import FirmwareCatalog
 from gateway.httpguard import guarded
 from gateway.limits import RateLimiter
 from gateway.session import DeviceSession
@@ -126,7 +127,8 @@ class Gateway:
             # The manager's "bind by code": whichever gateway holds the code answers.
             self._bind_sub = await nc.subscribe(self.subjects.gateway_bind, cb=self._on_bind)
         self._online_sub = await nc.subscribe(self.subjects.online, cb=self._on_online)
-        app = ota.make_app(self.gw, self.auth_key, self.bindings, on_seen=self._publish_seen)
+        catalog = FirmwareCatalog(nc, self.subjects.obj_firmware, self.subjects.kv_devices, ttl_s=self.gw.firmware_cache_s)
+        app = ota.make_app(self.gw, self.auth_key, self.bindings, on_seen=self._publish_seen, catalog=catalog)
         # Idle keep-alive connections close after 15 s (aiohttp's default is an hour).
         self._http_runner = web.AppRunner(app, access_log=None, keepalive_timeout=15)
         await self._http_runner.setup()

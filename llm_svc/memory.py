@@ -25,14 +25,15 @@ class Memory(BaseModel):
 
 
 class MemoryStore:
-    def __init__(self, bucket: str, max_turns: int) -> None:
+    def __init__(self, bucket: str, max_turns: int, replicas: int = 1) -> None:
         self.bucket = bucket
+        self.replicas = replicas
         self.max_messages = max_turns * 2
         self._kv: Any = None
         self._local: dict[str, Memory] = {}
 
     async def open(self, nc: Any) -> None:
-        self._kv = await open_bucket(nc, self.bucket)
+        self._kv = await open_bucket(nc, self.bucket, self.replicas)
         if self._kv is None:
             log.warning("memory is kept in this process only (no JetStream)")
 

@@ -72,7 +72,7 @@ class LlmWorker:
         self.llm = settings.llm
         self.subjects = Subjects(settings.nats.prefix)
         self.backend = backend or make_backend(self.llm)
-        self.memory = MemoryStore(self.subjects.kv_memory, self.llm.history_turns)
+        self.memory = MemoryStore(self.subjects.kv_memory, self.llm.history_turns, settings.work.replicas)
         self.agents_kv: Any = None
         self.nc: NATS | None = None
         self.tools: ToolClient | None = None
@@ -88,7 +88,7 @@ class LlmWorker:
     async def start(self, nc: NATS) -> None:
         self.nc = nc
         await self.memory.open(nc)
-        self.agents_kv = await open_bucket(nc, self.subjects.kv_agents)
+        self.agents_kv = await open_bucket(nc, self.subjects.kv_agents, self.settings.work.replicas)
         self.tools = ToolClient(nc, self.subjects, self.llm.tool_timeout_s)
         self._end_sub = await nc.subscribe(self.subjects.session_end, queue=QUEUE_LLM, cb=self._on_session_end)
         self._ctl_sub = await nc.subscribe(self.subjects.ctl("*"), cb=self._watch_ctl)

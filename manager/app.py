@@ -5,10 +5,11 @@ history route is scoped to the token's user, so one user never sees another's de
 # inside create_app (CurrentUser, Admin, DB) as real objects, not strings.
 
 import datetime as dt
+import hashlib
 import time
 from typing import Annotated, Any, Literal, Protocol
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, status
+from fastapi import Depends, FastAPI, File, Form, HTTPException, Path, Query, Request, Response, UploadFile, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import Counter
 from pydantic import AfterValidator, BaseModel, Field, field_validator
@@ -17,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from manager import auth
-from manager.models import Agent, ApiToken, ChatTurn, Device, User, utcnow
+from manager.models import Agent, ApiToken, ChatTurn, Device, Firmware, User, utcnow
 from shared.metrics import histogram
 from shared.settings import ManagerSettings
 
@@ -31,6 +32,9 @@ class Live(Protocol):
     def device_changed(self, device_id: str, agent: Agent | None) -> bool: ...
     def agent_changed(self, agent: Agent, device_ids: list[str]) -> bool: ...
     def devices_removed(self, device_ids: list[str]) -> bool: ...
+    def device_flags(self, device_id: str, auto_upgrade: bool | None) -> bool: ...
+    def put_firmware(self, name: str, data: bytes) -> None: ...
+    def delete_firmware(self, name: str) -> None: ...
 
 
 class Registry(Protocol):
@@ -59,6 +63,9 @@ def _utc(value: dt.datetime) -> dt.datetime:
 # Stored as naive UTC (every database the same); answered as RFC 3339 with the offset.
 Time = Annotated[dt.datetime, AfterValidator(_utc)]
 
+# Row ids in paths: positive and within every database's INTEGER (a huge id is a 422, not a 500).
+Id = Annotated[int, Path(ge=1, le=2_147_483_647)]
+BodyId = Annotated[int, Field(ge=1, le=2_147_483_647)]
 Username = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")]
 Password = Annotated[str, Field(min_length=auth.MIN_PASSWORD, max_length=256)]
 
@@ -131,13 +138,13 @@ class AgentOut(AgentIn):
 
 class BindIn(BaseModel):
     code: str = Field(pattern=r"^\s*\d{6}\s*$")
-    agent_id: int | None = None
+    agent_id: BodyId | None = None
     alias: str | None = Field(default=None, max_length=100)
 
 
 class DevicePatch(BaseModel):
     alias: str | None = Field(default=None, max_length=100)
-    agent_id: int | None = None
+    agent_id: BodyId | None = None
     auto_upgrade: bool | None = None
 
 
@@ -165,6 +172,16 @@ class TurnOut(BaseModel):
     role: str
     text: str
     created_at: Time
+
+
+class FirmwareOut(BaseModel):
+    id: int
+    board: str
+    version: str
+    filename: str
+    size: int
+    sha256: str
+    uploaded_at: Time
 
 
 class Problem(BaseModel):
@@ -308,7 +325,7 @@ def create_app(settings: ManagerSettings, sessions: sessionmaker[Session], live:
         return user
 
     @app.delete("/api/users/{user_id}", status_code=204, tags=["users"], responses={403: {"model": Problem}, 404: {"model": Problem}, 409: {"model": Problem}})
-    def delete_user(user_id: int, me_: Admin, session: DB) -> Response:
+    def delete_user(user_id: Id, me_: Admin, session: DB) -> Response:
         if user_id == me_.id:
             raise HTTPException(status.HTTP_409_CONFLICT, "you cannot delete yourself")
         user = session.get(User, user_id)
@@ -339,7 +356,7 @@ def create_app(settings: ManagerSettings, sessions: sessionmaker[Session], live:
         return ApiTokenCreated(token=token, **ApiTokenOut.model_validate(row, from_attributes=True).model_dump())
 
     @app.delete("/api/tokens/{token_id}", status_code=204, tags=["tokens"], responses={404: {"model": Problem}})
-    def revoke_token(token_id: int, user: CurrentUser, session: DB) -> Response:
+    def revoke_token(token_id: Id, user: CurrentUser, session: DB) -> Response:
         row = session.get(ApiToken, token_id)
         if row is None or row.user_id != user.id or row.kind != "personal":
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no such token")
@@ -362,11 +379,11 @@ def create_app(settings: ManagerSettings, sessions: sessionmaker[Session], live:
         return agent_out(session, agent)
 
     @app.get("/api/agents/{agent_id}", response_model=AgentOut, tags=["agents"], responses={404: {"model": Problem}})
-    def get_agent(agent_id: int, user: CurrentUser, session: DB) -> AgentOut:
+    def get_agent(agent_id: Id, user: CurrentUser, session: DB) -> AgentOut:
         return agent_out(session, own_agent(session, user, agent_id))
 
     @app.put("/api/agents/{agent_id}", response_model=AgentOut, tags=["agents"], responses={404: {"model": Problem}})
-    def update_agent(agent_id: int, body: AgentIn, user: CurrentUser, session: DB) -> AgentOut:
+    def update_agent(agent_id: Id, body: AgentIn, user: CurrentUser, session: DB) -> AgentOut:
         agent = own_agent(session, user, agent_id)
         for key, value in body.model_dump().items():
             setattr(agent, key, value)
@@ -378,7 +395,7 @@ def create_app(settings: ManagerSettings, sessions: sessionmaker[Session], live:
         return agent_out(session, agent)
 
     @app.delete("/api/agents/{agent_id}", status_code=204, tags=["agents"], responses={404: {"model": Problem}})
-    def delete_agent(agent_id: int, user: CurrentUser, session: DB) -> Response:
+    def delete_agent(agent_id: Id, user: CurrentUser, session: DB) -> Response:
         agent = own_agent(session, user, agent_id)
         devices = list(session.execute(select(Device).where(Device.agent_id == agent.id)).scalars())
         for device in devices:
@@ -415,7 +432,7 @@ def create_app(settings: ManagerSettings, sessions: sessionmaker[Session], live:
         device.bound_at = utcnow()
         session.add(device)
         session.commit()
-        published = live.device_changed(device.device_id, device.agent)
+        published = live.device_changed(device.device_id, device.agent) and live.device_flags(device.device_id, device.auto_upgrade)
         return device_out(device, published)
 
     @app.get("/api/devices/{device_id}", response_model=DeviceOut, tags=["devices"], responses={404: {"model": Problem}})
@@ -436,6 +453,8 @@ def create_app(settings: ManagerSettings, sessions: sessionmaker[Session], live:
         session.commit()
         session.refresh(device)
         published = live.device_changed(device.device_id, device.agent) if "agent_id" in changes else True
+        if changes.get("auto_upgrade") is not None:
+            published = live.device_flags(device.device_id, device.auto_upgrade) and published
         return device_out(device, published)
 
     @app.delete("/api/devices/{device_id}", status_code=204, tags=["devices"], responses={404: {"model": Problem}})
@@ -452,6 +471,55 @@ def create_app(settings: ManagerSettings, sessions: sessionmaker[Session], live:
         device = own_device(session, user, device_id)
         rows = session.execute(select(ChatTurn).where(ChatTurn.device_id == device.device_id).order_by(ChatTurn.created_at.desc(), ChatTurn.id.desc()).limit(limit)).scalars()
         return list(rows)
+
+    # -- firmware ------------------------------------------------------------------------------
+
+    @app.get("/api/firmware", response_model=list[FirmwareOut], tags=["firmware"])
+    def list_firmware(_user: CurrentUser, session: DB) -> list[Firmware]:
+        return list(session.execute(select(Firmware).order_by(Firmware.board, Firmware.id)).scalars())
+
+    @app.post(
+        "/api/firmware",
+        response_model=FirmwareOut,
+        status_code=201,
+        tags=["firmware"],
+        responses={403: {"model": Problem}, 409: {"model": Problem}, 413: {"model": Problem}, 503: {"model": Problem}},
+    )
+    def upload_firmware(
+        me_: Admin,
+        session: DB,
+        board: Annotated[str, Form(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")],
+        version: Annotated[str, Form(min_length=1, max_length=64, pattern=r"^\d+(\.\d+)*$")],
+        file: Annotated[UploadFile, File(description="the application image (.bin) the board's OTA flashes")],
+    ) -> Firmware:
+        """An image for one board type; devices of that board with auto-upgrade on are offered it
+        at their next OTA request when its version is newer than theirs."""
+        data = file.file.read(settings.max_firmware_bytes + 1)
+        if len(data) > settings.max_firmware_bytes:
+            raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, f"firmware images are at most {settings.max_firmware_bytes} bytes")
+        if not data:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, "the file is empty")
+        filename = f"{board}_{version}.bin"
+        if session.execute(select(Firmware.id).where(Firmware.filename == filename)).scalar_one_or_none() is not None:
+            raise HTTPException(status.HTTP_409_CONFLICT, f"{filename} exists; delete it first or upload a new version")
+        try:
+            live.put_firmware(filename, data)
+        except Exception as exc:  # noqa: BLE001
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"the firmware store (NATS) did not take the image: {type(exc).__name__}") from None
+        row = Firmware(board=board, version=version, filename=filename, size=len(data), sha256=hashlib.sha256(data).hexdigest(), uploaded_by=me_.id)
+        session.add(row)
+        session.commit()
+        return row
+
+    @app.delete("/api/firmware/{firmware_id}", status_code=204, tags=["firmware"], responses={403: {"model": Problem}, 404: {"model": Problem}})
+    def delete_firmware(firmware_id: Id, _admin: Admin, session: DB) -> Response:
+        row = session.get(Firmware, firmware_id)
+        if row is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such firmware")
+        live.delete_firmware(row.filename)
+        session.delete(row)
+        session.commit()
+        return Response(status_code=204)
 
     @app.get("/api/health", tags=["health"], include_in_schema=False)
     def health() -> dict[str, str]:

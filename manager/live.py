@@ -9,6 +9,7 @@ publish that fails (NATS down) is logged and counted, and a full re-sync runs ev
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any, Callable
 
@@ -38,15 +39,68 @@ def agent_config(agent: Agent) -> AgentConfig:
 class Publisher:
     """Writes device entries to KV from the API's worker threads, on the service's loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, nc: Any, bucket: str, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, nc: Any, bucket: str, sessions: sessionmaker[Session], devices_bucket: str = "xz_devices", firmware_bucket: str = "xz_firmware", replicas: int = 1) -> None:
         self.loop = loop
         self.nc = nc
         self.bucket_name = bucket
+        self.devices_bucket = devices_bucket
+        self.firmware_bucket = firmware_bucket
         self.sessions = sessions
+        self.replicas = replicas  # JetStream servers each bucket lives on (work.replicas)
         self.kv: Any = None
+        self.flags: Any = None
+        self.obs: Any = None
 
     async def open(self) -> None:
-        self.kv = await open_bucket(self.nc, self.bucket_name)
+        self.kv = await open_bucket(self.nc, self.bucket_name, self.replicas)
+        self.flags = await open_bucket(self.nc, self.devices_bucket, self.replicas)
+
+    async def _object_store(self) -> Any:
+        if self.obs is None:
+            js = self.nc.jetstream()
+            try:
+                self.obs = await js.object_store(self.firmware_bucket)
+            except Exception:  # noqa: BLE001 - not there yet
+                from nats.js.api import ObjectStoreConfig
+
+                self.obs = await js.create_object_store(self.firmware_bucket, config=ObjectStoreConfig(bucket=self.firmware_bucket, replicas=self.replicas))
+        return self.obs
+
+    # -- firmware images and device flags (from API threads) ---------------------------------
+    def put_firmware(self, name: str, data: bytes) -> None:
+        """Store an image (raises when NATS cannot take it: the upload then fails)."""
+
+        async def put() -> None:
+            await (await self._object_store()).put(name, data)
+
+        asyncio.run_coroutine_threadsafe(put(), self.loop).result(timeout=60)
+
+    def delete_firmware(self, name: str) -> None:
+        async def delete() -> None:
+            try:
+                await (await self._object_store()).delete(name)
+            except Exception as exc:  # noqa: BLE001 - already gone
+                log.info("firmware object not deleted: %s", exc)
+
+        asyncio.run_coroutine_threadsafe(delete(), self.loop).result(timeout=30)
+
+    def device_flags(self, device_id: str, auto_upgrade: bool | None) -> bool:
+        """The gateways' per-device flags (None: the device is gone, remove them)."""
+        return self._call(lambda: self._put_flags([(device_id, auto_upgrade)]))
+
+    async def _put_flags(self, items: list[tuple[str, bool | None]]) -> None:
+        if self.flags is None:
+            self.flags = await open_bucket(self.nc, self.devices_bucket, self.replicas)
+        if self.flags is None:
+            raise RuntimeError("no KV bucket (JetStream unavailable)")
+        for device_id, auto_upgrade in items:
+            if auto_upgrade is None:
+                try:
+                    await self.flags.delete(kv_key(device_id))
+                except Exception:  # noqa: BLE001
+                    pass
+            else:
+                await self.flags.put(kv_key(device_id), json.dumps({"auto_upgrade": auto_upgrade}).encode())
 
     # -- called from API threads -------------------------------------------------------------
     def device_changed(self, device_id: str, agent: Agent | None) -> bool:
@@ -58,7 +112,11 @@ class Publisher:
         return self._call(lambda: self._put_many([(d, config) for d in device_ids]))
 
     def devices_removed(self, device_ids: list[str]) -> bool:
-        return self._call(lambda: self._put_many([(d, None) for d in device_ids]))
+        async def remove() -> None:
+            await self._put_many([(d, None) for d in device_ids])
+            await self._put_flags([(d, None) for d in device_ids])
+
+        return self._call(remove)
 
     def _call(self, make: Callable[[], Any]) -> bool:
         try:
@@ -91,13 +149,14 @@ class Publisher:
     async def resync(self) -> int:
         """Publish every bound device's entry from the database; returns how many."""
 
-        def load() -> list[tuple[str, AgentConfig | None]]:
+        def load() -> tuple[list[tuple[str, AgentConfig | None]], list[tuple[str, bool | None]]]:
             with self.sessions() as db:
                 rows = db.execute(select(Device)).scalars().all()
-                return [(d.device_id, agent_config(d.agent) if d.agent else None) for d in rows]
+                return [(d.device_id, agent_config(d.agent) if d.agent else None) for d in rows], [(d.device_id, d.auto_upgrade) for d in rows]
 
-        items = await asyncio.to_thread(load)
+        items, flags = await asyncio.to_thread(load)
         await self._put_many(items)
+        await self._put_flags(flags)
         return len(items)
 
     async def run_resync(self, every_s: float) -> None:

@@ -117,5 +117,22 @@ class ChatTurn(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow, index=True)
 
 
+class Firmware(Base):
+    """A firmware image for one board type; the bytes live in the NATS object store
+    ``xz_firmware`` as ``<board>_<version>.bin`` (the gateways' OTA serves them from there)."""
+
+    __tablename__ = "firmware"
+    __table_args__ = (UniqueConstraint("filename", name="uq_firmware_filename"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    board: Mapped[str] = mapped_column(String(100), nullable=False, index=True)
+    version: Mapped[str] = mapped_column(String(64), nullable=False)
+    filename: Mapped[str] = mapped_column(String(200), nullable=False)
+    size: Mapped[int] = mapped_column(Integer, nullable=False)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    uploaded_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), nullable=True)
+    uploaded_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+
 def as_dict(row: Any, *fields: str) -> dict[str, Any]:
     return {f: getattr(row, f) for f in fields}

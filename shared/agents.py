@@ -46,8 +46,9 @@ class AgentConfig(BaseModel):
         return self.model_dump_json().encode()
 
 
-async def open_bucket(nc: Any, bucket: str) -> Any:
-    """The KV bucket, created when missing; None when JetStream is not available."""
+async def open_bucket(nc: Any, bucket: str, replicas: int = 1) -> Any:
+    """The KV bucket, created when missing (on ``replicas`` JetStream servers, as the work
+    queues: ``work.replicas``); None when JetStream is not available."""
     from nats.js.api import KeyValueConfig
 
     js = nc.jetstream()
@@ -55,7 +56,7 @@ async def open_bucket(nc: Any, bucket: str) -> Any:
         return await js.key_value(bucket)
     except Exception:  # noqa: BLE001 - missing bucket: create it
         try:
-            return await js.create_key_value(config=KeyValueConfig(bucket=bucket, history=1))
+            return await js.create_key_value(config=KeyValueConfig(bucket=bucket, history=1, replicas=replicas))
         except Exception as exc:  # noqa: BLE001
             log.warning("no JetStream KV bucket %s: %s", bucket, exc)
             return None

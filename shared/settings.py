@@ -179,6 +179,8 @@ class GatewaySettings(BaseModel):
     # OTA upgrades: <board>_<version>.bin files; the newest one newer than the device's is offered.
     firmware_dir: str = "data/firmware"
     firmware_force: bool = False
+    # The manager's images (NATS object store xz_firmware) are listed at most this often.
+    firmware_cache_s: float = 10.0
     # Device binding (activation): unbound devices get a 6-digit code to enter in the console.
     binding: bool = False
     binding_db: str = "data/bindings.db"
@@ -398,8 +400,10 @@ class ManagerSettings(BaseModel):
     admin_password_out: str = "data/manager-admin-password"
     # Sign-in tokens expire after this long; personal API tokens when their owner says.
     session_ttl_s: int = 7 * 24 * 3600
-    # Failed sign-ins per username and per address per minute before 429.
+    # Failed sign-ins per username (five times as many per address) per minute before 429.
     login_attempts_per_minute: int = 10
+    # Firmware uploads larger than this are refused (413). ESP32 application images are a few MB.
+    max_firmware_bytes: int = 16 * 1024 * 1024
 
 
 class Settings(BaseSettings):

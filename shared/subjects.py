@@ -129,6 +129,16 @@ class Subjects:
         return f"{self.prefix}.history"
 
     @property
+    def kv_devices(self) -> str:
+        """Per-device flags the gateways need (auto_upgrade), written by the manager."""
+        return f"{self.prefix}_devices"
+
+    @property
+    def obj_firmware(self) -> str:
+        """Object store of firmware images, ``<board>_<version>.bin``, written by the manager."""
+        return f"{self.prefix}_firmware"
+
+    @property
     def kv_agents(self) -> str:
         return f"{self.prefix}_agents"
 

@@ -57,7 +57,7 @@ class ToolsWorker:
     async def start(self, nc: NATS) -> None:
         self.nc = nc
         self._http = aiohttp.ClientSession()
-        self.context.update({"nc": nc, "http": self._http, "agents_kv": await open_bucket(nc, self.subjects.kv_agents)})
+        self.context.update({"nc": nc, "http": self._http, "agents_kv": await open_bucket(nc, self.subjects.kv_agents, self.settings.work.replicas)})
         await self.mcp.start()
         if self.endpoint is not None:
             await self.endpoint.start()

@@ -10,8 +10,10 @@
   xiaozhi service runs `xiaozhi run <service>` as the NATS user of the same name with only its
   own password key of the Secret `xiaozhi nats-auth` writes, and sets only real XZ_* settings;
 - the ConfigMap's config.yaml is valid Settings (no unknown key) and points the services at the
-  NATS and vLLM Services of these manifests; the Ingress routes to real gateway routes;
-- the autoscalers cover every service, with metric names the services export;
+  NATS and vLLM Services of these manifests; the Ingresses route to real gateway and manager
+  routes;
+- the autoscalers cover every pipeline service, with metric names the services export; the
+  manager (not a pipeline stage, SQLite by default) stays at one replica, replaced with Recreate;
 - the NetworkPolicies admit what the stack needs and nothing else that was checked;
 - a real 3-node nats-server cluster runs the NATS ConfigMap's nats.conf with the auth.conf that
   `xiaozhi nats-auth --secrets-dir` writes: routes, JetStream with replicas 3, auth, probes.
@@ -38,6 +40,7 @@ import yaml
 from nats.aio.client import Client as NATS
 
 from shared import natsauth, workqueue
+from shared.agents import open_bucket
 from shared.settings import GatewaySettings, Settings, load_settings
 from shared.subjects import Subjects
 from tests.deploy.envcheck import _models_and_dicts, xz_env_is_valid
@@ -58,6 +61,9 @@ OLDEST_K8S = "1.30.0"
 LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/component", "app.kubernetes.io/part-of")
 # Pod Security "restricted": the volume types it allows.
 RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
+# The services an autoscaler owns. Not the manager: it is no pipeline stage (an API for people),
+# and with its default SQLite database on a ReadWriteOnce volume it must stay at one replica.
+AUTOSCALED = set(MODULES) - {"manager"}
 
 
 # --- loading -----------------------------------------------------------------------------------
@@ -410,7 +416,12 @@ def test_each_service_runs_as_its_own_nats_user_with_its_own_secret_key(service)
     assert pod["securityContext"]["runAsUser"] == 10001
     volumes = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
-    assert "emptyDir" in mounts["/tmp"] and "emptyDir" in mounts["/data"]
+    assert "emptyDir" in mounts["/tmp"]
+    if service == "manager":
+        # Its database and first admin password outlive the pod.
+        assert mounts["/data"]["persistentVolumeClaim"]["claimName"] == "manager-data"
+    else:
+        assert "emptyDir" in mounts["/data"]
     if service != "gateway":
         assert pod["terminationGracePeriodSeconds"] == 30
 
@@ -448,6 +459,73 @@ def test_the_gateway_drains_within_its_grace_period(tmp_path, monkeypatch):
     assert strategy["maxUnavailable"] == 0
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["ws"] == settings.gateway.ws_port and ports["http"] == settings.gateway.http_port
+
+
+def manager_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Settings, dict]:
+    """config.yaml and the manager Deployment's XZ_* values, as the manager loads them."""
+    k8s_settings(tmp_path, monkeypatch)
+    container = xiaozhi_deployments()["manager"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    for name, entry in env.items():
+        if name.startswith("XZ_") and name != "XZ_CONFIG" and "value" in entry:
+            monkeypatch.setenv(name, entry["value"])
+    return load_settings(tmp_path / "config.yaml"), env
+
+
+def volume_at(pod: dict, container: dict, path: str) -> dict:
+    """The volume a file path in a container is on (the deepest mount above it)."""
+    target = PurePosixPath(path)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = [m for m in container["volumeMounts"] if PurePosixPath(m["mountPath"]) in target.parents]
+    assert mounts, f"{path} is on the read-only root"
+    return volumes[max(mounts, key=lambda m: len(m["mountPath"]))["name"]]
+
+
+def test_the_manager_keeps_one_replica_while_its_database_is_sqlite(tmp_path, monkeypatch):
+    from sqlalchemy.engine import make_url
+
+    settings, env = manager_settings(tmp_path, monkeypatch)
+    deployment = xiaozhi_deployments()["manager"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    # No autoscaler may own it (with SQLite a second replica would be a second writer).
+    targets = {d["spec"]["scaleTargetRef"]["name"] for d in find("ScaledObject") + find("HorizontalPodAutoscaler")}
+    assert "manager" not in targets
+    url_entry = env["XZ_MANAGER__DATABASE_URL"]
+    if "valueFrom" in url_entry:
+        # A database server, its URL (with the password) from a Secret.
+        assert set(url_entry["valueFrom"]) == {"secretKeyRef"}
+    else:
+        url = make_url(settings.manager.database_url)
+        assert settings.manager.database_url == url_entry["value"]
+        if url.get_backend_name() == "sqlite":
+            assert deployment["spec"]["replicas"] == 1
+            assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+            # The file is on the PersistentVolumeClaim, not in the pod (an absolute path: four slashes).
+            assert PurePosixPath(url.database).is_absolute()
+            claim = volume_at(pod, container, url.database)["persistentVolumeClaim"]["claimName"]
+            pvc = one("PersistentVolumeClaim", claim)
+            assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+            assert pvc["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    # The first admin password is written where `kubectl exec deploy/manager -- cat` finds it after
+    # a restart too.
+    out = settings.manager.admin_password_out
+    assert PurePosixPath(out).is_absolute() and "persistentVolumeClaim" in volume_at(pod, container, out)
+    assert settings.manager.admin_password is None and settings.manager.admin_password_file is None
+    assert f"cat {out}" in (K8S / "manager.yaml").read_text()
+    # Its ports are the settings' and the Service's.
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": settings.manager.port, "metrics": settings.manager.metrics_port}
+    (service_port,) = one("Service", "manager")["spec"]["ports"]
+    assert service_port["port"] == settings.manager.port and service_port["targetPort"] == "http"
+    # Behind the Ingress: the client's address from X-Forwarded-For (uvicorn), for the sign-in limits.
+    assert env["FORWARDED_ALLOW_IPS"]["value"] == "*"
+
+
+def test_autoscaled_deployments_leave_the_replica_count_to_the_autoscaler():
+    for name in AUTOSCALED:
+        # A replica count in the Deployment would reset the autoscaler's at every apply.
+        assert "replicas" not in xiaozhi_deployments()[name]["spec"], name
 
 
 # --- config.yaml -------------------------------------------------------------------------------
@@ -554,6 +632,49 @@ def test_the_ingress_routes_devices_to_the_gateway(tmp_path, monkeypatch):
     assert rule["host"] in ingress["spec"]["tls"][0]["hosts"]
 
 
+def manager_http_routes() -> set[str]:
+    from manager.app import create_app
+
+    app = create_app(Settings().manager, None, None, None, None)
+    return {route.path for route in app.routes}
+
+
+def test_the_manager_ingress_routes_the_api_and_its_docs_on_the_devices_host(tmp_path, monkeypatch):
+    settings = k8s_settings(tmp_path, monkeypatch)
+    ingress = one("Ingress", "manager")
+    devices = one("Ingress", "xiaozhi")
+    annotations = ingress["metadata"]["annotations"]
+    # Passwords and tokens: never over plain http when there is a certificate.
+    assert annotations["nginx.ingress.kubernetes.io/ssl-redirect"] == "true"
+    body = annotations["nginx.ingress.kubernetes.io/proxy-body-size"]
+    assert int(body.rstrip("m")) * 1024 * 1024 > settings.manager.max_firmware_bytes
+    assert ingress["spec"]["ingressClassName"] == devices["spec"]["ingressClassName"]
+    (rule,) = ingress["spec"]["rules"]
+    (device_rule,) = devices["spec"]["rules"]
+    assert rule["host"] == device_rule["host"] and ingress["spec"]["tls"] == devices["spec"]["tls"]
+    service_ports = {p["name"] for p in one("Service", "manager")["spec"]["ports"]}
+    routes = manager_http_routes()
+    paths = []
+    for path in rule["http"]["paths"]:
+        backend = path["backend"]["service"]
+        assert backend["name"] == "manager" and backend["port"]["name"] in service_ports
+        paths.append((path["path"], path["pathType"]))
+
+    def served(route: str) -> bool:
+        return any(route == p or (kind == "Prefix" and route.startswith(p.rstrip("/") + "/")) for p, kind in paths)
+
+    # Every route of the API and its docs is reachable, and every path leads to one.
+    for route in routes:
+        assert served(route), route
+    for path, _kind in paths:
+        assert any(r == path or r.startswith(path + "/") for r in routes), path
+    # No path of the devices' Ingress is taken over (nor a gateway route).
+    for path in devices["spec"]["rules"][0]["http"]["paths"]:
+        assert not served(path["path"]), path["path"]
+    for route in gateway_http_routes():
+        assert not served(route), route
+
+
 def test_the_mcp_endpoint_service_matches_the_tools_settings():
     service = one("Service", "tools-mcp")
     (port,) = service["spec"]["ports"]
@@ -585,7 +706,7 @@ def adapter_values() -> dict:
 
 def test_keda_scales_every_service_on_metrics_the_services_export():
     objects = {o["metadata"]["name"]: o for o in find("ScaledObject", under="autoscaling/keda/")}
-    assert set(objects) == set(MODULES)
+    assert set(objects) == AUTOSCALED
     known = documented_metrics()
     for name, obj in objects.items():
         spec = obj["spec"]
@@ -609,7 +730,7 @@ def test_keda_scales_every_service_on_metrics_the_services_export():
 
 def test_hpas_cover_every_service_with_adapter_metrics():
     hpas = {h["metadata"]["name"]: h for h in find("HorizontalPodAutoscaler", under="autoscaling/hpa/")}
-    assert set(hpas) == set(MODULES)
+    assert set(hpas) == AUTOSCALED
     values = adapter_values()
     custom = {r["name"]["as"]: r for r in values["rules"]["custom"]}
     external = {r["name"]["as"]: r for r in values["rules"]["external"]}
@@ -695,12 +816,13 @@ def admitted(target: dict, port: int, peer_labels: dict | None, peer_namespace: 
 
 def test_network_policies_admit_what_the_stack_needs_and_no_more():
     assert any(p["spec"]["podSelector"] == {} and not p["spec"].get("ingress") for p in find("NetworkPolicy")), "no default deny"
-    gateway, nats, vllm, tools = (labels_of(c) for c in ("gateway", "nats", "vllm", "tools"))
+    gateway, nats, vllm, tools, manager = (labels_of(c) for c in ("gateway", "nats", "vllm", "tools", "manager"))
     device = (None, "ingress-nginx")
     gw = gateway["metadata"]["labels"]
     for port in (8000, 8003):
         assert admitted(gateway, port, *device)
     assert admitted(tools, 8004, *device)
+    assert admitted(manager, Settings().manager.port, *device)
     assert not admitted(nats, 4222, *device)
     assert not admitted(vllm, 8000, *device)
     for template in pod_templates():
@@ -883,6 +1005,23 @@ async def test_each_service_user_connects_and_the_work_queues_get_three_replicas
                     assert info.cluster is not None and len(info.cluster.replicas or []) == 2
                 ack = await js.publish(f"{settings.nats.prefix}.llm.k8s-test", b"{}")
                 assert ack.stream == workqueue.stream_name(settings.nats.prefix, "llm")
+            elif service == "manager":
+                # Its live-configuration bucket and the firmware store, made as the manager makes
+                # them at start: replicated like the work queues (work.replicas 3).
+                from manager.live import Publisher
+
+                subjects = Subjects(settings.nats.prefix)
+                kv = await open_bucket(nc, subjects.kv_agents, settings.work.replicas)
+                assert kv is not None
+                await kv.put("k8s-test", b"{}")
+                assert (await kv.get("k8s-test")).value == b"{}"
+                stream = await nc.jetstream().stream_info(f"KV_{subjects.kv_agents}")
+                assert stream.config.num_replicas == 3
+                publisher = Publisher(asyncio.get_running_loop(), nc, subjects.kv_agents, None, subjects.kv_devices, subjects.obj_firmware, settings.work.replicas)  # type: ignore[arg-type]
+                store = await publisher._object_store()
+                await store.put("k8s-test_1.0.bin", b"\x00" * 1000)
+                stream = await nc.jetstream().stream_info(f"OBJ_{subjects.obj_firmware}")
+                assert stream.config.num_replicas == 3
             else:
                 assert (await nc.jetstream().account_info()).limits is not None
         finally:

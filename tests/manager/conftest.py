@@ -124,6 +124,7 @@ def manager(database_url, tmp_path_factory) -> Iterator[ManagerStack]:
             "XZ_GATEWAY__PUBLIC_HOST": "127.0.0.1",
             "XZ_GATEWAY__BINDING": "true",
             "XZ_GATEWAY__BINDING_DB": str(tmp / "bindings.db"),
+            "XZ_GATEWAY__FIRMWARE_CACHE_S": "0.5",
         })
         mgr = stack.start_service("manager", free_port(), {
             "XZ_MANAGER__HOST": "127.0.0.1",

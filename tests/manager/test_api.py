@@ -252,3 +252,78 @@ def test_requests_are_measured_by_route_template(manager):
     for (name, labels), _value in samples.items():
         for _key, value in labels:
             assert "aa:bb" not in value and "xzm_" not in value, (name, labels)
+
+
+def _upload(api: Api, board: str, version: str, data: bytes) -> tuple[int, object]:
+    """multipart/form-data, as a browser's form sends it."""
+    import urllib.error
+    import urllib.request
+
+    boundary = "xz" + "b" * 20
+    parts = []
+    for name, value in (("board", board), ("version", version)):
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{board}.bin"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode() + data + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    request = urllib.request.Request(api.base + "/api/firmware", data=b"".join(parts), method="POST")
+    request.add_header("Content-Type", f"multipart/form-data; boundary={boundary}")
+    request.add_header("Authorization", f"Bearer {api.token}")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"null")
+
+
+async def test_firmware_uploaded_in_the_manager_is_offered_by_ota(manager):
+    import hashlib
+
+    import aiohttp
+
+    admin = manager.admin()
+    admin.call("POST", "/api/users", {"username": "fiona", "password": "fiona-password"})
+    fiona = Api(manager.base).login("fiona", "fiona-password")
+    device = SimDevice(ota_url=manager.ota_url)
+    code = (await device.ota())["activation"]["code"]
+    assert fiona.call("POST", "/api/devices/bind", {"code": code})[0] == 201
+    image = bytes(range(256)) * 1200  # 300 KB: several object-store chunks
+
+    # Only administrators upload; versions are dotted numbers; names are safe.
+    assert _upload(fiona, device.board, "9.9.9", image)[0] == 403
+    assert _upload(admin, device.board, "v9", image)[0] == 422
+    assert _upload(admin, "../etc", "9.9.9", image)[0] == 422
+    status, uploaded = _upload(admin, device.board, "9.9.9", image)
+    assert status == 201, uploaded
+    assert uploaded["filename"] == f"{device.board}_9.9.9.bin" and uploaded["size"] == len(image)
+    assert uploaded["sha256"] == hashlib.sha256(image).hexdigest()
+    assert _upload(admin, device.board, "9.9.9", image)[0] == 409
+    assert [f["version"] for f in fiona.call("GET", "/api/firmware")[1]] == ["9.9.9"]
+
+    # The device's next OTA is offered the image (after the gateway's list cache), and the
+    # download is the exact bytes with a Content-Length.
+    offered = {}
+    for _ in range(60):
+        offered = (await device.ota())["firmware"]
+        if offered.get("url"):
+            break
+        await asyncio.sleep(0.25)
+    assert offered["version"] == "9.9.9" and offered["url"].endswith(f"/xiaozhi/ota/download/{device.board}_9.9.9.bin"), offered
+    async with aiohttp.ClientSession() as http:
+        async with http.get(offered["url"]) as response:
+            body = await response.read()
+            assert response.status == 200 and body == image
+            assert int(response.headers["Content-Length"]) == len(image)
+
+    # The owner switches auto-upgrade off: nothing is offered; on again: offered again.
+    assert fiona.call("PATCH", f"/api/devices/{device.device_id}", {"auto_upgrade": False})[1]["auto_upgrade"] is False
+    assert (await device.ota())["firmware"] == {"version": device.firmware_version, "url": ""}
+    fiona.call("PATCH", f"/api/devices/{device.device_id}", {"auto_upgrade": True})
+    assert (await device.ota())["firmware"]["version"] == "9.9.9"
+
+    # Deleted: gone from the store (after the list cache) and from OTA.
+    assert admin.call("DELETE", f"/api/firmware/{uploaded['id']}")[0] == 204
+    for _ in range(60):
+        if not (await device.ota())["firmware"]["url"]:
+            break
+        await asyncio.sleep(0.25)
+    assert (await device.ota())["firmware"]["url"] == ""
