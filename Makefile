@@ -31,15 +31,19 @@ $(STAMP): pyproject.toml Makefile
 run: install
 	$(VENV)/bin/xiaozhi up
 
-# promtool and prometheus for tests/deploy (Debian's prometheus package): installed when missing
-# and this runs as root with apt-get (as on CI); otherwise those tests skip and say why.
+# Debian packages some tests drive: prometheus (promtool and a real Prometheus, tests/deploy)
+# and chromium (the console in a real browser, tests/manager). Installed when missing and this
+# runs as root with apt-get (as on CI); otherwise those tests skip and say why.
+TOOLS_PKGS := prometheus:promtool chromium:chromium
 tools:
-	@command -v promtool >/dev/null 2>&1 || { \
+	@missing=""; for pair in $(TOOLS_PKGS); do command -v $${pair#*:} >/dev/null 2>&1 || missing="$$missing $${pair%%:*}"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing Debian's prometheus package (promtool) for the deploy tests"; \
-	    ( apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus ) >/dev/null 2>&1 \
-	      || echo "could not install prometheus: the promtool and Prometheus tests will skip"; \
-	  else echo "promtool not found (apt-get install prometheus): the promtool and Prometheus tests will skip"; fi; }
+	    echo "installing Debian packages for the tests:$$missing"; \
+	    ( apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing ) >/dev/null 2>&1 \
+	      || echo "could not install$$missing: the tests that need them will skip"; \
+	  else echo "not installed:$$missing (apt-get install$$missing): the tests that need them will skip"; fi; \
+	fi
 
 test: install tools
 	$(PY) -m pytest -q -ra

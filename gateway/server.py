@@ -8,6 +8,7 @@ import logging
 import secrets
 import ssl
 import time
+from collections import OrderedDict
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -18,8 +19,8 @@ from nats.aio.msg import Msg
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
-from gateway import metrics as m
 from gateway import auth, ota, protocol
+from gateway import metrics as m
 from gateway.bindings import SqliteBindingStore
 from gateway.fwstore import FirmwareCatalog
 from gateway.httpguard import guarded
@@ -85,6 +86,7 @@ class Gateway:
         self._alive_sub = None
         self._bind_sub = None
         self._online_sub = None
+        self._ota_info: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._http_server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
         self._draining = False
@@ -154,6 +156,12 @@ class Gateway:
 
     def _publish_seen(self, event: dict[str, Any]) -> None:
         """Tell the manager a device was seen (OTA, connected, disconnected); best effort."""
+        if event.get("event") == "ota":
+            # Board and firmware of devices that asked OTA lately: a bind by code answers with them.
+            self._ota_info[event["device_id"].lower()] = {k: event.get(k) for k in ("board", "firmware_version")}
+            self._ota_info.move_to_end(event["device_id"].lower())
+            while len(self._ota_info) > 10000:
+                self._ota_info.popitem(last=False)
         if self.nc is None or self.nc.is_closed:
             return
         event = {**event, "at": time.time()}
@@ -201,7 +209,7 @@ class Gateway:
         if device_id is None:
             return
         log.info("device bound", extra={"fields": {"device_id": device_id, "owner": owner}})
-        await msg.respond(json.dumps({"device_id": device_id}).encode())
+        await msg.respond(json.dumps({"device_id": device_id, **self._ota_info.get(device_id.lower(), {})}).encode())
 
     async def _on_vad_alive(self, msg: Msg) -> None:
         try:

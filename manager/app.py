@@ -7,10 +7,13 @@ history route is scoped to the token's user, so one user never sees another's de
 import datetime as dt
 import hashlib
 import time
+from pathlib import Path as Path_
 from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Path, Query, Request, Response, UploadFile, status
+from fastapi.responses import FileResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import Counter
 from pydantic import AfterValidator, BaseModel, Field, field_validator
 from sqlalchemy import delete, func, select
@@ -54,6 +57,9 @@ class Binder(Protocol):
 
 
 _METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
+CONSOLE = Path_(__file__).parent / "console"
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
+CSP = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; media-src 'self' blob:; connect-src 'self' ws: wss:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 
 
 def _utc(value: dt.datetime) -> dt.datetime:
@@ -210,6 +216,11 @@ def create_app(settings: ManagerSettings, sessions: sessionmaker[Session], live:
         try:
             response = await call_next(request)
             status_class = f"{response.status_code // 100}xx"
+            for header, value in SECURITY_HEADERS.items():
+                response.headers.setdefault(header, value)
+            if not request.url.path.startswith(("/docs", "/redoc")):
+                # The console loads only its own files (the API docs pages use a CDN).
+                response.headers.setdefault("Content-Security-Policy", CSP)
             return response
         finally:
             # The route template (/api/devices/{device_id}), never the raw path: labels stay bounded.
@@ -520,6 +531,14 @@ def create_app(settings: ManagerSettings, sessions: sessionmaker[Session], live:
         session.delete(row)
         session.commit()
         return Response(status_code=204)
+
+    # -- the web console (static files; it uses the API above) -------------------------------
+
+    @app.get("/", include_in_schema=False)
+    def console() -> FileResponse:
+        return FileResponse(CONSOLE / "index.html")
+
+    app.mount("/console", StaticFiles(directory=CONSOLE), name="console")
 
     @app.get("/api/health", tags=["health"], include_in_schema=False)
     def health() -> dict[str, str]:

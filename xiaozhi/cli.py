@@ -267,7 +267,7 @@ def up_command(args: argparse.Namespace) -> int:
         print(f"  WebSocket URL:                      {ws_url}")
         password_file = Path(manager_env.get("XZ_MANAGER__ADMIN_PASSWORD_OUT", settings.manager.admin_password_out))
         first = f" (first sign-in: {settings.manager.admin_user}, password in {password_file})" if password_file.is_file() else ""
-        print(f"  Manager API:                        http://{host}:{manager_port}/docs{first}")
+        print(f"  Manager (web console):              http://{host}:{manager_port}/{first}")
         print("  Metrics:                            " + ", ".join(f"{p.name} http://127.0.0.1:{p.metrics_port}/metrics" for p in procs))
         print(f"  Try it:  .venv/bin/xiaozhi sim --ota http://127.0.0.1:{http_port}/xiaozhi/ota/ --wav tests/fixtures/audio/en_what_time.wav")
         print("Press Ctrl-C to stop.")

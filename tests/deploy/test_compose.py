@@ -467,3 +467,19 @@ def test_hadolint_finds_nothing_in_the_dockerfile():
     binary = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     result = subprocess.run([binary, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_wheel_the_image_installs_carries_the_managers_files(tmp_path):
+    """The image installs the project as a wheel: the manager's migrations and console (not
+    Python packages) must be inside it, or the manager fails at start in the container."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    import zipfile
+
+    (wheel,) = tmp_path.glob("xiaozhi_nats-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    needed = {str(p.relative_to(ROOT)) for p in (ROOT / "manager").rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert needed <= names, sorted(needed - names)

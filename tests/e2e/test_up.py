@@ -41,7 +41,7 @@ async def test_xiaozhi_up_serves_a_turn_and_the_manager(tmp_path):
             lines.append(line)
         out = "".join(lines)
         ota = re.search(r"OTA URL \(give this to the device\):\s+(\S+)", out).group(1)
-        manager = re.search(r"Manager API:\s+(http://\S+)/docs \(first sign-in: (\w+), password in (\S+)\)", out)
+        manager = re.search(r"Manager \(web console\):\s+(http://\S+)/ \(first sign-in: (\w+), password in (\S+)\)", out)
         assert manager, out
         base, user, password_file = manager.group(1), manager.group(2), Path(manager.group(3))
         assert password_file.is_relative_to(tmp_path / "run")  # the data folder, not the repository
@@ -52,6 +52,10 @@ async def test_xiaozhi_up_serves_a_turn_and_the_manager(tmp_path):
 
         api = Api(base.replace(re.search(r"//([^:/]+)", base).group(1), "127.0.0.1")).login(user, password_file.read_text().strip())
         assert api.call("GET", "/api/me")[1]["role"] == "admin"
+        import urllib.request
+
+        with urllib.request.urlopen(api.base + "/", timeout=10) as page:
+            assert "Xiaozhi console" in page.read().decode()
         assert (tmp_path / "run" / "manager.db").is_file()
     finally:
         proc.send_signal(signal.SIGINT)

@@ -139,6 +139,8 @@ async def test_bind_by_spoken_code_and_live_config(manager):
     status, bound = erin.call("POST", "/api/devices/bind", {"code": code, "agent_id": agent["id"], "alias": "kitchen"})
     assert status == 201, bound
     assert bound["device_id"] == device.device_id.lower() and bound["agent_id"] == agent["id"] and bound["live_config"] is True
+    # The gateway that issued the code knew the board and firmware from that OTA request.
+    assert bound["board"] == device.board and bound["firmware_version"] == device.firmware_version
     # The device's activation poll now succeeds: the gateway that held the code bound it.
     assert await device.activate(polls=2, wait_pending_s=0.1) is True
     # Its next OTA request tells the manager its board and firmware, and when it was seen.

@@ -1,0 +1,340 @@
+// The xiaozhi console: a small single-page app on the manager's API (no build step).
+// Every value from the server goes into the page as text (textContent), never as HTML.
+"use strict";
+
+const state = { token: localStorage.getItem("xz_token"), me: null };
+const view = document.getElementById("view");
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else if (key === "dataset") Object.assign(node.dataset, value);
+    else node.setAttribute(key, value === true ? "" : value);
+  }
+  for (const child of children.flat()) {
+    if (child === null || child === undefined || child === false) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+function toast(text) {
+  const box = document.getElementById("toast");
+  box.textContent = text;
+  box.hidden = false;
+  clearTimeout(toast.timer);
+  toast.timer = setTimeout(() => { box.hidden = true; }, 3500);
+}
+
+function size(bytes) {
+  if (bytes >= 1048576) return `${(bytes / 1048576).toFixed(2)} MB`;
+  if (bytes >= 1024) return `${(bytes / 1024).toFixed(1)} KB`;
+  return `${bytes} B`;
+}
+
+function when(iso) {
+  if (!iso) return "never";
+  const date = new Date(iso);
+  return date.toLocaleString();
+}
+
+class ApiError extends Error {
+  constructor(status, detail) {
+    super(typeof detail === "string" ? detail : (Array.isArray(detail) ? detail.map((d) => `${(d.loc || []).slice(1).join(".")}: ${d.msg}`).join("; ") : `HTTP ${status}`));
+    this.status = status;
+  }
+}
+
+async function api(method, path, body, isForm = false) {
+  const headers = {};
+  if (state.token) headers.Authorization = `Bearer ${state.token}`;
+  let payload;
+  if (body !== undefined) {
+    if (isForm) payload = body;
+    else { headers["Content-Type"] = "application/json"; payload = JSON.stringify(body); }
+  }
+  const response = await fetch(path, { method, headers, body: payload });
+  if (response.status === 401 && path !== "/api/auth/login") {
+    signOut(false);
+    throw new ApiError(401, "signed out: sign in again");
+  }
+  const text = await response.text();
+  const data = text ? JSON.parse(text) : null;
+  if (!response.ok) throw new ApiError(response.status, data && data.detail);
+  return data;
+}
+
+function form(fields, submitText, onSubmit) {
+  const error = el("p", { class: "error", role: "alert", hidden: true });
+  const button = el("button", { type: "submit" }, submitText);
+  const node = el("form", {
+    onsubmit: async (event) => {
+      event.preventDefault();
+      error.hidden = true;
+      button.disabled = true;
+      try { await onSubmit(new FormData(node), node); }
+      catch (exc) { error.textContent = exc.message; error.hidden = false; }
+      finally { button.disabled = false; }
+    },
+  }, fields, error, el("div", { class: "row" }, button));
+  return node;
+}
+
+function field(label, name, attrs = {}) {
+  const id = `f-${name}`;
+  const input = attrs.tag === "textarea" ? el("textarea", { id, name, ...attrs, tag: null }, attrs.value || "")
+    : attrs.tag === "select" ? el("select", { id, name, ...attrs, tag: null, options: null }, (attrs.options || []).map(([value, text]) => el("option", { value, selected: String(value) === String(attrs.value ?? "") }, text)))
+    : el("input", { id, name, ...attrs });
+  return el("div", {}, el("label", { for: id }, label), input);
+}
+
+function show(title, ...content) {
+  view.replaceChildren(el("h1", {}, title), ...content.filter((c) => c !== null && c !== undefined && c !== false));
+  document.title = `${title} · Xiaozhi console`;
+}
+
+// ---------------------------------------------------------------------------------------------
+// sign-in
+
+function signOut(callServer = true) {
+  if (callServer && state.token) api("POST", "/api/auth/logout").catch(() => {});
+  state.token = null;
+  state.me = null;
+  localStorage.removeItem("xz_token");
+  document.getElementById("nav").hidden = true;
+  location.hash = "#/signin";
+}
+
+function signInView() {
+  document.getElementById("nav").hidden = true;
+  view.replaceChildren(el("div", { class: "card signin" },
+    el("h1", {}, "Sign in"),
+    el("p", { class: "muted" }, "The first time: user admin, with the password the manager wrote at its first start (make run prints where)."),
+    form([
+      field("Username", "username", { autocomplete: "username", required: true, autocapitalize: "none" }),
+      field("Password", "password", { type: "password", autocomplete: "current-password", required: true }),
+    ], "Sign in", async (data) => {
+      const answer = await api("POST", "/api/auth/login", { username: data.get("username"), password: data.get("password") });
+      state.token = answer.token;
+      localStorage.setItem("xz_token", answer.token);
+      location.hash = "#/devices";
+    })));
+  document.title = "Sign in · Xiaozhi console";
+}
+
+// ---------------------------------------------------------------------------------------------
+// devices
+
+async function devicesView() {
+  const [devices, agents] = await Promise.all([api("GET", "/api/devices"), api("GET", "/api/agents")]);
+  const agentName = new Map(agents.map((a) => [a.id, a.name]));
+  const agentOptions = [["", "Default assistant"], ...agents.map((a) => [a.id, a.name])];
+  const cards = devices.map((d) => el("div", { class: "card", dataset: { device: d.device_id } },
+    el("div", { class: "row spread" },
+      el("strong", {}, d.alias || d.device_id),
+      el("span", { class: d.online ? "pill on" : "pill" }, d.online ? "online" : "offline")),
+    el("p", { class: "muted" }, `${d.device_id} · ${d.board || "board unknown"} · firmware ${d.firmware_version || "?"}`),
+    el("p", { class: "muted" }, `Last seen ${when(d.last_seen)} · agent: ${agentName.get(d.agent_id) || "default"}`),
+    field("Agent", `agent-${d.device_id}`, {
+      tag: "select", options: agentOptions, value: d.agent_id ?? "",
+      onchange: async (event) => {
+        const value = event.target.value;
+        await api("PATCH", `/api/devices/${encodeURIComponent(d.device_id)}`, { agent_id: value ? Number(value) : null });
+        toast("Agent changed: the next turn uses it.");
+        route();
+      },
+    }),
+    el("label", { class: "row" },
+      el("input", { type: "checkbox", class: "check", checked: d.auto_upgrade, onchange: async (event) => {
+        await api("PATCH", `/api/devices/${encodeURIComponent(d.device_id)}`, { auto_upgrade: event.target.checked });
+        toast(event.target.checked ? "Firmware upgrades on." : "Firmware upgrades off.");
+      } }),
+      "Upgrade firmware automatically"),
+    el("div", { class: "row" },
+      el("a", { class: "button", href: `#/devices/${encodeURIComponent(d.device_id)}/history` }, "History"),
+      el("button", { class: "danger", onclick: async () => {
+        if (!confirm(`Unbind ${d.alias || d.device_id}? Its history is deleted.`)) return;
+        await api("DELETE", `/api/devices/${encodeURIComponent(d.device_id)}`);
+        toast("Unbound.");
+        route();
+      } }, "Unbind"))));
+  show("Devices",
+    el("div", { class: "card" },
+      el("h2", {}, "Add a device"),
+      el("p", { class: "muted" }, "Turn the device on: it speaks a 6-digit code. Enter it here."),
+      form([
+        field("Code", "code", { inputmode: "numeric", pattern: "\\d{6}", maxlength: 6, required: true, autocomplete: "one-time-code" }),
+        field("Name (optional)", "alias", { maxlength: 100, placeholder: "Kitchen" }),
+        field("Agent", "agent", { tag: "select", options: agentOptions }),
+      ], "Add device", async (data, node) => {
+        const body = { code: data.get("code"), alias: data.get("alias") || null, agent_id: data.get("agent") ? Number(data.get("agent")) : null };
+        await api("POST", "/api/devices/bind", body);
+        node.reset();
+        toast("Device added.");
+        route();
+      })),
+    devices.length ? el("div", { class: "grid" }, cards) : el("p", { class: "muted" }, "No devices yet."));
+}
+
+async function historyView(deviceId) {
+  const [device, turns] = await Promise.all([
+    api("GET", `/api/devices/${encodeURIComponent(deviceId)}`),
+    api("GET", `/api/devices/${encodeURIComponent(deviceId)}/history?limit=200`),
+  ]);
+  const items = turns.slice().reverse().map((t) => el("li", { class: t.role }, t.text, el("span", { class: "when" }, when(t.created_at))));
+  show(`History: ${device.alias || device.device_id}`,
+    el("p", {}, el("a", { href: "#/devices" }, "← Devices")),
+    items.length ? el("ul", { class: "history" }, items) : el("p", { class: "muted" }, "Nothing said yet."));
+}
+
+// ---------------------------------------------------------------------------------------------
+// agents
+
+const MEMORY = [["short", "Remember the recent conversation"], ["summary", "Remember a summary across sessions"], ["none", "Remember nothing"]];
+
+async function agentsView() {
+  const agents = await api("GET", "/api/agents");
+  show("Agents",
+    el("p", {}, el("a", { class: "button", href: "#/agents/new" }, "New agent")),
+    agents.length ? el("div", { class: "grid" }, agents.map((a) => el("div", { class: "card" },
+      el("div", { class: "row spread" }, el("strong", {}, a.name), el("span", { class: "pill" }, `${a.device_count} device${a.device_count === 1 ? "" : "s"}`)),
+      el("p", { class: "muted" }, a.role_prompt ? a.role_prompt.slice(0, 140) : "The server's default persona."),
+      el("a", { class: "button", href: `#/agents/${a.id}` }, "Edit"))))
+      : el("p", { class: "muted" }, "No agents yet: devices use the default assistant."));
+}
+
+async function agentView(id) {
+  const agent = id === "new" ? { name: "", role_prompt: "", voice: "", language: "", memory: "short", tools: null, wake_greeting: "", llm_model: "", asr_model: "" } : await api("GET", `/api/agents/${id}`);
+  const nullable = (value) => (value && value.trim() ? value.trim() : null);
+  show(id === "new" ? "New agent" : `Agent: ${agent.name}`,
+    el("p", {}, el("a", { href: "#/agents" }, "← Agents")),
+    el("div", { class: "card" }, form([
+      field("Name", "name", { value: agent.name, required: true, maxlength: 100 }),
+      field("Role prompt ({name} is the agent's name)", "role_prompt", { tag: "textarea", value: agent.role_prompt || "", maxlength: 8000 }),
+      field("Memory", "memory", { tag: "select", options: MEMORY, value: agent.memory }),
+      field("Language (e.g. en, zh; empty: the server's)", "language", { value: agent.language || "", maxlength: 16 }),
+      field("Voice (a Piper voice on the server; empty: the default)", "voice", { value: agent.voice || "", maxlength: 255 }),
+      field("Wake-word greeting", "wake_greeting", { value: agent.wake_greeting || "", maxlength: 255 }),
+      field("Tools (comma-separated names; empty: all)", "tools", { value: (agent.tools || []).join(", ") }),
+    ], id === "new" ? "Create" : "Save", async (data) => {
+      const tools = data.get("tools").split(",").map((t) => t.trim()).filter(Boolean);
+      const body = {
+        name: data.get("name"), role_prompt: nullable(data.get("role_prompt")), memory: data.get("memory"),
+        language: nullable(data.get("language")), voice: nullable(data.get("voice")), wake_greeting: nullable(data.get("wake_greeting")),
+        tools: tools.length ? tools : null, llm_model: agent.llm_model || null, asr_model: agent.asr_model || null,
+      };
+      if (id === "new") await api("POST", "/api/agents", body);
+      else await api("PUT", `/api/agents/${id}`, body);
+      toast("Saved: devices with this agent use it from their next turn.");
+      location.hash = "#/agents";
+    })),
+    id === "new" ? null : el("button", { class: "danger", onclick: async () => {
+      if (!confirm(`Delete ${agent.name}? Its devices go back to the default assistant.`)) return;
+      await api("DELETE", `/api/agents/${id}`);
+      location.hash = "#/agents";
+    } }, "Delete agent"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// firmware
+
+async function firmwareView() {
+  const images = await api("GET", "/api/firmware");
+  const admin = state.me && state.me.role === "admin";
+  show("Firmware",
+    el("p", { class: "muted" }, "Devices of a board are offered the newest image for it at their next start, unless their owner turned upgrades off."),
+    images.length ? el("div", { class: "card" }, el("table", {},
+      el("thead", {}, el("tr", {}, el("th", {}, "Board"), el("th", {}, "Version"), el("th", { class: "hide-phone" }, "Size"), el("th", { class: "hide-phone" }, "Uploaded"), admin ? el("th", {}) : null)),
+      el("tbody", {}, images.map((f) => el("tr", {},
+        el("td", {}, f.board), el("td", {}, f.version), el("td", { class: "hide-phone" }, size(f.size)), el("td", { class: "hide-phone" }, when(f.uploaded_at)),
+        admin ? el("td", {}, el("button", { class: "secondary", onclick: async () => {
+          if (!confirm(`Delete ${f.filename}?`)) return;
+          await api("DELETE", `/api/firmware/${f.id}`);
+          route();
+        } }, "Delete")) : null)))))
+      : el("p", { class: "muted" }, "No firmware uploaded."),
+    admin ? el("div", { class: "card" }, el("h2", {}, "Upload"), form([
+      field("Board type (as the device reports it)", "board", { required: true, pattern: "[A-Za-z0-9][A-Za-z0-9._\\-]*", maxlength: 100 }),
+      field("Version (numbers and dots)", "version", { required: true, pattern: "\\d+(\\.\\d+)*", maxlength: 64 }),
+      field("Image (.bin)", "file", { type: "file", accept: ".bin,application/octet-stream", required: true }),
+    ], "Upload", async (data, node) => {
+      await api("POST", "/api/firmware", data, true);
+      node.reset();
+      toast("Uploaded.");
+      route();
+    })) : null);
+}
+
+// ---------------------------------------------------------------------------------------------
+// account
+
+async function accountView() {
+  const tokens = await api("GET", "/api/tokens");
+  const admin = state.me.role === "admin";
+  const users = admin ? await api("GET", "/api/users") : [];
+  show("Account",
+    el("div", { class: "card" },
+      el("p", {}, `Signed in as ${state.me.username} (${state.me.role}).`),
+      el("button", { class: "secondary", onclick: () => signOut(true) }, "Sign out")),
+    el("div", { class: "card" }, el("h2", {}, "Change password"), form([
+      field("Current password", "old", { type: "password", autocomplete: "current-password", required: true }),
+      field("New password (at least 8 characters)", "new", { type: "password", autocomplete: "new-password", minlength: 8, required: true }),
+    ], "Change", async (data) => {
+      await api("PUT", "/api/me/password", { old_password: data.get("old"), new_password: data.get("new") });
+      toast("Password changed: sign in again.");
+      signOut(false);
+    })),
+    el("div", { class: "card" }, el("h2", {}, "API tokens"),
+      el("p", { class: "muted" }, "For scripts and home automation: Authorization: Bearer <token>."),
+      tokens.length ? el("ul", {}, tokens.map((t) => el("li", {}, `${t.name} (${t.prefix}…, last used ${when(t.last_used_at)}) `,
+        el("button", { class: "secondary", onclick: async () => { await api("DELETE", `/api/tokens/${t.id}`); route(); } }, "Revoke")))) : null,
+      form([field("Name", "name", { required: true, maxlength: 100 })], "Create token", async (data, node) => {
+        const made = await api("POST", "/api/tokens", { name: data.get("name") });
+        node.replaceWith(el("p", {}, "Copy it now, it is not shown again: ", el("code", { class: "token" }, made.token)));
+      })),
+    admin ? el("div", { class: "card" }, el("h2", {}, "Users"),
+      el("ul", {}, users.map((u) => el("li", {}, `${u.username} (${u.role})`))),
+      form([
+        field("Username", "username", { required: true, maxlength: 64, autocapitalize: "none" }),
+        field("Password", "password", { type: "password", minlength: 8, required: true, autocomplete: "new-password" }),
+        field("Role", "role", { tag: "select", options: [["user", "user"], ["admin", "admin"]] }),
+      ], "Add user", async (data) => {
+        await api("POST", "/api/users", { username: data.get("username"), password: data.get("password"), role: data.get("role") });
+        toast("User added.");
+        route();
+      })) : null);
+}
+
+// ---------------------------------------------------------------------------------------------
+// routing
+
+async function route() {
+  const path = location.hash.replace(/^#/, "") || "/devices";
+  if (!state.token) { signInView(); return; }
+  try {
+    if (!state.me) state.me = await api("GET", "/api/me");
+    document.getElementById("nav").hidden = false;
+    for (const link of document.querySelectorAll("[data-nav]")) link.classList.toggle("active", path.startsWith(`/${link.dataset.nav}`));
+    let match;
+    if (path === "/signin") { location.hash = "#/devices"; return; }
+    if (path === "/devices") await devicesView();
+    else if ((match = path.match(/^\/devices\/([^/]+)\/history$/))) await historyView(decodeURIComponent(match[1]));
+    else if (path === "/agents") await agentsView();
+    else if ((match = path.match(/^\/agents\/(new|\d+)$/))) await agentView(match[1]);
+    else if (path === "/firmware") await firmwareView();
+    else if (path === "/account") await accountView();
+    else show("Not found", el("p", {}, el("a", { href: "#/devices" }, "Devices")));
+  } catch (exc) {
+    if (exc.status === 401) { signInView(); return; }
+    show("Something went wrong", el("p", { class: "error" }, exc.message), el("button", { onclick: route }, "Try again"));
+  }
+}
+
+window.addEventListener("hashchange", route);
+window.addEventListener("unhandledrejection", (event) => { toast(event.reason && event.reason.message ? event.reason.message : "failed"); });
+route();
