@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from manager import auth
 from manager.models import Agent, ApiToken, ChatTurn, Device, Firmware, User, utcnow
 from shared.metrics import histogram
-from shared.settings import ManagerSettings
+from shared.settings import GatewaySettings, ManagerSettings
 
 REQUESTS = Counter("xz_manager_requests_total", "API requests, by method, route template and status class", ["method", "route", "status"])
 REQUEST_SECONDS = histogram("xz_manager_request_seconds", "API request duration", ("method", "route"))
@@ -190,6 +190,18 @@ class FirmwareOut(BaseModel):
     uploaded_at: Time
 
 
+class TalkOut(BaseModel):
+    """How the browser talks to the pipeline as a device (the console's "Talk" page)."""
+
+    ws_url: str
+    device_id: str
+    client_id: str
+    token: str | None  # for the Authorization query parameter when the gateway checks tokens
+    protocol_version: int
+    sample_rate: int  # uplink Opus
+    frame_duration: int
+
+
 class Problem(BaseModel):
     detail: str
 
@@ -197,7 +209,14 @@ class Problem(BaseModel):
 # ---------------------------------------------------------------------------------------------
 
 
-def create_app(settings: ManagerSettings, sessions: sessionmaker[Session], live: Live, binder: Binder, registry: Registry) -> FastAPI:
+def create_app(
+    settings: ManagerSettings,
+    sessions: sessionmaker[Session],
+    live: Live,
+    binder: Binder,
+    registry: Registry,
+    gateway: GatewaySettings | None = None,
+) -> FastAPI:
     app = FastAPI(
         title="xiaozhi manager",
         version="0.1.0",
@@ -531,6 +550,37 @@ def create_app(settings: ManagerSettings, sessions: sessionmaker[Session], live:
         session.delete(row)
         session.commit()
         return Response(status_code=204)
+
+    # -- the console's Talk page: the browser as a device ------------------------------------
+
+    @app.get("/api/talk", response_model=TalkOut, tags=["talk"], responses={404: {"model": Problem}})
+    def talk(request: Request, user: CurrentUser, session: DB, agent_id: Annotated[int | None, Query(ge=1, le=2_147_483_647)] = None) -> TalkOut:
+        """Where and as what the browser connects: a device of this user's own ("web-<id>"),
+        bound here like any device (so it has an agent and a history), optionally with an agent."""
+        gw = gateway or GatewaySettings()
+        device_id = f"web-{user.id}"
+        device = session.execute(select(Device).where(Device.device_id == device_id)).scalar_one_or_none()
+        if device is None:
+            device = Device(device_id=device_id, owner_id=user.id, alias="This browser", board="web-console", auto_upgrade=False)
+            session.add(device)
+        if agent_id is not None:
+            device.agent_id = own_agent(session, user, agent_id).id
+        session.commit()
+        session.refresh(device)
+        live.device_changed(device.device_id, device.agent)
+        if gw.websocket_url:
+            ws_url = gw.websocket_url
+        else:
+            host = gw.public_host or (request.url.hostname or "127.0.0.1")
+            scheme = "wss" if gw.tls_cert_file else "ws"
+            ws_url = f"{scheme}://{host}:{gw.ws_port}{gw.ws_path}"
+        client_id = f"console-{user.id}"
+        token = None
+        if gw.auth.enabled and gw.auth.key:
+            from gateway.auth import issue_device_token
+
+            token = issue_device_token(gw.auth.key, client_id, device_id, int(time.time()))
+        return TalkOut(ws_url=ws_url, device_id=device_id, client_id=client_id, token=token, protocol_version=1, sample_rate=16000, frame_duration=60)
 
     # -- the web console (static files; it uses the API above) -------------------------------
 

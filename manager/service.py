@@ -139,7 +139,7 @@ class ManagerService:
         await self.publisher.open()
         binder = NatsBinder(loop, nc, self.subjects.gateway_bind)
         registry = NatsRegistry(loop, nc, self.subjects.online)
-        app = create_app(self.m, self.sessions, self.publisher, binder, registry)
+        app = create_app(self.m, self.sessions, self.publisher, binder, registry, self.settings.gateway)
         # Events from the pipeline, shared among manager replicas (queue group).
         self._subs = [
             await nc.subscribe(self.subjects.device_seen, queue="manager", cb=self._on_seen),

@@ -249,7 +249,8 @@ def up_command(args: argparse.Namespace) -> int:
         # The manager (admin API): its database and first password under the data folder
         # unless configured otherwise.
         manager_port = pick_port(settings.manager.port, settings.manager.host)
-        manager_env = {"XZ_MANAGER__PORT": str(manager_port)}
+        # The console's Talk page connects the browser to the gateway: the manager must know its port.
+        manager_env = {"XZ_MANAGER__PORT": str(manager_port), **gateway_env}
         defaults = type(settings.manager)()
         if settings.manager.database_url == defaults.database_url:
             manager_env["XZ_MANAGER__DATABASE_URL"] = f"sqlite:///{(data / 'manager.db').resolve()}"

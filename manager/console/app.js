@@ -193,6 +193,61 @@ async function historyView(deviceId) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// talk: the browser as a device
+
+let talking = null;
+
+async function talkView() {
+  const agents = await api("GET", "/api/agents");
+  const status = el("p", { id: "talk-status", class: "muted" }, "Press Start and allow the microphone.");
+  const statsLine = el("p", { id: "talk-stats", class: "muted", dataset: { sent: 0, received: 0, decoded: 0, turns: 0 } }, "");
+  const transcript = el("ul", { class: "history", id: "talk-transcript" });
+  const emotion = el("span", { class: "pill", id: "talk-emotion", title: "the assistant's mood" }, "neutral");
+  const agent = field("Agent", "talk-agent", { tag: "select", options: [["", "This browser's agent"], ...agents.map((a) => [a.id, a.name])] });
+  const startButton = el("button", { type: "button" }, "Start");
+  const stopButton = el("button", { type: "button", class: "secondary", disabled: true }, "Stop");
+  const ui = {
+    status: (text) => { status.textContent = text; },
+    line: (role, text) => { transcript.append(el("li", { class: role }, text)); transcript.lastChild.scrollIntoView({ block: "nearest" }); },
+    emotion: (text) => { emotion.textContent = text; },
+    stats: (s) => {
+      Object.assign(statsLine.dataset, { sent: s.sent, received: s.received, decoded: s.decoded });
+      statsLine.textContent = `sent ${s.sent} frames, received ${s.received}, played ${s.decoded}`;
+    },
+    turnDone: () => { statsLine.dataset.turns = Number(statsLine.dataset.turns) + 1; },
+  };
+  startButton.addEventListener("click", async () => {
+    startButton.disabled = true;
+    try {
+      const chosen = agent.querySelector("select").value;
+      const config = await api("GET", `/api/talk${chosen ? `?agent_id=${chosen}` : ""}`);
+      talking = new window.TalkSession(config, ui);
+      await talking.start();
+      stopButton.disabled = false;
+    } catch (exc) {
+      ui.status(exc.message);
+      if (talking) talking.stop();
+      talking = null;
+      startButton.disabled = false;
+    }
+  });
+  stopButton.addEventListener("click", () => {
+    if (talking) talking.stop();
+    talking = null;
+    stopButton.disabled = true;
+    startButton.disabled = false;
+    ui.status("Stopped.");
+  });
+  show("Talk",
+    el("div", { class: "card" },
+      el("p", { class: "muted" }, "Talk to the assistant from this browser, as a device would: your microphone goes to the server, the reply plays here."),
+      agent,
+      el("div", { class: "row" }, startButton, stopButton, emotion),
+      status, statsLine),
+    el("div", { class: "card" }, transcript));
+}
+
+// ---------------------------------------------------------------------------------------------
 // agents
 
 const MEMORY = [["short", "Remember the recent conversation"], ["summary", "Remember a summary across sessions"], ["none", "Remember nothing"]];
@@ -322,8 +377,10 @@ async function route() {
     for (const link of document.querySelectorAll("[data-nav]")) link.classList.toggle("active", path.startsWith(`/${link.dataset.nav}`));
     let match;
     if (path === "/signin") { location.hash = "#/devices"; return; }
+    if (talking && path !== "/talk") { talking.stop(); talking = null; }
     if (path === "/devices") await devicesView();
     else if ((match = path.match(/^\/devices\/([^/]+)\/history$/))) await historyView(decodeURIComponent(match[1]));
+    else if (path === "/talk") await talkView();
     else if (path === "/agents") await agentsView();
     else if ((match = path.match(/^\/agents\/(new|\d+)$/))) await agentView(match[1]);
     else if (path === "/firmware") await firmwareView();

@@ -141,9 +141,11 @@ def test_console_pages_work_at_phone_and_desktop_size(manager, browser, size):
         assert Api(manager.base, token).call("GET", "/api/me")[1]["username"] == "admin"
         shoot(page, size, "account")
 
-        # Nothing wider than the screen on a phone.
+        # Nothing wider than the screen on a phone, the navigation included.
         width = page.evaluate("document.documentElement.scrollWidth")
         assert width <= SIZES[size]["viewport"]["width"], width
+        nav = page.evaluate("[document.getElementById('nav').scrollWidth, document.getElementById('nav').clientWidth]")
+        assert nav[0] <= nav[1], nav
         page.get_by_role("button", name="Sign out").click()
         page.get_by_role("heading", name="Sign in").wait_for()
     finally:
