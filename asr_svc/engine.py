@@ -98,12 +98,18 @@ class WhisperEngine:
         self.model = WhisperModel(path, device="cpu", compute_type="int8", cpu_threads=threads, local_files_only=True)
         log.info("whisper loaded", extra={"fields": {"model": model, "path": path, "language": self.language}})
 
-    def transcribe(self, audio: np.ndarray) -> Transcript:
+    def transcribe(self, audio: np.ndarray, language: str | None = None) -> Transcript:
+        """``language`` (a device's agent) overrides the configured one on a multilingual model;
+        an English-only model transcribes English whatever is asked."""
+        lang, prompt = self.language, self.initial_prompt
+        if language and self.multilingual and language != self.language:
+            lang = language
+            prompt = "以下是普通话的句子。" if language == "zh" else None
         segments, info = self.model.transcribe(
             audio,
-            language=self.language,
+            language=lang,
             beam_size=self.beam_size,
-            initial_prompt=self.initial_prompt,
+            initial_prompt=prompt,
             condition_on_previous_text=False,
             vad_filter=False,
             without_timestamps=True,

@@ -16,6 +16,7 @@ from prometheus_client import Counter, Gauge
 
 from asr_svc.engine import AsrEngine, WhisperEngine
 from shared import logging as xlog
+from shared.agents import load_agent
 from shared.audio import decode_packets, int16_to_float
 from shared.messages import OutEvent, UserTurn, Utterance
 from shared.metrics import DROPPED, ERRORS, histogram
@@ -47,6 +48,8 @@ def is_noise(text: str) -> bool:
 class AsrWorker:
     name = "asr"
 
+    _agents_kv = None
+
     def __init__(self, settings: Settings, engine: AsrEngine | None = None) -> None:
         # CTranslate2's OpenMP threads sleep when a transcription is done instead of spinning:
         # the next stage (the LLM) runs right then, on the same cores. (Not for llama.cpp, whose
@@ -60,6 +63,18 @@ class AsrWorker:
         self._pool = ThreadPoolExecutor(max_workers=max(1, settings.work.asr.concurrency), thread_name_prefix="whisper")
         self.nc: NATS | None = None
         self._puller: WorkPuller | None = None
+
+    async def _agent_language(self, device_id: str) -> str | None:
+        """The language of the device's agent (the manager's), for a multilingual model."""
+        if not device_id or not getattr(self.engine, "multilingual", False):
+            return None
+        try:
+            if self._agents_kv is None:
+                self._agents_kv = await asyncio.wait_for(self.nc.jetstream().key_value(self.subjects.kv_agents), 0.5)  # type: ignore[union-attr]
+            agent = await asyncio.wait_for(load_agent(self._agents_kv, device_id), 0.5)
+        except Exception:  # noqa: BLE001 - no bucket (no manager), NATS slow: the configured language
+            return None
+        return agent.language
 
     async def start(self, nc: NATS) -> None:
         self.nc = nc
@@ -105,7 +120,11 @@ class AsrWorker:
                 pcm = decode_packets(packets, 16000)
                 audio = int16_to_float(pcm)
                 started = time.perf_counter()
-                transcript = await asyncio.get_running_loop().run_in_executor(self._pool, self.engine.transcribe, audio)
+                language = await self._agent_language(meta.device_id)
+                if language:
+                    transcript = await asyncio.get_running_loop().run_in_executor(self._pool, self.engine.transcribe, audio, language)
+                else:
+                    transcript = await asyncio.get_running_loop().run_in_executor(self._pool, self.engine.transcribe, audio)
                 elapsed = time.perf_counter() - started
             except Exception:  # noqa: BLE001
                 ERRORS.labels("asr", "transcribe").inc()

@@ -15,13 +15,12 @@ from nats.aio.msg import Msg
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from gateway import auth, iot, mcp
+from gateway import auth, iot, mcp, protocol
 from gateway import metrics as m
-from gateway import protocol
 from gateway.downlink import PacedSender
 from gateway.turns import Flush, Stop, TurnAssembler
 from shared import logging as xlog
-from shared.workqueue import StageBusy, StageUnavailable, publish_work
+from shared.agents import AgentConfig, load_agent
 from shared.messages import (
     HDR_RECEIVED,
     AudioFrameMeta,
@@ -39,6 +38,7 @@ from shared.messages import (
 )
 from shared.settings import GatewaySettings, WorkSettings
 from shared.subjects import Subjects
+from shared.workqueue import StageBusy, StageUnavailable, publish_work
 
 log = logging.getLogger("gateway.session")
 
@@ -431,10 +431,27 @@ class DeviceSession:
         await self._greet()
 
     async def _greet(self) -> None:
-        """The wake-word greeting: a fixed phrase from the TTS worker's clip cache, no LLM."""
-        if not self.settings.wake_word_greeting:
+        """The wake-word greeting: a fixed phrase from the TTS worker's clip cache, no LLM.
+
+        The device's agent (set in the manager) may have its own greeting and voice."""
+        text, voice = self.settings.wake_word_greeting, self.settings.greeting_voice
+        agent = await self._agent()
+        if agent is not None:
+            text = agent.wake_greeting or text
+            voice = agent.voice or voice
+        if not text:
             return
-        await self._say(self.settings.wake_word_greeting, voice=self.settings.greeting_voice, emotion="happy")
+        await self._say(text, voice=voice, emotion="happy")
+
+    async def _agent(self) -> AgentConfig | None:
+        """This device's agent from the manager's KV bucket; None when there is none (or NATS
+        does not answer within 0.5 s: the greeting must not wait)."""
+        try:
+            kv = await asyncio.wait_for(self.nc.jetstream().key_value(self.subjects.kv_agents), 0.5)
+            agent = await asyncio.wait_for(load_agent(kv, self.device_id), 0.5)
+        except Exception:  # noqa: BLE001 - no bucket, NATS down, slow: the defaults apply
+            return None
+        return agent
 
     async def _say(self, text: str, voice: str | None = None, emotion: str = "neutral", reason: str | None = None) -> None:
         """Speak a fixed phrase as a turn of its own (greeting, "busy", "sorry"), from the TTS

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import uuid
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Protocol
 
@@ -33,6 +34,13 @@ class ToolCallRequest:
 
 
 Delta = str | ToolCallRequest
+
+
+# The model a turn asks for when its agent names one (an OpenAI-compatible server serving several,
+# e.g. vLLM with several models or LoRA adapters); and the model the server says answered. Set
+# per turn in the turn's own task; the embedded backends have one model and ignore it.
+MODEL_OVERRIDE: ContextVar[str | None] = ContextVar("xz_model_override", default=None)
+ANSWERED_BY: ContextVar[str | None] = ContextVar("xz_answered_by", default=None)
 
 
 class BackendError(RuntimeError):
@@ -240,7 +248,7 @@ class OpenAIBackend:
     async def _complete(self, body: dict[str, Any]) -> dict[str, Any]:
         headers = {"Authorization": f"Bearer {self.api_key}", "Content-Type": "application/json"}
         try:
-            async with self._client().post(self.url, json={"model": self.model, **body, "stream": False}, headers=headers) as response:
+            async with self._client().post(self.url, json={"model": MODEL_OVERRIDE.get() or self.model, **body, "stream": False}, headers=headers) as response:
                 if response.status != 200:
                     raise BackendError(f"HTTP {response.status}: {(await response.text())[:200]}", transient=response.status in (429, 500, 502, 503, 504))
                 return await response.json(content_type=None)
@@ -273,7 +281,7 @@ class OpenAIBackend:
 
     async def stream(self, messages: list[dict[str, Any]], tools: list[ToolSpec], cancel: threading.Event) -> AsyncIterator[Delta]:
         body: dict[str, Any] = {
-            "model": self.model,
+            "model": MODEL_OVERRIDE.get() or self.model,
             "messages": messages,
             "stream": True,
             "max_tokens": self.max_tokens,
@@ -302,6 +310,8 @@ class OpenAIBackend:
                         chunk = json.loads(data)
                     except ValueError:
                         continue
+                    if isinstance(chunk.get("model"), str) and ANSWERED_BY.get() is None:
+                        ANSWERED_BY.set(chunk["model"][:200])
                     for choice in chunk.get("choices") or []:
                         delta = choice.get("delta") or {}
                         if delta.get("content"):

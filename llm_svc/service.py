@@ -23,7 +23,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge
 
-from llm_svc.backends import BackendError, LlmBackend, ToolCallRequest, make_backend
+from llm_svc.backends import ANSWERED_BY, MODEL_OVERRIDE, BackendError, LlmBackend, ToolCallRequest, make_backend
 from llm_svc.memory import MemoryStore
 from llm_svc.prompt import system_prompt
 from llm_svc.sentences import SentenceSplitter, detect_emotion, speakable
@@ -216,7 +216,7 @@ class LlmWorker:
             await self.nc.publish(out, OutEvent(kind="turn_end", session_id=turn.session_id, turn_id=turn.turn_id, sentences=ctx.seq, close_after=ctx.close_after).encode())
             TURN_SECONDS.observe(time.perf_counter() - ctx.started)
             reply = " ".join(ctx.spoken)
-            log.info("reply", extra={"fields": {"sentences": ctx.seq, "text": reply[:300], "seconds": round(time.perf_counter() - ctx.started, 3)}})
+            log.info("reply", extra={"fields": {"sentences": ctx.seq, "text": reply[:300], "seconds": round(time.perf_counter() - ctx.started, 3), "model": ANSWERED_BY.get()}})
             if reply and turn.source != "idle" and ctx.agent.memory != "none":
                 await self.memory.add_turn(self._memory_key(turn), turn.text, reply)
             if turn.device_id and turn.source != "idle":
@@ -245,6 +245,9 @@ class LlmWorker:
         """Run the model (and its tool rounds) for one turn; returns the outcome label."""
         turn = ctx.turn
         ctx.agent = agent = await load_agent(self.agents_kv, turn.device_id)
+        # This turn's task only: the agent's model for an OpenAI-compatible server.
+        MODEL_OVERRIDE.set(agent.llm_model)
+        ANSWERED_BY.set(None)
         memory = await self.memory.load(self._memory_key(turn)) if agent.memory != "none" else None
         prompt = system_prompt(
             self.llm.system_prompt,

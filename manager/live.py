@@ -33,6 +33,7 @@ def agent_config(agent: Agent) -> AgentConfig:
         memory=agent.memory,  # type: ignore[arg-type]
         tools=agent.tools,
         wake_greeting=agent.wake_greeting or None,
+        llm_model=agent.llm_model or None,
     )
 
 

@@ -41,6 +41,9 @@ class AgentConfig(BaseModel):
     # Server tools this agent may use (None: all). Device tools are always the device's own.
     tools: list[str] | None = None
     wake_greeting: str | None = None
+    # The model to ask an OpenAI-compatible LLM server for (vLLM serving several); None: the
+    # LLM stage's configured model. The embedded llama.cpp has one model and ignores it.
+    llm_model: str | None = None
 
     def encode(self) -> bytes:
         return self.model_dump_json().encode()

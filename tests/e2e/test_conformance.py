@@ -163,3 +163,24 @@ async def test_newer_turn_stops_the_playing_reply_first(pipeline):
         # the story now in its history), and nothing of the old reply is played after it.
         assert report.sentences and not set(report.sentences) & old_sentences, (report.sentences, old_sentences)
         assert report.lost_frames == 0
+
+
+async def test_the_devices_agent_greets_with_its_own_words(pipeline):
+    """An agent's wake-word greeting (set in the manager, read from KV) replaces the default."""
+    from nats.aio.client import Client as NATS
+
+    from shared.agents import AgentConfig, save_agent
+    from xiaozhi.sim import random_mac
+
+    device_id = random_mac()
+    nc = NATS()
+    await nc.connect(pipeline.nats_url)
+    try:
+        await save_agent(await nc.jetstream().key_value("xz_agents"), device_id, AgentConfig(name="Pete", wake_greeting="Ahoy, I am listening."))
+    finally:
+        await nc.close()
+    async with SimDevice(ws_url=pipeline.ws_url, device_id=device_id) as device:
+        mark = len(device.received)
+        await device.wake_word("hi esp")
+        greeting = await device.collect_turn(mark, time.monotonic(), timeout=20)
+        assert greeting.sentences == ["Ahoy, I am listening."] and greeting.frames > 0, greeting

@@ -204,3 +204,49 @@ async def test_intent_modes(nats_only, mode, nc):
     assert events[-1].kind == "turn_end" and jobs
     spoke_time = bool(re.match(r"It is \d{1,2}:\d\d [AP]M on \w+day, ", jobs[0].text))
     assert spoke_time == (mode != "none"), jobs[0].text
+
+
+async def test_an_agents_model_is_what_the_openai_compatible_server_is_asked_for(nats_only, llama_server, nc, tmp_path):
+    """The manager's per-agent LLM model reaches the server (a real llama-cpp-python server,
+    which answers under the model name it was asked for); other devices get the configured one."""
+    from shared.agents import AgentConfig, save_agent
+
+    proc = start(nats_only, "llm", {"XZ_LLM__BACKEND": "openai", "XZ_LLM__BASE_URL": llama_server, "XZ_LLM__MODEL": "smollm2", "XZ_LLM__TOOLS": "false"})
+    kv = await nc.jetstream().key_value("xz_agents")
+    await save_agent(kv, "aa:bb:cc:00:00:01", AgentConfig(name="Pete", llm_model="smollm2-pirate"))
+    for device_id, session in (("aa:bb:cc:00:00:01", "s-model-1"), ("aa:bb:cc:00:00:02", "s-model-2")):
+        events, jobs = await collect_llm_turn(nc, session, UserTurn(session_id=session, turn_id=new_turn_id(), text="Say hi.", device_id=device_id))
+        assert events[-1].kind == "turn_end" and jobs
+    import json
+
+    replies = {}
+    for line in (nats_only.log_dir / "llm.log").read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("msg") == "reply":
+            replies[record.get("session_id")] = record.get("model")
+    assert replies.get("s-model-1") == "smollm2-pirate", replies
+    assert replies.get("s-model-2") == "smollm2", replies
+    assert proc.alive()
+
+
+async def test_asr_uses_the_language_of_the_devices_agent(nats_only, nc):
+    """A multilingual model configured for English transcribes a device whose agent (set in the
+    manager) speaks Mandarin in Mandarin; a device without an agent stays in English."""
+    from shared.agents import AgentConfig, save_agent
+
+    start(nats_only, "asr", {"XZ_ASR__MODEL": "base", "XZ_ASR__LANGUAGE": "en"})
+    kv = await nc.jetstream().create_key_value(bucket="xz_agents")
+    await save_agent(kv, "zh-device", AgentConfig(language="zh"))
+    packets = encode_pcm(read_wav(fixture_wav("zh_what_time.wav")), 16000, 60)
+    texts = {}
+    for device_id in ("zh-device", "en-device"):
+        session = f"s-asr-{device_id}"
+        sub = await nc.subscribe(S.llm(session))
+        await nc.publish(S.asr(session), Utterance(session_id=session, turn_id=new_turn_id(), device_id=device_id).pack(packets))
+        texts[device_id] = UserTurn.decode((await sub.next_msg(timeout=60)).data).text
+    cjk = re.compile(r"[\u4e00-\u9fff]")
+    assert cjk.search(texts["zh-device"]) and "几点" in texts["zh-device"], texts
+    assert not cjk.search(texts["en-device"]), texts
