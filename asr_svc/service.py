@@ -17,6 +17,7 @@ from prometheus_client import Counter, Gauge
 from asr_svc.engine import AsrEngine, WhisperEngine
 from shared import logging as xlog
 from shared.agents import load_agent
+from shared.ogg import ogg_opus
 from shared.audio import decode_packets, int16_to_float
 from shared.messages import OutEvent, UserTurn, Utterance
 from shared.metrics import DROPPED, ERRORS, histogram
@@ -49,6 +50,7 @@ class AsrWorker:
     name = "asr"
 
     _agents_kv = None
+    _audio_store = None
 
     def __init__(self, settings: Settings, engine: AsrEngine | None = None) -> None:
         # CTranslate2's OpenMP threads sleep when a transcription is done instead of spinning:
@@ -63,6 +65,26 @@ class AsrWorker:
         self._pool = ThreadPoolExecutor(max_workers=max(1, settings.work.asr.concurrency), thread_name_prefix="whisper")
         self.nc: NATS | None = None
         self._puller: WorkPuller | None = None
+
+    async def _keep_audio(self, turn_id: str, packets: list[bytes]) -> str | None:
+        """The utterance as Ogg Opus in the xz_audio object store; its name, or None on failure."""
+        name = f"{turn_id}.ogg"
+        try:
+            if self._audio_store is None:
+                js = self.nc.jetstream()  # type: ignore[union-attr]
+                try:
+                    self._audio_store = await js.object_store(self.subjects.obj_audio)
+                except Exception:  # noqa: BLE001 - first use: make it
+                    from nats.js.api import ObjectStoreConfig
+
+                    config = ObjectStoreConfig(bucket=self.subjects.obj_audio, ttl=self.asr.keep_audio_days * 86400, replicas=self.settings.work.replicas)
+                    self._audio_store = await js.create_object_store(self.subjects.obj_audio, config=config)
+            await asyncio.wait_for(self._audio_store.put(name, ogg_opus(packets, 16000)), 5)
+            return name
+        except Exception as exc:  # noqa: BLE001 - the turn goes on without its recording
+            ERRORS.labels("asr", "keep_audio").inc()
+            log.warning("utterance audio not kept: %s", exc)
+            return None
 
     async def _agent_language(self, device_id: str) -> str | None:
         """The language of the device's agent (the manager's), for a multilingual model."""
@@ -144,6 +166,7 @@ class AsrWorker:
                 await self._tell(meta, "discard")
                 return
             UTTERANCES.labels("ok").inc()
+            audio = await self._keep_audio(meta.turn_id, packets) if self.asr.keep_audio and meta.device_id else None
             turn = UserTurn(
                 session_id=meta.session_id,
                 turn_id=meta.turn_id,
@@ -152,6 +175,7 @@ class AsrWorker:
                 source="asr",
                 language=transcript.language,
                 speech_end_ms=meta.speech_end_ms,
+                audio=audio,
             )
             assert self.nc is not None
             try:

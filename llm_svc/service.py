@@ -224,7 +224,7 @@ class LlmWorker:
 
     async def _publish_history(self, turn: UserTurn, reply: str) -> None:
         """The turn's texts for the owner's chat history (the manager keeps bound devices')."""
-        event = {"device_id": turn.device_id, "session_id": turn.session_id, "turn_id": turn.turn_id, "user": turn.text, "assistant": reply, "at": time.time()}
+        event = {"device_id": turn.device_id, "session_id": turn.session_id, "turn_id": turn.turn_id, "user": turn.text, "assistant": reply, "audio": turn.audio, "at": time.time()}
         try:
             await self.nc.publish(self.subjects.history, json.dumps(event).encode())
         except Exception as exc:  # noqa: BLE001 - history is best effort; the turn is done

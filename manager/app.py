@@ -38,6 +38,8 @@ class Live(Protocol):
     def device_flags(self, device_id: str, auto_upgrade: bool | None) -> bool: ...
     def put_firmware(self, name: str, data: bytes) -> None: ...
     def delete_firmware(self, name: str) -> None: ...
+    def get_audio(self, name: str) -> bytes | None: ...
+    def delete_audio(self, names: list[str]) -> None: ...
 
 
 class Registry(Protocol):
@@ -173,11 +175,13 @@ class DeviceOut(BaseModel):
 
 
 class TurnOut(BaseModel):
+    id: int
     session_id: str
     turn_id: str | None
     role: str
     text: str
     created_at: Time
+    has_audio: bool = False  # the user's utterance can be played (asr.keep_audio)
 
 
 class FirmwareOut(BaseModel):
@@ -490,17 +494,37 @@ def create_app(
     @app.delete("/api/devices/{device_id}", status_code=204, tags=["devices"], responses={404: {"model": Problem}})
     def unbind_device(device_id: str, user: CurrentUser, session: DB) -> Response:
         device = own_device(session, user, device_id)
+        recordings = [a for a in session.execute(select(ChatTurn.audio_path).where(ChatTurn.device_id == device.device_id, ChatTurn.audio_path.is_not(None))).scalars()]
         session.execute(delete(ChatTurn).where(ChatTurn.device_id == device.device_id))
         session.delete(device)
         session.commit()
         live.devices_removed([device.device_id])
+        if recordings:
+            live.delete_audio(recordings)
         return Response(status_code=204)
 
     @app.get("/api/devices/{device_id}/history", response_model=list[TurnOut], tags=["devices"], responses={404: {"model": Problem}})
-    def history(device_id: str, user: CurrentUser, session: DB, limit: Annotated[int, Query(ge=1, le=500)] = 100) -> list[ChatTurn]:
+    def history(device_id: str, user: CurrentUser, session: DB, limit: Annotated[int, Query(ge=1, le=500)] = 100) -> list[TurnOut]:
         device = own_device(session, user, device_id)
         rows = session.execute(select(ChatTurn).where(ChatTurn.device_id == device.device_id).order_by(ChatTurn.created_at.desc(), ChatTurn.id.desc()).limit(limit)).scalars()
-        return list(rows)
+        return [TurnOut(id=r.id, session_id=r.session_id, turn_id=r.turn_id, role=r.role, text=r.text, created_at=r.created_at, has_audio=bool(r.audio_path)) for r in rows]
+
+    @app.get(
+        "/api/devices/{device_id}/history/{turn_id}/audio",
+        tags=["devices"],
+        response_class=Response,
+        responses={200: {"content": {"audio/ogg": {}}, "description": "the utterance as Ogg Opus"}, 404: {"model": Problem}},
+    )
+    def history_audio(device_id: str, turn_id: Id, user: CurrentUser, session: DB) -> Response:
+        """What the user said in that turn, as the device sent it (when the server keeps audio)."""
+        device = own_device(session, user, device_id)
+        row = session.get(ChatTurn, turn_id)
+        if row is None or row.device_id != device.device_id or not row.audio_path:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no audio for that turn")
+        data = live.get_audio(row.audio_path)
+        if data is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "that recording has expired")
+        return Response(content=data, media_type="audio/ogg", headers={"Cache-Control": "private, max-age=3600"})
 
     # -- firmware ------------------------------------------------------------------------------
 

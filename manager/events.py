@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 from typing import Any
 
 from sqlalchemy import select
@@ -14,6 +15,8 @@ from manager.models import ChatTurn, Device, utcnow
 from shared.metrics import DROPPED, ERRORS
 
 log = logging.getLogger("manager.events")
+# Object names the ASR writes: <turn id>.ogg.
+SAFE_AUDIO = re.compile(r"^[A-Za-z0-9_-]{1,64}\.ogg$")
 
 
 def _when(event: dict[str, Any]) -> dt.datetime:
@@ -55,9 +58,10 @@ def record_history(sessions: sessionmaker[Session], device_id: str, event: dict[
         with sessions() as db:
             if db.execute(select(Device.id).where(Device.device_id == device_id)).scalar_one_or_none() is None:
                 return False
+            audio = event.get("audio") if isinstance(event.get("audio"), str) and SAFE_AUDIO.match(event["audio"]) else None
             for role, text in (("user", user), ("assistant", assistant)):
                 if text:
-                    db.add(ChatTurn(device_id=device_id, session_id=session_id, turn_id=turn_id, role=role, text=text[:8000], created_at=at))
+                    db.add(ChatTurn(device_id=device_id, session_id=session_id, turn_id=turn_id, role=role, text=text[:8000], created_at=at, audio_path=audio if role == "user" else None))
             db.commit()
             return True
     except Exception as exc:  # noqa: BLE001

@@ -48,6 +48,7 @@ class Publisher:
         self.firmware_bucket = firmware_bucket
         self.sessions = sessions
         self.replicas = replicas  # JetStream servers each bucket lives on (work.replicas)
+        self.audio_bucket = "xz_audio"  # the ASR's kept utterances (set from Subjects by the service)
         self.kv: Any = None
         self.flags: Any = None
         self.obs: Any = None
@@ -84,6 +85,36 @@ class Publisher:
                 log.info("firmware object not deleted: %s", exc)
 
         asyncio.run_coroutine_threadsafe(delete(), self.loop).result(timeout=30)
+
+    def get_audio(self, name: str) -> bytes | None:
+        """An utterance kept by the ASR (object store xz_audio); None when gone (expired)."""
+
+        async def get() -> bytes | None:
+            try:
+                store = await self.nc.jetstream().object_store(self.audio_bucket)
+                return (await store.get(name)).data
+            except Exception as exc:  # noqa: BLE001 - no store, no object
+                log.info("audio %s not available: %s", name, exc)
+                return None
+
+        return asyncio.run_coroutine_threadsafe(get(), self.loop).result(timeout=30)
+
+    def delete_audio(self, names: list[str]) -> None:
+        async def delete() -> None:
+            try:
+                store = await self.nc.jetstream().object_store(self.audio_bucket)
+            except Exception:  # noqa: BLE001 - nothing kept
+                return
+            for name in names:
+                try:
+                    await store.delete(name)
+                except Exception:  # noqa: BLE001 - expired already
+                    pass
+
+        try:
+            asyncio.run_coroutine_threadsafe(delete(), self.loop).result(timeout=30)
+        except Exception as exc:  # noqa: BLE001 - they expire by themselves
+            log.info("kept audio not deleted (it expires): %s", exc)
 
     def device_flags(self, device_id: str, auto_upgrade: bool | None) -> bool:
         """The gateways' per-device flags (None: the device is gone, remove them)."""

@@ -136,6 +136,7 @@ class ManagerService:
     async def start(self, nc: Any) -> None:
         loop = asyncio.get_running_loop()
         self.publisher = Publisher(loop, nc, self.subjects.kv_agents, self.sessions, self.subjects.kv_devices, self.subjects.obj_firmware, self.settings.work.replicas)
+        self.publisher.audio_bucket = self.subjects.obj_audio
         await self.publisher.open()
         binder = NatsBinder(loop, nc, self.subjects.gateway_bind)
         registry = NatsRegistry(loop, nc, self.subjects.online)

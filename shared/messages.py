@@ -123,6 +123,8 @@ class UserTurn(Message):
     source: Literal["asr", "text", "idle"] = "asr"
     language: str | None = None
     speech_end_ms: int | None = None
+    # The utterance's audio in the xz_audio object store (asr.keep_audio), for the history.
+    audio: str | None = None
 
 
 class SentenceJob(Message):

@@ -40,7 +40,7 @@ def permissions(prefix: str = "xz") -> dict[str, dict[str, list[str]]]:
             "sub": [f"{p}.vad.claim", f"{p}.audio.*", f"{p}.ctl.*"] + inbox,
         },
         "asr": {
-            "pub": [f"{p}.llm.*", f"{p}.out.*"] + ack(stage["asr"]) + js_api,
+            "pub": [f"{p}.llm.*", f"{p}.out.*", f"$O.{p}_audio.>"] + ack(stage["asr"]) + js_api,
             "sub": inbox,
         },
         "llm": {
@@ -58,7 +58,7 @@ def permissions(prefix: str = "xz") -> dict[str, dict[str, list[str]]]:
             "sub": [f"{p}.tools.list", f"{p}.tools.call.*"] + inbox,
         },
         "manager": {
-            "pub": [f"$KV.{p}_agents.>", f"$KV.{p}_config.>", f"$KV.{p}_devices.>", f"$O.{p}_firmware.>", f"{p}.gateway.bind", f"{p}.registry.online"] + js_api,
+            "pub": [f"$KV.{p}_agents.>", f"$KV.{p}_config.>", f"$KV.{p}_devices.>", f"$O.{p}_firmware.>", f"$O.{p}_audio.>", f"{p}.gateway.bind", f"{p}.registry.online"] + js_api,
             "sub": [f"{p}.registry.seen", f"{p}.history"] + inbox,
         },
     }

@@ -246,6 +246,10 @@ class VadSettings(BaseModel):
 
 class AsrSettings(BaseModel):
     metrics_port: int = 9102
+    # Keep each transcribed utterance as Ogg Opus (the packets the device sent) in the NATS
+    # object store xz_audio, so owners can play it in their chat history. Off: privacy first.
+    keep_audio: bool = False
+    keep_audio_days: float = 30.0
     # "tiny.en" (packaged, English), "base" (packaged, multilingual) or a CTranslate2 model dir.
     model: str = "tiny.en"
     language: str | None = "en"

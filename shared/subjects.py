@@ -139,6 +139,11 @@ class Subjects:
         return f"{self.prefix}_firmware"
 
     @property
+    def obj_audio(self) -> str:
+        """Object store of utterances kept for the chat history (asr.keep_audio)."""
+        return f"{self.prefix}_audio"
+
+    @property
     def kv_agents(self) -> str:
         return f"{self.prefix}_agents"
 

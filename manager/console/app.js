@@ -186,7 +186,18 @@ async function historyView(deviceId) {
     api("GET", `/api/devices/${encodeURIComponent(deviceId)}`),
     api("GET", `/api/devices/${encodeURIComponent(deviceId)}/history?limit=200`),
   ]);
-  const items = turns.slice().reverse().map((t) => el("li", { class: t.role }, t.text, el("span", { class: "when" }, when(t.created_at))));
+  const play = (t) => el("button", { type: "button", class: "secondary play", onclick: async (event) => {
+    event.target.disabled = true;
+    try {
+      const response = await fetch(`/api/devices/${encodeURIComponent(deviceId)}/history/${t.id}/audio`, { headers: { Authorization: `Bearer ${state.token}` } });
+      if (!response.ok) throw new Error(response.status === 404 ? "that recording has expired" : `HTTP ${response.status}`);
+      const audio = new Audio(URL.createObjectURL(await response.blob()));
+      audio.dataset.turn = t.id;
+      document.body.append(audio);
+      await audio.play();
+    } catch (exc) { toast(exc.message); } finally { event.target.disabled = false; }
+  } }, "▶ Play");
+  const items = turns.slice().reverse().map((t) => el("li", { class: t.role }, t.text, t.has_audio ? play(t) : null, el("span", { class: "when" }, when(t.created_at))));
   show(`History: ${device.alias || device.device_id}`,
     el("p", {}, el("a", { href: "#/devices" }, "← Devices")),
     items.length ? el("ul", { class: "history" }, items) : el("p", { class: "muted" }, "Nothing said yet."));

@@ -250,3 +250,27 @@ async def test_asr_uses_the_language_of_the_devices_agent(nats_only, nc):
     cjk = re.compile(r"[\u4e00-\u9fff]")
     assert cjk.search(texts["zh-device"]) and "几点" in texts["zh-device"], texts
     assert not cjk.search(texts["en-device"]), texts
+
+
+async def test_asr_keeps_the_utterance_for_the_history_when_asked(nats_only, nc):
+    """asr.keep_audio: the utterance goes to the xz_audio object store as Ogg Opus (the device's
+    own packets) and the turn names it; a device-less utterance is not kept."""
+    start(nats_only, "asr", {"XZ_ASR__KEEP_AUDIO": "true"})
+    speech = read_wav(fixture_wav("en_what_time.wav"))
+    packets = encode_pcm(speech, 16000, 60)
+    session = "s-asr-keep"
+    sub = await nc.subscribe(S.llm(session))
+    turn_id = new_turn_id()
+    await nc.publish(S.asr(session), Utterance(session_id=session, turn_id=turn_id, device_id="d-keep").pack(packets))
+    turn = UserTurn.decode((await sub.next_msg(timeout=30)).data)
+    assert turn.audio == f"{turn_id}.ogg"
+    store = await nc.jetstream().object_store("xz_audio")
+    data = (await store.get(turn.audio)).data
+    assert data.startswith(b"OggS") and b"OpusHead" in data[:100]
+    for packet in packets[:5]:
+        assert packet in data  # the device's own packets, not a re-encoding
+    info = await nc.jetstream().stream_info("OBJ_xz_audio")
+    assert info.config.max_age == 30 * 86400  # kept for asr.keep_audio_days
+    # Without a device (no owner to show it to) nothing is kept.
+    await nc.publish(S.asr(session), Utterance(session_id=session, turn_id=new_turn_id()).pack(packets))
+    assert UserTurn.decode((await sub.next_msg(timeout=30)).data).audio is None

@@ -84,6 +84,15 @@ class Api:
             except ValueError:
                 return err.code, raw.decode(errors="replace")
 
+    def get_bytes(self, path: str) -> tuple[int, bytes, str]:
+        """GET a non-JSON body: (status, bytes, content type)."""
+        request = urllib.request.Request(self.base + path, headers={"Authorization": f"Bearer {self.token}"})
+        try:
+            with urllib.request.urlopen(request, timeout=15) as response:
+                return response.status, response.read(), response.headers.get("Content-Type", "")
+        except urllib.error.HTTPError as err:
+            return err.code, err.read(), err.headers.get("Content-Type", "")
+
     def login(self, username: str, password: str) -> "Api":
         status, body = self.call("POST", "/api/auth/login", {"username": username, "password": password}, token="")
         assert status == 200, (status, body)

@@ -329,3 +329,49 @@ async def test_firmware_uploaded_in_the_manager_is_offered_by_ota(manager):
             break
         await asyncio.sleep(0.25)
     assert (await device.ota())["firmware"]["url"] == ""
+
+
+async def test_history_with_the_users_recorded_words(manager):
+    """A turn event (as the LLM sends it) naming a kept recording (as the ASR stores it): the
+    owner reads the texts and plays the recording; nobody else can; unbinding deletes it."""
+    from nats.js.api import ObjectStoreConfig
+
+    admin = manager.admin()
+    admin.call("POST", "/api/users", {"username": "gina", "password": "gina-password"})
+    gina = Api(manager.base).login("gina", "gina-password")
+    device = SimDevice(ota_url=manager.ota_url)
+    code = (await device.ota())["activation"]["code"]
+    assert gina.call("POST", "/api/devices/bind", {"code": code})[0] == 201
+    recording = b"OggS" + bytes(range(200))
+    nc = NATS()
+    await nc.connect(manager.stack.nats_url)
+    try:
+        js = nc.jetstream()
+        try:
+            store = await js.object_store("xz_audio")
+        except Exception:  # noqa: BLE001
+            store = await js.create_object_store("xz_audio", config=ObjectStoreConfig(bucket="xz_audio"))
+        await store.put("t-gina-1.ogg", recording)
+        event = {"device_id": device.device_id, "session_id": "s-gina", "turn_id": "t-gina-1", "user": "What time is it?", "assistant": "It is noon.", "audio": "t-gina-1.ogg", "at": 1795560000}
+        await nc.publish("xz.history", json.dumps(event).encode())
+        # Not a bound device, and a path-like audio name: ignored.
+        await nc.publish("xz.history", json.dumps({**event, "device_id": "nobody"}).encode())
+        await nc.publish("xz.history", json.dumps({**event, "turn_id": "t2", "audio": "../../etc/passwd"}).encode())
+        await nc.flush()
+        for _ in range(50):
+            history = gina.call("GET", f"/api/devices/{device.device_id}/history")[1]
+            if len(history) >= 4:
+                break
+            await asyncio.sleep(0.1)
+        user_rows = [h for h in history if h["role"] == "user"]
+        assert {h["has_audio"] for h in user_rows} == {True, False} and all(not h["has_audio"] for h in history if h["role"] == "assistant")
+        kept = next(h for h in user_rows if h["has_audio"])
+        assert kept["created_at"].startswith("2026-11-24")
+        status, body, kind = gina.get_bytes(f"/api/devices/{device.device_id}/history/{kept['id']}/audio")
+        assert status == 200 and body == recording and kind == "audio/ogg", (status, kind)
+        assert admin.get_bytes(f"/api/devices/{device.device_id}/history/{kept['id']}/audio")[0] == 404
+        assert gina.call("DELETE", f"/api/devices/{device.device_id}")[0] == 204
+        with pytest.raises(Exception):
+            await store.get("t-gina-1.ogg")
+    finally:
+        await nc.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -51,6 +52,35 @@ def run_async(coro):
     """A coroutine on its own loop in another thread (Playwright's sync API owns this one's)."""
     with ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, coro).result(timeout=60)
+
+
+async def _turn_with_recording(nats_url: str, device_id: str, size: str) -> None:
+    import json
+
+    from nats.aio.client import Client as NATS
+    from nats.js.api import ObjectStoreConfig
+
+    from shared.audio import encode_pcm
+    from shared.ogg import ogg_opus
+    from tests.conftest import fixture_wav
+    from xiaozhi.sim import read_wav
+
+    nc = NATS()
+    await nc.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        try:
+            store = await js.object_store("xz_audio")
+        except Exception:  # noqa: BLE001
+            store = await js.create_object_store("xz_audio", config=ObjectStoreConfig(bucket="xz_audio"))
+        name = f"t-console-{size}.ogg"
+        await store.put(name, ogg_opus(encode_pcm(read_wav(fixture_wav("en_what_time.wav")), 16000, 60)))
+        event = {"device_id": device_id, "session_id": f"s-{size}", "turn_id": f"t-console-{size}", "user": f"What time is it? ({size})", "assistant": "It is noon.", "audio": name}
+        await nc.publish("xz.history", json.dumps(event).encode())
+        await nc.flush()
+        await asyncio.sleep(0.5)
+    finally:
+        await nc.close()
 
 
 def shoot(page, size: str, name: str) -> None:
@@ -119,6 +149,18 @@ def test_console_pages_work_at_phone_and_desktop_size(manager, browser, size):
         shoot(page, size, "devices")
         card.get_by_role("link", name="History").click()
         page.get_by_text("Nothing said yet.").wait_for()
+        # A turn arrives (as the LLM reports it) with the user's words kept (as the ASR keeps
+        # them): the history shows it, and Play plays the recording in the browser.
+        run_async(_turn_with_recording(manager.stack.nats_url, device.device_id, size))
+        page.reload()
+        page.get_by_text(f"What time is it? ({size})").wait_for()
+        page.get_by_role("button", name="▶ Play").click()
+        played = page.locator("audio")
+        played.wait_for(state="attached")
+        deadline = time.monotonic() + 10
+        while not page.evaluate("(() => { const a = document.querySelector('audio'); return a && a.duration > 0.5 && (a.currentTime > 0 || a.ended); })()"):
+            assert time.monotonic() < deadline, "the recording did not play"
+            page.wait_for_timeout(100)
         shoot(page, size, "history")
 
         # Firmware (admin).
