@@ -8,7 +8,7 @@ import logging
 import re
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from manager.models import ChatTurn, Device, utcnow
@@ -46,7 +46,20 @@ def record_seen(sessions: sessionmaker[Session], device_id: str, event: dict[str
         return False
 
 
-def record_history(sessions: sessionmaker[Session], device_id: str, event: dict[str, Any]) -> bool:
+def _prune(db: Session, device_id: str, keep: int) -> None:
+    """Keep the newest ``keep`` lines of a device's history (an id bound, not LIMIT in a
+    subquery, which MySQL and MariaDB refuse)."""
+    if keep <= 0:
+        return
+    oldest_kept = db.execute(
+        select(ChatTurn.id).where(ChatTurn.device_id == device_id).order_by(ChatTurn.id.desc()).offset(keep - 1).limit(1)
+    ).scalar_one_or_none()
+    if oldest_kept is not None:
+        db.execute(delete(ChatTurn).where(ChatTurn.device_id == device_id, ChatTurn.id < oldest_kept))
+        db.commit()
+
+
+def record_history(sessions: sessionmaker[Session], device_id: str, event: dict[str, Any], keep: int = 2000) -> bool:
     """A finished turn's user text and reply into the chat history of a bound device."""
     user, assistant = event.get("user"), event.get("assistant")
     session_id, turn_id = str(event.get("session_id") or "")[:64], (str(event["turn_id"])[:64] if event.get("turn_id") else None)
@@ -63,6 +76,7 @@ def record_history(sessions: sessionmaker[Session], device_id: str, event: dict[
                 if text:
                     db.add(ChatTurn(device_id=device_id, session_id=session_id, turn_id=turn_id, role=role, text=text[:8000], created_at=at, audio_path=audio if role == "user" else None))
             db.commit()
+            _prune(db, device_id, keep)
             return True
     except Exception as exc:  # noqa: BLE001
         ERRORS.labels("manager", "history_store").inc()

@@ -176,7 +176,7 @@ class ManagerService:
         except (ValueError, KeyError, TypeError):
             DROPPED.labels("manager", "bad_history_event").inc()
             return
-        await asyncio.to_thread(events.record_history, self.sessions, device_id, event)
+        await asyncio.to_thread(events.record_history, self.sessions, device_id, event, self.m.history_max_lines)
 
     async def stop(self) -> None:
         if self.server is not None:

@@ -406,6 +406,8 @@ class ManagerSettings(BaseModel):
     session_ttl_s: int = 7 * 24 * 3600
     # Failed sign-ins per username (five times as many per address) per minute before 429.
     login_attempts_per_minute: int = 10
+    # Chat history kept per device: the newest this many lines (a turn is two); older ones go.
+    history_max_lines: int = 2000
     # Firmware uploads larger than this are refused (413). ESP32 application images are a few MB.
     max_firmware_bytes: int = 16 * 1024 * 1024
 

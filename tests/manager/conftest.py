@@ -141,6 +141,7 @@ def manager(database_url, tmp_path_factory) -> Iterator[ManagerStack]:
             "XZ_MANAGER__DATABASE_URL": database_url,
             "XZ_MANAGER__ADMIN_PASSWORD": ADMIN_PASSWORD,
             "XZ_MANAGER__LOGIN_ATTEMPTS_PER_MINUTE": "5",
+            "XZ_MANAGER__HISTORY_MAX_LINES": "6",
         })
         stack.wait_healthy([gateway, mgr], timeout=90)
         yield ManagerStack(stack, f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{http_port}/xiaozhi/ota/", f"ws://127.0.0.1:{ws_port}/xiaozhi/v1/", database_url, tmp / "logs", mgr.metrics_port)

@@ -375,3 +375,29 @@ async def test_history_with_the_users_recorded_words(manager):
             await store.get("t-gina-1.ogg")
     finally:
         await nc.close()
+
+
+async def test_history_keeps_the_newest_lines_only(manager):
+    """manager.history_max_lines (6 here): older lines of a device's history go."""
+    admin = manager.admin()
+    admin.call("POST", "/api/users", {"username": "hana", "password": "hana-password"})
+    hana = Api(manager.base).login("hana", "hana-password")
+    device = SimDevice(ota_url=manager.ota_url)
+    code = (await device.ota())["activation"]["code"]
+    assert hana.call("POST", "/api/devices/bind", {"code": code})[0] == 201
+    nc = NATS()
+    await nc.connect(manager.stack.nats_url)
+    try:
+        for n in range(5):
+            event = {"device_id": device.device_id, "session_id": "s-hana", "turn_id": f"t{n}", "user": f"question {n}", "assistant": f"answer {n}", "at": 1795560000 + n}
+            await nc.publish("xz.history", json.dumps(event).encode())
+            await nc.flush()
+            await asyncio.sleep(0.15)  # in order, as turns come
+    finally:
+        await nc.close()
+    for _ in range(50):
+        history = hana.call("GET", f"/api/devices/{device.device_id}/history")[1]
+        if history and history[0]["text"] == "answer 4":
+            break
+        await asyncio.sleep(0.1)
+    assert [h["text"] for h in history] == ["answer 4", "question 4", "answer 3", "question 3", "answer 2", "question 2"], history
