@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -132,7 +131,3 @@ class Firmware(Base):
     sha256: Mapped[str] = mapped_column(String(64), nullable=False)
     uploaded_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), nullable=True)
     uploaded_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
-
-
-def as_dict(row: Any, *fields: str) -> dict[str, Any]:
-    return {f: getattr(row, f) for f in fields}

@@ -12,8 +12,7 @@ import time
 import pytest
 
 from tests.conftest import fixture_wav
-from tests.manager.conftest import ADMIN_PASSWORD, Api
-from xiaozhi.stack import free_port
+from tests.manager.conftest import ADMIN_PASSWORD, Api, start_manager
 
 pytestmark = pytest.mark.e2e
 
@@ -22,19 +21,10 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.fixture
 def console(pipeline, tmp_path):
-    port = free_port()
-    proc = pipeline.stack.start_service("manager", free_port(), {
-        "XZ_MANAGER__HOST": "127.0.0.1",
-        "XZ_MANAGER__PORT": str(port),
-        "XZ_MANAGER__DATABASE_URL": f"sqlite:///{tmp_path / 'manager.db'}",
-        "XZ_MANAGER__ADMIN_PASSWORD": ADMIN_PASSWORD,
-        # Where the browser finds the pipeline's gateway.
-        "XZ_GATEWAY__WS_PORT": str(pipeline.ws_port),
-        "XZ_GATEWAY__PUBLIC_HOST": "127.0.0.1",
-    })
-    pipeline.stack.wait_healthy([proc])
+    # Where the browser finds the pipeline's gateway: its WebSocket port.
+    base, proc = start_manager(pipeline.stack, f"sqlite:///{tmp_path / 'manager.db'}", XZ_GATEWAY__WS_PORT=str(pipeline.ws_port), XZ_GATEWAY__PUBLIC_HOST="127.0.0.1")
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield base
     finally:
         proc.popen.terminate()
         proc.popen.wait(15)

@@ -7,28 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 
 import pytest
 
 from tests.conftest import fixture_wav, start_gateway
-from tests.manager.conftest import ADMIN_PASSWORD, Api
+from tests.e2e.test_memory_agents import llm_lines
+from tests.manager.conftest import ADMIN_PASSWORD, Api, start_manager
 from xiaozhi.sim import SimDevice, read_wav
-from xiaozhi.stack import free_port
 
 pytestmark = pytest.mark.e2e
 
 
 def prompts(pipeline, session_id: str) -> list[dict]:
-    out = []
-    for line in pipeline.log("llm").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("session_id") == session_id and record.get("msg") == "prompt":
-            out.append(record)
-    return out
+    return llm_lines(pipeline, session_id, "prompt")
 
 
 def sha(text: str) -> str:
@@ -38,16 +29,9 @@ def sha(text: str) -> str:
 @pytest.fixture
 def manager_on_pipeline(pipeline, tmp_path):
     binding = start_gateway(pipeline.stack, binding="true", binding_db=str(tmp_path / "bindings.db"))
-    port = free_port()
-    proc = pipeline.stack.start_service("manager", free_port(), {
-        "XZ_MANAGER__HOST": "127.0.0.1",
-        "XZ_MANAGER__PORT": str(port),
-        "XZ_MANAGER__DATABASE_URL": f"sqlite:///{tmp_path / 'manager.db'}",
-        "XZ_MANAGER__ADMIN_PASSWORD": ADMIN_PASSWORD,
-    })
-    pipeline.stack.wait_healthy([proc])
+    base, proc = start_manager(pipeline.stack, f"sqlite:///{tmp_path / 'manager.db'}")
     try:
-        yield Api(f"http://127.0.0.1:{port}").login("admin", ADMIN_PASSWORD), binding
+        yield Api(base).login("admin", ADMIN_PASSWORD), binding
     finally:
         proc.popen.terminate()
         proc.popen.wait(15)

@@ -99,6 +99,21 @@ class Api:
         return Api(self.base, body["token"])
 
 
+def start_manager(stack: Stack, database_url: str, **env: str) -> tuple[str, object]:
+    """A manager process on ``stack``'s NATS, on free ports, signed-in-able as admin; returns
+    its base URL and the process. ``env``: more XZ_* settings."""
+    port = free_port()
+    proc = stack.start_service("manager", free_port(), {
+        "XZ_MANAGER__HOST": "127.0.0.1",
+        "XZ_MANAGER__PORT": str(port),
+        "XZ_MANAGER__DATABASE_URL": database_url,
+        "XZ_MANAGER__ADMIN_PASSWORD": ADMIN_PASSWORD,
+        **env,
+    })
+    stack.wait_healthy([proc], timeout=90)
+    return f"http://127.0.0.1:{port}", proc
+
+
 @dataclass
 class ManagerStack:
     stack: Stack
@@ -125,7 +140,7 @@ def manager(database_url, tmp_path_factory) -> Iterator[ManagerStack]:
     stack = Stack(env={"XZ_LOG_JSON": "true", "PYTHONUNBUFFERED": "1"}, log_dir=tmp / "logs")
     try:
         start_nats(stack, tmp)
-        ws_port, http_port, api_port = free_port(), free_port(), free_port()
+        ws_port, http_port = free_port(), free_port()
         gateway = stack.start_service("gateway", free_port(), {
             "XZ_GATEWAY__HOST": "127.0.0.1",
             "XZ_GATEWAY__WS_PORT": str(ws_port),
@@ -135,15 +150,8 @@ def manager(database_url, tmp_path_factory) -> Iterator[ManagerStack]:
             "XZ_GATEWAY__BINDING_DB": str(tmp / "bindings.db"),
             "XZ_GATEWAY__FIRMWARE_CACHE_S": "0.5",
         })
-        mgr = stack.start_service("manager", free_port(), {
-            "XZ_MANAGER__HOST": "127.0.0.1",
-            "XZ_MANAGER__PORT": str(api_port),
-            "XZ_MANAGER__DATABASE_URL": database_url,
-            "XZ_MANAGER__ADMIN_PASSWORD": ADMIN_PASSWORD,
-            "XZ_MANAGER__LOGIN_ATTEMPTS_PER_MINUTE": "5",
-            "XZ_MANAGER__HISTORY_MAX_LINES": "6",
-        })
-        stack.wait_healthy([gateway, mgr], timeout=90)
-        yield ManagerStack(stack, f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{http_port}/xiaozhi/ota/", f"ws://127.0.0.1:{ws_port}/xiaozhi/v1/", database_url, tmp / "logs", mgr.metrics_port)
+        stack.wait_healthy([gateway], timeout=90)
+        base, mgr = start_manager(stack, database_url, XZ_MANAGER__LOGIN_ATTEMPTS_PER_MINUTE="5", XZ_MANAGER__HISTORY_MAX_LINES="6")
+        yield ManagerStack(stack, base, f"http://127.0.0.1:{http_port}/xiaozhi/ota/", f"ws://127.0.0.1:{ws_port}/xiaozhi/v1/", database_url, tmp / "logs", mgr.metrics_port)
     finally:
         stack.stop()
