@@ -2,6 +2,7 @@
 
 - :class:`LlamaCppBackend`: llama.cpp in-process with a GGUF (default: the packaged SmolLM2).
 - :class:`OpenAIBackend`: any OpenAI-compatible streaming server (vLLM, Ollama, llama.cpp server).
+- :class:`llm_svc.vllm_backend.VllmBackend`: vLLM in this process, on a GPU node (extra ``vllm``).
 """
 
 from __future__ import annotations
@@ -87,6 +88,35 @@ def plain_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
         else:
             out.append({"role": str(role), "content": str(message.get("content") or "")})
     return out
+
+
+# Constrained tool choice, for models without native tool calling (the tiny default, and any
+# model served in-process by vLLM): the model may only write "message:" (answer in words) or
+# "functions.<name>:"; a second constrained step then writes the chosen tool's JSON arguments.
+def choice_options(tools: list[ToolSpec]) -> list[str]:
+    """What the constrained first step may write: answer, or one of the tools."""
+    return ["message:"] + [f"functions.{t.name}:" for t in tools]
+
+
+def choice_messages(messages: list[dict[str, Any]], tools: list[ToolSpec]) -> tuple[str, list[dict[str, str]]]:
+    """The system prompt with the tool listing and instructions, and the rest of the chat."""
+    listing = "\n".join(f"functions.{t.name}: {t.description}" for t in tools)
+    system = next((m["content"] for m in messages if m.get("role") == "system"), "")
+    system = (
+        f"{system}\n\nYou can call these functions:\n{listing}\n\n"
+        "To answer directly, begin with 'message:'. To call a function, begin with "
+        "'functions.<name>:'."
+    )
+    return system, plain_messages([m for m in messages if m.get("role") != "system"])
+
+
+def chosen_tool(choice: str, tools: list[ToolSpec]) -> ToolSpec | None:
+    """The tool a constrained choice names, or None for "message:" (or anything else)."""
+    choice = choice.strip()
+    if not choice.startswith("functions."):
+        return None
+    name = choice[len("functions.") :].rstrip(":")
+    return next((t for t in tools if t.name == name), None)
 
 
 class LlamaCppBackend:
@@ -190,28 +220,20 @@ class LlamaCppBackend:
     def _choose_tool(self, messages: list[dict[str, Any]], tools: list[ToolSpec]) -> ToolCallRequest | None:
         from llama_cpp import LlamaGrammar
 
-        listing = "\n".join(f"functions.{t.name}: {t.description}" for t in tools)
-        system = next((m["content"] for m in messages if m.get("role") == "system"), "")
-        prompt = (
-            f"<|im_start|>system\n{system}\n\nYou can call these functions:\n{listing}\n\n"
-            "To answer directly, begin with 'message:'. To call a function, begin with "
-            "'functions.<name>:'.<|im_end|>\n"
-        )
-        for message in plain_messages([m for m in messages if m.get("role") != "system"]):
+        system, rest = choice_messages(messages, tools)
+        prompt = f"<|im_start|>system\n{system}<|im_end|>\n"
+        for message in rest:
             prompt += f"<|im_start|>{message['role']}\n{message['content']}<|im_end|>\n"
         prompt += "<|im_start|>assistant\n"
-        options = " | ".join(json.dumps(f"functions.{t.name}:") for t in tools)
+        options = " | ".join(json.dumps(option) for option in choice_options(tools)[1:])
         grammar = LlamaGrammar.from_string(f'root ::= "message:" | {options}', verbose=False)
         out = self.llm.create_completion(prompt, grammar=grammar, temperature=0, max_tokens=16)
         choice = out["choices"][0]["text"].strip()  # type: ignore[index]
-        if not choice.startswith("functions."):
-            return None
-        name = choice[len("functions.") :].rstrip(":")
-        tool = next((t for t in tools if t.name == name), None)
+        tool = chosen_tool(choice, tools)
         if tool is None:
             return None
         if not tool.parameters.get("properties"):
-            return ToolCallRequest(name=name, arguments="{}")
+            return ToolCallRequest(name=tool.name, arguments="{}")
         try:
             arg_grammar = LlamaGrammar.from_json_schema(json.dumps(tool.parameters), verbose=False)
         except Exception:  # noqa: BLE001
@@ -219,7 +241,7 @@ class LlamaCppBackend:
 
             arg_grammar = LlamaGrammar.from_string(llama_grammar.JSON_GBNF, verbose=False)
         args = self.llm.create_completion(prompt + choice + "\n", grammar=arg_grammar, temperature=0, max_tokens=128)
-        return ToolCallRequest(name=name, arguments=args["choices"][0]["text"])  # type: ignore[index]
+        return ToolCallRequest(name=tool.name, arguments=args["choices"][0]["text"])  # type: ignore[index]
 
 
 class OpenAIBackend:
@@ -334,7 +356,15 @@ def make_backend(settings: Any) -> LlmBackend:
     if settings.backend == "vllm":
         from llm_svc.vllm_backend import VllmBackend
 
-        return VllmBackend(settings.model, settings.max_tokens, settings.temperature)
+        return VllmBackend(
+            settings.model,
+            max_tokens=settings.max_tokens,
+            temperature=settings.temperature,
+            gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+            max_model_len=settings.n_ctx,
+            tool_calls=settings.vllm_tool_calls,
+            timeout_s=settings.request_timeout_s,
+        )
     if settings.backend == "openai":
         return OpenAIBackend(settings.base_url, settings.api_key, settings.model, settings.request_timeout_s, settings.max_tokens, settings.temperature)
     return LlamaCppBackend(settings.model_path, settings.n_ctx, settings.threads, settings.max_tokens, settings.temperature, settings.request_timeout_s)

@@ -272,6 +272,13 @@ class LlmSettings(BaseModel):
     api_key: str = "none"
     model: str = "default"
     request_timeout_s: float = 60.0
+    # vLLM in this process (backend "vllm"): the share of GPU memory it may take (weights and KV
+    # cache; n_ctx is its max_model_len), and how tools are called: "constrained" (structured
+    # output picks answer-or-tool, then the tool's JSON arguments: any model, even a tiny one)
+    # or "hermes" (the model's chat template offers the tools and the model writes
+    # <tool_call>{...}</tool_call> itself: Qwen 2.5/3, Hermes, and most tool-tuned models).
+    vllm_gpu_memory_utilization: float = 0.85
+    vllm_tool_calls: Literal["constrained", "hermes"] = "constrained"
     system_prompt: str = (
         "You are Xiaozhi, a friendly voice assistant. Answer in one to three short spoken "
         "sentences. Do not use lists, markdown or emojis."

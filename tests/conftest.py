@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from nats.aio.client import Client as NATS
 
+from shared.messages import OutEvent, SentenceJob, UserTurn
+from shared.subjects import Subjects
 from xiaozhi.stack import SERVICES, Stack, free_port
 
 FIXTURES = Path(__file__).parent / "fixtures" / "audio"
@@ -169,3 +174,39 @@ def nats_only(tmp_path: Path):
         yield stack
     finally:
         stack.stop()
+
+
+@pytest.fixture
+async def nc(nats_only):
+    """A client of the test's nats-server."""
+    client = NATS()
+    await client.connect(nats_only.nats_url)
+    yield client
+    await client.close()
+
+
+def start(stack, name: str, env: dict[str, str] | None = None):
+    proc = stack.start_service(name, free_port(), env)
+    stack.wait_healthy([proc], timeout=120)
+    return proc
+
+
+async def collect_llm_turn(nc: NATS, session: str, turn: UserTurn, timeout: float = 60):
+    """Hand the LLM stage a turn as the ASR does; its events to the gateway and sentences to TTS."""
+    subjects = Subjects()
+    out = await nc.subscribe(subjects.out(session))
+    tts = await nc.subscribe(subjects.tts(session))
+    await nc.publish(subjects.llm(session), turn.encode())
+    events: list[OutEvent] = []
+    jobs: list[SentenceJob] = []
+    deadline = time.monotonic() + timeout
+    while not events or events[-1].kind != "turn_end":
+        assert time.monotonic() < deadline, "no turn_end"
+        msg = await out.next_msg(timeout=timeout)
+        events.append(OutEvent.decode(msg.data))
+    while True:
+        try:
+            jobs.append(SentenceJob.decode((await tts.next_msg(timeout=0.5)).data))
+        except asyncio.TimeoutError:
+            break
+    return events, jobs

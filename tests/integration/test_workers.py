@@ -10,7 +10,6 @@ import time
 
 import numpy as np
 import pytest
-from nats.aio.client import Client as NATS
 
 from llm_svc.backends import packaged_gguf
 from shared.audio import decode_packets, encode_pcm
@@ -29,26 +28,11 @@ from shared.messages import (
     new_turn_id,
 )
 from shared.subjects import Subjects
-from tests.conftest import fixture_wav
+from tests.conftest import collect_llm_turn, fixture_wav, start
 from xiaozhi.sim import read_wav
 from xiaozhi.stack import free_port, wait_tcp
 
 S = Subjects()
-
-
-@pytest.fixture
-async def nc(nats_only):
-    """A client of the test's nats-server."""
-    client = NATS()
-    await client.connect(nats_only.nats_url)
-    yield client
-    await client.close()
-
-
-def start(stack, name: str, env: dict[str, str] | None = None):
-    proc = stack.start_service(name, free_port(), env)
-    stack.wait_healthy([proc], timeout=120)
-    return proc
 
 
 async def test_asr_worker_transcribes_and_survives_garbage(nats_only, nc):
@@ -129,25 +113,6 @@ async def test_vad_worker_cuts_utterances_auto_and_manual(nats_only, nc):
     await nc.publish(S.ctl(session), Control(session_id=session, kind="listen_stop").encode())
     meta, packets = Utterance.unpack((await asr.next_msg(timeout=10)).data)
     assert len(packets) == len(encode_pcm(np.concatenate([speech, silence]), 16000, 60))
-
-
-async def collect_llm_turn(nc: NATS, session: str, turn: UserTurn, timeout: float = 60):
-    out = await nc.subscribe(S.out(session))
-    tts = await nc.subscribe(S.tts(session))
-    await nc.publish(S.llm(session), turn.encode())
-    events: list[OutEvent] = []
-    jobs: list[SentenceJob] = []
-    deadline = time.monotonic() + timeout
-    while not events or events[-1].kind != "turn_end":
-        assert time.monotonic() < deadline, "no turn_end"
-        msg = await out.next_msg(timeout=timeout)
-        events.append(OutEvent.decode(msg.data))
-    while True:
-        try:
-            jobs.append(SentenceJob.decode((await tts.next_msg(timeout=0.5)).data))
-        except asyncio.TimeoutError:
-            break
-    return events, jobs
 
 
 @pytest.fixture
