@@ -16,7 +16,7 @@ from prometheus_client import Counter, Gauge
 
 from asr_svc.engine import AsrEngine, WhisperEngine
 from shared import logging as xlog
-from shared.agents import load_agent
+from shared.agents import AgentDirectory
 from shared.ogg import ogg_opus
 from shared.audio import decode_packets, int16_to_float
 from shared.messages import OutEvent, UserTurn, Utterance
@@ -49,7 +49,7 @@ def is_noise(text: str) -> bool:
 class AsrWorker:
     name = "asr"
 
-    _agents_kv = None
+    agents: AgentDirectory | None = None
     _audio_store = None
 
     def __init__(self, settings: Settings, engine: AsrEngine | None = None) -> None:
@@ -61,6 +61,9 @@ class AsrWorker:
         self.asr = settings.asr
         self.subjects = Subjects(settings.nats.prefix)
         self.engine = engine or WhisperEngine(self.asr.model, self.asr.language, self.asr.beam_size, self.asr.threads, self.asr.initial_prompt)
+        # The configured model and those agents chose (asr.models), each loaded once.
+        self.engines: dict[str, AsrEngine] = {self.asr.model: self.engine}
+        self._loading = asyncio.Lock()
         # One model, one thread: Whisper uses all its cpu_threads per call already.
         self._pool = ThreadPoolExecutor(max_workers=max(1, settings.work.asr.concurrency), thread_name_prefix="whisper")
         self.nc: NATS | None = None
@@ -86,20 +89,34 @@ class AsrWorker:
             log.warning("utterance audio not kept: %s", exc)
             return None
 
-    async def _agent_language(self, device_id: str) -> str | None:
-        """The language of the device's agent (the manager's), for a multilingual model."""
-        if not device_id or not getattr(self.engine, "multilingual", False):
-            return None
-        try:
-            if self._agents_kv is None:
-                self._agents_kv = await asyncio.wait_for(self.nc.jetstream().key_value(self.subjects.kv_agents), 0.5)  # type: ignore[union-attr]
-            agent = await asyncio.wait_for(load_agent(self._agents_kv, device_id), 0.5)
-        except Exception:  # noqa: BLE001 - no bucket (no manager), NATS slow: the configured language
-            return None
-        return agent.language
+    async def _engine_for(self, model: str | None) -> AsrEngine:
+        """The Whisper model an agent chose (one of asr.models), loaded at its first utterance."""
+        if not model or model == self.asr.model:
+            return self.engine
+        engine = self.engines.get(model)
+        if engine is not None:
+            return engine
+        if model not in self.asr.models:
+            ERRORS.labels("asr", "unknown_model").inc()
+            log.warning("agent names an ASR model not in asr.models: %s (using %s)", model, self.asr.model)
+            return self.engine
+        async with self._loading:
+            engine = self.engines.get(model)
+            if engine is None:
+                try:
+                    engine = await asyncio.get_running_loop().run_in_executor(
+                        self._pool, WhisperEngine, model, self.asr.language, self.asr.beam_size, self.asr.threads, self.asr.initial_prompt
+                    )
+                except Exception as exc:  # noqa: BLE001 - a broken model: the configured one answers
+                    ERRORS.labels("asr", "model_load").inc()
+                    log.error("ASR model %s did not load: %s (using %s)", model, exc, self.asr.model)
+                    return self.engine
+                self.engines[model] = engine
+        return engine
 
     async def start(self, nc: NATS) -> None:
         self.nc = nc
+        self.agents = AgentDirectory(nc, self.subjects.kv_agents)
         # Warm up so the first user does not pay for lazy initialisation.
         import numpy as np
 
@@ -126,7 +143,7 @@ class AsrWorker:
             log.warning("could not tell the gateway: %s", exc)
 
     def health(self) -> dict[str, Any]:
-        return {"ok": True, "model": self.asr.model}
+        return {"ok": True, "model": self.asr.model, "models": sorted(self.engines)}
 
     async def _on_utterance(self, msg: Msg) -> None:
         session_id = session_from_subject(msg.subject)
@@ -142,11 +159,14 @@ class AsrWorker:
                 pcm = decode_packets(packets, 16000)
                 audio = int16_to_float(pcm)
                 started = time.perf_counter()
-                language = await self._agent_language(meta.device_id)
+                agent = await self.agents.get(meta.device_id)
+                engine = await self._engine_for(agent.asr_model if agent else None)
+                # The agent's language, where the model is multilingual.
+                language = agent.language if agent and getattr(engine, "multilingual", False) else None
                 if language:
-                    transcript = await asyncio.get_running_loop().run_in_executor(self._pool, self.engine.transcribe, audio, language)
+                    transcript = await asyncio.get_running_loop().run_in_executor(self._pool, engine.transcribe, audio, language)
                 else:
-                    transcript = await asyncio.get_running_loop().run_in_executor(self._pool, self.engine.transcribe, audio)
+                    transcript = await asyncio.get_running_loop().run_in_executor(self._pool, engine.transcribe, audio)
                 elapsed = time.perf_counter() - started
             except Exception:  # noqa: BLE001
                 ERRORS.labels("asr", "transcribe").inc()

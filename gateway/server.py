@@ -26,6 +26,7 @@ from gateway.fwstore import FirmwareCatalog
 from gateway.httpguard import guarded
 from gateway.limits import RateLimiter
 from gateway.session import DeviceSession
+from shared.agents import AgentDirectory
 from shared.settings import Settings
 from shared.subjects import Subjects
 
@@ -76,6 +77,7 @@ class Gateway:
         self.settings = settings
         self.gw = settings.gateway
         self.subjects = Subjects(settings.nats.prefix)
+        self.agents: AgentDirectory | None = None  # devices' agents (greetings), from start()
         self.nc: NATS | None = None
         self._ws_server: Server | None = None
         self._http_runner: web.AppRunner | None = None
@@ -106,6 +108,7 @@ class Gateway:
 
     async def start(self, nc: NATS) -> None:
         self.nc = nc
+        self.agents = AgentDirectory(nc, self.subjects.kv_agents)
         self._tls = server_tls(self.gw.tls_cert_file, self.gw.tls_key_file)
         self._alive_sub = await nc.subscribe(self.subjects.vad_alive, cb=self._on_vad_alive)
         self._vad_watch = asyncio.create_task(self._watch_vad())
@@ -359,6 +362,7 @@ class Gateway:
             ws, self.nc, self.gw, self.subjects, device_id, found["client-id"] or device_id, version,
             auth_key=self.auth_key, vision_url=ota.vision_url(self.gw, self.http_port), work=self.settings.work,
             admit_turn=lambda: self.admit_turn(device_id, peer_ip(ws)),
+            agents=self.agents,
         )
         self.sessions.add(session)
         self._publish_seen({"device_id": device_id, "event": "connected"})

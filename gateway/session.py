@@ -20,7 +20,7 @@ from gateway import metrics as m
 from gateway.downlink import PacedSender
 from gateway.turns import Flush, Stop, TurnAssembler
 from shared import logging as xlog
-from shared.agents import AgentConfig, load_agent
+from shared.agents import AgentConfig, AgentDirectory
 from shared.messages import (
     HDR_RECEIVED,
     AudioFrameMeta,
@@ -69,8 +69,10 @@ class DeviceSession:
         vision_url: str | None = None,
         work: WorkSettings | None = None,
         admit_turn: Callable[[], bool] | None = None,
+        agents: AgentDirectory | None = None,
     ) -> None:
         self.ws = ws
+        self.agents = agents  # shared by the gateway's sessions
         self.nc = nc
         self.settings = settings
         self.work = work or WorkSettings()
@@ -446,12 +448,9 @@ class DeviceSession:
     async def _agent(self) -> AgentConfig | None:
         """This device's agent from the manager's KV bucket; None when there is none (or NATS
         does not answer within 0.5 s: the greeting must not wait)."""
-        try:
-            kv = await asyncio.wait_for(self.nc.jetstream().key_value(self.subjects.kv_agents), 0.5)
-            agent = await asyncio.wait_for(load_agent(kv, self.device_id), 0.5)
-        except Exception:  # noqa: BLE001 - no bucket, NATS down, slow: the defaults apply
-            return None
-        return agent
+        if self.agents is None:
+            self.agents = AgentDirectory(self.nc, self.subjects.kv_agents)
+        return await self.agents.get(self.device_id)
 
     async def _say(self, text: str, voice: str | None = None, emotion: str = "neutral", reason: str | None = None) -> None:
         """Speak a fixed phrase as a turn of its own (greeting, "busy", "sorry"), from the TTS

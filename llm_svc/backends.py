@@ -351,6 +351,12 @@ class OpenAIBackend:
                 yield ToolCallRequest(name=slot["name"], arguments=slot["arguments"] or "{}", id=slot["id"] or "call_" + uuid.uuid4().hex[:12])
 
 
+def provider_settings(settings: Any, name: str) -> Any:
+    """``llm`` settings with the named provider's fields over the top-level ones."""
+    provider = settings.providers[name]
+    return settings.model_copy(update={k: v for k, v in provider.model_dump().items() if v is not None})
+
+
 def make_backend(settings: Any) -> LlmBackend:
     """The backend named by ``settings.backend``."""
     if settings.backend == "vllm":

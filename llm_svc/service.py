@@ -23,7 +23,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge
 
-from llm_svc.backends import ANSWERED_BY, MODEL_OVERRIDE, BackendError, LlmBackend, ToolCallRequest, make_backend
+from llm_svc.backends import ANSWERED_BY, MODEL_OVERRIDE, BackendError, LlmBackend, ToolCallRequest, make_backend, provider_settings
 from llm_svc.memory import MemoryStore
 from llm_svc.prompt import system_prompt
 from llm_svc.sentences import SentenceSplitter, detect_emotion, speakable
@@ -60,6 +60,7 @@ class TurnContext:
         self.cancel = threading.Event()
         self.close_after = False
         self.agent = AgentConfig()
+        self.backend: LlmBackend | None = None  # the agent's (llm.providers), else the default
         # The TTS queue refused a sentence: the turn stops there and the gateway is told.
         self.refused = False
 
@@ -72,6 +73,9 @@ class LlmWorker:
         self.llm = settings.llm
         self.subjects = Subjects(settings.nats.prefix)
         self.backend = backend or make_backend(self.llm)
+        # The default backend and the agents' choices from llm.providers, started on first use.
+        self.backends: dict[str, LlmBackend] = {"default": self.backend}
+        self._starting = asyncio.Lock()
         self.memory = MemoryStore(self.subjects.kv_memory, self.llm.history_turns, settings.work.replicas)
         self.agents_kv: Any = None
         self.nc: NATS | None = None
@@ -104,15 +108,38 @@ class LlmWorker:
                 await sub.unsubscribe()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=self.settings.nats.drain_timeout_s)
-        await self.backend.close()
+        for backend in self.backends.values():
+            await backend.close()
 
     def health(self) -> dict[str, Any]:
-        return {"ok": True, "backend": self.backend.name, "in_flight": len(self._tasks)}
+        return {"ok": True, "backend": self.backend.name, "backends": sorted(self.backends), "in_flight": len(self._tasks)}
+
+    async def _backend_for(self, name: str | None) -> LlmBackend:
+        """The backend an agent chose (a name from llm.providers), started at its first turn."""
+        if not name or name == "default":
+            return self.backend
+        backend = self.backends.get(name)
+        if backend is not None:
+            return backend
+        if name not in self.llm.providers:
+            ERRORS.labels("llm", "unknown_backend").inc()
+            log.warning("agent names an LLM backend this worker does not have: %s (using the default)", name)
+            return self.backend
+        async with self._starting:
+            backend = self.backends.get(name)
+            if backend is None:
+                try:
+                    backend = await asyncio.to_thread(make_backend, provider_settings(self.llm, name))
+                except Exception as exc:  # noqa: BLE001 - a bad provider config: the turn says sorry
+                    raise BackendError(f"LLM backend {name} did not start: {exc}") from exc
+                self.backends[name] = backend
+                log.info("LLM backend started", extra={"fields": {"backend": name, "kind": backend.name}})
+        return backend
 
     def queue_depths(self) -> dict[str, int]:
         """Turns waiting in the stage's queue, and inside this worker for the model (a backend
         that batches, like vLLM, has no such wait)."""
-        return {"llm": self._puller.backlog if self._puller else 0, "model": int(getattr(self.backend, "waiting", 0))}
+        return {"llm": self._puller.backlog if self._puller else 0, "model": sum(int(getattr(b, "waiting", 0)) for b in self.backends.values())}
 
     async def _on_work(self, msg: Msg, delivery: int) -> None:
         """One user turn from the queue; the slot stays taken until the answer is queued.
@@ -248,6 +275,13 @@ class LlmWorker:
         # This turn's task only: the agent's model for an OpenAI-compatible server.
         MODEL_OVERRIDE.set(agent.llm_model)
         ANSWERED_BY.set(None)
+        try:
+            ctx.backend = backend = await self._backend_for(agent.llm_backend)
+        except BackendError as exc:
+            ERRORS.labels("llm", "backend").inc()
+            log.error("backend failed: %s", exc)
+            await self._speak(ctx, self.llm.error_reply)
+            return "backend_error"
         memory = await self.memory.load(self._memory_key(turn)) if agent.memory != "none" else None
         prompt = system_prompt(
             self.llm.system_prompt,
@@ -298,7 +332,7 @@ class LlmWorker:
             try:
                 if self.llm.intent_mode == "intent_llm" and tools:
                     # A separate classification step picks the tool; the answer comes without tools.
-                    chosen = await self.backend.classify(messages, tools)
+                    chosen = await backend.classify(messages, tools)
                     tools = []
                     if chosen is not None:
                         calls.append(chosen)
@@ -364,7 +398,7 @@ class LlmWorker:
         while True:
             produced = False
             try:
-                async for delta in self.backend.stream(messages, tools, ctx.cancel):
+                async for delta in (ctx.backend or self.backend).stream(messages, tools, ctx.cancel):
                     produced = True
                     yield delta
                 return
@@ -409,8 +443,10 @@ class LlmWorker:
             {"role": "user", "content": (f"Earlier summary: {memory.summary}\n" if memory.summary else "") + f"Conversation:\n{transcript}"},
         ]
         text = ""
+        MODEL_OVERRIDE.set(agent.llm_model)
         try:
-            async for delta in self.backend.stream(request, [], threading.Event()):
+            backend = await self._backend_for(agent.llm_backend)
+            async for delta in backend.stream(request, [], threading.Event()):
                 if isinstance(delta, str):
                     text += delta
         except BackendError as exc:

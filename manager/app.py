@@ -128,13 +128,40 @@ class AgentIn(BaseModel):
     name: str = Field(min_length=1, max_length=100)
     role_prompt: str | None = Field(default=None, max_length=8000)
     voice: str | None = Field(default=None, max_length=255)
-    llm_backend: Literal["llamacpp", "openai", "vllm"] | None = None
+    # A name from GET /api/options' llm_backends (the LLM stage's llm.providers); None: its default.
+    llm_backend: str | None = Field(default=None, max_length=32)
+    # The model asked of an OpenAI-compatible server (one serving several); None: the backend's.
     llm_model: str | None = Field(default=None, max_length=255)
+    # One of GET /api/options' asr_models; None: the ASR stage's configured model.
     asr_model: str | None = Field(default=None, max_length=255)
     language: str | None = Field(default=None, max_length=16)
     tools: list[Annotated[str, Field(min_length=1, max_length=100)]] | None = Field(default=None, max_length=200)
     memory: Literal["none", "short", "summary"] = "short"
     wake_greeting: str | None = Field(default=None, max_length=255)
+
+
+class LlmBackendOption(BaseModel):
+    name: str
+    backend: str
+    model: str | None = None
+
+
+class AgentOptions(BaseModel):
+    """What an agent can choose from, as this deployment's settings configure it."""
+
+    llm_backends: list[LlmBackendOption] = Field(default_factory=lambda: [LlmBackendOption(name="default", backend="llamacpp")])
+    asr_models: list[str] = Field(default_factory=lambda: ["tiny.en"])
+    asr_default: str = "tiny.en"
+
+
+def agent_options(settings: Any) -> AgentOptions:
+    """The choices from the whole settings (the LLM and ASR stages read the same file)."""
+    llm = settings.llm
+    backends = [LlmBackendOption(name="default", backend=llm.backend, model=llm.model if llm.backend != "llamacpp" else None)]
+    for name, provider in sorted(llm.providers.items()):
+        backends.append(LlmBackendOption(name=name, backend=provider.backend, model=provider.model))
+    models = [settings.asr.model] + [m for m in settings.asr.models if m != settings.asr.model]
+    return AgentOptions(llm_backends=backends, asr_models=models, asr_default=settings.asr.model)
 
 
 class AgentOut(AgentIn):
@@ -220,7 +247,9 @@ def create_app(
     binder: Binder,
     registry: Registry,
     gateway: GatewaySettings | None = None,
+    options: AgentOptions | None = None,
 ) -> FastAPI:
+    options = options or AgentOptions()
     app = FastAPI(
         title="xiaozhi manager",
         version="0.1.0",
@@ -305,12 +334,12 @@ def create_app(
 
     @app.post("/api/auth/login", response_model=TokenOut, tags=["auth"], responses={429: {"model": Problem}, 401: {"model": Problem}})
     def login(body: LoginIn, request: Request, session: DB) -> TokenOut:
-        keys = (f"user:{body.username.lower()}", f"ip:{request.client.host if request.client else '?'}")
-        if limiter.blocked(*keys):
+        keys = (limiter.key("user", body.username.lower()), limiter.key("ip", request.client.host if request.client else "?"))
+        if limiter.blocked(session, *keys):
             raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, "too many failed sign-ins; wait a minute")
         user = session.execute(select(User).where(User.username == body.username)).scalar_one_or_none()
         if not auth.verify_password(user, body.password):
-            limiter.failed(*keys)
+            limiter.failed(session, *keys)
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, "wrong username or password")
         assert user is not None
         token, row = auth.new_token(user, "session", "sign-in", settings.session_ttl_s)
@@ -405,8 +434,20 @@ def create_app(
         agents = session.execute(select(Agent).where(Agent.owner_id == user.id).order_by(Agent.id)).scalars()
         return [agent_out(session, a) for a in agents]
 
-    @app.post("/api/agents", response_model=AgentOut, status_code=201, tags=["agents"])
+    def check_choices(body: AgentIn) -> None:
+        backends = [b.name for b in options.llm_backends]
+        if body.llm_backend is not None and body.llm_backend not in backends:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, f"unknown LLM backend {body.llm_backend!r}: one of {backends}")
+        if body.asr_model is not None and body.asr_model not in options.asr_models:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, f"unknown ASR model {body.asr_model!r}: one of {options.asr_models}")
+
+    @app.get("/api/options", response_model=AgentOptions, tags=["agents"])
+    def get_options(user: CurrentUser) -> AgentOptions:
+        return options
+
+    @app.post("/api/agents", response_model=AgentOut, status_code=201, tags=["agents"], responses={400: {"model": Problem}})
     def create_agent(body: AgentIn, user: CurrentUser, session: DB) -> AgentOut:
+        check_choices(body)
         agent = Agent(owner_id=user.id, **body.model_dump())
         session.add(agent)
         session.commit()
@@ -416,9 +457,10 @@ def create_app(
     def get_agent(agent_id: Id, user: CurrentUser, session: DB) -> AgentOut:
         return agent_out(session, own_agent(session, user, agent_id))
 
-    @app.put("/api/agents/{agent_id}", response_model=AgentOut, tags=["agents"], responses={404: {"model": Problem}})
+    @app.put("/api/agents/{agent_id}", response_model=AgentOut, tags=["agents"], responses={400: {"model": Problem}, 404: {"model": Problem}})
     def update_agent(agent_id: Id, body: AgentIn, user: CurrentUser, session: DB) -> AgentOut:
         agent = own_agent(session, user, agent_id)
+        check_choices(body)
         for key, value in body.model_dump().items():
             setattr(agent, key, value)
         agent.updated_at = utcnow()

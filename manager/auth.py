@@ -5,13 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import secrets
-import time
-from collections import defaultdict, deque
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from manager.models import ApiToken, User, utcnow
+from manager.models import ApiToken, LoginFailure, User, utcnow
 
 _hasher = PasswordHasher()
 TOKEN_PREFIX = "xzm_"
@@ -49,30 +50,35 @@ def new_token(user: User, kind: str, name: str = "", ttl_s: int | None = None) -
 
 class LoginLimiter:
     """Failed sign-ins in a sliding minute: ``per_minute`` per username, five times that per
-    address (several people may sign in from behind one NAT)."""
+    address (several people may sign in from behind one NAT).
+
+    Kept in the database (table ``login_failures``, rows older than a minute deleted), so every
+    manager replica behind the same database counts the same failures. Usernames and addresses
+    are stored only as hashes (a failed username is often a password typed in the wrong box).
+    """
 
     def __init__(self, per_minute: int) -> None:
         self.per_minute = per_minute
-        self._fails: dict[str, deque[float]] = defaultdict(deque)
+
+    @staticmethod
+    def key(kind: str, value: str) -> str:
+        return f"{kind}:{hashlib.sha256(value.encode()).hexdigest()[:40]}"
 
     def _limit(self, key: str) -> int:
         return self.per_minute * (5 if key.startswith("ip:") else 1)
 
-    def blocked(self, *keys: str) -> bool:
+    def blocked(self, session: Session, *keys: str) -> bool:
         if self.per_minute <= 0:
             return False
-        now = time.monotonic()
+        since = utcnow() - dt.timedelta(seconds=60)
         for key in keys:
-            fails = self._fails.get(key)
-            while fails and fails[0] < now - 60:
-                fails.popleft()
-            if fails is not None and not fails:
-                del self._fails[key]
-            elif fails and len(fails) >= self._limit(key):
+            count = session.execute(select(func.count()).select_from(LoginFailure).where(LoginFailure.subject == key, LoginFailure.at > since)).scalar_one()
+            if count >= self._limit(key):
                 return True
         return False
 
-    def failed(self, *keys: str) -> None:
-        now = time.monotonic()
-        for key in keys:
-            self._fails[key].append(now)
+    def failed(self, session: Session, *keys: str) -> None:
+        now = utcnow()
+        session.execute(delete(LoginFailure).where(LoginFailure.at <= now - dt.timedelta(seconds=60)))
+        session.add_all([LoginFailure(subject=key, at=now) for key in keys])
+        session.commit()

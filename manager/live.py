@@ -2,8 +2,10 @@
 
 The services read a device's entry on every turn (``shared/agents.py``), so a change made here
 applies to that device's next turn without a restart. The database is the source of truth: a
-publish that fails (NATS down) is logged and counted, and a full re-sync runs every
-``resync_s`` and after every reconnect, so KV converges on the database.
+publish that fails (NATS down) is logged and counted, and a re-sync runs every
+``manager.live_resync_s``: it writes only the entries that differ from what this process last
+wrote, and everything when the buckets were lost or re-created (a NATS restart without its
+store) or the last re-sync failed, so KV converges on the database at O(changes) writes.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def agent_config(agent: Agent) -> AgentConfig:
         tools=agent.tools,
         wake_greeting=agent.wake_greeting or None,
         llm_model=agent.llm_model or None,
+        llm_backend=agent.llm_backend or None,
+        asr_model=agent.asr_model or None,
     )
 
 
@@ -52,6 +56,11 @@ class Publisher:
         self.kv: Any = None
         self.flags: Any = None
         self.obs: Any = None
+        # What this process last wrote ("a:"/"f:" + key -> value; None: deleted), and when the
+        # buckets' streams were created: a change there means the KV was lost and is rewritten.
+        self._published: dict[str, bytes | None] = {}
+        self._created: list[Any] | None = None
+        self._full_next = True
 
     async def open(self) -> None:
         self.kv = await open_bucket(self.nc, self.bucket_name, self.replicas)
@@ -126,13 +135,15 @@ class Publisher:
         if self.flags is None:
             raise RuntimeError("no KV bucket (JetStream unavailable)")
         for device_id, auto_upgrade in items:
+            key = kv_key(device_id)
             if auto_upgrade is None:
                 try:
-                    await self.flags.delete(kv_key(device_id))
+                    await self.flags.delete(key)
                 except Exception:  # noqa: BLE001
                     pass
             else:
-                await self.flags.put(kv_key(device_id), json.dumps({"auto_upgrade": auto_upgrade}).encode())
+                await self.flags.put(key, _flags_value(auto_upgrade))  # type: ignore[arg-type]
+            self._published["f:" + key] = _flags_value(auto_upgrade)
 
     # -- called from API threads -------------------------------------------------------------
     def device_changed(self, device_id: str, agent: Agent | None) -> bool:
@@ -175,11 +186,23 @@ class Publisher:
                     await self.kv.delete(key)
                 except Exception:  # noqa: BLE001 - nothing to delete
                     pass
+                self._published["a:" + key] = None
             else:
-                await self.kv.put(key, config.encode())
+                value = config.encode()
+                await self.kv.put(key, value)
+                self._published["a:" + key] = value
+
+    async def _buckets_recreated(self) -> bool:
+        """Whether the KV buckets' streams are not the ones this process last wrote to."""
+        js = self.nc.jetstream()
+        created = [(await js.stream_info(f"KV_{name}")).created for name in (self.bucket_name, self.devices_bucket)]
+        changed = created != self._created
+        self._created = created
+        return changed
 
     async def resync(self) -> int:
-        """Publish every bound device's entry from the database; returns how many."""
+        """Publish the bound devices' entries from the database that KV lacks; returns how many
+        entries were written (all of them on a full re-sync)."""
 
         def load() -> tuple[list[tuple[str, AgentConfig | None]], list[tuple[str, bool | None]]]:
             with self.sessions() as db:
@@ -187,16 +210,38 @@ class Publisher:
                 return [(d.device_id, agent_config(d.agent) if d.agent else None) for d in rows], [(d.device_id, d.auto_upgrade) for d in rows]
 
         items, flags = await asyncio.to_thread(load)
+        full = self._full_next
+        self._full_next = True  # until this one succeeds
+        if self.kv is None or self.flags is None:
+            await self.open()
+        try:
+            full = await self._buckets_recreated() or full
+        except Exception:  # noqa: BLE001 - a bucket is gone: make it again, then write everything
+            await self.open()
+            await self._buckets_recreated()
+            full = True
+        if full:
+            self._published.clear()
+        else:
+            items = [(d, c) for d, c in items if self._published.get("a:" + kv_key(d), None) != (c.encode() if c else None)]
+            flags = [(d, f) for d, f in flags if self._published.get("f:" + kv_key(d), None) != _flags_value(f)]
         await self._put_many(items)
         await self._put_flags(flags)
-        return len(items)
+        self._full_next = False
+        return len(items) + len(flags)
 
     async def run_resync(self, every_s: float) -> None:
         while True:
             try:
                 count = await self.resync()
-                log.debug("live config re-synced", extra={"fields": {"devices": count}})
+                if count:
+                    log.info("live config re-synced", extra={"fields": {"entries": count}})
             except Exception as exc:  # noqa: BLE001
                 ERRORS.labels("manager", "kv_resync").inc()
                 log.warning("live config re-sync failed: %s", exc)
+                self.kv = self.flags = None  # reopen (and re-create) them next time
             await asyncio.sleep(every_s)
+
+
+def _flags_value(auto_upgrade: bool | None) -> bytes | None:
+    return None if auto_upgrade is None else json.dumps({"auto_upgrade": auto_upgrade}).encode()

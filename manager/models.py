@@ -131,3 +131,13 @@ class Firmware(Base):
     sha256: Mapped[str] = mapped_column(String(64), nullable=False)
     uploaded_by: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), nullable=True)
     uploaded_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+
+
+class LoginFailure(Base):
+    """A failed sign-in, by hashed username or address, kept a minute (auth.LoginLimiter)."""
+
+    __tablename__ = "login_failures"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    subject: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
+    at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, index=True, default=utcnow)

@@ -16,7 +16,7 @@ import uvicorn
 from sqlalchemy import func, select
 
 from manager import auth, events
-from manager.app import create_app
+from manager.app import agent_options, create_app
 from manager.db import make_engine, migrate, session_factory
 from manager.live import Publisher
 from manager.models import User
@@ -140,7 +140,7 @@ class ManagerService:
         await self.publisher.open()
         binder = NatsBinder(loop, nc, self.subjects.gateway_bind)
         registry = NatsRegistry(loop, nc, self.subjects.online)
-        app = create_app(self.m, self.sessions, self.publisher, binder, registry, self.settings.gateway)
+        app = create_app(self.m, self.sessions, self.publisher, binder, registry, self.settings.gateway, agent_options(self.settings))
         # Events from the pipeline, shared among manager replicas (queue group).
         self._subs = [
             await nc.subscribe(self.subjects.device_seen, queue="manager", cb=self._on_seen),
@@ -149,7 +149,7 @@ class ManagerService:
         config = uvicorn.Config(app, host=self.m.host, port=self.m.port, log_config=None, access_log=False, lifespan="off", server_header=False)
         self.server = _Server(config)
         self._tasks.append(asyncio.create_task(self.server.serve()))
-        self._tasks.append(asyncio.create_task(self.publisher.run_resync(30.0)))
+        self._tasks.append(asyncio.create_task(self.publisher.run_resync(self.m.live_resync_s)))
         for _ in range(200):
             if self.server.started:
                 break

@@ -44,6 +44,10 @@ class AgentConfig(BaseModel):
     # The model to ask an OpenAI-compatible LLM server for (vLLM serving several); None: the
     # LLM stage's configured model. The embedded llama.cpp has one model and ignores it.
     llm_model: str | None = None
+    # Which LLM backend answers: a name from the LLM stage's `llm.providers`; None: its default.
+    llm_backend: str | None = None
+    # Which Whisper model transcribes: one of the ASR stage's `asr.models`; None: `asr.model`.
+    asr_model: str | None = None
 
     def encode(self) -> bytes:
         return self.model_dump_json().encode()
@@ -82,6 +86,30 @@ async def load_agent(kv: Any, device_id: str) -> AgentConfig:
             except Exception as exc:  # noqa: BLE001
                 log.warning("bad agent config under %s: %s", key, exc)
     return AgentConfig()
+
+
+class AgentDirectory:
+    """Devices' agents for a stage that must not wait on them (the ASR per utterance, the
+    gateway's greeting): the bucket is looked up once and kept; None when there is no bucket
+    yet (no manager), no entry, or NATS does not answer within ``timeout_s``."""
+
+    def __init__(self, nc: Any, bucket: str, timeout_s: float = 0.5) -> None:
+        self.nc = nc
+        self.bucket = bucket
+        self.timeout_s = timeout_s
+        self._kv: Any = None
+
+    async def get(self, device_id: str | None) -> AgentConfig | None:
+        if not device_id:
+            return None
+        import asyncio
+
+        try:
+            if self._kv is None:
+                self._kv = await asyncio.wait_for(self.nc.jetstream().key_value(self.bucket), self.timeout_s)
+            return await asyncio.wait_for(load_agent(self._kv, device_id), self.timeout_s)
+        except Exception:  # noqa: BLE001 - no bucket, NATS down or slow: the defaults apply
+            return None
 
 
 async def save_agent(kv: Any, device_id: str | None, agent: AgentConfig) -> None:

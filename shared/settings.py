@@ -252,10 +252,24 @@ class AsrSettings(BaseModel):
     keep_audio_days: float = 30.0
     # "tiny.en" (packaged, English), "base" (packaged, multilingual) or a CTranslate2 model dir.
     model: str = "tiny.en"
+    # The models an agent may choose in the manager (besides `model`); each is loaded on a
+    # worker at its first utterance and kept (base: ~150 MB more memory).
+    models: list[str] = Field(default_factory=lambda: ["tiny.en", "base"])
     language: str | None = "en"
     beam_size: int = 1
     threads: int = 2
     initial_prompt: str | None = None
+
+
+class LlmProvider(BaseModel):
+    """A named LLM backend that agents can choose (``llm.providers``); unset fields take the
+    top-level ``llm.*`` values."""
+
+    backend: Literal["llamacpp", "openai", "vllm"] = "openai"
+    base_url: str | None = None
+    api_key: str | None = None
+    model: str | None = None
+    model_path: str | None = None  # llamacpp: a GGUF file
 
 
 class LlmSettings(BaseModel):
@@ -279,6 +293,10 @@ class LlmSettings(BaseModel):
     # <tool_call>{...}</tool_call> itself: Qwen 2.5/3, Hermes, and most tool-tuned models).
     vllm_gpu_memory_utilization: float = 0.85
     vllm_tool_calls: Literal["constrained", "hermes"] = "constrained"
+    # More backends an agent can choose by name in the manager ("LLM backend"); the top-level
+    # backend above is "default". Each is started on a worker at its first turn and kept. E.g.
+    #   providers: {qwen: {backend: openai, base_url: "http://vllm:8000/v1", model: Qwen/Qwen2.5-7B-Instruct}}
+    providers: dict[str, LlmProvider] = Field(default_factory=dict)
     system_prompt: str = (
         "You are Xiaozhi, a friendly voice assistant. Answer in one to three short spoken "
         "sentences. Do not use lists, markdown or emojis."
@@ -415,6 +433,9 @@ class ManagerSettings(BaseModel):
     login_attempts_per_minute: int = 10
     # Chat history kept per device: the newest this many lines (a turn is two); older ones go.
     history_max_lines: int = 2000
+    # How often the devices' live config in NATS KV is checked against the database (only
+    # differences are written; everything when the KV was lost).
+    live_resync_s: float = 30.0
     # Firmware uploads larger than this are refused (413). ESP32 application images are a few MB.
     max_firmware_bytes: int = 16 * 1024 * 1024
 

@@ -275,7 +275,12 @@ async function agentsView() {
 }
 
 async function agentView(id) {
-  const agent = id === "new" ? { name: "", role_prompt: "", voice: "", language: "", memory: "short", tools: null, wake_greeting: "", llm_model: "", asr_model: "" } : await api("GET", `/api/agents/${id}`);
+  const [agent, options] = await Promise.all([
+    id === "new" ? { name: "", role_prompt: "", voice: "", language: "", memory: "short", tools: null, wake_greeting: "", llm_backend: null, llm_model: "", asr_model: null } : api("GET", `/api/agents/${id}`),
+    api("GET", "/api/options"),
+  ]);
+  const backends = options.llm_backends.map((b) => [b.name, b.name === "default" ? `Default (${b.backend}${b.model ? `, ${b.model}` : ""})` : `${b.name} (${b.backend}${b.model ? `, ${b.model}` : ""})`]);
+  const asrModels = options.asr_models.map((m) => [m, m === options.asr_default ? `${m} (default)` : m]);
   const nullable = (value) => (value && value.trim() ? value.trim() : null);
   show(id === "new" ? "New agent" : `Agent: ${agent.name}`,
     el("p", {}, el("a", { href: "#/agents" }, "← Agents")),
@@ -285,6 +290,9 @@ async function agentView(id) {
       field("Memory", "memory", { tag: "select", options: MEMORY, value: agent.memory }),
       field("Language (e.g. en, zh; empty: the server's)", "language", { value: agent.language || "", maxlength: 16 }),
       field("Voice (a Piper voice on the server; empty: the default)", "voice", { value: agent.voice || "", maxlength: 255 }),
+      field("LLM backend", "llm_backend", { tag: "select", options: backends, value: agent.llm_backend || "default" }),
+      field("LLM model (asked of an OpenAI-compatible server; empty: the backend's)", "llm_model", { value: agent.llm_model || "", maxlength: 255 }),
+      field("Speech recognition model (multilingual ones follow the language above)", "asr_model", { tag: "select", options: asrModels, value: agent.asr_model || options.asr_default }),
       field("Wake-word greeting", "wake_greeting", { value: agent.wake_greeting || "", maxlength: 255 }),
       field("Tools (comma-separated names; empty: all)", "tools", { value: (agent.tools || []).join(", ") }),
     ], id === "new" ? "Create" : "Save", async (data) => {
@@ -292,7 +300,10 @@ async function agentView(id) {
       const body = {
         name: data.get("name"), role_prompt: nullable(data.get("role_prompt")), memory: data.get("memory"),
         language: nullable(data.get("language")), voice: nullable(data.get("voice")), wake_greeting: nullable(data.get("wake_greeting")),
-        tools: tools.length ? tools : null, llm_model: agent.llm_model || null, asr_model: agent.asr_model || null,
+        tools: tools.length ? tools : null,
+        llm_backend: data.get("llm_backend") === "default" ? null : data.get("llm_backend"),
+        llm_model: nullable(data.get("llm_model")),
+        asr_model: data.get("asr_model") === options.asr_default ? null : data.get("asr_model"),
       };
       if (id === "new") await api("POST", "/api/agents", body);
       else await api("PUT", `/api/agents/${id}`, body);

@@ -80,6 +80,9 @@ def test_a_spoken_turn_from_the_browser(pipeline, console, tmp_path):
 
             if os.environ.get("XZ_SCREENSHOTS_DIR"):
                 page.screenshot(path=os.path.join(os.environ["XZ_SCREENSHOTS_DIR"], "talk-phone.png"), full_page=True)
+                # The same finished turn at desktop size (the layout is responsive).
+                page.set_viewport_size({"width": 1280, "height": 860})
+                page.screenshot(path=os.path.join(os.environ["XZ_SCREENSHOTS_DIR"], "talk-desktop.png"), full_page=True)
             page.get_by_role("button", name="Stop").click()
         finally:
             context.close()

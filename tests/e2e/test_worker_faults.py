@@ -67,7 +67,10 @@ def faults(tmp_path_factory):
     try:
         start_nats(stack, tmp)
         ws_port = free_port()
-        gateway_env = {"XZ_GATEWAY__WS_PORT": str(ws_port), "XZ_GATEWAY__HTTP_PORT": str(free_port())}
+        # Turns queued behind a saturated LLM stage wait for two answers on 2 shared cores (one
+        # CI run took over 30 s, the default turn timeout): the timeout is not what this module
+        # tests, so it is longer here.
+        gateway_env = {"XZ_GATEWAY__WS_PORT": str(ws_port), "XZ_GATEWAY__HTTP_PORT": str(free_port()), "XZ_GATEWAY__TURN_TIMEOUT_S": "75"}
         procs: dict[str, list[Proc]] = {}
         for name, count in (("tools", 1), ("tts", 2), ("asr", 2), ("llm", 2), ("vad", 2), ("gateway", 1)):
             procs[name] = [stack.start_service(name, free_port(), gateway_env if name == "gateway" else None) for _ in range(count)]

@@ -197,6 +197,65 @@ async def test_an_agents_model_is_what_the_openai_compatible_server_is_asked_for
     assert proc.alive()
 
 
+async def test_an_agent_chooses_its_llm_backend(nats_only, llama_server, nc):
+    """llm.providers: the worker's default is the embedded llama.cpp; an agent that names the
+    "remote" backend (a real OpenAI-compatible server) is answered by it, started at its first
+    turn; an agent naming a backend the worker lacks gets the default, counted."""
+    import json
+    import urllib.request
+
+    from shared.agents import AgentConfig, save_agent
+
+    providers = {"remote": {"backend": "openai", "base_url": llama_server, "model": "smollm2-remote"}}
+    port = free_port()
+    proc = nats_only.start_service("llm", port, {"XZ_LLM__TOOLS": "false", "XZ_LLM__PROVIDERS": json.dumps(providers)})
+    nats_only.wait_healthy([proc], timeout=120)
+    kv = await nc.jetstream().key_value("xz_agents")
+    await save_agent(kv, "dev-remote", AgentConfig(name="Remy", llm_backend="remote"))
+    await save_agent(kv, "dev-ghost", AgentConfig(name="Ghost", llm_backend="gpt-9"))
+    for device_id in ("dev-remote", "dev-local", "dev-ghost"):
+        session = f"s-{device_id}"
+        events, jobs = await collect_llm_turn(nc, session, UserTurn(session_id=session, turn_id=new_turn_id(), text="Say hi.", device_id=device_id))
+        assert events[-1].kind == "turn_end" and jobs and jobs[0].text != "Sorry, I could not think of an answer just now.", jobs
+    replies = {}
+    for line in (nats_only.log_dir / "llm.log").read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("msg") == "reply":
+            replies[record.get("session_id")] = record.get("model")
+    # The remote server names the model it answered as; the embedded model names none.
+    assert replies == {"s-dev-remote": "smollm2-remote", "s-dev-local": None, "s-dev-ghost": None}, replies
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz") as response:
+        assert json.loads(response.read())["backends"] == ["default", "remote"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as response:
+        assert re.search(r'xz_errors_total\{kind="unknown_backend",service="llm"\} 1\.0', response.read().decode())
+
+
+async def test_an_agent_chooses_its_asr_model(nats_only, nc):
+    """The worker runs tiny.en (English only); a device whose agent chose the multilingual
+    "base" (one of asr.models) and Mandarin is transcribed in Mandarin by it, loaded at its first
+    utterance; a device without an agent, or whose agent names a model not allowed, stays on
+    tiny.en."""
+    from shared.agents import AgentConfig, save_agent
+
+    start(nats_only, "asr")
+    kv = await nc.jetstream().create_key_value(bucket="xz_agents")
+    await save_agent(kv, "zh-base", AgentConfig(asr_model="base", language="zh"))
+    await save_agent(kv, "zh-large", AgentConfig(asr_model="large-v3", language="zh"))
+    packets = encode_pcm(read_wav(fixture_wav("zh_what_time.wav")), 16000, 60)
+    texts = {}
+    for device_id in ("zh-base", "no-agent", "zh-large"):
+        session = f"s-asr-model-{device_id}"
+        sub = await nc.subscribe(S.llm(session))
+        await nc.publish(S.asr(session), Utterance(session_id=session, turn_id=new_turn_id(), device_id=device_id).pack(packets))
+        texts[device_id] = UserTurn.decode((await sub.next_msg(timeout=90)).data).text
+    cjk = re.compile(r"[\u4e00-\u9fff]")
+    assert cjk.search(texts["zh-base"]) and "几点" in texts["zh-base"], texts
+    assert not cjk.search(texts["no-agent"]) and not cjk.search(texts["zh-large"]), texts
+
+
 async def test_asr_uses_the_language_of_the_devices_agent(nats_only, nc):
     """A multilingual model configured for English transcribes a device whose agent (set in the
     manager) speaks Mandarin in Mandarin; a device without an agent stays in English."""

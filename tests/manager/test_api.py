@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import pytest
 from nats.aio.client import Client as NATS
@@ -12,7 +13,7 @@ from sqlalchemy import create_engine, inspect
 
 from manager.db import migrate
 from shared.agents import kv_key
-from tests.manager.conftest import ADMIN_PASSWORD, Api
+from tests.manager.conftest import ADMIN_PASSWORD, Api, start_manager
 from xiaozhi.sim import SimDevice
 
 pytestmark = pytest.mark.e2e
@@ -81,6 +82,22 @@ def test_failed_sign_ins_are_limited(manager):
     assert codes[:5] == [401] * 5 and codes[5] == 429
     # Even the right password waits out the minute: a guesser learns nothing from it.
     assert api.call("POST", "/api/auth/login", {"username": "carol", "password": "carol-password"})[0] == 429
+    # A second manager replica on the same database counts the same failures.
+    base, replica = start_manager(manager.stack, manager.database_url, XZ_MANAGER__LOGIN_ATTEMPTS_PER_MINUTE="5")
+    try:
+        assert Api(base).call("POST", "/api/auth/login", {"username": "carol", "password": "carol-password"})[0] == 429
+        assert Api(base).login("admin", ADMIN_PASSWORD).call("GET", "/api/me")[0] == 200
+    finally:
+        replica.popen.terminate()
+        replica.popen.wait(15)
+    # What is stored of the failures: hashes, never the typed username.
+    engine = create_engine(manager.database_url)
+    try:
+        with engine.connect() as conn:
+            keys = [row[0] for row in conn.exec_driver_sql("SELECT subject FROM login_failures")]
+    finally:
+        engine.dispose()
+    assert len(keys) >= 10 and not any("carol" in k for k in keys), keys
 
 
 def test_personal_api_tokens(manager):
@@ -165,11 +182,24 @@ async def test_bind_by_spoken_code_and_live_config(manager):
     assert all(d["device_id"] != device.device_id.lower() for d in other.call("GET", "/api/devices")[1])
     assert erin.call("PATCH", f"/api/devices/{device.device_id}", {"agent_id": 999999})[0] == 404
 
-    # Editing the agent republishes it for its devices.
-    status, _ = erin.call("PUT", f"/api/agents/{agent['id']}", {"name": "Captain Pete", "role_prompt": "You are {name}, a grumpy pirate.", "memory": "none"})
+    # Editing the agent republishes it for its devices: persona, memory, and which LLM backend,
+    # model and speech recognition model serve it (choices from GET /api/options).
+    status, options = erin.call("GET", "/api/options")
+    assert status == 200 and [b["name"] for b in options["llm_backends"]] == ["default", "qwen"], options
+    assert options["llm_backends"][1] == {"name": "qwen", "backend": "openai", "model": "Qwen/Qwen2.5-7B-Instruct"}
+    assert options["asr_models"] == ["tiny.en", "base"] and options["asr_default"] == "tiny.en"
+    edit = {"name": "Captain Pete", "role_prompt": "You are {name}, a grumpy pirate.", "memory": "none", "llm_backend": "qwen", "llm_model": "Qwen/Qwen2.5-7B-Instruct-pirate", "asr_model": "base"}
+    status, _ = erin.call("PUT", f"/api/agents/{agent['id']}", edit)
     assert status == 200
     stored = await _kv_agent(manager.stack.nats_url, device.device_id)
     assert stored["role_prompt"] == "You are {name}, a grumpy pirate." and stored["memory"] == "none"
+    assert (stored["llm_backend"], stored["llm_model"], stored["asr_model"]) == ("qwen", "Qwen/Qwen2.5-7B-Instruct-pirate", "base")
+    # A backend or model this deployment does not have is refused, and nothing changes.
+    for bad in ({"llm_backend": "gpt-9"}, {"asr_model": "large-v3"}):
+        status, problem = erin.call("PUT", f"/api/agents/{agent['id']}", {**edit, **bad})
+        assert status == 400 and "unknown" in problem["detail"], problem
+        assert erin.call("POST", "/api/agents", {"name": "x", **bad})[0] == 400
+    assert (await _kv_agent(manager.stack.nats_url, device.device_id))["asr_model"] == "base"
 
     # Detaching the agent removes the entry (the default agent applies); unbinding too.
     assert erin.call("PATCH", f"/api/devices/{device.device_id}", {"agent_id": None})[1]["agent_id"] is None
@@ -401,3 +431,34 @@ async def test_history_keeps_the_newest_lines_only(manager):
             break
         await asyncio.sleep(0.1)
     assert [h["text"] for h in history] == ["answer 4", "question 4", "answer 3", "question 3", "answer 2", "question 2"], history
+
+
+async def test_live_config_rewrites_only_changes_and_comes_back_after_a_lost_bucket(manager):
+    """The re-sync (every 0.5 s here) writes nothing while KV matches the database, and writes
+    everything again when the bucket was lost (a NATS restart without its store)."""
+    admin = manager.admin()
+    _, agent = admin.call("POST", "/api/agents", {"name": "Keeper"})
+    device = SimDevice(ota_url=manager.ota_url)
+    code = (await device.ota())["activation"]["code"]
+    assert admin.call("POST", "/api/devices/bind", {"code": code, "agent_id": agent["id"]})[0] == 201
+    nc = NATS()
+    await nc.connect(manager.stack.nats_url)
+    js = nc.jetstream()
+    try:
+        assert (await _kv_agent(manager.stack.nats_url, device.device_id))["name"] == "Keeper"
+        before = (await js.stream_info("KV_xz_agents")).state.last_seq
+        await asyncio.sleep(2.5)  # several re-syncs
+        assert (await js.stream_info("KV_xz_agents")).state.last_seq == before
+        await js.delete_key_value("xz_agents")
+        deadline = time.monotonic() + 15
+        back = None
+        while back is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
+            try:
+                back = await _kv_agent(manager.stack.nats_url, device.device_id)
+            except Exception:  # noqa: BLE001 - the bucket is not there yet
+                back = None
+        assert back is not None and back["name"] == "Keeper", "the re-sync did not restore the lost bucket"
+    finally:
+        await nc.close()
+        admin.call("DELETE", f"/api/devices/{device.device_id}")
