@@ -82,7 +82,7 @@ def _sha256(path: Path) -> str:
 class WhisperEngine:
     """faster-whisper on the CPU, from a local model directory (never a hub download)."""
 
-    def __init__(self, model: str = "tiny.en", language: str | None = "en", beam_size: int = 1, threads: int = 2, initial_prompt: str | None = None) -> None:
+    def __init__(self, model: str = "tiny.en", language: str | None = "en", beam_size: int = 1, threads: int = 2, initial_prompt: str | None = None, beam_size_zh: int = 5) -> None:
         from faster_whisper import WhisperModel
 
         path = packaged_model_dir(model)
@@ -91,6 +91,8 @@ class WhisperEngine:
         if not self.multilingual:
             self.language = "en"
         self.beam_size = beam_size
+        # Mandarin needs the wider search (models.md: base with beam 1 mishears 几点 as 去点).
+        self.beam_size_zh = max(beam_size, beam_size_zh)
         self.initial_prompt = initial_prompt
         if self.multilingual and language == "zh" and initial_prompt is None:
             # Without it Whisper writes Traditional characters (models.md).
@@ -108,7 +110,7 @@ class WhisperEngine:
         segments, info = self.model.transcribe(
             audio,
             language=lang,
-            beam_size=self.beam_size,
+            beam_size=self.beam_size_zh if lang == "zh" else self.beam_size,
             initial_prompt=prompt,
             condition_on_previous_text=False,
             vad_filter=False,

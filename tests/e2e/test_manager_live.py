@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 
 import pytest
 
@@ -85,3 +86,25 @@ async def test_a_role_prompt_changed_in_the_manager_applies_to_the_next_turn(pip
     assert {h["session_id"] for h in history} == {live.session_id}
     # Nothing was restarted for it.
     assert running and all(p.alive() for p in running.values()), {p.name: p.alive() for p in running.values()}
+
+
+async def test_an_agents_speech_model_and_language_set_in_the_manager_apply_to_the_next_turn(pipeline, manager_on_pipeline):
+    """Mandarin from a device whose agent has no speech model set is heard by the default
+    English-only Whisper; the owner picks the multilingual model and Mandarin in the manager, and
+    the very next spoken turn is transcribed in Mandarin, in the same session."""
+    api, binding = manager_on_pipeline
+    _, agent = api.call("POST", "/api/agents", {"name": "Xiaoming"})
+    device = SimDevice(ota_url=f"{binding.http_url}/xiaozhi/ota/")
+    code = (await device.ota())["activation"]["code"]
+    assert api.call("POST", "/api/devices/bind", {"code": code, "agent_id": agent["id"]})[0] == 201
+    assert await device.activate(polls=2, wait_pending_s=0.1)
+    speech = read_wav(fixture_wav("zh_what_time.wav"))
+    cjk = re.compile(r"[\u4e00-\u9fff]")
+    async with SimDevice(ws_url=pipeline.ws_url, device_id=device.device_id) as live:
+        report = await live.speak(speech)
+        # tiny.en writes English (or nothing it trusts) for Mandarin.
+        assert report.error is None and not cjk.search(report.stt or ""), report
+        assert api.call("PUT", f"/api/agents/{agent['id']}", {"name": "Xiaoming", "asr_model": "base", "language": "zh"})[0] == 200
+        report = await live.speak(speech)
+        assert report.error is None and report.frames > 0, report
+        assert report.stt and cjk.search(report.stt) and "点" in report.stt, report.stt  # 现在几点了

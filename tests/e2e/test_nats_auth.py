@@ -3,40 +3,17 @@ pipeline works with one user per service, and each user is refused what is not i
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 
 import pytest
 from nats.aio.client import Client as NATS
 
 from shared import natsauth
-from tests.conftest import fixture_wav
+from tests.conftest import fixture_wav, try_as, violation
 from xiaozhi.sim import SimDevice, read_wav
 from xiaozhi.stack import SERVICES, Stack, free_port, nats_server_binary, wait_tcp
 
 pytestmark = pytest.mark.e2e
-
-
-async def try_as(url: str, user: str, password: str, action) -> list[str]:
-    """Run ``action(nc)`` as ``user``; returns the errors NATS reported."""
-    errors: list[str] = []
-
-    async def on_error(exc: Exception) -> None:
-        errors.append(str(exc))
-
-    nc = NATS()
-    await nc.connect(url, user=user, password=password, error_cb=on_error, allow_reconnect=False)
-    try:
-        await action(nc)
-        await nc.flush(timeout=2)
-        await asyncio.sleep(0.3)
-    finally:
-        await nc.close()
-    return errors
-
-
-def violation(errors: list[str]) -> bool:
-    return any("permissions violation" in e.lower() for e in errors)
 
 
 @pytest.fixture(scope="module")

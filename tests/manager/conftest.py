@@ -159,3 +159,14 @@ def manager(database_url, tmp_path_factory) -> Iterator[ManagerStack]:
         yield ManagerStack(stack, base, f"http://127.0.0.1:{http_port}/xiaozhi/ota/", f"ws://127.0.0.1:{ws_port}/xiaozhi/v1/", database_url, tmp / "logs", mgr.metrics_port)
     finally:
         stack.stop()
+
+
+async def audio_store(nc):
+    """The xz_audio object store (the ASR's kept utterances), made when this test is first."""
+    from nats.js.api import ObjectStoreConfig
+
+    js = nc.jetstream()
+    try:
+        return await js.object_store("xz_audio")
+    except Exception:  # noqa: BLE001 - not there yet
+        return await js.create_object_store("xz_audio", config=ObjectStoreConfig(bucket="xz_audio"))

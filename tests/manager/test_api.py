@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, inspect
 
 from manager.db import migrate
 from shared.agents import kv_key
-from tests.manager.conftest import ADMIN_PASSWORD, Api, start_manager
+from tests.manager.conftest import ADMIN_PASSWORD, Api, audio_store, start_manager
 from xiaozhi.sim import SimDevice
 
 pytestmark = pytest.mark.e2e
@@ -364,8 +364,6 @@ async def test_firmware_uploaded_in_the_manager_is_offered_by_ota(manager):
 async def test_history_with_the_users_recorded_words(manager):
     """A turn event (as the LLM sends it) naming a kept recording (as the ASR stores it): the
     owner reads the texts and plays the recording; nobody else can; unbinding deletes it."""
-    from nats.js.api import ObjectStoreConfig
-
     admin = manager.admin()
     admin.call("POST", "/api/users", {"username": "gina", "password": "gina-password"})
     gina = Api(manager.base).login("gina", "gina-password")
@@ -376,11 +374,7 @@ async def test_history_with_the_users_recorded_words(manager):
     nc = NATS()
     await nc.connect(manager.stack.nats_url)
     try:
-        js = nc.jetstream()
-        try:
-            store = await js.object_store("xz_audio")
-        except Exception:  # noqa: BLE001
-            store = await js.create_object_store("xz_audio", config=ObjectStoreConfig(bucket="xz_audio"))
+        store = await audio_store(nc)
         await store.put("t-gina-1.ogg", recording)
         event = {"device_id": device.device_id, "session_id": "s-gina", "turn_id": "t-gina-1", "user": "What time is it?", "assistant": "It is noon.", "audio": "t-gina-1.ogg", "at": 1795560000}
         await nc.publish("xz.history", json.dumps(event).encode())

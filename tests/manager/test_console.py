@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.manager.conftest import ADMIN_PASSWORD
+from tests.manager.conftest import ADMIN_PASSWORD, audio_store
 from xiaozhi.sim import SimDevice
 
 pytestmark = pytest.mark.e2e
@@ -58,7 +58,6 @@ async def _turn_with_recording(nats_url: str, device_id: str, size: str) -> None
     import json
 
     from nats.aio.client import Client as NATS
-    from nats.js.api import ObjectStoreConfig
 
     from shared.audio import encode_pcm
     from shared.ogg import ogg_opus
@@ -68,11 +67,7 @@ async def _turn_with_recording(nats_url: str, device_id: str, size: str) -> None
     nc = NATS()
     await nc.connect(nats_url)
     try:
-        js = nc.jetstream()
-        try:
-            store = await js.object_store("xz_audio")
-        except Exception:  # noqa: BLE001
-            store = await js.create_object_store("xz_audio", config=ObjectStoreConfig(bucket="xz_audio"))
+        store = await audio_store(nc)
         name = f"t-console-{size}.ogg"
         await store.put(name, ogg_opus(encode_pcm(read_wav(fixture_wav("en_what_time.wav")), 16000, 60)))
         event = {"device_id": device_id, "session_id": f"s-{size}", "turn_id": f"t-console-{size}", "user": f"What time is it? ({size})", "assistant": "It is noon.", "audio": name}
