@@ -54,5 +54,6 @@ async def test_server_mcp_tool_turn(pipeline):
     calls = [json.loads(line) for line in pipeline.log("tools").splitlines() if '"tool call"' in line]
     shout = [c for c in calls if c.get("tool") == "demo_shout"]
     mcp_lines = [line[:300] for line in pipeline.log("tools").splitlines() if "mcp" in line.lower()][-5:]
-    llm_lines = [line[:300] for line in pipeline.log("llm").splitlines() if "banana" in line or "demo_shout" in line][-5:]
-    assert any(c.get("ok") for c in shout), (shout, mcp_lines, llm_lines)
+    turn_id = next((json.loads(line).get("turn_id") for line in pipeline.log("llm").splitlines() if '"msg": "turn"' in line and "banana" in line), None)
+    llm_lines = [line[:400] for line in pipeline.log("llm").splitlines() if turn_id and turn_id in line]
+    assert any(c.get("ok") for c in shout), "\n".join([f"tool calls: {shout}", *mcp_lines, "llm:", *llm_lines])
