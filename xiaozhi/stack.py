@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -42,10 +43,21 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
             return False
 
 
+# Ports this process handed out lately: the kernel may offer a just-closed port again, and two
+# services told the same "free" port fight over it (seen: a gateway's metrics port).
+_HANDED_OUT: deque[int] = deque(maxlen=512)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A port free now, and not one this process handed out lately."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            break
+    _HANDED_OUT.append(port)
+    return port
 
 
 def pick_port(preferred: int, host: str = "0.0.0.0") -> int:
