@@ -91,7 +91,8 @@ class WhisperEngine:
         if not self.multilingual:
             self.language = "en"
         self.beam_size = beam_size
-        # Mandarin needs the wider search (models.md: base with beam 1 mishears 几点 as 去点).
+        # Mandarin gets the wider search models.md recommends (+0.06 s per utterance; on single
+        # samples each width has misheard one character: docs/benchmarks.md).
         self.beam_size_zh = max(beam_size, beam_size_zh)
         self.initial_prompt = initial_prompt
         if self.multilingual and language == "zh" and initial_prompt is None:

@@ -7,6 +7,7 @@ restart.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -102,8 +103,6 @@ class AgentDirectory:
     async def get(self, device_id: str | None) -> AgentConfig | None:
         if not device_id:
             return None
-        import asyncio
-
         try:
             if self._kv is None:
                 self._kv = await asyncio.wait_for(self.nc.jetstream().key_value(self.bucket), self.timeout_s)

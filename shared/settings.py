@@ -257,7 +257,7 @@ class AsrSettings(BaseModel):
     models: list[str] = Field(default_factory=lambda: ["tiny.en", "base"])
     language: str | None = "en"
     beam_size: int = 1
-    # Beam width when transcribing Mandarin (a multilingual model): 1 mishears it (models.md).
+    # Beam width when transcribing Mandarin (a multilingual model), as models.md recommends.
     beam_size_zh: int = 5
     threads: int = 2
     initial_prompt: str | None = None

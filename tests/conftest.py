@@ -232,3 +232,16 @@ async def try_as(url: str, user: str, password: str, action) -> list[str]:
 
 def violation(errors: list[str]) -> bool:
     return any("permissions violation" in e.lower() for e in errors)
+
+
+def log_records(text: str, msg: str, session_id: str | None = None) -> list[dict]:
+    """A service log's JSON records with this ``msg`` (and session), oldest first."""
+    out = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("msg") == msg and (session_id is None or record.get("session_id") == session_id):
+            out.append(record)
+    return out

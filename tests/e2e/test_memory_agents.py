@@ -9,6 +9,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from shared.agents import AgentConfig, kv_key, save_agent
+from tests.conftest import log_records
 from xiaozhi.sim import SimDevice, random_mac
 
 pytestmark = pytest.mark.e2e
@@ -21,15 +22,7 @@ async def kv(nats_url: str, bucket: str):
 
 
 def llm_lines(pipeline, session_id: str, msg: str) -> list[dict]:
-    out = []
-    for line in pipeline.log("llm").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("session_id") == session_id and record.get("msg") == msg:
-            out.append(record)
-    return out
+    return log_records(pipeline.log("llm"), msg, session_id)
 
 
 async def test_memory_survives_a_reconnect(pipeline):

@@ -28,7 +28,7 @@ from shared.messages import (
     new_turn_id,
 )
 from shared.subjects import Subjects
-from tests.conftest import collect_llm_turn, fixture_wav, start
+from tests.conftest import collect_llm_turn, fixture_wav, log_records, start
 from xiaozhi.sim import read_wav
 from xiaozhi.stack import free_port, wait_tcp
 
@@ -182,16 +182,7 @@ async def test_an_agents_model_is_what_the_openai_compatible_server_is_asked_for
     for device_id, session in (("aa:bb:cc:00:00:01", "s-model-1"), ("aa:bb:cc:00:00:02", "s-model-2")):
         events, jobs = await collect_llm_turn(nc, session, UserTurn(session_id=session, turn_id=new_turn_id(), text="Say hi.", device_id=device_id))
         assert events[-1].kind == "turn_end" and jobs
-    import json
-
-    replies = {}
-    for line in (nats_only.log_dir / "llm.log").read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("msg") == "reply":
-            replies[record.get("session_id")] = record.get("model")
+    replies = {r.get("session_id"): r.get("model") for r in log_records((nats_only.log_dir / "llm.log").read_text(), "reply")}
     assert replies.get("s-model-1") == "smollm2-pirate", replies
     assert replies.get("s-model-2") == "smollm2", replies
     assert proc.alive()
@@ -217,14 +208,7 @@ async def test_an_agent_chooses_its_llm_backend(nats_only, llama_server, nc):
         session = f"s-{device_id}"
         events, jobs = await collect_llm_turn(nc, session, UserTurn(session_id=session, turn_id=new_turn_id(), text="Say hi.", device_id=device_id))
         assert events[-1].kind == "turn_end" and jobs and jobs[0].text != "Sorry, I could not think of an answer just now.", jobs
-    replies = {}
-    for line in (nats_only.log_dir / "llm.log").read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("msg") == "reply":
-            replies[record.get("session_id")] = record.get("model")
+    replies = {r.get("session_id"): r.get("model") for r in log_records((nats_only.log_dir / "llm.log").read_text(), "reply")}
     # The remote server names the model it answered as; the embedded model names none.
     assert replies == {"s-dev-remote": "smollm2-remote", "s-dev-local": None, "s-dev-ghost": None}, replies
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz") as response:

@@ -19,6 +19,21 @@ from xiaozhi.sim import SimDevice
 pytestmark = pytest.mark.e2e
 
 
+
+def new_user(manager, name: str) -> Api:
+    """A user made by the admin (password ``<name>-password``), signed in."""
+    assert manager.admin().call("POST", "/api/users", {"username": name, "password": f"{name}-password"})[0] == 201
+    return Api(manager.base).login(name, f"{name}-password")
+
+
+async def bind_new_device(manager, owner: Api, **body) -> SimDevice:
+    """A simulated device that asked OTA for its code, bound by ``owner`` (``body``: agent_id, alias)."""
+    device = SimDevice(ota_url=manager.ota_url)
+    code = (await device.ota())["activation"]["code"]
+    status, bound = owner.call("POST", "/api/devices/bind", {"code": code, **body})
+    assert status == 201, bound
+    return device
+
 def test_schema_is_migrated_and_matches_the_models(manager):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
@@ -114,8 +129,7 @@ def test_personal_api_tokens(manager):
 
 def test_agents_are_private_to_their_owner(manager):
     admin = manager.admin()
-    admin.call("POST", "/api/users", {"username": "dave", "password": "dave-password"})
-    dave = Api(manager.base).login("dave", "dave-password")
+    dave = new_user(manager, "dave")
     status, agent = dave.call("POST", "/api/agents", {"name": "Pirate", "role_prompt": "You are a pirate.", "memory": "summary", "tools": ["get_time"]})
     assert status == 201 and agent["memory"] == "summary" and agent["tools"] == ["get_time"]
     assert dave.call("GET", f"/api/agents/{agent['id']}")[1]["name"] == "Pirate"
@@ -144,9 +158,7 @@ async def _kv_agent(nats_url: str, device_id: str) -> dict | None:
 
 
 async def test_bind_by_spoken_code_and_live_config(manager):
-    admin = manager.admin()
-    admin.call("POST", "/api/users", {"username": "erin", "password": "erin-password"})
-    erin = Api(manager.base).login("erin", "erin-password")
+    erin = new_user(manager, "erin")
     _, agent = erin.call("POST", "/api/agents", {"name": "Captain Pete", "role_prompt": "You are {name}, a cheerful pirate."})
 
     # The device boots, asks OTA, and speaks its activation code.
@@ -313,11 +325,8 @@ async def test_firmware_uploaded_in_the_manager_is_offered_by_ota(manager):
     import aiohttp
 
     admin = manager.admin()
-    admin.call("POST", "/api/users", {"username": "fiona", "password": "fiona-password"})
-    fiona = Api(manager.base).login("fiona", "fiona-password")
-    device = SimDevice(ota_url=manager.ota_url)
-    code = (await device.ota())["activation"]["code"]
-    assert fiona.call("POST", "/api/devices/bind", {"code": code})[0] == 201
+    fiona = new_user(manager, "fiona")
+    device = await bind_new_device(manager, fiona)
     image = bytes(range(256)) * 1200  # 300 KB: several object-store chunks
 
     # Only administrators upload; versions are dotted numbers; names are safe.
@@ -365,11 +374,8 @@ async def test_history_with_the_users_recorded_words(manager):
     """A turn event (as the LLM sends it) naming a kept recording (as the ASR stores it): the
     owner reads the texts and plays the recording; nobody else can; unbinding deletes it."""
     admin = manager.admin()
-    admin.call("POST", "/api/users", {"username": "gina", "password": "gina-password"})
-    gina = Api(manager.base).login("gina", "gina-password")
-    device = SimDevice(ota_url=manager.ota_url)
-    code = (await device.ota())["activation"]["code"]
-    assert gina.call("POST", "/api/devices/bind", {"code": code})[0] == 201
+    gina = new_user(manager, "gina")
+    device = await bind_new_device(manager, gina)
     recording = b"OggS" + bytes(range(200))
     nc = NATS()
     await nc.connect(manager.stack.nats_url)
@@ -403,12 +409,8 @@ async def test_history_with_the_users_recorded_words(manager):
 
 async def test_history_keeps_the_newest_lines_only(manager):
     """manager.history_max_lines (6 here): older lines of a device's history go."""
-    admin = manager.admin()
-    admin.call("POST", "/api/users", {"username": "hana", "password": "hana-password"})
-    hana = Api(manager.base).login("hana", "hana-password")
-    device = SimDevice(ota_url=manager.ota_url)
-    code = (await device.ota())["activation"]["code"]
-    assert hana.call("POST", "/api/devices/bind", {"code": code})[0] == 201
+    hana = new_user(manager, "hana")
+    device = await bind_new_device(manager, hana)
     nc = NATS()
     await nc.connect(manager.stack.nats_url)
     try:
@@ -432,9 +434,7 @@ async def test_live_config_rewrites_only_changes_and_comes_back_after_a_lost_buc
     everything again when the bucket was lost (a NATS restart without its store)."""
     admin = manager.admin()
     _, agent = admin.call("POST", "/api/agents", {"name": "Keeper"})
-    device = SimDevice(ota_url=manager.ota_url)
-    code = (await device.ota())["activation"]["code"]
-    assert admin.call("POST", "/api/devices/bind", {"code": code, "agent_id": agent["id"]})[0] == 201
+    device = await bind_new_device(manager, admin, agent_id=agent["id"])
     nc = NATS()
     await nc.connect(manager.stack.nats_url)
     js = nc.jetstream()
