@@ -110,6 +110,21 @@ def choice_messages(messages: list[dict[str, Any]], tools: list[ToolSpec]) -> tu
     return system, plain_messages([m for m in messages if m.get("role") != "system"])
 
 
+def bounded_strings(schema: Any, max_length: int = 200) -> Any:
+    """The schema with a maxLength on every string that has none, for the constrained argument
+    step: a small model can repeat itself inside a string until max_tokens cuts the JSON off
+    (seen: "Banana is a fruit that is used in many ways, it is a fruit..."), which made the call
+    invalid. With a bound the string must close, and the JSON with it."""
+    if isinstance(schema, list):
+        return [bounded_strings(item, max_length) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: bounded_strings(value, max_length) for key, value in schema.items()}
+    if out.get("type") == "string" and "maxLength" not in out and "enum" not in out and "const" not in out:
+        out["maxLength"] = max_length
+    return out
+
+
 def chosen_tool(choice: str, tools: list[ToolSpec]) -> ToolSpec | None:
     """The tool a constrained choice names, or None for "message:" (or anything else)."""
     choice = choice.strip()
@@ -235,7 +250,7 @@ class LlamaCppBackend:
         if not tool.parameters.get("properties"):
             return ToolCallRequest(name=tool.name, arguments="{}")
         try:
-            arg_grammar = LlamaGrammar.from_json_schema(json.dumps(tool.parameters), verbose=False)
+            arg_grammar = LlamaGrammar.from_json_schema(json.dumps(bounded_strings(tool.parameters)), verbose=False)
         except Exception:  # noqa: BLE001
             from llama_cpp import llama_grammar
 

@@ -31,7 +31,7 @@ import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from llm_svc.backends import ANSWERED_BY, BackendError, Delta, ToolCallRequest, choice_messages, choice_options, chosen_tool, packaged_gguf, plain_messages
+from llm_svc.backends import ANSWERED_BY, BackendError, Delta, ToolCallRequest, bounded_strings, choice_messages, choice_options, chosen_tool, packaged_gguf, plain_messages
 from shared.messages import ToolSpec
 
 log = logging.getLogger("llm_svc.vllm")
@@ -220,7 +220,7 @@ class VllmBackend:
         if not tool.parameters.get("properties"):
             return ToolCallRequest(name=tool.name, arguments="{}")
         arguments = "{}"
-        params = self._sampling(max_tokens=128, temperature=0, structured_outputs=self._structured(json=tool.parameters))
+        params = self._sampling(max_tokens=128, temperature=0, structured_outputs=self._structured(json=bounded_strings(tool.parameters)))
         async for arguments in self._generate(prompt + choice.strip() + "\n", params, never):
             pass
         return ToolCallRequest(name=tool.name, arguments=arguments)
