@@ -234,10 +234,17 @@ class DeviceSession:
 
     async def _on_hello(self, hello: protocol.Hello) -> None:
         self.hello = hello
-        await self._send(protocol.server_hello(self.session_id, self.settings.sample_rate, self.settings.frame_duration, self.version))
+        # Subscribed (and known to NATS) before the device hears the hello: a device or an LLM
+        # turn that acts at once must find this session's subjects (seen: NoResponders for
+        # xz.device.<session>.mcp asked right after the handshake).
         # Bounded: a reply's frames arrive faster than real time (a long song: thousands).
         self._out_sub = await self.nc.subscribe(self.subjects.out(self.session_id), cb=self._on_out, pending_msgs_limit=20000, pending_bytes_limit=16 * 1024 * 1024)
         self._mcp_sub = await self.nc.subscribe(self.subjects.device_mcp(self.session_id), cb=self._on_mcp_request)
+        try:
+            await self.nc.flush(timeout=2)
+        except Exception as exc:  # noqa: BLE001 - NATS slow: carry on, as before
+            log.warning("subscriptions not confirmed before hello: %s", exc)
+        await self._send(protocol.server_hello(self.session_id, self.settings.sample_rate, self.settings.frame_duration, self.version))
         if hello.features.get("mcp"):
             token = auth.issue_vision_token(self.auth_key, self.device_id, int(time.time()), self.settings.auth.vision_ttl_seconds) if self.vision_url else None
             await self._send_mcp(mcp.initialize(self.vision_url, token))
