@@ -6,6 +6,7 @@ history route is scoped to the token's user, so one user never sees another's de
 
 import datetime as dt
 import hashlib
+import re
 import secrets
 import time
 from pathlib import Path as Path_
@@ -13,7 +14,6 @@ from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Path, Query, Request, Response, UploadFile, status
 from fastapi.responses import FileResponse
-from starlette.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import Counter
@@ -21,9 +21,11 @@ from pydantic import AfterValidator, BaseModel, Field, field_validator
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from manager import auth
-from manager.limits import BodyLimit, header
+from manager.limits import BodyLimit
+from manager.limits import header as scope_header
 from manager.models import Agent, ApiToken, ChatTurn, Device, Firmware, User, utcnow
 from shared.metrics import histogram
 from shared.settings import GatewaySettings, ManagerSettings
@@ -282,7 +284,8 @@ def create_app(
     def ws_url_for(host_header: str | None) -> str:
         if gw.websocket_url:
             return gw.websocket_url
-        host = gw.public_host or (host_header or "127.0.0.1")
+        # The request's host name only when it is one (it lands in the CSP header and the page).
+        host = gw.public_host or (host_header if host_header and re.fullmatch(r"[A-Za-z0-9.:\[\]-]{1,253}", host_header) else "127.0.0.1")
         scheme = "wss" if gw.tls_cert_file else "ws"
         return f"{scheme}://{host}:{gw.ws_port}{gw.ws_path}"
 
@@ -306,7 +309,7 @@ def create_app(
         path = scope.get("path", "")
         if not path.startswith("/api/") or path in PUBLIC_BODY_ROUTES:
             return None
-        scheme, _, token = (header(scope, b"authorization") or "").partition(" ")
+        scheme, _, token = (scope_header(scope, b"authorization") or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return 401, "sign in first (Authorization: Bearer <token>)"
         with sessions() as session:
