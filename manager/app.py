@@ -276,6 +276,10 @@ def create_app(
             401: {"model": Problem, "description": "missing, unknown or expired token"},
         },
     )
+    try:
+        auth.client_address("127.0.0.1", None, settings.trusted_proxies)
+    except ValueError as exc:
+        raise ValueError(f"manager.trusted_proxies: {exc}") from None
     per_minute = settings.login_attempts_per_minute
     sign_in = auth.Limiter(60, {"pair": per_minute, "ip": per_minute * 5})
     old_password = auth.Limiter(60, {"pw": settings.password_attempts_per_minute})

@@ -416,6 +416,12 @@ def test_client_address_believes_forwarded_for_only_from_configured_proxies():
     assert client_address("10.0.0.5", "6.6.6.6, 192.0.2.7", ["10.0.0.0/24"]) == "192.0.2.7"
     assert client_address("10.0.0.5", "6.6.6.6, 192.0.2.7, 10.0.0.4", ["10.0.0.0/24"]) == "192.0.2.7"
     assert client_address("192.0.2.8", "6.6.6.6", ["10.0.0.0/24"]) == "192.0.2.8"
+    # A setting that is not a network stops the manager at start, with the setting's name.
+    from manager.app import create_app
+    from shared.settings import ManagerSettings
+
+    with pytest.raises(ValueError, match="trusted_proxies"):
+        create_app(ManagerSettings(trusted_proxies=["10.0.0.0/33"]), None, None, None, None)
 
 
 # -- binding codes ---------------------------------------------------------------------------
