@@ -614,6 +614,9 @@ def create_app(
         if claimed.get("conflict"):
             raise HTTPException(status.HTTP_409_CONFLICT, "that device is bound to another account; its owner must unbind it first")
         device_id = str(claimed["device_id"]).lower()
+        if device_id.startswith("web-"):
+            # The console's Talk devices are made by /api/talk only, never claimed by a code.
+            raise HTTPException(status.HTTP_409_CONFLICT, "web- device ids are the console's; they cannot be bound by code")
         existing = session.execute(select(Device).where(Device.device_id == device_id)).scalar_one_or_none()
         if existing is not None and existing.owner_id != user.id:
             raise HTTPException(status.HTTP_409_CONFLICT, "that device is bound to another account; its owner must unbind it first")

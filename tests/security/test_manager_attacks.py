@@ -139,12 +139,14 @@ async def test_a_pre_claimed_talk_device_does_not_capture_the_victims_words(msta
     mallory = mstack.new_user("mallory3")
     next_id = max(row[0] for row in mstack.sql("SELECT id FROM users")) + 1
     predicted = [f"web-{n}" for n in range(next_id, next_id + 3)]
+    claimed: list[int | None] = []
     for device_id in predicted:
         try:
             code = (await SimDevice(ota_url=mstack.ota_url, device_id=device_id).ota())["activation"]["code"]
             status = mallory.call("POST", "/api/devices/bind", {"code": code})[0]
         except (RuntimeError, KeyError, TypeError):
             status = None  # OTA refuses web- ids (the gateway's side of the fix)
+        claimed.append(status)
         if status != 201:
             # Then the attacker's row exists by other means (an older deployment): the manager
             # must still never hand it to someone else.
@@ -165,6 +167,8 @@ async def test_a_pre_claimed_talk_device_does_not_capture_the_victims_words(msta
     mstack.sql("UPDATE users SET talk_device_id = :d WHERE id = :u", d=predicted[0], u=victim_id)
     again = victim.call("GET", "/api/talk")[1]
     assert again["device_id"] not in predicted and again["device_id"] != talk["device_id"], again
+    # Where OTA still handed out a code for a web- id, the manager refused to bind it by code.
+    assert all(status in (None, 409) for status in claimed), claimed
 
 
 # -- vuln 4: the next user inherits a deleted user's data -----------------------------------
