@@ -6,6 +6,8 @@ history route is scoped to the token's user, so one user never sees another's de
 
 import datetime as dt
 import hashlib
+import re
+import secrets
 import time
 from pathlib import Path as Path_
 from typing import Annotated, Any, Literal, Protocol
@@ -19,8 +21,11 @@ from pydantic import AfterValidator, BaseModel, Field, field_validator
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from manager import auth
+from manager.limits import BodyLimit
+from manager.limits import header as scope_header
 from manager.models import Agent, ApiToken, ChatTurn, Device, Firmware, User, utcnow
 from shared.metrics import histogram
 from shared.settings import GatewaySettings, ManagerSettings
@@ -35,6 +40,7 @@ class Live(Protocol):
     def device_changed(self, device_id: str, agent: Agent | None) -> bool: ...
     def agent_changed(self, agent: Agent, device_ids: list[str]) -> bool: ...
     def devices_removed(self, device_ids: list[str]) -> bool: ...
+    def devices_unbound(self, device_ids: list[str]) -> bool: ...
     def device_flags(self, device_id: str, auto_upgrade: bool | None) -> bool: ...
     def put_firmware(self, name: str, data: bytes) -> None: ...
     def delete_firmware(self, name: str) -> None: ...
@@ -51,7 +57,7 @@ class Registry(Protocol):
 class Binder(Protocol):
     """Claims the device waiting with an activation code (the gateways hold the codes)."""
 
-    def bind(self, code: str, owner: str) -> dict[str, Any] | None: ...
+    def bind(self, code: str, owner: str) -> dict[str, Any] | None: ...  # {"conflict": True}: bound to another owner
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,7 +67,11 @@ class Binder(Protocol):
 _METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
 CONSOLE = Path_(__file__).parent / "console"
 SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
-CSP = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; media-src 'self' blob:; connect-src 'self' ws: wss:; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+# connect-src: this origin and the one gateway WebSocket origin /api/talk hands out, no other host.
+CSP = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; media-src 'self' blob:; connect-src 'self' {ws}; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+# Routes that take a body without a token (everything else under /api/ checks it before reading).
+PUBLIC_BODY_ROUTES = {"/api/auth/login"}
+FIRMWARE_FORM_OVERHEAD = 64 * 1024
 
 
 def _utc(value: dt.datetime) -> dt.datetime:
@@ -108,11 +118,13 @@ class PasswordIn(BaseModel):
 
 class ApiTokenIn(BaseModel):
     name: str = Field(min_length=1, max_length=100)
+    # None: manager.token_default_days (90); at most manager.token_max_days (365).
     expires_in_days: int | None = Field(default=None, ge=1, le=3650)
 
 
 class ApiTokenOut(BaseModel):
     id: int
+    kind: str  # personal | session (a sign-in; listed to admins only)
     name: str
     prefix: str
     created_at: Time
@@ -250,7 +262,12 @@ def create_app(
     options: AgentOptions | None = None,
 ) -> FastAPI:
     options = options or AgentOptions()
+    gw = gateway or GatewaySettings()
     app = FastAPI(
+        # The API docs page is served from this origin's own files (no CDN on the origin that
+        # keeps the token): /docs below.
+        docs_url=None,
+        redoc_url=None,
         title="xiaozhi manager",
         version="0.1.0",
         description="Users, devices, agents and live configuration of a xiaozhi voice backend.",
@@ -259,7 +276,58 @@ def create_app(
             401: {"model": Problem, "description": "missing, unknown or expired token"},
         },
     )
-    limiter = auth.LoginLimiter(settings.login_attempts_per_minute)
+    try:
+        auth.client_address("127.0.0.1", None, settings.trusted_proxies)
+    except ValueError as exc:
+        raise ValueError(f"manager.trusted_proxies: {exc}") from None
+    per_minute = settings.login_attempts_per_minute
+    sign_in = auth.Limiter(60, {"pair": per_minute, "ip": per_minute * 5})
+    old_password = auth.Limiter(60, {"pw": settings.password_attempts_per_minute})
+    binding = auth.Limiter(settings.bind_window_s, {"bind": settings.bind_attempts})
+
+    def ws_url_for(host_header: str | None) -> str:
+        if gw.websocket_url:
+            return gw.websocket_url
+        # The request's host name only when it is one (it lands in the CSP header and the page).
+        host = gw.public_host or (host_header if host_header and re.fullmatch(r"[A-Za-z0-9.:\[\]-]{1,253}", host_header) else "127.0.0.1")
+        scheme = "wss" if gw.tls_cert_file else "ws"
+        return f"{scheme}://{host}:{gw.ws_port}{gw.ws_path}"
+
+    def ws_origin(host_header: str | None) -> str:
+        url = ws_url_for(host_header)
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://{rest.split('/', 1)[0]}"
+
+    def token_row(session: Session, token: str) -> ApiToken | None:
+        row = session.execute(select(ApiToken).where(ApiToken.token_hash == auth.digest(token))).scalar_one_or_none()
+        if row is None or (row.expires_at is not None and row.expires_at < utcnow()):
+            return None
+        return row
+
+    def body_limit(scope: Any) -> int:
+        if scope.get("path") == "/api/firmware" and scope.get("method") == "POST":
+            return settings.max_firmware_bytes + FIRMWARE_FORM_OVERHEAD
+        return settings.max_body_bytes
+
+    def check_before_body(scope: Any) -> tuple[int, str] | None:
+        path = scope.get("path", "")
+        if not path.startswith("/api/") or path in PUBLIC_BODY_ROUTES:
+            return None
+        scheme, _, token = (scope_header(scope, b"authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return 401, "sign in first (Authorization: Bearer <token>)"
+        with sessions() as session:
+            row = token_row(session, token.strip())
+            if row is None:
+                return 401, "unknown or expired token"
+            if path == "/api/firmware" and session.get(User, row.user_id).role != "admin":
+                return 403, "administrators only"
+        return None
+
+    async def authorize(scope: Any) -> tuple[int, str] | None:
+        return await run_in_threadpool(check_before_body, scope)
+
+    app.add_middleware(BodyLimit, limit_for=body_limit, authorize=authorize, timeout_s=settings.body_timeout_s)
 
     @app.middleware("http")
     async def measure(request: Request, call_next):  # noqa: ANN001, ANN202
@@ -270,9 +338,9 @@ def create_app(
             status_class = f"{response.status_code // 100}xx"
             for header, value in SECURITY_HEADERS.items():
                 response.headers.setdefault(header, value)
-            if not request.url.path.startswith(("/docs", "/redoc")):
-                # The console loads only its own files (the API docs pages use a CDN).
-                response.headers.setdefault("Content-Security-Policy", CSP)
+            # The console and the docs page load only their own files; the console talks to
+            # this origin and to the gateway's WebSocket.
+            response.headers.setdefault("Content-Security-Policy", CSP.format(ws=ws_origin(request.url.hostname)))
             return response
         finally:
             # The route template (/api/devices/{device_id}), never the raw path: labels stay bounded.
@@ -290,9 +358,9 @@ def create_app(
     def current_user(session: DB, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> User:
         if credentials is None or credentials.scheme.lower() != "bearer":
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, "sign in first (Authorization: Bearer <token>)", headers={"WWW-Authenticate": "Bearer"})
-        row = session.execute(select(ApiToken).where(ApiToken.token_hash == auth.digest(credentials.credentials))).scalar_one_or_none()
+        row = token_row(session, credentials.credentials)
         now = utcnow()
-        if row is None or (row.expires_at is not None and row.expires_at < now):
+        if row is None:
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, "unknown or expired token", headers={"WWW-Authenticate": "Bearer"})
         if row.last_used_at is None or (now - row.last_used_at).total_seconds() > 60:
             row.last_used_at = now
@@ -334,14 +402,17 @@ def create_app(
 
     @app.post("/api/auth/login", response_model=TokenOut, tags=["auth"], responses={429: {"model": Problem}, 401: {"model": Problem}})
     def login(body: LoginIn, request: Request, session: DB) -> TokenOut:
-        keys = (limiter.key("user", body.username.lower()), limiter.key("ip", request.client.host if request.client else "?"))
-        if limiter.blocked(session, *keys):
-            raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, "too many failed sign-ins; wait a minute")
+        # Per (address, account) pair, and per address: someone else's failures never lock an
+        # account for its owner's address (anyone could lock out "admin" otherwise).
+        address = auth.client_address(request.client.host if request.client else None, request.headers.get("x-forwarded-for"), settings.trusted_proxies)
+        attempt = sign_in.begin(session, sign_in.key("pair", address, body.username.lower()), sign_in.key("ip", address))
+        if attempt.blocked:
+            raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, "too many failed sign-ins; wait a minute", headers={"Retry-After": str(attempt.retry_after_s)})
         user = session.execute(select(User).where(User.username == body.username)).scalar_one_or_none()
         if not auth.verify_password(user, body.password):
-            limiter.failed(session, *keys)
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, "wrong username or password")
         assert user is not None
+        sign_in.forget(session, attempt)
         token, row = auth.new_token(user, "session", "sign-in", settings.session_ttl_s)
         session.add(row)
         session.commit()
@@ -361,14 +432,19 @@ def create_app(
     def me(user: CurrentUser) -> User:
         return user
 
-    @app.put("/api/me/password", status_code=204, tags=["users"], responses={400: {"model": Problem}})
+    @app.put("/api/me/password", status_code=204, tags=["users"], responses={400: {"model": Problem}, 429: {"model": Problem}})
     def change_password(body: PasswordIn, user: CurrentUser, session: DB) -> Response:
+        """Every token of the account ends, sign-ins (this one too: sign in again) and
+        personal API tokens: whoever had the old password may have made one."""
+        attempt = old_password.begin(session, old_password.key("pw", str(user.id)))
+        if attempt.blocked:
+            raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, "too many wrong passwords; wait a minute", headers={"Retry-After": str(attempt.retry_after_s)})
         if not auth.verify_password(user, body.old_password):
             raise HTTPException(status.HTTP_400_BAD_REQUEST, "the old password is wrong")
+        old_password.forget(session, attempt)
         user = session.merge(user)
         user.password_hash = auth.hash_password(body.new_password)
-        # Every sign-in session ends; personal tokens stay (they are revoked one by one).
-        session.execute(delete(ApiToken).where(ApiToken.user_id == user.id, ApiToken.kind == "session"))
+        session.execute(delete(ApiToken).where(ApiToken.user_id == user.id))
         session.commit()
         return Response(status_code=204)
 
@@ -394,15 +470,45 @@ def create_app(
         user = session.get(User, user_id)
         if user is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no such user")
+        # Everything the user owns goes: devices (unbound everywhere, their memory purged),
+        # their history and recordings, agents, API tokens and sign-ins. Children first: not
+        # every database cascades (SQLite without foreign keys, MyISAM).
         device_ids = list(session.execute(select(Device.device_id).where(Device.owner_id == user_id)).scalars())
-        # Children first: not every database cascades (SQLite without foreign keys, MyISAM).
+        recordings = recordings_of(session, device_ids)
+        if device_ids:
+            session.execute(delete(ChatTurn).where(ChatTurn.device_id.in_(device_ids)))
         session.execute(delete(Device).where(Device.owner_id == user_id))
         session.execute(delete(Agent).where(Agent.owner_id == user_id))
         session.execute(delete(ApiToken).where(ApiToken.user_id == user_id))
+        session.execute(Firmware.__table__.update().where(Firmware.uploaded_by == user_id).values(uploaded_by=None))
         session.delete(user)
         session.commit()
         if device_ids:
-            live.devices_removed(device_ids)
+            live.devices_unbound(device_ids)
+        if recordings:
+            live.delete_audio(recordings)
+        return Response(status_code=204)
+
+    def recordings_of(session: Session, device_ids: list[str]) -> list[str]:
+        if not device_ids:
+            return []
+        return list(session.execute(select(ChatTurn.audio_path).where(ChatTurn.device_id.in_(device_ids), ChatTurn.audio_path.is_not(None))).scalars())
+
+    @app.get("/api/users/{user_id}/tokens", response_model=list[ApiTokenOut], tags=["users"], responses={403: {"model": Problem}, 404: {"model": Problem}})
+    def user_tokens(user_id: Id, _admin: Admin, session: DB) -> list[ApiToken]:
+        """A user's personal API tokens and sign-ins (admins only)."""
+        if session.get(User, user_id) is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such user")
+        return list(session.execute(select(ApiToken).where(ApiToken.user_id == user_id).order_by(ApiToken.id)).scalars())
+
+    @app.delete("/api/users/{user_id}/tokens/{token_id}", status_code=204, tags=["users"], responses={403: {"model": Problem}, 404: {"model": Problem}})
+    def revoke_user_token(user_id: Id, token_id: Id, _admin: Admin, session: DB) -> Response:
+        """End one of a user's tokens or sign-ins (admins only)."""
+        row = session.get(ApiToken, token_id)
+        if row is None or row.user_id != user_id:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no such token")
+        session.delete(row)
+        session.commit()
         return Response(status_code=204)
 
     # -- personal API tokens -------------------------------------------------------------------
@@ -411,9 +517,12 @@ def create_app(
     def list_tokens(user: CurrentUser, session: DB) -> list[ApiToken]:
         return list(session.execute(select(ApiToken).where(ApiToken.user_id == user.id, ApiToken.kind == "personal").order_by(ApiToken.id)).scalars())
 
-    @app.post("/api/tokens", response_model=ApiTokenCreated, status_code=201, tags=["tokens"])
+    @app.post("/api/tokens", response_model=ApiTokenCreated, status_code=201, tags=["tokens"], responses={400: {"model": Problem}})
     def create_token(body: ApiTokenIn, user: CurrentUser, session: DB) -> ApiTokenCreated:
-        token, row = auth.new_token(user, "personal", body.name, body.expires_in_days * 86400 if body.expires_in_days else None)
+        days = body.expires_in_days or settings.token_default_days
+        if days > settings.token_max_days:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, f"a token lives at most {settings.token_max_days} days")
+        token, row = auth.new_token(user, "personal", body.name, days * 86400)
         session.add(row)
         session.commit()
         return ApiTokenCreated(token=token, **ApiTokenOut.model_validate(row, from_attributes=True).model_dump())
@@ -490,13 +599,24 @@ def create_app(
         online = registry.online([d.device_id for d in rows])
         return [device_out(d, online=d.device_id in online) for d in rows]
 
-    @app.post("/api/devices/bind", response_model=DeviceOut, status_code=201, tags=["devices"], responses={404: {"model": Problem}, 409: {"model": Problem}, 503: {"model": Problem}})
+    @app.post("/api/devices/bind", response_model=DeviceOut, status_code=201, tags=["devices"], responses={404: {"model": Problem}, 409: {"model": Problem}, 429: {"model": Problem}, 503: {"model": Problem}})
     def bind_device(body: BindIn, user: CurrentUser, session: DB) -> DeviceOut:
         agent = own_agent(session, user, body.agent_id) if body.agent_id is not None else None
+        # Wrong codes are limited per account (manager.bind_attempts per bind_window_s): a
+        # million codes cannot be walked through.
+        attempt = binding.begin(session, binding.key("bind", str(user.id)))
+        if attempt.blocked:
+            raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, "too many wrong codes; wait before trying again", headers={"Retry-After": str(attempt.retry_after_s)})
         claimed = binder.bind(body.code.strip(), user.username)
         if claimed is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, "no device is waiting with that code (it is spoken by the device and valid for a day)")
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no device is waiting with that code (it is spoken by the device and valid for 10 minutes)")
+        binding.forget(session, attempt)
+        if claimed.get("conflict"):
+            raise HTTPException(status.HTTP_409_CONFLICT, "that device is bound to another account; its owner must unbind it first")
         device_id = str(claimed["device_id"]).lower()
+        if device_id.startswith("web-"):
+            # The console's Talk devices are made by /api/talk only, never claimed by a code.
+            raise HTTPException(status.HTTP_409_CONFLICT, "web- device ids are the console's; they cannot be bound by code")
         existing = session.execute(select(Device).where(Device.device_id == device_id)).scalar_one_or_none()
         if existing is not None and existing.owner_id != user.id:
             raise HTTPException(status.HTTP_409_CONFLICT, "that device is bound to another account; its owner must unbind it first")
@@ -535,12 +655,14 @@ def create_app(
 
     @app.delete("/api/devices/{device_id}", status_code=204, tags=["devices"], responses={404: {"model": Problem}})
     def unbind_device(device_id: str, user: CurrentUser, session: DB) -> Response:
+        """Unbound everywhere: its history, recordings and memory are deleted, and every
+        gateway drops its binding (the device must be bound anew, by its code)."""
         device = own_device(session, user, device_id)
-        recordings = [a for a in session.execute(select(ChatTurn.audio_path).where(ChatTurn.device_id == device.device_id, ChatTurn.audio_path.is_not(None))).scalars()]
+        recordings = recordings_of(session, [device.device_id])
         session.execute(delete(ChatTurn).where(ChatTurn.device_id == device.device_id))
         session.delete(device)
         session.commit()
-        live.devices_removed([device.device_id])
+        live.devices_unbound([device.device_id])
         if recordings:
             live.delete_audio(recordings)
         return Response(status_code=204)
@@ -621,25 +743,24 @@ def create_app(
 
     @app.get("/api/talk", response_model=TalkOut, tags=["talk"], responses={404: {"model": Problem}})
     def talk(request: Request, user: CurrentUser, session: DB, agent_id: Annotated[int | None, Query(ge=1, le=2_147_483_647)] = None) -> TalkOut:
-        """Where and as what the browser connects: a device of this user's own ("web-<id>"),
-        bound here like any device (so it has an agent and a history), optionally with an agent."""
-        gw = gateway or GatewaySettings()
-        device_id = f"web-{user.id}"
-        device = session.execute(select(Device).where(Device.device_id == device_id)).scalar_one_or_none()
-        if device is None:
-            device = Device(device_id=device_id, owner_id=user.id, alias="This browser", board="web-console", auto_upgrade=False)
+        """Where and as what the browser connects: a device of this user's own ("web-" and 128
+        random bits, made once and kept), bound here like any device (so it has an agent and
+        a history), optionally with an agent."""
+        user = session.merge(user)
+        device = session.execute(select(Device).where(Device.device_id == user.talk_device_id)).scalar_one_or_none() if user.talk_device_id else None
+        if device is None or device.owner_id != user.id:
+            # First time, or (never expected: the id is random) a row someone else owns: a new
+            # id; another's row is never reused.
+            user.talk_device_id = "web-" + secrets.token_hex(16)
+            device = Device(device_id=user.talk_device_id, owner_id=user.id, alias="This browser", board="web-console", auto_upgrade=False)
             session.add(device)
         if agent_id is not None:
             device.agent_id = own_agent(session, user, agent_id).id
         session.commit()
         session.refresh(device)
         live.device_changed(device.device_id, device.agent)
-        if gw.websocket_url:
-            ws_url = gw.websocket_url
-        else:
-            host = gw.public_host or (request.url.hostname or "127.0.0.1")
-            scheme = "wss" if gw.tls_cert_file else "ws"
-            ws_url = f"{scheme}://{host}:{gw.ws_port}{gw.ws_path}"
+        ws_url = ws_url_for(request.url.hostname)
+        device_id = device.device_id
         client_id = f"console-{user.id}"
         token = None
         if gw.auth.enabled and gw.auth.key:
@@ -653,6 +774,11 @@ def create_app(
     @app.get("/", include_in_schema=False)
     def console() -> FileResponse:
         return FileResponse(CONSOLE / "index.html")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> FileResponse:
+        """The API's operations from /openapi.json, rendered by this origin's own script."""
+        return FileResponse(CONSOLE / "docs.html")
 
     app.mount("/console", StaticFiles(directory=CONSOLE), name="console")
 

@@ -53,6 +53,8 @@ class Publisher:
         self.sessions = sessions
         self.replicas = replicas  # JetStream servers each bucket lives on (work.replicas)
         self.audio_bucket = "xz_audio"  # the ASR's kept utterances (set from Subjects by the service)
+        self.memory_bucket = "xz_memory"  # the LLM stage's per-device memory (likewise)
+        self.unbind_subject = "xz.gateway.unbind"  # every gateway drops an unbound device's binding
         self.kv: Any = None
         self.flags: Any = None
         self.obs: Any = None
@@ -161,9 +163,57 @@ class Publisher:
 
         return self._call(remove)
 
-    def _call(self, make: Callable[[], Any]) -> bool:
+    def devices_unbound(self, device_ids: list[str]) -> bool:
+        """The devices are no one's any more: their live config goes, their memory is purged
+        from ``<prefix>_memory``, and every gateway is told to drop its binding (subject
+        ``<prefix>.gateway.unbind``, ``{"device_id"}``). Each step is tried even when another
+        fails; False when any did (the re-sync repairs the live config; the others are logged
+        and counted)."""
+
+        async def unbind() -> None:
+            failed: list[str] = []
+            for device_id in device_ids:
+                try:
+                    await self.nc.publish(self.unbind_subject, json.dumps({"device_id": device_id}).encode())
+                except Exception as exc:  # noqa: BLE001
+                    failed.append(f"gateway unbind: {exc}")
+            try:
+                await self.nc.flush(timeout=5)
+            except Exception as exc:  # noqa: BLE001
+                failed.append(f"flush: {exc}")
+            try:
+                await self._purge_memory(device_ids)
+            except Exception as exc:  # noqa: BLE001
+                ERRORS.labels("manager", "memory_purge").inc()
+                failed.append(f"memory: {exc}")
+            try:
+                await self._put_many([(d, None) for d in device_ids])
+                await self._put_flags([(d, None) for d in device_ids])
+            except Exception as exc:  # noqa: BLE001
+                failed.append(f"live config: {exc}")
+            if failed:
+                raise RuntimeError("; ".join(failed))
+
+        return self._call(unbind, timeout=15)
+
+    async def _purge_memory(self, device_ids: list[str]) -> None:
+        js = self.nc.jetstream()
         try:
-            asyncio.run_coroutine_threadsafe(make(), self.loop).result(timeout=5)
+            kv = await js.key_value(self.memory_bucket)
+        except Exception:  # noqa: BLE001 - no bucket: nobody has memory yet
+            return
+        for device_id in device_ids:
+            # The same key the LLM stage writes (shared.agents.kv_key); purge removes every
+            # revision, not only the latest.
+            try:
+                await kv.purge(kv_key(device_id))
+            except Exception as exc:  # noqa: BLE001
+                if "not found" not in str(exc).lower():
+                    raise
+
+    def _call(self, make: Callable[[], Any], timeout: float = 5) -> bool:
+        try:
+            asyncio.run_coroutine_threadsafe(make(), self.loop).result(timeout=timeout)
             return True
         except Exception as exc:  # noqa: BLE001 - the periodic re-sync repairs it
             ERRORS.labels("manager", "kv_publish").inc()

@@ -27,12 +27,16 @@ class Base(DeclarativeBase):
 
 class User(Base):
     __tablename__ = "users"
+    __table_args__ = (UniqueConstraint("talk_device_id", name="uq_users_talk_device_id"), {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     username: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
     password_hash: Mapped[str] = mapped_column(String(255), nullable=False)
     role: Mapped[str] = mapped_column(String(16), nullable=False, default="user")  # admin | user
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
+    # The console's Talk device: "web-" + 128 random bits, made at the first /api/talk (never
+    # derived from the user id, so nobody can claim it through OTA before the user exists).
+    talk_device_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     tokens: Mapped[list[ApiToken]] = relationship(back_populates="user", cascade="all, delete-orphan")
 
@@ -44,6 +48,7 @@ class ApiToken(Base):
     """
 
     __tablename__ = "api_tokens"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True)
@@ -62,6 +67,7 @@ class Agent(Base):
     """What a device's assistant is. Published per device to the ``xz_agents`` KV bucket."""
 
     __tablename__ = "agents"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True)
@@ -85,7 +91,7 @@ class Device(Base):
     """A device bound to an owner (by the 6-digit code it speaks)."""
 
     __tablename__ = "devices"
-    __table_args__ = (UniqueConstraint("device_id", name="uq_devices_device_id"),)
+    __table_args__ = (UniqueConstraint("device_id", name="uq_devices_device_id"), {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     device_id: Mapped[str] = mapped_column(String(64), nullable=False)  # the MAC-style Device-Id
@@ -105,6 +111,7 @@ class ChatTurn(Base):
     """One line of a device's conversation history."""
 
     __tablename__ = "chat_turns"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     device_id: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
@@ -121,7 +128,7 @@ class Firmware(Base):
     ``xz_firmware`` as ``<board>_<version>.bin`` (the gateways' OTA serves them from there)."""
 
     __tablename__ = "firmware"
-    __table_args__ = (UniqueConstraint("filename", name="uq_firmware_filename"),)
+    __table_args__ = (UniqueConstraint("filename", name="uq_firmware_filename"), {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     board: Mapped[str] = mapped_column(String(100), nullable=False, index=True)
@@ -134,9 +141,11 @@ class Firmware(Base):
 
 
 class LoginFailure(Base):
-    """A failed sign-in, by hashed username or address, kept a minute (auth.LoginLimiter)."""
+    """A failed (or, until it is judged, a pending) attempt by hashed subject (auth.Limiter):
+    sign-ins per address and account, old-password checks, binding codes per account."""
 
     __tablename__ = "login_failures"
+    __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     subject: Mapped[str] = mapped_column(String(64), nullable=False, index=True)

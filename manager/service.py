@@ -137,6 +137,8 @@ class ManagerService:
         loop = asyncio.get_running_loop()
         self.publisher = Publisher(loop, nc, self.subjects.kv_agents, self.sessions, self.subjects.kv_devices, self.subjects.obj_firmware, self.settings.work.replicas)
         self.publisher.audio_bucket = self.subjects.obj_audio
+        self.publisher.memory_bucket = self.subjects.kv_memory
+        self.publisher.unbind_subject = self.subjects.gateway_unbind
         await self.publisher.open()
         binder = NatsBinder(loop, nc, self.subjects.gateway_bind)
         registry = NatsRegistry(loop, nc, self.subjects.online)
@@ -146,7 +148,10 @@ class ManagerService:
             await nc.subscribe(self.subjects.device_seen, queue="manager", cb=self._on_seen),
             await nc.subscribe(self.subjects.history, queue="manager", cb=self._on_history),
         ]
-        config = uvicorn.Config(app, host=self.m.host, port=self.m.port, log_config=None, access_log=False, lifespan="off", server_header=False)
+        # proxy_headers off: uvicorn would believe X-Forwarded-For from loopback; the API decides
+        # itself, from manager.trusted_proxies (auth.client_address).
+        tls = {"ssl_certfile": self.m.tls_cert_file, "ssl_keyfile": self.m.tls_key_file} if self.m.tls_cert_file else {}
+        config = uvicorn.Config(app, host=self.m.host, port=self.m.port, log_config=None, access_log=False, lifespan="off", server_header=False, proxy_headers=False, **tls)
         self.server = _Server(config)
         self._tasks.append(asyncio.create_task(self.server.serve()))
         self._tasks.append(asyncio.create_task(self.publisher.run_resync(self.m.live_resync_s)))
@@ -158,7 +163,8 @@ class ManagerService:
             await asyncio.sleep(0.05)
         sockets = [s for server in getattr(self.server, "servers", []) for s in server.sockets]
         self.port = sockets[0].getsockname()[1] if sockets else self.m.port
-        log.info("manager listening", extra={"fields": {"url": f"http://{self.m.host}:{self.port}/", "pid": os.getpid()}})
+        scheme = "https" if self.m.tls_cert_file else "http"
+        log.info("manager listening", extra={"fields": {"url": f"{scheme}://{self.m.host}:{self.port}/", "pid": os.getpid()}})
 
     async def _on_seen(self, msg: Any) -> None:
         try:

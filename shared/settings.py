@@ -431,8 +431,9 @@ class ManagerSettings(BaseModel):
     admin_password_out: str = "data/manager-admin-password"
     # Sign-in tokens expire after this long; personal API tokens when their owner says.
     session_ttl_s: int = 7 * 24 * 3600
-    # Failed sign-ins per username (five times as many per address) per minute before 429.
-    login_attempts_per_minute: int = 10
+    # Failed sign-ins per (address, username) pair (five times as many per address) per minute
+    # before 429; an address's failures never lock the account for other addresses.
+    login_attempts_per_minute: int = 5
     # Chat history kept per device: the newest this many lines (a turn is two); older ones go.
     history_max_lines: int = 2000
     # How often the devices' live config in NATS KV is checked against the database (only
@@ -440,6 +441,25 @@ class ManagerSettings(BaseModel):
     live_resync_s: float = 30.0
     # Firmware uploads larger than this are refused (413). ESP32 application images are a few MB.
     max_firmware_bytes: int = 16 * 1024 * 1024
+    # -- security (issue 14) ---------------------------------------------------------------
+    # Every request body is bounded before it is read (413): this, or for the firmware upload
+    # max_firmware_bytes plus 64 KiB of form; a body not received within body_timeout_s: 408.
+    max_body_bytes: int = 1024 * 1024
+    body_timeout_s: float = 30.0
+    # Addresses (IPs or CIDRs) of reverse proxies whose X-Forwarded-For is believed; none by
+    # default: the client address is the TCP peer's.
+    trusted_proxies: list[str] = Field(default_factory=list)
+    # Wrong old passwords on PUT /api/me/password per account per minute before 429.
+    password_attempts_per_minute: int = 5
+    # Failed binding codes per account per bind_window_s before 429 (Retry-After).
+    bind_attempts: int = 5
+    bind_window_s: int = 600
+    # Personal API tokens: lifetime when none is asked for, and the longest allowed (days).
+    token_default_days: int = 90
+    token_max_days: int = 365
+    # HTTPS for the API and console (PEM files); unset: plain HTTP (put a TLS proxy in front).
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
 
 
 class Settings(BaseSettings):

@@ -113,6 +113,12 @@ class Subjects:
         return f"{self.prefix}.gateway.bind"
 
     @property
+    def gateway_unbind(self) -> str:
+        """Event to every gateway: ``{"device_id"}`` was unbound in the manager; each removes
+        its binding (and revokes the device tokens issued before)."""
+        return f"{self.prefix}.gateway.unbind"
+
+    @property
     def device_seen(self) -> str:
         """Event: a device asked OTA, connected or disconnected (board, firmware, when)."""
         return f"{self.prefix}.registry.seen"

@@ -375,7 +375,14 @@ async function accountView() {
         node.replaceWith(el("p", {}, "Copy it now, it is not shown again: ", el("code", { class: "token" }, made.token)));
       })),
     admin ? el("div", { class: "card" }, el("h2", {}, "Users"),
-      el("ul", {}, users.map((u) => el("li", {}, `${u.username} (${u.role})`))),
+      el("ul", {}, users.map((u) => el("li", {}, `${u.username} (${u.role}) `,
+        u.id === state.me.id ? null : el("button", { class: "secondary", onclick: async (event) => {
+          // Another user's API tokens and sign-ins: an admin revokes any of them.
+          const tokens = await api("GET", `/api/users/${u.id}/tokens`);
+          event.target.replaceWith(el("ul", { "aria-label": `tokens of ${u.username}` }, tokens.length ? tokens.map((t) => el("li", {},
+            `${t.kind === "session" ? "sign-in" : t.name} (${t.prefix}…, expires ${when(t.expires_at)}) `,
+            el("button", { class: "secondary", onclick: async () => { await api("DELETE", `/api/users/${u.id}/tokens/${t.id}`); toast("Revoked."); route(); } }, "Revoke"))) : el("li", { class: "muted" }, "No tokens.")));
+        } }, "Tokens")))),
       form([
         field("Username", "username", { required: true, maxlength: 64, autocapitalize: "none" }),
         field("Password", "password", { type: "password", minlength: 8, required: true, autocomplete: "new-password" }),

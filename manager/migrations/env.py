@@ -15,6 +15,12 @@ target_metadata = Base.metadata
 
 
 def run_migrations_online() -> None:
+    given = config.attributes.get("connection")  # SQLite: manager.db.migrate's, foreign keys off
+    if given is not None:
+        context.configure(connection=given, target_metadata=target_metadata, render_as_batch=True)
+        with context.begin_transaction():
+            context.run_migrations()
+        return
     engine = config.attributes.get("engine") or create_engine(config.get_main_option("sqlalchemy.url"))
     with engine.begin() as connection:
         context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=connection.dialect.name == "sqlite")

@@ -518,8 +518,10 @@ def test_the_manager_keeps_one_replica_while_its_database_is_sqlite(tmp_path, mo
     assert ports == {"http": settings.manager.port, "metrics": settings.manager.metrics_port}
     (service_port,) = one("Service", "manager")["spec"]["ports"]
     assert service_port["port"] == settings.manager.port and service_port["targetPort"] == "http"
-    # Behind the Ingress: the client's address from X-Forwarded-For (uvicorn), for the sign-in limits.
-    assert env["FORWARDED_ALLOW_IPS"]["value"] == "*"
+    # Behind the Ingress: the client's address from X-Forwarded-For, for the sign-in limits
+    # (the manager believes it only from manager.trusted_proxies; uvicorn's own is off).
+    assert "FORWARDED_ALLOW_IPS" not in env
+    assert settings.manager.trusted_proxies == ["0.0.0.0/0", "::/0"]
 
 
 def test_autoscaled_deployments_leave_the_replica_count_to_the_autoscaler():

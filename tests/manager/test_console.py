@@ -182,6 +182,17 @@ def test_console_pages_work_at_phone_and_desktop_size(manager, browser, size):
 
         assert Api(manager.base, token).call("GET", "/api/me")[1]["username"] == "admin"
         shoot(page, size, "account")
+        # An admin revokes another user's API token.
+        other = f"tokens-{size}"
+        assert Api(manager.base, token).call("POST", "/api/users", {"username": other, "password": f"{other}-password"})[0] == 201
+        theirs = Api(manager.base).login(other, f"{other}-password")
+        their_token = theirs.call("POST", "/api/tokens", {"name": f"their script {size}"})[1]["token"]
+        page.reload()
+        page.get_by_role("listitem").filter(has_text=f"{other} (user)").get_by_role("button", name="Tokens").click()
+        page.get_by_role("list", name=f"tokens of {other}").get_by_role("listitem").filter(has_text=f"their script {size}").get_by_role("button", name="Revoke").click()
+        page.get_by_text("Revoked.").wait_for()
+        assert Api(manager.base, their_token).call("GET", "/api/me")[0] == 401
+        assert theirs.call("GET", "/api/me")[0] == 200  # only that token: the sign-in goes on
 
         # Nothing wider than the screen on a phone, the navigation included.
         width = page.evaluate("document.documentElement.scrollWidth")
