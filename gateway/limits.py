@@ -35,5 +35,12 @@ class RateLimiter:
             self._buckets.popitem(last=False)
         return allowed
 
+    def exhausted(self, key: str, now: float) -> bool:
+        """True when ``key`` has no token left (nothing is taken)."""
+        if self.capacity <= 0 or key not in self._buckets:
+            return False
+        tokens, last = self._buckets[key]
+        return min(self.capacity, tokens + (now - last) * self.rate) < 1.0
+
     def __len__(self) -> int:
         return len(self._buckets)

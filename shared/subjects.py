@@ -113,6 +113,13 @@ class Subjects:
         return f"{self.prefix}.gateway.bind"
 
     @property
+    def gateway_unbind(self) -> str:
+        """Event or request to every gateway (no queue group): ``{"device_id": ...}`` was
+        unbound; each gateway drops its binding, revokes the device's tokens and closes its
+        sessions (answering ``{"device_id", "unbound", "sessions_closed"}`` when asked)."""
+        return f"{self.prefix}.gateway.unbind"
+
+    @property
     def device_seen(self) -> str:
         """Event: a device asked OTA, connected or disconnected (board, firmware, when)."""
         return f"{self.prefix}.registry.seen"

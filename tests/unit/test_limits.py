@@ -29,3 +29,13 @@ def test_memory_is_bounded_under_a_flood_of_keys() -> None:
     for i in range(10_000):
         limiter.allow(f"10.0.{i // 256}.{i % 256}", float(i))
     assert len(limiter) == 100
+
+
+def test_exhausted_peeks_without_taking() -> None:
+    limiter = RateLimiter(per_minute=2)
+    assert not limiter.exhausted("ip", 0.0)  # never seen
+    limiter.allow("ip", 0.0)
+    assert not limiter.exhausted("ip", 0.0)
+    limiter.allow("ip", 0.0)
+    assert limiter.exhausted("ip", 0.0) and limiter.exhausted("ip", 0.0)
+    assert not limiter.exhausted("ip", 30.0)  # a token back after 30 s
