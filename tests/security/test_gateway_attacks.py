@@ -323,6 +323,21 @@ async def test_ota_does_not_reflect_the_host_header_or_allow_any_origin(nats_onl
         gateway.stop()
 
 
+async def test_ota_cors_only_for_the_configured_origins(nats_only):
+    gateway = start_gateway(nats_only, ota_cors_origins=json.dumps(["http://console.local:8080"]))
+    url = f"{gateway.http_url}/xiaozhi/ota/"
+    try:
+        async with aiohttp.ClientSession() as http:
+            for origin, allowed in (("http://console.local:8080", True), ("http://evil.example", False), ("null", False)):
+                async with http.options(url, headers={"Origin": origin, "Access-Control-Request-Method": "POST"}) as response:
+                    assert response.headers.get("Access-Control-Allow-Origin") == (origin if allowed else None), origin
+                async with http.post(url, data=b"{}", headers={"Origin": origin, "Device-Id": random_mac()}) as response:
+                    assert response.status == 200
+                    assert response.headers.get("Access-Control-Allow-Origin") == (origin if allowed else None), origin
+    finally:
+        gateway.stop()
+
+
 async def test_ota_refuses_reserved_and_malformed_device_ids(nats_only, tmp_path):
     gateway = binding_gateway(nats_only, tmp_path, auth=False)
     try:
