@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import socket
 import time
@@ -202,6 +203,7 @@ def make_app(
     on_seen: Callable[[dict[str, Any], bool], None] | None = None,
     catalog: Any = None,
     device_keys: dict[str, bytes] | None = None,
+    not_before: Callable[[str], float | None] | None = None,
 ) -> web.Application:
     """The HTTP app on :8003: OTA on both URL forms, activation, firmware downloads.
 
@@ -211,6 +213,8 @@ def make_app(
 
     Tokens (``gateway.auth.enabled``) go only to the bound pair (binding on) or allow-listed
     devices (empty token: none needed); any other device gets activation and no token.
+    ``not_before(device_id)``: the device's last unbind; a token is never dated before it
+    (it would be refused as revoked).
     """
     own = own_hosts(settings)
     keys = device_keys or {}
@@ -275,7 +279,11 @@ def make_app(
             log.info("activation code issued", extra={"fields": {"device_id": device_id, "client_id": client_id, "state": state}})
         token = ""
         if auth_on and not allowed and state == BOUND:
-            token = auth.issue_device_token(auth_key, client_id, device_id, int(time.time()))
+            issued = int(time.time())
+            revoked_until = not_before(device_id.lower()) if not_before is not None else None
+            if revoked_until is not None and issued < revoked_until:
+                issued = math.ceil(revoked_until)  # re-bound within the second of an unbind
+            token = auth.issue_device_token(auth_key, client_id, device_id, issued)
         stored, allow = None, True
         if catalog is not None:
             # The manager's images (object store) and the owner's auto-upgrade switch.

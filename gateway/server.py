@@ -152,7 +152,10 @@ class Gateway:
         self._unbind_sub = await nc.subscribe(self.subjects.gateway_unbind, cb=self._on_unbind)
         self._online_sub = await nc.subscribe(self.subjects.online, cb=self._on_online)
         catalog = FirmwareCatalog(nc, self.subjects.obj_firmware, self.subjects.kv_devices, ttl_s=self.gw.firmware_cache_s)
-        app = ota.make_app(self.gw, self.auth_key, self.bindings, on_seen=self._publish_seen, catalog=catalog, device_keys=self.device_keys)
+        app = ota.make_app(
+            self.gw, self.auth_key, self.bindings, on_seen=self._publish_seen, catalog=catalog,
+            device_keys=self.device_keys, not_before=self._not_before.get,
+        )
         # Idle keep-alive connections close after 15 s (aiohttp's default is an hour).
         self._http_runner = web.AppRunner(app, access_log=None, keepalive_timeout=15)
         await self._http_runner.setup()

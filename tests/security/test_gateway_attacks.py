@@ -158,6 +158,32 @@ async def test_the_code_the_device_speaks_is_not_the_attackers_and_a_phantom_bin
         gateway.stop()
 
 
+async def test_the_owners_reflashed_device_replaces_its_old_binding(nats_only, tmp_path):
+    gateway = binding_gateway(nats_only, tmp_path, auth=True)
+    ota_url = f"{gateway.http_url}/xiaozhi/ota/"
+    try:
+        old = await owned_device(gateway, nats_only.nats_url, "alice")
+        live = SimDevice(ws_url=gateway.ws_url, device_id=old.device_id, token=old.token)
+        await live.connect()
+        # Re-flashed: NVS erased, a new Client-Id; it activates again and its owner enters the code.
+        reflashed = SimDevice(ota_url=ota_url, device_id=old.device_id, client_id=str(uuid.uuid4()))
+        code = (await reflashed.ota())["activation"]["code"]
+        assert (await bind(nats_only.nats_url, code, "alice"))["device_id"] == old.device_id
+        assert await reflashed.activate(polls=2, wait_pending_s=0.1) and reflashed.token
+        # The old pair's session ended and its token is revoked; the new pair connects.
+        for _ in range(50):
+            if live.ws.close_code is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert live.ws.close_code == 4001
+        await live.close()
+        assert await handshake(gateway.ws_url, {"Device-Id": old.device_id, "Client-Id": old.client_id, "Authorization": f"Bearer {old.token}"}) == 401
+        async with SimDevice(ws_url=gateway.ws_url, device_id=old.device_id, client_id=reflashed.client_id, token=reflashed.token) as device:
+            assert device.session_id
+    finally:
+        gateway.stop()
+
+
 async def test_a_chip_with_a_known_key_must_answer_its_challenge_before_its_code_binds(nats_only, tmp_path):
     key = bytes(range(32))
     keys = tmp_path / "device-keys.json"
