@@ -373,18 +373,26 @@ class Gateway:
         }
 
     def _auth_failed(self, connection: ServerConnection, ip: str, device_id: str, reason: str, text: str) -> Response:
-        """Count a failed authentication against the address; 401."""
+        """A failed authentication: 401, counted against the address; 429 once the address has
+        failed too often this minute."""
         m.AUTH_FAILURES.labels(reason).inc()
-        self._auth_fail_ip.allow(ip, time.monotonic())
+        now = time.monotonic()
+        if self._auth_fail_ip.exhausted(ip, now):
+            m.REJECTED.labels("auth_failures").inc()
+            log.info("address refused after failed authentications", extra={"fields": {"device_id": device_id[:80], "ip": ip, "reason": reason}})
+            return connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "too many failed authentications, slow down\n")
+        self._auth_fail_ip.allow(ip, now)
         log.info("handshake rejected", extra={"fields": {"device_id": device_id[:80], "ip": ip, "reason": reason}})
         return connection.respond(HTTPStatus.UNAUTHORIZED, f"unauthorized: {text}\n")
 
     async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         """Answer plain HTTP on the WebSocket port; reject bad handshakes with an HTTP status.
 
-        Order matters: an address that failed authentication too often is refused first; the
-        device's own connection limit is taken only once the handshake proved it may speak for
-        that device, so nobody can use it up with the device's id (issue 14, vuln 10)."""
+        Order matters: the device's own connection limit is taken only once the handshake proved
+        it may speak for that device, so nobody can use it up with the device's id (issue 14,
+        vuln 10). An address that failed authentication too often this minute gets 429 for
+        every handshake that fails again; one that authenticates is still admitted, so devices
+        sharing an address with an attacker (a home NAT, an ingress) stay online."""
         if request.headers.get("Upgrade", "").lower() != "websocket":
             return connection.respond(HTTPStatus.OK, "Server is running\n")
         found = device_headers(request)
@@ -399,10 +407,6 @@ class Gateway:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "server full, try again later\n")
         now = time.monotonic()
         ip = peer_ip(connection)
-        if self._auth_fail_ip.exhausted(ip, now):
-            m.REJECTED.labels("auth_failures").inc()
-            log.info("address refused after failed authentications", extra={"fields": {"ip": ip}})
-            return connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "too many failed authentications, slow down\n")
         if not self._conn_ip.allow(ip, now):
             m.REJECTED.labels("rate_limited").inc()
             log.info("connection rate limited", extra={"fields": {"device_id": found["device-id"][:80], "ip": ip, "by": "ip"}})

@@ -307,7 +307,7 @@ class Attacker:
         for _ in range(count):
             try:
                 ws = await websockets.connect(self.ws_url, additional_headers=forged, open_timeout=10, ping_interval=None, close_timeout=1, **self._local())
-                self.note("handshake limit", "accepted without a token")
+                self.note("handshake limit", "HTTP 101 without a token")
                 await ws.close()
             except InvalidStatus as exc:
                 self.note("handshake limit", f"HTTP {exc.response.status_code}")
