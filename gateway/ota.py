@@ -16,7 +16,7 @@ from aiohttp import web
 from gateway import auth, firmware
 from gateway import metrics as m
 from gateway.bindings import BOUND, BindingStore
-from gateway.limits import RateLimiter
+from gateway.limits import ClientAddress, RateLimiter
 from shared.settings import GatewaySettings
 
 log = logging.getLogger("gateway.ota")
@@ -219,6 +219,7 @@ def make_app(
     own = own_hosts(settings)
     keys = device_keys or {}
     limiter = RateLimiter(settings.rate_limits.ota_per_minute_per_ip)
+    client_address = ClientAddress(settings.trusted_proxies)
     auth_on = settings.auth.enabled
 
     def refuse(method: str, result: str, status: int, message: str, headers: dict[str, str], **extra: str) -> web.Response:
@@ -227,7 +228,7 @@ def make_app(
 
     def admitted(request: web.Request, method: str, headers: dict[str, str]) -> web.Response | None:
         """The per-address rate limit and the Device-Id check, shared by OTA and /activate."""
-        if not limiter.allow(request.remote or "unknown", time.monotonic()):
+        if not limiter.allow(client_address(request.remote or "unknown", request.headers.get("X-Forwarded-For")), time.monotonic()):
             return refuse(method, "rate_limited", 429, "too many requests, slow down", headers, **{"Retry-After": "10"})
         device_id = request.headers.get("Device-Id", "").strip()
         problem = device_id_problem(device_id)

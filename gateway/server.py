@@ -25,7 +25,7 @@ from gateway import metrics as m
 from gateway.bindings import BOUND, OTHER, SqliteBindingStore
 from gateway.fwstore import FirmwareCatalog
 from gateway.httpguard import guarded
-from gateway.limits import RateLimiter
+from gateway.limits import ClientAddress, RateLimiter
 from gateway.session import DeviceSession
 from shared.agents import AgentDirectory
 from shared.settings import Settings
@@ -105,6 +105,7 @@ class Gateway:
         self._conn_ip = RateLimiter(limits.connections_per_minute_per_ip)
         self._conn_device = RateLimiter(limits.connections_per_minute_per_device)
         self._auth_fail_ip = RateLimiter(limits.auth_failures_per_minute_per_ip)
+        self._client_address = ClientAddress(self.gw.trusted_proxies)
         self._turn_ip = RateLimiter(limits.turns_per_minute_per_ip)
         self._turn_device = RateLimiter(limits.turns_per_minute_per_device)
         m.TURNS_IN_FLIGHT.set_function(lambda: sum(1 for s in list(self.sessions) if s.turn_in_flight))
@@ -406,7 +407,7 @@ class Gateway:
             log.warning("session limit reached, connection refused", extra={"fields": {"max_sessions": self.gw.max_sessions}})
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "server full, try again later\n")
         now = time.monotonic()
-        ip = peer_ip(connection)
+        ip = self._client_address(peer_ip(connection), request.headers.get("X-Forwarded-For"))
         if not self._conn_ip.allow(ip, now):
             m.REJECTED.labels("rate_limited").inc()
             log.info("connection rate limited", extra={"fields": {"device_id": found["device-id"][:80], "ip": ip, "by": "ip"}})

@@ -202,6 +202,10 @@ class GatewaySettings(BaseModel):
     # Origins (e.g. "http://192.168.1.10:8080") whose pages may call OTA from a browser. Empty:
     # no CORS headers at all (devices do not need them).
     ota_cors_origins: list[str] = Field(default_factory=list)
+    # Reverse proxies (addresses or CIDRs, e.g. an ingress's pod network "10.0.0.0/8") whose
+    # X-Forwarded-For names the client: limits per address then count the device's address, not
+    # the proxy's. Empty: X-Forwarded-For is ignored (anyone could write it).
+    trusted_proxies: list[str] = Field(default_factory=list)
     # Device MCP tools/call: how long to wait for the device's reply (longer than a camera
     # photo's upload and analysis, which the device bounds at 30 s).
     mcp_call_timeout_s: float = 35.0

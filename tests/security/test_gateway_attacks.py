@@ -233,6 +233,25 @@ async def test_an_ota_flood_gets_429_while_a_normal_device_still_connects(nats_o
         gateway.stop()
 
 
+async def test_forged_x_forwarded_for_does_not_escape_the_limit_and_a_trusted_proxys_does_count(nats_only, tmp_path):
+    ota = "/xiaozhi/ota/"
+    direct = binding_gateway(nats_only, tmp_path / "a", auth=False, rate_limits__ota_per_minute_per_ip="5")
+    proxied = binding_gateway(nats_only, tmp_path / "b", auth=False, rate_limits__ota_per_minute_per_ip="5", trusted_proxies=json.dumps(["127.0.0.1"]))
+    try:
+        # Straight to the gateway: a new X-Forwarded-For each time changes nothing.
+        statuses = [(await post_ota(direct.http_url + ota, {"Device-Id": random_mac(), "X-Forwarded-For": f"6.6.6.{i}"}, local=ATTACKER_IP))[0] for i in range(8)]
+        assert statuses == [200] * 5 + [429] * 3, statuses
+        # Behind a proxy the operator trusts (here 127.0.0.1), each client has its own budget.
+        flood = [(await post_ota(proxied.http_url + ota, {"Device-Id": random_mac(), "X-Forwarded-For": "6.6.6.6"}))[0] for _ in range(8)]
+        assert flood == [200] * 5 + [429] * 3, flood
+        assert (await post_ota(proxied.http_url + ota, {"Device-Id": random_mac(), "X-Forwarded-For": "7.7.7.7"}))[0] == 200
+        # ... and a client cannot pose as another by writing the header itself: the proxy's entry counts.
+        assert (await post_ota(proxied.http_url + ota, {"Device-Id": random_mac(), "X-Forwarded-For": "8.8.8.8, 6.6.6.6"}))[0] == 429
+    finally:
+        direct.stop()
+        proxied.stop()
+
+
 async def test_when_every_activation_code_is_taken_ota_fails_cleanly(nats_only, tmp_path):
     gateway = binding_gateway(nats_only, tmp_path, auth=True, max_pending_codes="20", rate_limits__ota_per_minute_per_ip="0")
     ota_url = f"{gateway.http_url}/xiaozhi/ota/"
