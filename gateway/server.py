@@ -10,6 +10,7 @@ import ssl
 import time
 import weakref
 from collections import OrderedDict
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -69,6 +70,17 @@ def device_headers(request: Request) -> dict[str, str]:
     return found
 
 
+@dataclass(frozen=True)
+class Admission:
+    """What the handshake established about a connection."""
+
+    ip: str  # the client's address (X-Forwarded-For from a trusted proxy)
+    # The device proved who it is: a valid token (or the allow-list), or the bound pair.
+    proved: bool
+    # Its word may reach the manager (seen events): proved, or nothing can be checked at all.
+    trusted: bool
+
+
 class Gateway:
     """Accepts devices, and bridges each connection to the NATS pipeline."""
 
@@ -94,7 +106,7 @@ class Gateway:
         # Tokens of a device issued before this time (its last unbind) are refused.
         self._not_before: dict[str, float] = {}
         # What _process_request learnt about a connection, for _handle.
-        self._admitted: weakref.WeakKeyDictionary[ServerConnection, bool] = weakref.WeakKeyDictionary()
+        self._admitted: weakref.WeakKeyDictionary[ServerConnection, Admission] = weakref.WeakKeyDictionary()
         self._ota_info: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._http_server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -424,7 +436,7 @@ class Gateway:
             if problem is not None or (found["client-id"] and not ota.CLIENT_ID.fullmatch(found["client-id"])):
                 m.DROPPED.labels("gateway", problem or "bad_client_id").inc()
                 return connection.respond(HTTPStatus.BAD_REQUEST, "bad Device-Id or Client-Id\n")
-        trusted = not self.gw.auth.enabled and self.bindings is None  # nothing to check: as before
+        proved = False
         if self.gw.auth.enabled:
             result = auth.verify_device(
                 self.auth_key,
@@ -439,19 +451,20 @@ class Gateway:
             if not result.ok:
                 # Rejected in the handshake: the firmware reports it at once (protocol.md §2.4).
                 return self._auth_failed(connection, ip, device_id, result.reason, result.reason)
-            trusted = True
+            proved = True
         if self.bindings is not None and device_id:
             state = await asyncio.to_thread(self.bindings.state, device_id, client_id)
             if state == OTHER:
                 # The MAC is bound to another Client-Id: whoever this is, it is not the device
                 # its owner bound, and must not get its agent, memory or tools.
                 return self._auth_failed(connection, ip, device_id, "bound to another client", "this device is bound to another Client-Id")
-            trusted = trusted or state == BOUND
+            proved = proved or state == BOUND
         if not self._conn_device.allow(f"{device_id.lower()}|{client_id}" if device_id else ip, now):
             m.REJECTED.labels("rate_limited").inc()
             log.info("connection rate limited", extra={"fields": {"device_id": device_id[:80], "ip": ip, "by": "device"}})
             return connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "too many connections, slow down\n")
-        self._admitted[connection] = trusted
+        # Without auth and binding nothing can be checked: events are passed on as before.
+        self._admitted[connection] = Admission(ip, proved, proved or (not self.gw.auth.enabled and self.bindings is None))
         return None
 
     async def _handle(self, ws: ServerConnection) -> None:
@@ -462,25 +475,27 @@ class Gateway:
             await ws.send("No Device-Id: send the Device-Id header or ?device-id= in the URL")
             await ws.close(1008, "missing device id")
             return
-        trusted = self._admitted.pop(ws, False)
+        admission = self._admitted.pop(ws, None) or Admission(peer_ip(ws), False, False)
         version = protocol.parse_protocol_version(found["protocol-version"] or None)
         assert self.nc is not None
         session = DeviceSession(
             ws, self.nc, self.gw, self.subjects, device_id, found["client-id"] or device_id, version,
             auth_key=self.auth_key, vision_url=ota.vision_url(self.gw, self.http_port), work=self.settings.work,
-            admit_turn=lambda: self.admit_turn(device_id, peer_ip(ws)),
+            admit_turn=lambda: self.admit_turn(device_id, admission.ip),
             agents=self.agents,
         )
-        # One session per device: the newest wins. A device that lost power or Wi-Fi leaves a
-        # socket the server notices only after its ping timeout, and its reconnect must not be
-        # refused; an impersonator cannot get here (token, binding) to use this.
-        older = [s for s in list(self.sessions) if s.device_id.lower() == device_id.lower()]
+        # One session per device: a proved session (valid token, or the bound pair) closes the
+        # device's older ones. A device that lost power or Wi-Fi leaves a socket the server
+        # notices only after its ping timeout, and its reconnect must not be refused; an
+        # impersonator cannot prove itself to use this. Unproved sessions (no auth, no binding)
+        # close nobody: anyone could claim the id.
+        older = [s for s in list(self.sessions) if s.device_id.lower() == device_id.lower()] if admission.proved else []
         self.sessions.add(session)
         if older:
             log.info("new session for the device: closing the older one", extra={"fields": {"device_id": device_id, "closed": len(older)}})
             for old in older:
                 self._background(old.close_replaced())
-        self._publish_seen({"device_id": device_id, "event": "connected"}, trusted)
+        self._publish_seen({"device_id": device_id, "event": "connected"}, admission.trusted)
         try:
             await session.run()
         except Exception:  # noqa: BLE001 - one bad session must not take others down
@@ -488,4 +503,4 @@ class Gateway:
             m.ERRORS.labels("gateway", "session_crash").inc()
         finally:
             self.sessions.discard(session)
-            self._publish_seen({"device_id": device_id, "event": "disconnected"}, trusted)
+            self._publish_seen({"device_id": device_id, "event": "disconnected"}, admission.trusted)

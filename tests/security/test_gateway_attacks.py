@@ -348,6 +348,21 @@ async def test_a_new_session_of_a_device_closes_the_older_one(nats_only, tmp_pat
         gateway.stop()
 
 
+async def test_an_unproved_session_closes_nobody(nats_only):
+    """Without auth and binding anyone can claim a device id: such a session must not be a way
+    to throw the real device off."""
+    gateway = start_gateway(nats_only)
+    try:
+        mac = random_mac()
+        async with SimDevice(ws_url=gateway.ws_url, device_id=mac) as real:
+            async with SimDevice(ws_url=gateway.ws_url, device_id=mac, client_id=str(uuid.uuid4())) as other:
+                await asyncio.sleep(1)
+                assert real.ws.close_code is None and other.ws.close_code is None
+                assert health(gateway)["sessions"] == 2
+    finally:
+        gateway.stop()
+
+
 # ------------------------------------------------------------------ OTA: Host, CORS, ids, seen
 
 
