@@ -221,6 +221,7 @@ def make_app(
     limiter = RateLimiter(settings.rate_limits.ota_per_minute_per_ip)
     client_address = ClientAddress(settings.trusted_proxies)
     auth_on = settings.auth.enabled
+    full_logged = {"at": -1e9, "count": 0}  # the "codes full" warning, at most every 10 s
 
     def refuse(method: str, result: str, status: int, message: str, headers: dict[str, str], **extra: str) -> web.Response:
         m.OTA_REQUESTS.labels(method, result).inc()
@@ -274,7 +275,13 @@ def make_app(
             if pending is None:
                 m.OTA_REQUESTS.labels("POST", "codes_full").inc()
                 m.DROPPED.labels("gateway", "activation_codes_full").inc()
-                log.warning("no activation code free: answering 503", extra={"fields": {"device_id": device_id, "max_pending_codes": settings.max_pending_codes}})
+                full_logged["count"] += 1
+                if time.monotonic() - full_logged["at"] >= 10:
+                    log.warning(
+                        "no activation code free: answering 503",
+                        extra={"fields": {"device_id": device_id, "max_pending_codes": settings.max_pending_codes, "refused_since_last_warning": full_logged["count"]}},
+                    )
+                    full_logged.update(at=time.monotonic(), count=0)
                 return web.json_response({"success": False, "message": "activation is busy, try again later"}, status=503, headers={**cors, "Retry-After": "60"})
             activation = {"code": pending.code, "message": f"{settings.console_url}\n{pending.code}", "challenge": pending.challenge, "timeout_ms": 30000}
             log.info("activation code issued", extra={"fields": {"device_id": device_id, "client_id": client_id, "state": state}})
