@@ -23,8 +23,11 @@ async def main() -> int:
     parser.add_argument("--ws", default="ws://127.0.0.1:8000/xiaozhi/v1/")
     parser.add_argument("--http", default="http://127.0.0.1:8003")
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--source-ip", help="the attacker's source address for the floods (e.g. 127.0.0.2 against a local gateway)")
+    parser.add_argument("--victim", help="JSON {device_id, client_id, token} of the device the handshake-limit attack tries to keep offline")
     args = parser.parse_args()
-    result = await Attacker(args.ws, args.http, args.rounds).run()
+    victim = json.loads(args.victim) if args.victim else None
+    result = await Attacker(args.ws, args.http, args.rounds, source_ip=args.source_ip, victim=victim).run()
     print(json.dumps(result, indent=2))
     return 1 if result["attack_errors"] else 0
 

@@ -38,6 +38,8 @@ def issue_device_token(key: str, client_id: str, device_id: str, now: int) -> st
 class AuthResult:
     ok: bool
     reason: str = ""
+    # When the token was issued (Unix seconds); None when no token was checked (allow-list).
+    issued_at: int | None = None
 
 
 def strip_bearer(authorization: str) -> str | None:
@@ -61,8 +63,11 @@ def verify_device(
     now: int,
     expire_seconds: int,
     allowed_devices: frozenset[str] = frozenset(),
+    not_before: float | None = None,
 ) -> AuthResult:
-    """Check a device's Authorization header value against its Client-Id and Device-Id."""
+    """Check a device's Authorization header value against its Client-Id and Device-Id.
+
+    ``not_before``: tokens issued before this time (the device's last unbind) are refused."""
     if allow_listed(allowed_devices, device_id):
         return AuthResult(True, "allow-listed")
     if not authorization:
@@ -81,7 +86,45 @@ def verify_device(
         return AuthResult(False, "token from the future")
     if now - ts > expire_seconds:
         return AuthResult(False, "token expired")
-    return AuthResult(True)
+    if not_before is not None and ts < not_before:
+        # Issued before the device was unbound: revoked.
+        return AuthResult(False, "token revoked")
+    return AuthResult(True, issued_at=ts)
+
+
+def load_device_keys(path: str | None) -> dict[str, bytes]:
+    """Per-chip HMAC keys from a JSON or YAML file ``{"<serial>": "<hex key>"}`` (None: none).
+
+    A missing file or a bad entry raises: a gateway configured to check keys must not start
+    without them."""
+    if not path:
+        return {}
+    import json
+    from pathlib import Path
+
+    text = Path(path).read_text()
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        import yaml
+
+        raw = yaml.safe_load(text)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of serial number to hex key")
+    keys: dict[str, bytes] = {}
+    for serial, key in raw.items():
+        try:
+            keys[str(serial)] = bytes.fromhex(str(key))
+        except ValueError:
+            raise ValueError(f"{path}: the key of serial {serial!r} is not hex") from None
+    return keys
+
+
+def verify_activation(key: bytes, challenge: str, answer: str) -> bool:
+    """The firmware's activation answer: lower-case hex HMAC-SHA256 over the challenge with the
+    chip's eFuse key (protocol.md §1.5)."""
+    expected = hmac.new(key, challenge.encode(), hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected.encode(), answer.strip().lower().encode())
 
 
 def issue_vision_token(key: str, device_id: str, now: int, ttl_seconds: int) -> str:

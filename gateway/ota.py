@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import math
+import re
 import socket
 import time
 from typing import Any, Callable
@@ -12,17 +15,46 @@ from aiohttp import web
 
 from gateway import auth, firmware
 from gateway import metrics as m
-from gateway.bindings import BindingStore
+from gateway.bindings import BOUND, BindingStore
+from gateway.limits import ClientAddress, RateLimiter
 from shared.settings import GatewaySettings
 
 log = logging.getLogger("gateway.ota")
 
+# The vision endpoint's CORS headers (gateway/vision.py). OTA sends none unless
+# ``gateway.ota_cors_origins`` names the origin (see ``cors_headers``).
 CORS_HEADERS = {
     "Access-Control-Allow-Origin": "*",
     "Access-Control-Allow-Headers": "client-id, content-type, device-id, authorization, protocol-version, activation-version",
     "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
     "Access-Control-Allow-Credentials": "true",
 }
+
+# Device-Ids OTA accepts: MACs and the like. ``default`` names the deployment's default agent
+# and ``web-…`` are the console's devices (issued by the manager, never through OTA).
+DEVICE_ID = re.compile(r"[A-Za-z0-9:._-]{1,64}")
+CLIENT_ID = re.compile(r"[A-Za-z0-9:._-]{1,128}")
+
+
+def device_id_problem(device_id: str, for_ota: bool = True) -> str | None:
+    """Why this Device-Id is refused (a metrics label), or None when it is fine."""
+    if not device_id:
+        return "no_device_id"
+    if not DEVICE_ID.fullmatch(device_id):
+        return "bad_device_id"
+    if device_id.lower() == "default":
+        return "reserved_device_id"
+    if for_ota and device_id.lower().startswith("web-"):
+        return "reserved_device_id"
+    return None
+
+
+def cors_headers(settings: GatewaySettings, request: web.Request) -> dict[str, str]:
+    """CORS headers only for an origin the operator listed (devices send no Origin)."""
+    origin = request.headers.get("Origin", "")
+    if origin and origin in settings.ota_cors_origins:
+        return {**CORS_HEADERS, "Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+    return {}
 
 
 def lan_ip() -> str:
@@ -50,20 +82,24 @@ def local_timezone_offset_minutes() -> int:
     return -(time.altzone if time.daylight and time.localtime().tm_isdst else time.timezone) // 60
 
 
-def websocket_url(settings: GatewaySettings, request_host: str | None = None) -> str:
-    """The WebSocket URL handed to devices."""
+def own_hosts(settings: GatewaySettings) -> set[str]:
+    """Names of this machine a request's Host header may carry and be believed."""
+    hosts = {"127.0.0.1", "::1", "[::1]", "localhost", lan_ip()}
+    if settings.public_host:
+        hosts.add(settings.public_host.lower())
+    return hosts
+
+
+def websocket_url(settings: GatewaySettings, request_host: str | None = None, own: set[str] | None = None) -> str:
+    """The WebSocket URL handed to devices: the configured URL or host, else the request's host
+    when it is one of this machine's own names (never an arbitrary Host header), else the LAN
+    address."""
     if settings.websocket_url:
         return settings.websocket_url
-    host = settings.public_host or (request_host if request_host and request_host not in ("0.0.0.0",) else None) or lan_ip()
+    trusted = request_host if request_host and request_host.lower() in (own if own is not None else own_hosts(settings)) else None
+    host = settings.public_host or trusted or lan_ip()
     scheme = "wss" if settings.tls_cert_file else "ws"
     return f"{scheme}://{host}:{settings.ws_port}{settings.ws_path}"
-
-
-def device_token(settings: GatewaySettings, key: str, device_id: str, client_id: str, now_s: int) -> str:
-    """The token handed out by OTA: empty when auth is off or the device is allow-listed."""
-    if not settings.auth.enabled or auth.allow_listed(settings.auth.allowed_devices, device_id):
-        return ""
-    return auth.issue_device_token(key, client_id, device_id, now_s)
 
 
 def firmware_section(
@@ -106,9 +142,10 @@ def build_ota_response(
     activation: dict[str, Any] | None = None,
     stored: firmware.Image | None = None,
     allow_upgrade: bool = True,
+    own: set[str] | None = None,
 ) -> dict[str, Any]:
     """The JSON answer of §1.4: server time, firmware, websocket (never mqtt), activation."""
-    websocket: dict[str, Any] = {"url": websocket_url(settings, request_host), "token": token}
+    websocket: dict[str, Any] = {"url": websocket_url(settings, request_host, own), "token": token}
     if settings.protocol_version in (1, 2, 3):
         websocket["version"] = settings.protocol_version
     offset = settings.timezone_offset_minutes
@@ -131,6 +168,24 @@ def _request_host(request: web.Request) -> str | None:
     return host.rsplit(":", 1)[0] if host else None
 
 
+def base_url(settings: GatewaySettings, request: web.Request, own: set[str]) -> str:
+    """Where firmware downloads are: the request's Host when it names this machine (or the
+    configured public host, as behind an ingress), else the public host or LAN address and the
+    port the request came in on."""
+    host = _request_host(request)
+    if host and host.lower() in own:
+        return f"{request.scheme}://{request.host}"
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    port = sockname[1] if sockname else settings.http_port
+    return f"{request.scheme}://{settings.public_host or lan_ip()}:{port}"
+
+
+def activation_answer(body: dict[str, Any]) -> dict[str, Any]:
+    """The HMAC answer of an /activate body: the firmware's own, or py-xiaozhi's ``Payload``."""
+    payload = body.get("Payload") if isinstance(body.get("Payload"), dict) else body
+    return payload if isinstance(payload, dict) else {}
+
+
 def device_info(body: dict[str, Any], user_agent: str) -> dict[str, str | None]:
     """Board and firmware version from the OTA system-info, else from ``User-Agent: board/version``."""
     application = body.get("application") if isinstance(body.get("application"), dict) else {}
@@ -145,27 +200,60 @@ def make_app(
     settings: GatewaySettings,
     auth_key: str,
     bindings: BindingStore | None = None,
-    on_seen: Callable[[dict[str, Any]], None] | None = None,
+    on_seen: Callable[[dict[str, Any], bool], None] | None = None,
     catalog: Any = None,
+    device_keys: dict[str, bytes] | None = None,
+    not_before: Callable[[str], float | None] | None = None,
 ) -> web.Application:
-    """The HTTP app on :8003: OTA on both URL forms, activation, firmware downloads, CORS.
+    """The HTTP app on :8003: OTA on both URL forms, activation, firmware downloads.
 
-    ``on_seen`` hears of every device that asked OTA, with the board and firmware version its
-    system-info names (the manager shows them)."""
+    ``on_seen(event, trusted)`` hears of every device that asked OTA, with its Client-Id and the
+    board and firmware version its system-info names; ``trusted`` is True only when the request
+    is the bound pair (or an allow-listed device), the only ones whose word the manager shows.
 
-    async def options(_request: web.Request) -> web.Response:
-        return web.Response(status=200, headers=CORS_HEADERS)
+    Tokens (``gateway.auth.enabled``) go only to the bound pair (binding on) or allow-listed
+    devices (empty token: none needed); any other device gets activation and no token.
+    ``not_before(device_id)``: the device's last unbind; a token is never dated before it
+    (it would be refused as revoked).
+    """
+    own = own_hosts(settings)
+    keys = device_keys or {}
+    limiter = RateLimiter(settings.rate_limits.ota_per_minute_per_ip)
+    client_address = ClientAddress(settings.trusted_proxies)
+    auth_on = settings.auth.enabled
+    full_logged = {"at": -1e9, "count": 0}  # the "codes full" warning, at most every 10 s
+
+    def refuse(method: str, result: str, status: int, message: str, headers: dict[str, str], **extra: str) -> web.Response:
+        m.OTA_REQUESTS.labels(method, result).inc()
+        return web.json_response({"success": False, "message": message}, status=status, headers={**headers, **extra})
+
+    def admitted(request: web.Request, method: str, headers: dict[str, str]) -> web.Response | None:
+        """The per-address rate limit and the Device-Id check, shared by OTA and /activate."""
+        if not limiter.allow(client_address(request.remote or "unknown", request.headers.get("X-Forwarded-For")), time.monotonic()):
+            return refuse(method, "rate_limited", 429, "too many requests, slow down", headers, **{"Retry-After": "10"})
+        device_id = request.headers.get("Device-Id", "").strip()
+        problem = device_id_problem(device_id)
+        if problem is None and request.headers.get("Client-Id", "").strip() and not CLIENT_ID.fullmatch(request.headers["Client-Id"].strip()):
+            problem = "bad_client_id"
+        if problem is not None:
+            log.info("ota request refused", extra={"fields": {"why": problem, "device_id": device_id[:80], "ip": request.remote}})
+            return refuse(method, problem, 400, "Device-Id must be 1-64 of A-Z a-z 0-9 : . _ - (not default, not web-...); Client-Id likewise, up to 128", headers)
+        return None
+
+    async def options(request: web.Request) -> web.Response:
+        return web.Response(status=200, headers=cors_headers(settings, request))
 
     async def get(request: web.Request) -> web.Response:
         m.OTA_REQUESTS.labels("GET", "ok").inc()
-        url = websocket_url(settings, _request_host(request))
-        return web.Response(text=f"OTA interface is running, websocket address sent to devices: {url}\n", headers=CORS_HEADERS)
+        url = websocket_url(settings, _request_host(request), own)
+        return web.Response(text=f"OTA interface is running, websocket address sent to devices: {url}\n", headers=cors_headers(settings, request))
 
     async def post(request: web.Request) -> web.Response:
-        device_id = request.headers.get("Device-Id", "").strip()
-        if not device_id:
-            m.OTA_REQUESTS.labels("POST", "no_device_id").inc()
-            return web.json_response({"success": False, "message": "Device-Id header is required"}, status=400, headers=CORS_HEADERS)
+        cors = cors_headers(settings, request)
+        refused = admitted(request, "POST", cors)
+        if refused is not None:
+            return refused
+        device_id = request.headers["Device-Id"].strip()
         client_id = request.headers.get("Client-Id", "").strip() or device_id
         body: dict[str, Any] = {}
         raw = await request.read()
@@ -177,37 +265,90 @@ def make_app(
             except ValueError:
                 m.OTA_REQUESTS.labels("POST", "bad_body").inc()
                 log.info("ota body is not JSON; answering anyway", extra={"fields": {"device_id": device_id}})
-        token = device_token(settings, auth_key, device_id, client_id, int(time.time()))
+        allowed = auth.allow_listed(settings.auth.allowed_devices, device_id)
+        state = await asyncio.to_thread(bindings.state, device_id, client_id) if bindings is not None else None
         activation = None
-        if bindings is not None and not bindings.is_bound(device_id):
-            code = bindings.pending_code(device_id)
-            activation = {"code": code, "message": f"{settings.console_url}\n{code}", "challenge": device_id, "timeout_ms": 30000}
-            log.info("activation code issued", extra={"fields": {"device_id": device_id}})
-        base_url = f"{request.scheme}://{request.host}"
+        if bindings is not None and state != BOUND:
+            serial = request.headers.get("Serial-Number", "").strip()[:64] or None
+            needs_proof = request.headers.get("Activation-Version", "").strip() == "2" and serial is not None and serial in keys
+            pending = await asyncio.to_thread(bindings.pending_code, device_id, client_id, serial, needs_proof)
+            if pending is None:
+                m.OTA_REQUESTS.labels("POST", "codes_full").inc()
+                m.DROPPED.labels("gateway", "activation_codes_full").inc()
+                full_logged["count"] += 1
+                if time.monotonic() - full_logged["at"] >= 10:
+                    log.warning(
+                        "no activation code free: answering 503",
+                        extra={"fields": {"device_id": device_id, "max_pending_codes": settings.max_pending_codes, "refused_since_last_warning": full_logged["count"]}},
+                    )
+                    full_logged.update(at=time.monotonic(), count=0)
+                return web.json_response({"success": False, "message": "activation is busy, try again later"}, status=503, headers={**cors, "Retry-After": "60"})
+            activation = {"code": pending.code, "message": f"{settings.console_url}\n{pending.code}", "challenge": pending.challenge, "timeout_ms": 30000}
+            log.info("activation code issued", extra={"fields": {"device_id": device_id, "client_id": client_id, "state": state}})
+        token = ""
+        if auth_on and not allowed and state == BOUND:
+            issued = int(time.time())
+            revoked_until = not_before(device_id.lower()) if not_before is not None else None
+            if revoked_until is not None and issued < revoked_until:
+                issued = math.ceil(revoked_until)  # re-bound within the second of an unbind
+            token = auth.issue_device_token(auth_key, client_id, device_id, issued)
         stored, allow = None, True
         if catalog is not None:
             # The manager's images (object store) and the owner's auto-upgrade switch.
             board = body.get("board") if isinstance(body.get("board"), dict) else {}
             allow = await catalog.auto_upgrade(device_id)
             stored = await catalog.newest(str(board.get("type") or "")) if allow else None
-        response = build_ota_response(settings, body, _request_host(request), token=token, base_url=base_url, activation=activation, stored=stored, allow_upgrade=allow)
+        response = build_ota_response(
+            settings, body, _request_host(request), token=token, base_url=base_url(settings, request, own),
+            activation=activation, stored=stored, allow_upgrade=allow, own=own,
+        )
         m.OTA_REQUESTS.labels("POST", "ok").inc()
-        log.info("ota", extra={"fields": {"device_id": device_id, "client_id": client_id, "user_agent": request.headers.get("User-Agent")}})
+        log.info("ota", extra={"fields": {"device_id": device_id, "client_id": client_id, "user_agent": request.headers.get("User-Agent"), "state": state}})
         if on_seen is not None:
-            on_seen({"device_id": device_id, "event": "ota", **device_info(body, request.headers.get("User-Agent", ""))})
-        return web.json_response(response, headers=CORS_HEADERS)
+            # Who may tell the manager its board, firmware and last-seen: the bound pair, an
+            # allow-listed device; without binding or auth nothing can be checked.
+            trusted = state == BOUND or (auth_on and allowed) or (bindings is None and not auth_on)
+            on_seen({"device_id": device_id, "client_id": client_id, "event": "ota", **device_info(body, request.headers.get("User-Agent", ""))}, trusted)
+        return web.json_response(response, headers=cors)
 
     async def activate(request: web.Request) -> web.Response:
-        """The device polls until its owner entered the code: 202 until bound, 200 after."""
-        device_id = request.headers.get("Device-Id", "").strip()
-        await request.read()  # any body: {} or the HMAC challenge answer (not verifiable here)
-        if not device_id:
-            return web.json_response({"success": False, "message": "Device-Id header is required"}, status=400, headers=CORS_HEADERS)
-        if bindings is None or bindings.is_bound(device_id):
+        """The device polls until its owner entered the code: 202 until its pair is bound, 200
+        after; a device whose chip key is known must answer its challenge (403 otherwise)."""
+        cors = cors_headers(settings, request)
+        refused = admitted(request, "ACTIVATE", cors)
+        if refused is not None:
+            return refused
+        device_id = request.headers["Device-Id"].strip()
+        client_id = request.headers.get("Client-Id", "").strip() or device_id
+        raw = await request.read()
+        if bindings is None:
             m.OTA_REQUESTS.labels("ACTIVATE", "bound").inc()
-            return web.Response(text="success", headers=CORS_HEADERS)
+            return web.Response(text="success", headers=cors)
+        if await asyncio.to_thread(bindings.state, device_id, client_id) == BOUND:
+            m.OTA_REQUESTS.labels("ACTIVATE", "bound").inc()
+            return web.Response(text="success", headers=cors)
+        pending = await asyncio.to_thread(bindings.pending, device_id, client_id)
+        if pending is not None and not pending.verified and pending.serial in keys:
+            try:
+                answer = activation_answer(json.loads(raw) if raw else {})
+            except ValueError:
+                answer = {}
+            challenge, mac = answer.get("challenge"), answer.get("hmac")
+            serial = answer.get("serial_number")
+            ok = (
+                isinstance(challenge, str) and isinstance(mac, str) and challenge == pending.challenge
+                and (serial is None or serial == pending.serial)
+                and auth.verify_activation(keys[pending.serial], pending.challenge, mac)  # type: ignore[index]
+            )
+            if not ok:
+                m.OTA_REQUESTS.labels("ACTIVATE", "bad_hmac").inc()
+                m.AUTH_FAILURES.labels("activation hmac").inc()
+                log.warning("activation answer does not match the chip's key", extra={"fields": {"device_id": device_id, "serial": pending.serial, "ip": request.remote}})
+                return web.Response(status=403, text="activation challenge answer is wrong", headers=cors)
+            await asyncio.to_thread(bindings.mark_verified, device_id, client_id)
+            log.info("activation answer verified", extra={"fields": {"device_id": device_id, "serial": pending.serial}})
         m.OTA_REQUESTS.labels("ACTIVATE", "pending").inc()
-        return web.Response(status=202, text="waiting for the owner to enter the code", headers=CORS_HEADERS)
+        return web.Response(status=202, text="waiting for the owner to enter the code", headers=cors)
 
     async def download(request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]

@@ -8,7 +8,9 @@ import logging
 import secrets
 import ssl
 import time
+import weakref
 from collections import OrderedDict
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -21,10 +23,10 @@ from websockets.http11 import Request, Response
 
 from gateway import auth, ota, protocol
 from gateway import metrics as m
-from gateway.bindings import SqliteBindingStore
+from gateway.bindings import BOUND, OTHER, SqliteBindingStore
 from gateway.fwstore import FirmwareCatalog
 from gateway.httpguard import guarded
-from gateway.limits import RateLimiter
+from gateway.limits import ClientAddress, RateLimiter
 from gateway.session import DeviceSession
 from shared.agents import AgentDirectory
 from shared.settings import Settings
@@ -68,6 +70,17 @@ def device_headers(request: Request) -> dict[str, str]:
     return found
 
 
+@dataclass(frozen=True)
+class Admission:
+    """What the handshake established about a connection."""
+
+    ip: str  # the client's address (X-Forwarded-For from a trusted proxy)
+    # The device proved who it is: a valid token (or the allow-list), or the bound pair.
+    proved: bool
+    # Its word may reach the manager (seen events): proved, or nothing can be checked at all.
+    trusted: bool
+
+
 class Gateway:
     """Accepts devices, and bridges each connection to the NATS pipeline."""
 
@@ -87,7 +100,13 @@ class Gateway:
         self._vad_watch: asyncio.Task | None = None
         self._alive_sub = None
         self._bind_sub = None
+        self._unbind_sub = None
         self._online_sub = None
+        self.bindings: SqliteBindingStore | None = None
+        # Tokens of a device issued before this time (its last unbind) are refused.
+        self._not_before: dict[str, float] = {}
+        # What _process_request learnt about a connection, for _handle.
+        self._admitted: weakref.WeakKeyDictionary[ServerConnection, Admission] = weakref.WeakKeyDictionary()
         self._ota_info: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._http_server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -97,6 +116,8 @@ class Gateway:
         limits = self.gw.rate_limits
         self._conn_ip = RateLimiter(limits.connections_per_minute_per_ip)
         self._conn_device = RateLimiter(limits.connections_per_minute_per_device)
+        self._auth_fail_ip = RateLimiter(limits.auth_failures_per_minute_per_ip)
+        self._client_address = ClientAddress(self.gw.trusted_proxies)
         self._turn_ip = RateLimiter(limits.turns_per_minute_per_ip)
         self._turn_device = RateLimiter(limits.turns_per_minute_per_device)
         m.TURNS_IN_FLIGHT.set_function(lambda: sum(1 for s in list(self.sessions) if s.turn_in_flight))
@@ -105,6 +126,13 @@ class Gateway:
         self.auth_key = self.gw.auth.key or secrets.token_hex(16)
         if not self.gw.auth.key:
             log.warning("no auth key configured: using a random one, tokens will not survive a restart")
+        # Raises on a missing or bad file: checking chip keys must not silently turn off.
+        self.device_keys = auth.load_device_keys(self.gw.auth.device_keys_file)
+        if self.gw.auth.enabled and not self.gw.binding:
+            log.warning(
+                "device auth is on but binding is off: OTA gives tokens to allow-listed devices only, so no other device can connect",
+                extra={"fields": {"allowed_devices": len(self.gw.auth.allowed_devices)}},
+            )
 
     async def start(self, nc: NATS) -> None:
         self.nc = nc
@@ -127,13 +155,20 @@ class Gateway:
             ssl=self._tls,
         )
         self.ws_port = self._ws_server.sockets[0].getsockname()[1] if self._ws_server.sockets else self.gw.ws_port
-        self.bindings = SqliteBindingStore(self.gw.binding_db) if self.gw.binding else None
-        if self.bindings is not None:
+        if self.gw.binding:
+            self.bindings = await asyncio.to_thread(SqliteBindingStore, self.gw.binding_db, self.gw.code_ttl_s, self.gw.max_pending_codes)
+            self._not_before.update(await asyncio.to_thread(self.bindings.revocations))
             # The manager's "bind by code": whichever gateway holds the code answers.
             self._bind_sub = await nc.subscribe(self.subjects.gateway_bind, cb=self._on_bind)
+        # Unbinds go to every gateway (no queue group): each drops the binding, revokes the
+        # device's tokens and closes its sessions.
+        self._unbind_sub = await nc.subscribe(self.subjects.gateway_unbind, cb=self._on_unbind)
         self._online_sub = await nc.subscribe(self.subjects.online, cb=self._on_online)
         catalog = FirmwareCatalog(nc, self.subjects.obj_firmware, self.subjects.kv_devices, ttl_s=self.gw.firmware_cache_s)
-        app = ota.make_app(self.gw, self.auth_key, self.bindings, on_seen=self._publish_seen, catalog=catalog)
+        app = ota.make_app(
+            self.gw, self.auth_key, self.bindings, on_seen=self._publish_seen, catalog=catalog,
+            device_keys=self.device_keys, not_before=self._not_before.get,
+        )
         # Idle keep-alive connections close after 15 s (aiohttp's default is an hour).
         self._http_runner = web.AppRunner(app, access_log=None, keepalive_timeout=15)
         await self._http_runner.setup()
@@ -157,14 +192,22 @@ class Gateway:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _publish_seen(self, event: dict[str, Any]) -> None:
-        """Tell the manager a device was seen (OTA, connected, disconnected); best effort."""
+    def _publish_seen(self, event: dict[str, Any], trusted: bool = True) -> None:
+        """Tell the manager a device was seen (OTA, connected, disconnected); best effort.
+
+        Only ``trusted`` events (the bound pair, an authenticated device) are published: anyone
+        else could set the board, firmware and last-seen the console shows."""
+        client_id = event.pop("client_id", None)
         if event.get("event") == "ota":
-            # Board and firmware of devices that asked OTA lately: a bind by code answers with them.
-            self._ota_info[event["device_id"].lower()] = {k: event.get(k) for k in ("board", "firmware_version")}
-            self._ota_info.move_to_end(event["device_id"].lower())
+            # Board and firmware of the pairs that asked OTA lately: a bind by code answers with
+            # those of the pair whose code it was.
+            key = f"{event['device_id'].lower()}|{client_id}"
+            self._ota_info[key] = {k: event.get(k) for k in ("board", "firmware_version")}
+            self._ota_info.move_to_end(key)
             while len(self._ota_info) > 10000:
                 self._ota_info.popitem(last=False)
+        if not trusted:
+            return
         if self.nc is None or self.nc.is_closed:
             return
         event = {**event, "at": time.time()}
@@ -208,11 +251,49 @@ class Gateway:
             return
         if self.bindings is None or not msg.reply:
             return
-        device_id = await asyncio.to_thread(self.bindings.bind, code, owner)
-        if device_id is None:
+        result = await asyncio.to_thread(self.bindings.bind, code, owner)
+        if result is None:
             return
-        log.info("device bound", extra={"fields": {"device_id": device_id, "owner": owner}})
-        await msg.respond(json.dumps({"device_id": device_id, **self._ota_info.get(device_id.lower(), {})}).encode())
+        if result.conflict:
+            # The MAC is bound to another owner's pair: nothing changed (the manager says 409).
+            m.DROPPED.labels("gateway", "bind_conflict").inc()
+            log.warning("bind refused: the device is bound to another owner", extra={"fields": {"device_id": result.device_id, "owner": owner}})
+            await msg.respond(json.dumps({"device_id": result.device_id, "conflict": True}).encode())
+            return
+        log.info("device bound", extra={"fields": {"device_id": result.device_id, "client_id": result.client_id, "owner": owner, "replaced": result.replaced}})
+        if result.replaced:
+            # The owner's device came back with a new Client-Id: the old pair's tokens and
+            # sessions end.
+            await self._revoke(result.device_id)
+        info = self._ota_info.get(f"{result.device_id}|{result.client_id}", {})
+        await msg.respond(json.dumps({"device_id": result.device_id, **info}).encode())
+
+    async def _revoke(self, device_id: str) -> int:
+        """Refuse the device's tokens issued until now and close its sessions here."""
+        device_id = device_id.lower()
+        self._not_before[device_id] = max(self._not_before.get(device_id, 0.0), time.time())
+        while len(self._not_before) > 100_000:
+            self._not_before.pop(next(iter(self._not_before)))
+        doomed = [s for s in list(self.sessions) if s.device_id.lower() == device_id]
+        await asyncio.gather(*(s.close_for_unbind() for s in doomed), return_exceptions=True)
+        return len(doomed)
+
+    async def _on_unbind(self, msg: Msg) -> None:
+        """``{"device_id": ...}`` (the manager unbound it): drop the binding and the MAC's
+        pending codes, revoke its tokens, close its sessions; answer when asked."""
+        try:
+            device_id = json.loads(msg.data)["device_id"]
+            if not isinstance(device_id, str) or not 0 < len(device_id) <= 200:
+                raise TypeError("device_id")
+        except (ValueError, KeyError, TypeError):
+            m.DROPPED.labels("gateway", "bad_unbind_request").inc()
+            return
+        at = time.time()
+        removed = await asyncio.to_thread(self.bindings.unbind, device_id, at) if self.bindings is not None else False
+        closed = await self._revoke(device_id)
+        log.info("device unbound", extra={"fields": {"device_id": device_id, "binding_removed": removed, "sessions_closed": closed}})
+        if msg.reply:
+            await msg.respond(json.dumps({"device_id": device_id.lower(), "unbound": removed, "sessions_closed": closed}).encode())
 
     async def _on_vad_alive(self, msg: Msg) -> None:
         try:
@@ -304,8 +385,27 @@ class Gateway:
             "downlink": sum(s.downlink.pending for s in sessions),
         }
 
-    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Answer plain HTTP on the WebSocket port; reject bad handshakes with an HTTP status."""
+    def _auth_failed(self, connection: ServerConnection, ip: str, device_id: str, reason: str, text: str) -> Response:
+        """A failed authentication: 401, counted against the address; 429 once the address has
+        failed too often this minute."""
+        m.AUTH_FAILURES.labels(reason).inc()
+        now = time.monotonic()
+        if self._auth_fail_ip.exhausted(ip, now):
+            m.REJECTED.labels("auth_failures").inc()
+            log.info("address refused after failed authentications", extra={"fields": {"device_id": device_id[:80], "ip": ip, "reason": reason}})
+            return connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "too many failed authentications, slow down\n")
+        self._auth_fail_ip.allow(ip, now)
+        log.info("handshake rejected", extra={"fields": {"device_id": device_id[:80], "ip": ip, "reason": reason}})
+        return connection.respond(HTTPStatus.UNAUTHORIZED, f"unauthorized: {text}\n")
+
+    async def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Answer plain HTTP on the WebSocket port; reject bad handshakes with an HTTP status.
+
+        Order matters: the device's own connection limit is taken only once the handshake proved
+        it may speak for that device, so nobody can use it up with the device's id (issue 14,
+        vuln 10). An address that failed authentication too often this minute gets 429 for
+        every handshake that fails again; one that authenticates is still admitted, so devices
+        sharing an address with an attacker (a home NAT, an ingress) stay online."""
         if request.headers.get("Upgrade", "").lower() != "websocket":
             return connection.respond(HTTPStatus.OK, "Server is running\n")
         found = device_headers(request)
@@ -319,33 +419,52 @@ class Gateway:
             log.warning("session limit reached, connection refused", extra={"fields": {"max_sessions": self.gw.max_sessions}})
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "server full, try again later\n")
         now = time.monotonic()
-        ip = peer_ip(connection)
-        ip_ok = self._conn_ip.allow(ip, now)
-        device_ok = self._conn_device.allow(found["device-id"] or ip, now)
-        if not (ip_ok and device_ok):
+        ip = self._client_address(peer_ip(connection), request.headers.get("X-Forwarded-For"))
+        if not self._conn_ip.allow(ip, now):
             m.REJECTED.labels("rate_limited").inc()
-            log.info("connection rate limited", extra={"fields": {"device_id": found["device-id"], "ip": ip, "by": "ip" if not ip_ok else "device"}})
+            log.info("connection rate limited", extra={"fields": {"device_id": found["device-id"][:80], "ip": ip, "by": "ip"}})
             return connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "too many connections, slow down\n")
         try:
             protocol.parse_protocol_version(found["protocol-version"] or None)
         except protocol.ProtocolError:
             m.DROPPED.labels("gateway", "bad_protocol_version").inc()
             return connection.respond(HTTPStatus.BAD_REQUEST, "unsupported Protocol-Version\n")
+        device_id = found["device-id"]
+        client_id = found["client-id"] or device_id
+        if device_id:
+            problem = ota.device_id_problem(device_id, for_ota=False)
+            if problem is not None or (found["client-id"] and not ota.CLIENT_ID.fullmatch(found["client-id"])):
+                m.DROPPED.labels("gateway", problem or "bad_client_id").inc()
+                return connection.respond(HTTPStatus.BAD_REQUEST, "bad Device-Id or Client-Id\n")
+        proved = False
         if self.gw.auth.enabled:
             result = auth.verify_device(
                 self.auth_key,
                 found["authorization"],
-                found["client-id"] or found["device-id"],
-                found["device-id"],
+                client_id,
+                device_id,
                 int(time.time()),
                 self.gw.auth.expire_seconds,
                 frozenset(self.gw.auth.allowed_devices),
+                not_before=self._not_before.get(device_id.lower()),
             )
             if not result.ok:
                 # Rejected in the handshake: the firmware reports it at once (protocol.md §2.4).
-                m.AUTH_FAILURES.labels(result.reason).inc()
-                log.info("handshake rejected", extra={"fields": {"device_id": found["device-id"], "reason": result.reason}})
-                return connection.respond(HTTPStatus.UNAUTHORIZED, f"unauthorized: {result.reason}\n")
+                return self._auth_failed(connection, ip, device_id, result.reason, result.reason)
+            proved = True
+        if self.bindings is not None and device_id:
+            state = await asyncio.to_thread(self.bindings.state, device_id, client_id)
+            if state == OTHER:
+                # The MAC is bound to another Client-Id: whoever this is, it is not the device
+                # its owner bound, and must not get its agent, memory or tools.
+                return self._auth_failed(connection, ip, device_id, "bound to another client", "this device is bound to another Client-Id")
+            proved = proved or state == BOUND
+        if not self._conn_device.allow(f"{device_id.lower()}|{client_id}" if device_id else ip, now):
+            m.REJECTED.labels("rate_limited").inc()
+            log.info("connection rate limited", extra={"fields": {"device_id": device_id[:80], "ip": ip, "by": "device"}})
+            return connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "too many connections, slow down\n")
+        # Without auth and binding nothing can be checked: events are passed on as before.
+        self._admitted[connection] = Admission(ip, proved, proved or (not self.gw.auth.enabled and self.bindings is None))
         return None
 
     async def _handle(self, ws: ServerConnection) -> None:
@@ -356,16 +475,27 @@ class Gateway:
             await ws.send("No Device-Id: send the Device-Id header or ?device-id= in the URL")
             await ws.close(1008, "missing device id")
             return
+        admission = self._admitted.pop(ws, None) or Admission(peer_ip(ws), False, False)
         version = protocol.parse_protocol_version(found["protocol-version"] or None)
         assert self.nc is not None
         session = DeviceSession(
             ws, self.nc, self.gw, self.subjects, device_id, found["client-id"] or device_id, version,
             auth_key=self.auth_key, vision_url=ota.vision_url(self.gw, self.http_port), work=self.settings.work,
-            admit_turn=lambda: self.admit_turn(device_id, peer_ip(ws)),
+            admit_turn=lambda: self.admit_turn(device_id, admission.ip),
             agents=self.agents,
         )
+        # One session per device: a proved session (valid token, or the bound pair) closes the
+        # device's older ones. A device that lost power or Wi-Fi leaves a socket the server
+        # notices only after its ping timeout, and its reconnect must not be refused; an
+        # impersonator cannot prove itself to use this. Unproved sessions (no auth, no binding)
+        # close nobody: anyone could claim the id.
+        older = [s for s in list(self.sessions) if s.device_id.lower() == device_id.lower()] if admission.proved else []
         self.sessions.add(session)
-        self._publish_seen({"device_id": device_id, "event": "connected"})
+        if older:
+            log.info("new session for the device: closing the older one", extra={"fields": {"device_id": device_id, "closed": len(older)}})
+            for old in older:
+                self._background(old.close_replaced())
+        self._publish_seen({"device_id": device_id, "event": "connected"}, admission.trusted)
         try:
             await session.run()
         except Exception:  # noqa: BLE001 - one bad session must not take others down
@@ -373,4 +503,4 @@ class Gateway:
             m.ERRORS.labels("gateway", "session_crash").inc()
         finally:
             self.sessions.discard(session)
-            self._publish_seen({"device_id": device_id, "event": "disconnected"})
+            self._publish_seen({"device_id": device_id, "event": "disconnected"}, admission.trusted)

@@ -168,6 +168,24 @@ class DeviceSession:
         except Exception:  # noqa: BLE001
             pass
 
+    async def close_for_unbind(self) -> None:
+        """The device was unbound (or re-bound with a new Client-Id): end the session."""
+        await self._close_because(4001, "device unbound", "closing: the device was unbound")
+
+    async def close_replaced(self) -> None:
+        """A newer session of the same device was admitted: this one ends."""
+        await self._close_because(4002, "replaced by a newer session", "closing: a newer session of the device connected")
+
+    async def _close_because(self, code: int, reason: str, message: str) -> None:
+        if self._closing:
+            return
+        with xlog.bind(session_id=self.session_id):
+            log.info(message)
+        try:
+            await self.ws.close(code, reason)
+        except Exception:  # noqa: BLE001
+            pass
+
     def _over_turn_limit(self, turn_id: str) -> bool:
         """Count a new user turn against the rate limits; over them, the turn is dropped, the
         user hears "slow down" and is not heard for a while."""

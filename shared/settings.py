@@ -102,6 +102,10 @@ class AuthSettings(BaseModel):
     expire_seconds: int = 30 * 24 * 3600
     # The vision endpoint's token is always required, and shorter-lived.
     vision_ttl_seconds: int = 3600
+    # Per-chip HMAC keys (a JSON or YAML file: {"<serial number>": "<hex key>"}): an
+    # Activation-Version 2 device with a known serial must answer the activation challenge with
+    # a valid HMAC before its code can be bound (a wrong one gets 403).
+    device_keys_file: str | None = None
 
 
 class VisionSettings(BaseModel):
@@ -132,6 +136,12 @@ class RateLimitSettings(BaseModel):
     turns_per_minute_per_device: int = 30
     turns_per_minute_per_ip: int = 1200
     cooldown_s: float = 10.0
+    # OTA and /activate requests per source address per minute (then 429). A device asks OTA
+    # once per boot and polls /activate every 3 s while it shows its code.
+    ota_per_minute_per_ip: int = 60
+    # Failed WebSocket authentications per source address per minute before that address gets
+    # 429 for every handshake (the device's own limit is taken only after authentication).
+    auth_failures_per_minute_per_ip: int = 10
     slow_down_text: str = "You're talking faster than I can keep up. Please wait a moment."
 
 
@@ -185,6 +195,17 @@ class GatewaySettings(BaseModel):
     binding: bool = False
     binding_db: str = "data/bindings.db"
     console_url: str = "the xiaozhi console"
+    # Activation codes: valid this long, and at most this many waiting at once (then OTA
+    # answers 503 to devices that need a new code until some expire or are used).
+    code_ttl_s: int = 600
+    max_pending_codes: int = 10000
+    # Origins (e.g. "http://192.168.1.10:8080") whose pages may call OTA from a browser. Empty:
+    # no CORS headers at all (devices do not need them).
+    ota_cors_origins: list[str] = Field(default_factory=list)
+    # Reverse proxies (addresses or CIDRs, e.g. an ingress's pod network "10.0.0.0/8") whose
+    # X-Forwarded-For names the client: limits per address then count the device's address, not
+    # the proxy's. Empty: X-Forwarded-For is ignored (anyone could write it).
+    trusted_proxies: list[str] = Field(default_factory=list)
     # Device MCP tools/call: how long to wait for the device's reply (longer than a camera
     # photo's upload and analysis, which the device bounds at 30 s).
     mcp_call_timeout_s: float = 35.0

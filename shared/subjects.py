@@ -114,8 +114,9 @@ class Subjects:
 
     @property
     def gateway_unbind(self) -> str:
-        """Event to every gateway: ``{"device_id"}`` was unbound in the manager; each removes
-        its binding (and revokes the device tokens issued before)."""
+        """Event or request to every gateway (no queue group): ``{"device_id": ...}`` was
+        unbound; each gateway drops its binding, revokes the device's tokens and closes its
+        sessions (answering ``{"device_id", "unbound", "sessions_closed"}`` when asked)."""
         return f"{self.prefix}.gateway.unbind"
 
     @property

@@ -26,8 +26,24 @@ Attack = Callable[["Attacker"], Awaitable[None]]
 
 
 class Attacker:
-    def __init__(self, ws_url: str, http_url: str, rounds: int = 20, seed: int = 7, slowloris_s: float = 12.0, vision_auth: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        ws_url: str,
+        http_url: str,
+        rounds: int = 20,
+        seed: int = 7,
+        slowloris_s: float = 12.0,
+        vision_auth: tuple[str, str] | None = None,
+        source_ip: str | None = None,
+        victim: dict[str, str] | None = None,
+    ) -> None:
         self.ws_url = ws_url
+        # The attacker's own source address (e.g. 127.0.0.2 on loopback) for the flood attacks,
+        # so that limits per address hit the attacker and not the devices beside it.
+        self.source_ip = source_ip
+        # The device the handshake-limit attack tries to keep offline: device_id, client_id,
+        # token ("" or absent: none); a random unbound device when not given.
+        self.victim = victim
         # How long slowloris connections dribble (longer than the server's header deadline).
         self.slowloris_s = slowloris_s
         # (device id, valid vision token): lets the image checks be reached past the token check.
@@ -259,9 +275,58 @@ class Attacker:
             async with http.post(url, data=b"--zz\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nabc", headers={**valid, "Content-Type": "multipart/form-data; boundary=zz"}) as response:
                 self.note("vision malformed, oversized and wrong-type images", f"truncated multipart: HTTP {response.status} {(await response.text())[:80]}")
 
+    # ------------------------------------------------------------------ floods meant to deny service
+
+    def _local(self) -> dict:
+        return {"local_addr": (self.source_ip, 0)} if self.source_ip else {}
+
+    async def ota_flood(self, count: int | None = None) -> None:
+        """Hundreds of OTA requests at once, each with a new MAC (issue 14, vuln 7): they must be
+        refused per address (429) or answered, never hang the gateway or take all its codes."""
+        count = count or self.rounds * 10
+        url = f"{self.http_url}/xiaozhi/ota/"
+        connector = aiohttp.TCPConnector(limit=50, **self._local())
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=20)) as http:
+
+            async def one() -> None:
+                headers = {"Device-Id": random_mac(), "Client-Id": str(uuid.uuid4()), "Content-Type": "application/json"}
+                try:
+                    async with http.post(url, data=b"{}", headers=headers) as response:
+                        await response.read()
+                        self.note("OTA flood", f"HTTP {response.status}")
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    self.note("OTA flood", f"failed: {type(exc).__name__}")
+
+            await asyncio.gather(*(one() for _ in range(count)))
+
+    async def handshake_limit(self, count: int = 30) -> None:
+        """Token-less handshakes with a victim's Device-Id (and Client-Id), then the victim
+        connects (issue 14, vuln 10): the victim must not be refused with 429."""
+        victim = self.victim or {"device_id": random_mac(), "client_id": str(uuid.uuid4()), "token": ""}
+        forged = {"Device-Id": victim["device_id"], "Client-Id": victim["client_id"], "Protocol-Version": "1"}
+        for _ in range(count):
+            try:
+                ws = await websockets.connect(self.ws_url, additional_headers=forged, open_timeout=10, ping_interval=None, close_timeout=1, **self._local())
+                self.note("handshake limit", "HTTP 101 without a token")
+                await ws.close()
+            except InvalidStatus as exc:
+                self.note("handshake limit", f"HTTP {exc.response.status_code}")
+        headers = dict(forged)
+        if victim.get("token"):
+            headers["Authorization"] = f"Bearer {victim['token']}"
+        try:
+            ws = await websockets.connect(self.ws_url, additional_headers=headers, open_timeout=10, ping_interval=None, close_timeout=1)
+            await self.hello(ws)
+            self.outcomes["handshake limit: the victim connected"] += 1
+            await ws.close()
+        except InvalidStatus as exc:
+            self.outcomes[f"handshake limit: the victim got HTTP {exc.response.status_code}"] += 1
+
     ATTACKS: tuple[str, ...] = (
         "malformed_json", "unknown_types", "binary_before_hello", "oversized_frames", "garbage_opus",
         "wrong_versions", "floods", "half_open", "slowloris", "bad_ota", "bad_vision",
+        # Last: they are meant to trip the limits per address.
+        "ota_flood", "handshake_limit",
     )
 
     async def run(self) -> dict:

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     bind = sub.add_parser("bind", help="bind the device that is showing this activation code")
     bind.add_argument("code", help="the 6-digit code the device speaks")
     bind.add_argument("--owner", default="admin", help="who the device belongs to (default admin)")
-    bind.add_argument("--db", help="binding database (default: the gateway's binding_db setting)")
+    bind.add_argument("--db", help="bind in this binding database directly (a stopped gateway's); default: ask the running gateways over NATS")
     bind.add_argument("--config", help="YAML settings file")
 
     natsauth = sub.add_parser("nats-auth", help="print a nats-server users config: one user per service, each limited to its own subjects")
@@ -132,17 +132,47 @@ def run_service(name: str, argv: list[str]) -> int:
 
 
 def bind_command(args: argparse.Namespace) -> int:
-    """Bind a device by the code it speaks during activation (protocol.md §1.5)."""
-    from gateway.bindings import SqliteBindingStore
+    """Bind a device by the code it speaks during activation (protocol.md §1.5).
+
+    By default the request goes to the running gateways over NATS (``<prefix>.gateway.bind``,
+    as the manager's console does): the gateway holding the code answers. ``--db`` binds in a
+    binding database file directly."""
     from shared.settings import load_settings
 
-    store = SqliteBindingStore(args.db or load_settings(args.config).gateway.binding_db)
-    device_id = store.bind(args.code, args.owner)
-    if device_id is None:
+    settings = load_settings(args.config)
+    if args.db:
+        from gateway.bindings import SqliteBindingStore
+
+        store = SqliteBindingStore(args.db, settings.gateway.code_ttl_s, settings.gateway.max_pending_codes)
+        try:
+            result = store.bind(args.code, args.owner)
+        finally:
+            store.close()
+        answer = None if result is None else {"device_id": result.device_id, "conflict": result.conflict}
+    else:
+        answer = asyncio.run(_bind_over_nats(settings, args.code, args.owner))
+    if answer is None:
         print(f"no device is waiting with code {args.code}", file=sys.stderr)
         return 1
-    print(f"bound device {device_id} to {args.owner}")
+    if answer.get("conflict"):
+        print(f"device {answer['device_id']} is bound to another owner; it must be unbound first", file=sys.stderr)
+        return 1
+    print(f"bound device {answer['device_id']} to {args.owner}")
     return 0
+
+
+async def _bind_over_nats(settings, code: str, owner: str) -> dict | None:
+    from shared import bus
+    from shared.subjects import Subjects
+
+    nc = await bus.connect(settings.nats, "xiaozhi-bind", retry_first=False)
+    try:
+        reply = await nc.request(Subjects(settings.nats.prefix).gateway_bind, json.dumps({"code": code, "owner": owner}).encode(), timeout=3)
+    except Exception:  # noqa: BLE001 - no gateway holds the code (timeout, no responders)
+        return None
+    finally:
+        await nc.close()
+    return json.loads(reply.data)
 
 
 def nats_auth_command(args: argparse.Namespace) -> int:

@@ -200,9 +200,12 @@ class SimDevice:
         self.ota_url = ota_url
         self.ws_url = ws_url
         self.device_id = device_id or random_mac()
-        self.client_id = client_id or str(uuid.uuid4())
+        # The firmware keeps its Client-Id in NVS: the same MAC gives the same one (a re-flashed
+        # device, or an impersonator, passes another).
+        self.client_id = client_id or str(uuid.uuid5(uuid.NAMESPACE_OID, f"xiaozhi-sim:{self.device_id.lower()}"))
         self.protocol_version = protocol_version
         self.token = token
+        self._token_given = token is not None  # else each OTA answer's token is used
         self.board = board
         self.firmware_version = firmware_version
         self.session_id: str | None = None
@@ -266,7 +269,7 @@ class SimDevice:
         ws = (self.ota_response or {}).get("websocket") or {}
         if not self.ws_url:
             self.ws_url = ws.get("url")
-        if self.token is None:
+        if not self._token_given:
             self.token = ws.get("token") or ""
         if "version" in ws and isinstance(ws["version"], int):
             self.protocol_version = ws["version"]
@@ -276,7 +279,9 @@ class SimDevice:
         """The activation loop of the firmware (protocol.md §1.5): POST ``<ota>activate`` until 200.
 
         202 means "not bound yet": wait ``wait_pending_s`` and ask again; anything else waits
-        ``wait_error_s``. Returns True once activated.
+        ``wait_error_s``. Once activated it runs the OTA check again, as the firmware does (the
+        answer without ``activation`` carries the token of a bound device). Returns True once
+        activated.
         """
         activation = (self.ota_response or {}).get("activation") or {}
         if not self.ota_url or not activation.get("challenge"):
@@ -288,9 +293,12 @@ class SimDevice:
                 async with http.post(url, data=b"{}", headers=headers) as response:
                     status = response.status
                 if status == 200:
-                    return True
+                    break
                 await asyncio.sleep(wait_pending_s if status == 202 else wait_error_s)
-        return False
+            else:
+                return False
+        await self.ota()
+        return True
 
     async def connect(self, features: dict[str, Any] | None = None) -> None:
         """OTA (when given), WebSocket handshake with the firmware's headers, then hello."""

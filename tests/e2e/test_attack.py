@@ -1,6 +1,8 @@
 """The live gateway under attack (xiaozhi/attack.py): malformed JSON, unknown types, binary
 before hello, frames over 64 KB, garbage Opus, wrong protocol versions, floods, half-open
-connections, slowloris, malformed OTA and vision requests. A normal device keeps talking
+connections, slowloris, malformed OTA and vision requests, an OTA flood and token-less
+handshakes with a victim's id (tests/security/test_gateway_attacks.py runs those two against
+the limits they are meant to trip). A normal device keeps talking
 meanwhile, and afterwards the gateway's memory and task count are back to where they were.
 """
 
@@ -53,7 +55,7 @@ async def test_gateway_survives_bad_input_and_comes_back_to_baseline(pipeline):
         # A valid vision token, so the image checks are reached (not only the token check).
         device = random_mac()
         token = issue_vision_token(KEY, device, int(time.time()), 600)
-        attacker = Attacker(gateway.ws_url, gateway.http_url, rounds=20, slowloris_s=4, vision_auth=(device, token))
+        attacker = Attacker(gateway.ws_url, gateway.http_url, rounds=20, slowloris_s=4, vision_auth=(device, token), source_ip="127.0.0.2")
 
         async def normal_device() -> list:
             reports = []
@@ -67,7 +69,8 @@ async def test_gateway_survives_bad_input_and_comes_back_to_baseline(pipeline):
         assert not result["attack_errors"], result["attack_errors"]
         for kind in ("malformed JSON", "unknown or wrongly typed messages", "binary frames before hello", "frames over 64 KB",
                      "garbage Opus", "wrong protocol versions", "message floods", "half-open connections",
-                     "slowloris on the HTTP port", "OTA malformed headers and bodies", "vision malformed, oversized and wrong-type images"):
+                     "slowloris on the HTTP port", "OTA malformed headers and bodies", "vision malformed, oversized and wrong-type images",
+                     "OTA flood", "handshake limit"):
             assert result["tried"].get(kind, 0) >= 1, kind
         # The normal device was served throughout.
         for report in reports:
@@ -82,6 +85,10 @@ async def test_gateway_survives_bad_input_and_comes_back_to_baseline(pipeline):
         checked = [v for v in vision if v.startswith(("oversized", "wrong type", "truncated"))]
         assert len(checked) == 3 and all('"success": false' in v for v in checked), vision
 
+        # The OTA flood met the limit per address (the connection limits are off here, the OTA
+        # one is not); the handshakes did not keep the victim out.
+        assert result["outcomes"].get("OTA flood: HTTP 429", 0) >= 100, result["outcomes"]
+        assert result["outcomes"].get("handshake limit: the victim connected") == 1, result["outcomes"]
         # Bad input was counted, and the process is still up.
         window = prom.delta(prom.scrape(port), before)
         dropped = {dict(labels)["reason"]: v for (name, labels), v in window.items() if name == "xz_dropped_total" and v > 0}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import subprocess
 import sys
 
@@ -56,6 +58,7 @@ async def test_activation_until_bound(ota_gateway):
     code = activation["code"]
     assert len(code) == 6 and code.isdigit()
     assert activation["message"] == f"http://console.local\n{code}" and activation["challenge"]
+    assert activation["challenge"] != device.device_id  # a nonce per code, not the MAC
     assert "mqtt" not in data and data["websocket"]["url"]
     # The same code until it is used.
     assert (await SimDevice(ota_url=f"{base}/xiaozhi/ota/", device_id=device.device_id).ota())["activation"]["code"] == code
@@ -75,3 +78,20 @@ async def test_activation_until_bound(ota_gateway):
     assert await device.activate(polls=2, wait_pending_s=0.1) is True
     again = await SimDevice(ota_url=f"{base}/xiaozhi/ota/", device_id=device.device_id).ota()
     assert "activation" not in again
+
+
+async def test_xiaozhi_bind_asks_the_gateways_over_nats(ota_gateway, nats_only):
+    base, _ = ota_gateway
+    device = SimDevice(ota_url=f"{base}/xiaozhi/ota/")
+    code = (await device.ota())["activation"]["code"]
+    env = {**os.environ, "XZ_NATS__URL": nats_only.nats_url}
+    wrong = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "xiaozhi.cli", "bind", "000000" if code != "000000" else "111111"], capture_output=True, text=True, env=env)
+    assert wrong.returncode == 1 and "no device is waiting" in wrong.stderr
+    bound = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "xiaozhi.cli", "bind", code, "--owner", "alice"], capture_output=True, text=True, env=env)
+    assert bound.returncode == 0 and device.device_id in bound.stdout, bound.stderr
+    assert await device.activate(polls=2, wait_pending_s=0.1)
+    # The same MAC under another Client-Id (a phantom), bound by someone else: refused.
+    phantom = SimDevice(ota_url=f"{base}/xiaozhi/ota/", device_id=device.device_id, client_id="someone-else")
+    other = (await phantom.ota())["activation"]["code"]
+    refused = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "xiaozhi.cli", "bind", other, "--owner", "mallory"], capture_output=True, text=True, env=env)
+    assert refused.returncode == 1 and "bound to another owner" in refused.stderr

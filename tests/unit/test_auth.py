@@ -6,7 +6,9 @@ import base64
 import hashlib
 import hmac
 
-from gateway.auth import issue_device_token, issue_vision_token, strip_bearer, verify_device, verify_vision
+import pytest
+
+from gateway.auth import issue_device_token, issue_vision_token, load_device_keys, strip_bearer, verify_activation, verify_device, verify_vision
 
 KEY = "k"
 NOW = 1_800_000_000
@@ -34,6 +36,28 @@ def test_device_token_verification():
     assert verify_device(KEY, "Bearer abc.12x", "client", "dev", NOW, 3600).reason == "malformed token"
     future = issue_device_token(KEY, "client", "dev", NOW + 3600)
     assert verify_device(KEY, f"Bearer {future}", "client", "dev", NOW, 7200).reason == "token from the future"
+
+
+def test_tokens_issued_before_an_unbind_are_revoked():
+    token = issue_device_token(KEY, "client", "dev", NOW)
+    assert verify_device(KEY, f"Bearer {token}", "client", "dev", NOW + 5, 3600, not_before=NOW + 0.5).reason == "token revoked"
+    later = issue_device_token(KEY, "client", "dev", NOW + 2)
+    result = verify_device(KEY, f"Bearer {later}", "client", "dev", NOW + 5, 3600, not_before=NOW + 0.5)
+    assert result.ok and result.issued_at == NOW + 2
+
+
+def test_activation_hmac_and_device_keys(tmp_path):
+    key = bytes(range(32))
+    answer = hmac.new(key, b"nonce-1", hashlib.sha256).hexdigest()
+    assert verify_activation(key, "nonce-1", answer) and verify_activation(key, "nonce-1", answer.upper())
+    assert not verify_activation(key, "nonce-2", answer) and not verify_activation(b"x" * 32, "nonce-1", answer)
+    path = tmp_path / "keys.json"
+    path.write_text('{"SN1": "%s"}' % key.hex())
+    assert load_device_keys(str(path)) == {"SN1": key}
+    assert load_device_keys(None) == {}
+    path.write_text('{"SN1": "zz"}')
+    with pytest.raises(ValueError):
+        load_device_keys(str(path))
 
 
 def test_allow_list_needs_no_token():

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from gateway.bindings import SqliteBindingStore
+import os
+import sqlite3
+import stat
+
+from gateway.bindings import BOUND, OTHER, UNBOUND, BindResult, SqliteBindingStore
 from gateway.firmware import newest_image, parse_version, safe_path
-from gateway.ota import build_ota_response
+from gateway.ota import build_ota_response, device_id_problem, lan_ip, own_hosts, websocket_url
 from shared.settings import GatewaySettings
 
 
@@ -36,17 +40,90 @@ def test_safe_path_rejects_escapes(tmp_path):
 def test_binding_store_persists(tmp_path):
     db = tmp_path / "b.db"
     store = SqliteBindingStore(db)
-    code = store.pending_code("AA:BB")
-    assert code == store.pending_code("aa:bb") and len(code) == 6
-    assert store.pending_code("cc:dd") != code
-    assert not store.is_bound("aa:bb")
-    assert store.bind("999999" if code != "999999" else "000000", "x") is None
-    assert store.bind(code, "alice") == "aa:bb"
-    assert store.bind(code, "mallory") is None  # a code works once
+    assert stat.S_IMODE(os.stat(db).st_mode) == 0o600  # it names every device and its owner
+    pending = store.pending_code("AA:BB", "client-1")
+    assert pending is not None and len(pending.code) == 6 and len(pending.challenge) == 32
+    assert store.pending_code("aa:bb", "client-1") == pending  # the same code until used
+    assert store.pending_code("cc:dd", "client-1").code != pending.code
+    # Another Client-Id with the same MAC is another pair: its own code and challenge.
+    phantom = store.pending_code("aa:bb", "attacker")
+    assert phantom.code != pending.code and phantom.challenge != pending.challenge
+    assert store.state("aa:bb", "client-1") == UNBOUND
+    assert store.bind("999999" if pending.code != "999999" else "000000", "x") is None
+    bound = store.bind(pending.code, "alice")
+    assert bound == BindResult("aa:bb", "client-1")
+    assert store.bind(pending.code, "mallory") is None  # a code works once
+    assert store.state("AA:BB", "client-1") == BOUND and store.state("aa:bb", "attacker") == OTHER
+    # The phantom's code, entered by another owner, changes nothing.
+    assert store.bind(phantom.code, "mallory") == BindResult("aa:bb", "attacker", conflict=True)
+    assert store.state("aa:bb", "client-1") == BOUND
     store.close()
     reopened = SqliteBindingStore(db)
     assert reopened.is_bound("AA:BB")
-    assert reopened.unbind("aa:bb") and not reopened.is_bound("aa:bb")
+    # The owner's re-flashed device (new Client-Id) replaces the binding.
+    again = reopened.pending_code("aa:bb", "client-2")
+    assert reopened.bind(again.code, "alice") == BindResult("aa:bb", "client-2", replaced=True)
+    assert reopened.state("aa:bb", "client-2") == BOUND and reopened.state("aa:bb", "client-1") == OTHER
+    left = reopened.pending_code("aa:bb", "attacker")
+    assert reopened.unbind("aa:bb", at=1234.5) and not reopened.is_bound("aa:bb")
+    assert reopened.revocations()["aa:bb"] == 1234.5
+    # Codes waiting for the MAC (phantoms too) die with the unbind.
+    assert reopened.bind(left.code, "mallory") is None
+
+
+def test_pending_codes_are_bounded_and_expire(tmp_path):
+    store = SqliteBindingStore(tmp_path / "b.db", code_ttl_s=600, max_pending=3)
+    codes = [store.pending_code(f"aa:00:00:00:00:0{i}", "c") for i in range(3)]
+    assert all(codes)
+    # Full: no code (the caller answers 503), at once, never a loop.
+    assert store.pending_code("aa:00:00:00:00:09", "c") is None
+    # A pair that already has one keeps getting it.
+    assert store.pending_code("aa:00:00:00:00:00", "c") == codes[0]
+    store._db.execute("UPDATE codes SET created_at = created_at - 601")  # ten minutes later
+    assert store.bind(codes[1].code, "alice") is None  # expired
+    fresh = store.pending_code("aa:00:00:00:00:09", "c")
+    assert fresh is not None and store.pending_count() == 1
+
+
+def test_codes_of_keyed_chips_bind_only_after_the_proof(tmp_path):
+    store = SqliteBindingStore(tmp_path / "b.db")
+    pending = store.pending_code("aa:bb", "c", serial="SN1", needs_proof=True)
+    assert not pending.verified
+    assert store.bind(pending.code, "alice") is None
+    assert store.mark_verified("aa:bb", "c") and store.pending("aa:bb", "c").verified
+    assert store.bind(pending.code, "alice").device_id == "aa:bb"
+
+
+def test_an_old_binding_file_is_migrated(tmp_path):
+    db = tmp_path / "old.db"
+    old = sqlite3.connect(db)
+    old.execute("CREATE TABLE bindings (device_id TEXT PRIMARY KEY, owner TEXT NOT NULL, bound_at REAL NOT NULL)")
+    old.execute("CREATE TABLE codes (code TEXT PRIMARY KEY, device_id TEXT UNIQUE NOT NULL, created_at REAL NOT NULL)")
+    old.execute("INSERT INTO bindings VALUES ('aa:bb', 'alice', 1.0)")
+    old.commit()
+    old.close()
+    store = SqliteBindingStore(db)
+    # The pair of an old binding is unknown: the device activates again, its owner re-binds.
+    assert store.is_bound("aa:bb") and store.state("aa:bb", "c") == OTHER
+    assert store.bind(store.pending_code("aa:bb", "c").code, "alice").replaced
+
+
+def test_device_ids_ota_refuses():
+    for ok in ("a0:b1:c2:d3:e4:f5", "A0-B1-C2", "py.xiaozhi_1"):
+        assert device_id_problem(ok) is None, ok
+    for bad, why in (("", "no_device_id"), ("x" * 65, "bad_device_id"), ("a b", "bad_device_id"), ("é", "bad_device_id"),
+                     ("DEFAULT", "reserved_device_id"), ("web-4", "reserved_device_id"), ("Web-1", "reserved_device_id")):
+        assert device_id_problem(bad) == why, bad
+    assert device_id_problem("web-4", for_ota=False) is None  # the console's devices connect
+
+
+def test_the_host_header_is_believed_only_when_it_names_this_machine():
+    settings = GatewaySettings(ws_port=8000)
+    own = own_hosts(settings)
+    assert websocket_url(settings, "127.0.0.1", own) == "ws://127.0.0.1:8000/xiaozhi/v1/"
+    assert websocket_url(settings, "localhost", own) == "ws://localhost:8000/xiaozhi/v1/"
+    assert websocket_url(settings, "evil.example", own) == f"ws://{lan_ip()}:8000/xiaozhi/v1/"
+    assert websocket_url(GatewaySettings(public_host="10.0.0.5"), "evil.example") == "ws://10.0.0.5:8000/xiaozhi/v1/"
 
 
 def test_ota_answer_shape():
