@@ -113,6 +113,11 @@ class Subjects:
         return f"{self.prefix}.gateway.bind"
 
     @property
+    def gateway_unbind(self) -> str:
+        """Event to every gateway: the manager unbound this device; forget its binding."""
+        return f"{self.prefix}.gateway.unbind"
+
+    @property
     def device_seen(self) -> str:
         """Event: a device asked OTA, connected or disconnected (board, firmware, when)."""
         return f"{self.prefix}.registry.seen"

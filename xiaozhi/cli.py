@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     bind.add_argument("--db", help="binding database (default: the gateway's binding_db setting)")
     bind.add_argument("--config", help="YAML settings file")
 
-    natsauth = sub.add_parser("nats-auth", help="print a nats-server users config: one user per service, each limited to its own subjects")
+    natsauth = sub.add_parser("nats-auth", help="print a nats-server users config: one user per service, each limited to its own subjects, and the admin user of nats-setup")
     natsauth.add_argument("--prefix", default="xz", help="subject prefix (default xz)")
     natsauth.add_argument(
         "--secrets-dir",
@@ -90,9 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     natsauth.add_argument("--if-missing", action="store_true", help="with --secrets-dir: keep an existing DIR/auth.conf and its passwords (idempotent start-up)")
 
+    natssetup = sub.add_parser("nats-setup", help="create every stream, KV bucket and object store the stack uses (as the NATS admin user)")
+    natssetup.add_argument("--config", help="YAML settings file (the work queues' limits, replicas)")
+    natssetup.add_argument("--nats", help="NATS URL (default: the nats.url setting)")
+    natssetup.add_argument("--timeout", type=float, default=120.0, help="seconds to keep trying while NATS or JetStream is not ready (default 120)")
+
     args = parser.parse_args(argv)
     if args.command == "nats-auth":
         return nats_auth_command(args)
+    if args.command == "nats-setup":
+        return nats_setup_command(args)
     if args.command == "bind":
         return bind_command(args)
     if args.command == "bench":
@@ -160,7 +167,7 @@ def nats_auth_command(args: argparse.Namespace) -> int:
     if args.secrets_dir:
         folder = Path(args.secrets_dir)
         if args.if_missing and (folder / "auth.conf").is_file():
-            missing = [s for s in natsauth.SERVICES if not (folder / f"{s}.password").is_file()]
+            missing = [s for s in natsauth.USERS if not (folder / f"{s}.password").is_file()]
             if not missing:
                 print(f"{folder}/auth.conf exists; kept", file=sys.stderr)
                 return 0
@@ -175,11 +182,38 @@ def nats_auth_command(args: argparse.Namespace) -> int:
             tmp.write_text(text)
             tmp.chmod(0o600)
             tmp.replace(path)
-        print(f"wrote {folder}/auth.conf and {folder}/<service>.password; give each service XZ_NATS__USER=<service> and XZ_NATS__PASSWORD_FILE", file=sys.stderr)
+        print(
+            f"wrote {folder}/auth.conf and {folder}/<user>.password; give each service XZ_NATS__USER=<service> and XZ_NATS__PASSWORD_FILE, "
+            "and `xiaozhi nats-setup` XZ_NATS__USER=admin",
+            file=sys.stderr,
+        )
         return 0
     print(config, end="")
     for service, password in passwords.items():
         print(f"{service}: XZ_NATS__USER={service} XZ_NATS__PASSWORD={password}", file=sys.stderr)
+    return 0
+
+
+def nats_setup_command(args: argparse.Namespace) -> int:
+    """Make the streams, buckets and object stores, with the user of ``XZ_NATS__USER`` (admin)."""
+    from shared import logging as xlog
+    from shared.natssetup import setup_until_done
+    from shared.settings import load_settings
+
+    try:
+        settings = load_settings(args.config)
+    except Exception as exc:  # noqa: BLE001
+        print(f"xiaozhi nats-setup: bad settings: {exc}", file=sys.stderr)
+        return 2
+    if args.nats:
+        settings.nats.url = args.nats
+    xlog.setup("nats-setup", settings.log_level, settings.log_json)
+    try:
+        names = asyncio.run(setup_until_done(settings, args.timeout))
+    except Exception as exc:  # noqa: BLE001
+        print(f"xiaozhi nats-setup failed (as NATS user {settings.nats.user or '(none)'}): {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(f"NATS set up: {', '.join(names)}", file=sys.stderr)
     return 0
 
 

@@ -383,7 +383,7 @@ def compose_nats(tmp_path_factory):
         if _ == 0:
             first = {p.name: p.read_text() for p in (tmp / "secrets").iterdir()}
     assert {p.name: p.read_text() for p in (tmp / "secrets").iterdir()} == first
-    assert set(first) == {"auth.conf"} | {f"{s}.password" for s in natsauth.SERVICES}
+    assert set(first) == {"auth.conf"} | {f"{s}.password" for s in natsauth.USERS}
     port, monitor = free_port(), free_port()
     text = NATS_CONF.read_text()
     text = _replace_once(r'^listen:.*$', f'listen: "127.0.0.1:{port}"', text)
