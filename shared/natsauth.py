@@ -21,7 +21,9 @@ nothing else: no service subject), used only by ``xiaozhi nats-setup`` (:mod:`sh
 from __future__ import annotations
 
 import json
+import os
 import secrets
+from pathlib import Path
 
 from shared.workqueue import stream_name
 
@@ -208,3 +210,23 @@ def generate(prefix: str = "xz", services: tuple[str, ...] = USERS) -> tuple[str
     """A config with fresh random passwords (every service and the admin), and the passwords."""
     passwords = {service: secrets.token_urlsafe(24) for service in services}
     return render(passwords, prefix), passwords
+
+
+def write_secrets(folder: str | os.PathLike, prefix: str = "xz", private_folder: bool = False) -> tuple[Path, dict[str, Path]]:
+    """Fresh passwords: ``folder/auth.conf`` and ``folder/<user>.password``, all mode 0600 (and
+    the folder 0700 with ``private_folder``); returns auth.conf's path and each user's file."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if private_folder:
+        folder.chmod(0o700)
+    config, passwords = generate(prefix)
+    files = {user: folder / f"{user}.password" for user in passwords}
+    for path, text in [(folder / "auth.conf", config)] + [(files[u], p + "\n") for u, p in passwords.items()]:
+        # Written whole (created 0600, never readable by others), then renamed into place.
+        tmp = folder / f".{path.name}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        tmp.chmod(0o600)
+        tmp.replace(path)
+    return folder / "auth.conf", files
