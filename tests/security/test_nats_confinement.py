@@ -323,3 +323,57 @@ async def test_the_admin_has_no_service_subject(seeded):
         await admin.nc.subscribe("xz.out.*")
         await admin.settle()
         assert admin.violated("xz.audio.victim") and admin.violated("xz.out.*"), admin.errors
+
+
+async def test_a_consumer_may_not_deliver_into_another_services_subjects(seeded):
+    """The gateway and the manager may make (ephemeral, push) consumers on the object stores
+    they read: such a consumer's deliver subject must not become a way to publish as another
+    service (nats-server delivers only where the maker could receive it, e.g. its inbox)."""
+    from nats.js.api import ConsumerConfig, DeliverPolicy
+
+    url, passwords = seeded
+    async with As(url, "manager", passwords["manager"]) as manager:
+        await (await manager.js.object_store("xz_firmware")).put("evil_9.9.9.bin", b'{"type": "close"}')
+    heard: list[str] = []
+
+    async def hear(msg) -> None:
+        heard.append(msg.subject)
+
+    async with As(url, "vad", passwords["vad"]) as vad:
+        await vad.nc.subscribe("xz.ctl.*", cb=hear)
+        await vad.nc.subscribe("xz.audio.*", cb=hear)
+        await vad.settle()
+        for user in ("gateway", "manager"):
+            async with As(url, user, passwords[user]) as maker:
+                for dest in ("xz.ctl.victim", "xz.audio.victim"):
+                    try:
+                        await maker.js.add_consumer("OBJ_xz_firmware", ConsumerConfig(deliver_subject=dest, deliver_policy=DeliverPolicy.ALL))
+                    except Exception:  # noqa: BLE001 - refused outright is fine too
+                        pass
+                await asyncio.sleep(2)
+    assert heard == []
+
+
+async def test_only_the_manager_broadcasts_unbinds_and_the_gateways_hear_them(seeded):
+    url, passwords = seeded
+    heard: list[bytes] = []
+
+    async def hear(msg) -> None:
+        heard.append(msg.data)
+
+    subject = Subjects("xz").gateway_unbind
+    async with As(url, "gateway", passwords["gateway"]) as gateway:
+        await gateway.nc.subscribe(subject, cb=hear)
+        await gateway.settle()
+        for user in ("tts", "llm", "vad"):
+            async with As(url, user, passwords[user]) as other:
+                await other.nc.publish(subject, user.encode())
+                await other.settle()
+                assert other.violated(subject), (user, other.errors)
+        async with As(url, "manager", passwords["manager"]) as manager:
+            await manager.nc.publish(subject, b"manager")
+            await manager.settle()
+            assert manager.errors == []
+        await asyncio.sleep(0.3)
+        assert gateway.errors == []
+    assert heard == [b"manager"]
