@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -31,13 +32,26 @@ class MemoryStore:
         self.max_messages = max_turns * 2
         self._kv: Any = None
         self._local: dict[str, Memory] = {}
+        self._nc: Any = None
+        self._opened_at = 0.0
 
     async def open(self, nc: Any) -> None:
+        self._nc = nc
+        self._opened_at = time.monotonic()
         self._kv = await open_bucket(nc, self.bucket, self.replicas)
         if self._kv is None:
-            log.warning("memory is kept in this process only (no JetStream)")
+            log.warning("memory is kept in this process only until the bucket is there (no JetStream, or not made yet)")
+
+    async def _reopen(self) -> None:
+        """No bucket at start (not made yet by `xiaozhi nats-setup`): look again now and then."""
+        if self._kv is None and self._nc is not None and time.monotonic() - self._opened_at > 10.0:
+            self._opened_at = time.monotonic()
+            self._kv = await open_bucket(self._nc, self.bucket, self.replicas)
+            if self._kv is not None:
+                log.info("memory bucket found", extra={"fields": {"bucket": self.bucket}})
 
     async def load(self, device_id: str) -> Memory:
+        await self._reopen()
         key = kv_key(device_id)
         if self._kv is None:
             return self._local.get(key, Memory()).model_copy(deep=True)

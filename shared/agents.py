@@ -62,9 +62,14 @@ async def open_bucket(nc: Any, bucket: str, replicas: int = 1) -> Any:
     js = nc.jetstream()
     try:
         return await js.key_value(bucket)
-    except Exception:  # noqa: BLE001 - missing bucket: create it
+    except Exception:  # noqa: BLE001 - missing bucket: create it (where this user may)
         try:
-            return await js.create_key_value(config=KeyValueConfig(bucket=bucket, history=1, replicas=replicas))
+            # `xiaozhi nats-setup` makes it as the admin; a service user may not, and its
+            # refused request gets no answer: do not wait long for one.
+            return await asyncio.wait_for(js.create_key_value(config=KeyValueConfig(bucket=bucket, history=1, replicas=replicas)), 2.0)
+        except asyncio.TimeoutError:
+            log.warning("KV bucket %s is missing and this NATS user may not create it (run `xiaozhi nats-setup` as the admin user); trying again later", bucket)
+            return None
         except Exception as exc:  # noqa: BLE001
             log.warning("no JetStream KV bucket %s: %s", bucket, exc)
             return None

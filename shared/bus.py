@@ -11,6 +11,7 @@ from nats.errors import SlowConsumerError
 
 from shared.metrics import NATS_CONNECTED, SLOW_CONSUMERS
 
+from shared.logging import redact_url
 from shared.settings import NatsSettings
 
 log = logging.getLogger("shared.bus")
@@ -44,7 +45,7 @@ async def connect(settings: NatsSettings, name: str, *, retry_first: bool = True
     async def on_reconnected() -> None:
         if service:
             NATS_CONNECTED.labels(service).set(1)
-        log.info("nats reconnected", extra={"fields": {"url": nc.connected_url.geturl() if nc.connected_url else None}})
+        log.info("nats reconnected", extra={"fields": {"url": redact_url(nc.connected_url.geturl()) if nc.connected_url else None}})
 
     async def on_closed() -> None:
         log.info("nats connection closed")
@@ -75,12 +76,12 @@ async def connect(settings: NatsSettings, name: str, *, retry_first: bool = True
                 # Large enough for an utterance of 30 s of Opus and more.
                 pending_size=64 * 1024 * 1024,
             )
-            log.info("nats connected", extra={"fields": {"url": settings.url}})
+            log.info("nats connected", extra={"fields": {"url": redact_url(settings.url), "user": settings.user or None}})
             return nc
         except Exception as exc:  # noqa: BLE001 - any failure to connect is retried
             if not retry_first:
                 raise
-            log.warning("nats connect failed, retrying: %s", exc)
+            log.warning("nats connect failed, retrying: %s", exc, extra={"fields": {"url": redact_url(settings.url)}})
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 

@@ -11,6 +11,7 @@ import contextlib
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any, Iterator
@@ -50,14 +51,36 @@ _SECRET_WORDS = ("password", "passwd", "secret", "token", "api_key", "apikey", "
 REDACTED = "[redacted]"
 
 
+# Credentials inside a URL: scheme://user:password@host or scheme://token@host (NATS URLs with
+# their password, a database URL...).
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s/@:,]*)(?P<password>:[^\s/@,]*)?@")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the password (or the token) of every URL in it replaced:
+    ``nats://gateway:s3cret@nats:4222`` -> ``nats://gateway:[redacted]@nats:4222``."""
+    if "@" not in text or "://" not in text:
+        return text
+
+    def replace(match: re.Match) -> str:
+        if match.group("password") is not None:
+            return f"{match.group('scheme')}{match.group('user')}:{REDACTED}@"
+        return f"{match.group('scheme')}{REDACTED}@"
+
+    return _URL_USERINFO.sub(replace, text)
+
+
 def redact(value: Any, depth: int = 0) -> Any:
-    """A copy of log fields with secret-looking keys' values replaced."""
+    """A copy of log fields with secret-looking keys' values replaced, and credentials inside
+    URLs removed."""
     if depth > 4:
         return value
     if isinstance(value, dict):
         return {k: (REDACTED if isinstance(k, str) and any(w in k.lower() for w in _SECRET_WORDS) and v not in (None, "") else redact(v, depth + 1)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [redact(v, depth + 1) for v in value]
+    if isinstance(value, str):
+        return redact_url(value)
     return value
 
 
@@ -71,7 +94,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "service": _service["name"],
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": redact_url(record.getMessage()),
         }
         session = getattr(record, "session_id", None) or _session.get()
         turn = getattr(record, "turn_id", None) or _turn.get()
@@ -83,7 +106,7 @@ class JsonFormatter(logging.Formatter):
         if fields:
             out.update(redact(fields))
         if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+            out["exc"] = redact_url(self.formatException(record.exc_info))
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
@@ -102,10 +125,10 @@ class TextFormatter(logging.Formatter):
         extra = "".join(f" {k}={v}" for k, v in fields.items())
         line = (
             f"{time.strftime('%H:%M:%S', time.localtime(record.created))}.{int(record.msecs):03d} "
-            f"{record.levelname[0]} {_service['name']}{ids} {record.getMessage()}{extra}"
+            f"{record.levelname[0]} {_service['name']}{ids} {redact_url(record.getMessage())}{extra}"
         )
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            line += "\n" + redact_url(self.formatException(record.exc_info))
         return line
 
 

@@ -1,81 +1,203 @@
 """NATS authorisation: one user per service, each allowed only its own subjects.
 
-``render(passwords)`` writes a nats-server ``authorization`` block. Every service may use the
-JetStream API (to make its stage's work queue and read its buckets) but not delete or purge
-streams; beyond that it may publish and subscribe only to what its job needs. The gateway, for
-example, may put user turns on ``xz.llm.*`` but cannot publish to ``xz.tts.*`` or
-``xz.asr.*``, and no worker can publish uplink audio or control messages as if it were the
-gateway. Replies to requests a service received are allowed (``allow_responses``).
+``render(passwords)`` writes a nats-server ``authorization`` block. Each service may publish and
+subscribe only to what its job needs, and of the JetStream API only the calls its job makes on
+its own streams, buckets and object stores (:func:`js_permissions`): information on the work
+queues, pulling and acking its own stage's work, reading the buckets it reads, writing (``$KV.``
+/ ``$O.`` subjects) only the ones it writes. No service may create, update, delete or purge a
+stream (the manager excepted for purging objects of its own object stores), make a consumer on a
+stream it may not read, or delete messages. The gateway, for example, may put user turns on
+``xz.llm.*`` but cannot publish to ``xz.tts.*`` or ``xz.asr.*``, and no worker can publish uplink
+audio or control messages as if it were the gateway, not even through a stream's ``republish``
+or a consumer of its own. Replies to requests a service received are allowed
+(``allow_responses``).
 
-    xiaozhi nats-auth > auth.conf    # random passwords, printed per service on stderr
+Streams, buckets and object stores are made by the ``admin`` user (the whole JetStream API, and
+nothing else: no service subject), used only by ``xiaozhi nats-setup`` (:mod:`shared.natssetup`).
+
+    xiaozhi nats-auth > auth.conf    # random passwords, printed per user on stderr
 """
 
 from __future__ import annotations
 
 import json
+import os
 import secrets
+from pathlib import Path
+
+from shared.workqueue import stream_name
 
 SERVICES = ("gateway", "vad", "asr", "llm", "tts", "tools", "manager")
+# The identity that creates streams, buckets and object stores (xiaozhi nats-setup).
+ADMIN = "admin"
+USERS = SERVICES + (ADMIN,)
 
-_JS_ADMIN_DENIED = ["$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>", "$JS.API.CONSUMER.DELETE.>", "$JS.API.ACCOUNT.PURGE.>"]
+# Whatever the allow lists say, no service may do these (deny wins in nats-server).
+_JS_ADMIN_DENIED = [
+    "$JS.API.STREAM.CREATE.>",
+    "$JS.API.STREAM.UPDATE.>",
+    "$JS.API.STREAM.DELETE.>",
+    "$JS.API.STREAM.MSG.DELETE.>",
+    "$JS.API.STREAM.RESTORE.>",
+    "$JS.API.STREAM.SNAPSHOT.>",
+    "$JS.API.STREAM.PEER.>",
+    "$JS.API.STREAM.LEADER.>",
+    "$JS.API.CONSUMER.DELETE.>",
+    "$JS.API.CONSUMER.DURABLE.>",
+    "$JS.API.ACCOUNT.>",
+    "$JS.API.META.>",
+    "$JS.API.SERVER.>",
+]
+_PURGE_DENIED = ["$JS.API.STREAM.PURGE.>"]
+
+
+def _kv_read(bucket: str) -> list[str]:
+    """Open a KV bucket (its stream's info) and get keys (stream or direct get)."""
+    s = f"KV_{bucket}"
+    return [f"$JS.API.STREAM.INFO.{s}", f"$JS.API.STREAM.MSG.GET.{s}", f"$JS.API.DIRECT.GET.{s}", f"$JS.API.DIRECT.GET.{s}.>"]
+
+
+def _kv_write(bucket: str) -> list[str]:
+    """Put and delete keys (plain publishes to the bucket's subjects); open the bucket."""
+    return [f"$KV.{bucket}.>", f"$JS.API.STREAM.INFO.KV_{bucket}"]
+
+
+def _obj_write(bucket: str) -> list[str]:
+    """Put objects: look up an existing one's meta (msg get), publish chunks and meta."""
+    s = f"OBJ_{bucket}"
+    return [f"$O.{bucket}.>", f"$JS.API.STREAM.INFO.{s}", f"$JS.API.STREAM.MSG.GET.{s}", f"$JS.API.DIRECT.GET.{s}", f"$JS.API.DIRECT.GET.{s}.>"]
+
+
+def _obj_read(bucket: str) -> list[str]:
+    """Get and list objects: meta by msg get, then an ordered (ephemeral, flow-controlled)
+    consumer on the stream's chunks or metas; the client finds the stream by its name list."""
+    s = f"OBJ_{bucket}"
+    return [
+        f"$JS.API.STREAM.INFO.{s}",
+        f"$JS.API.STREAM.MSG.GET.{s}",
+        f"$JS.API.DIRECT.GET.{s}",
+        f"$JS.API.DIRECT.GET.{s}.>",
+        "$JS.API.STREAM.NAMES",
+        f"$JS.API.CONSUMER.CREATE.{s}",
+        f"$JS.API.CONSUMER.CREATE.{s}.>",
+        f"$JS.FC.{s}.>",
+    ]
+
+
+def _work_info(prefix: str) -> list[str]:
+    """Every service checks at start that the three work queues (and their consumers) exist."""
+    out = []
+    for stage in ("asr", "llm", "tts"):
+        s = stream_name(prefix, stage)
+        out += [f"$JS.API.STREAM.INFO.{s}", f"$JS.API.CONSUMER.INFO.{s}.{stage}"]
+    return out
+
+
+def _work_pull(prefix: str, stage: str) -> list[str]:
+    """Pull its own stage's work from the one durable consumer, and ack it."""
+    s = stream_name(prefix, stage)
+    return [f"$JS.API.CONSUMER.MSG.NEXT.{s}.{stage}", f"$JS.ACK.{s}.>"]
+
+
+def js_permissions(prefix: str = "xz") -> dict[str, list[str]]:
+    """``{service: [...]}``: the JetStream subjects (API and data) each service may publish to."""
+    p = prefix
+    agents, devices, memory, firmware, audio = f"{p}_agents", f"{p}_devices", f"{p}_memory", f"{p}_firmware", f"{p}_audio"
+    info = _work_info(p)
+    return {
+        # Agents (greeting, voice), upgrade flags and firmware images for OTA.
+        "gateway": info + _kv_read(agents) + _kv_read(devices) + _obj_read(firmware),
+        "vad": info,
+        # Its work; agents (the language, the model); kept utterances into xz_audio.
+        "asr": info + _work_pull(p, "asr") + _kv_read(agents) + _obj_write(audio),
+        # Its work; agents; the devices' memory, read and written.
+        "llm": info + _work_pull(p, "llm") + _kv_read(agents) + _kv_read(memory) + _kv_write(memory),
+        "tts": info + _work_pull(p, "tts"),
+        "tools": info + _kv_read(agents),
+        # Writes agents and upgrade flags, re-syncs them; firmware in and out; plays and deletes
+        # kept audio; forgets a device's memory (writes, never reads, xz_memory).
+        "manager": info
+        + _kv_read(agents)
+        + _kv_write(agents)
+        + _kv_read(devices)
+        + _kv_write(devices)
+        + _kv_write(memory)
+        + _obj_read(firmware)
+        + _obj_write(firmware)
+        + _obj_read(audio)
+        + _obj_write(audio)
+        + [f"$JS.API.STREAM.PURGE.OBJ_{firmware}", f"$JS.API.STREAM.PURGE.OBJ_{audio}"],
+    }
 
 
 def permissions(prefix: str = "xz") -> dict[str, dict[str, list[str]]]:
     """``{service: {"pub": [...], "sub": [...]}}`` for the subjects of ``shared/subjects.py``."""
     p = prefix
-    js_api = ["$JS.API.>"]
     inbox = ["_INBOX.>"]
+    js = js_permissions(prefix)
 
-    def ack(stream: str) -> list[str]:
-        return [f"$JS.ACK.{stream}.>"]
+    def dedup(items: list[str]) -> list[str]:
+        return list(dict.fromkeys(items))
 
-    stage = {s: f"{p}_{s}".upper() for s in ("asr", "llm", "tts")}
-    return {
+    rules = {
         "gateway": {
-            "pub": [f"{p}.audio.*", f"{p}.ctl.*", f"{p}.vad.claim", f"{p}.llm.*", f"{p}.say.*", f"{p}.session.end", f"{p}.registry.seen"] + js_api,
-            "sub": [f"{p}.out.*", f"{p}.device.*.mcp", f"{p}.vad.alive", f"{p}.gateway.bind", f"{p}.registry.online"] + inbox,
+            "pub": [f"{p}.audio.*", f"{p}.ctl.*", f"{p}.vad.claim", f"{p}.llm.*", f"{p}.say.*", f"{p}.session.end", f"{p}.registry.seen"],
+            "sub": [f"{p}.out.*", f"{p}.device.*.mcp", f"{p}.vad.alive", f"{p}.gateway.bind", f"{p}.gateway.unbind", f"{p}.registry.online"] + inbox,
         },
         "vad": {
-            "pub": [f"{p}.asr.*", f"{p}.out.*", f"{p}.vad.alive"] + js_api,
+            "pub": [f"{p}.asr.*", f"{p}.out.*", f"{p}.vad.alive"],
             "sub": [f"{p}.vad.claim", f"{p}.audio.*", f"{p}.ctl.*"] + inbox,
         },
         "asr": {
-            "pub": [f"{p}.llm.*", f"{p}.out.*", f"$O.{p}_audio.>"] + ack(stage["asr"]) + js_api,
+            "pub": [f"{p}.llm.*", f"{p}.out.*"],
             "sub": inbox,
         },
         "llm": {
-            "pub": [f"{p}.tts.*", f"{p}.out.*", f"{p}.tools.list", f"{p}.tools.call.*", f"{p}.device.*.mcp", f"$KV.{p}_memory.>", f"{p}.history"]
-            + ack(stage["llm"]) + js_api,
+            "pub": [f"{p}.tts.*", f"{p}.out.*", f"{p}.tools.list", f"{p}.tools.call.*", f"{p}.device.*.mcp", f"{p}.history"],
             "sub": [f"{p}.ctl.*", f"{p}.session.end"] + inbox,
         },
         "tts": {
-            "pub": [f"{p}.out.*"] + ack(stage["tts"]) + js_api,
+            "pub": [f"{p}.out.*"],
             "sub": [f"{p}.say.*"] + inbox,
         },
         "tools": {
             # play_music: an intro sentence for TTS, then the song's frames to the gateway.
-            "pub": [f"{p}.tts.*", f"{p}.out.*"] + js_api,
+            "pub": [f"{p}.tts.*", f"{p}.out.*"],
             "sub": [f"{p}.tools.list", f"{p}.tools.call.*"] + inbox,
         },
         "manager": {
-            "pub": [f"$KV.{p}_agents.>", f"$KV.{p}_config.>", f"$KV.{p}_devices.>", f"$O.{p}_firmware.>", f"$O.{p}_audio.>", f"{p}.gateway.bind", f"{p}.registry.online"] + js_api,
+            "pub": [f"{p}.gateway.bind", f"{p}.gateway.unbind", f"{p}.registry.online"],
             "sub": [f"{p}.registry.seen", f"{p}.history"] + inbox,
         },
     }
+    for service, rule in rules.items():
+        rule["pub"] = dedup(rule["pub"] + js[service])
+    # The admin: the JetStream API (make streams, buckets, object stores), no service subject.
+    rules[ADMIN] = {"pub": ["$JS.API.>"], "sub": inbox}
+    return rules
+
+
+def denied(user: str) -> list[str]:
+    """Publish subjects refused to ``user`` whatever its allow list says."""
+    if user == ADMIN:
+        return []
+    return _JS_ADMIN_DENIED + ([] if user == "manager" else _PURGE_DENIED)
 
 
 def render(passwords: dict[str, str], prefix: str = "xz") -> str:
-    """A nats-server config ``authorization`` block for these services' users."""
+    """A nats-server config ``authorization`` block for these users."""
     rules = permissions(prefix)
     users = []
-    for service, password in passwords.items():
-        rule = rules[service]
+    for user, password in passwords.items():
+        rule = rules[user]
+        deny = denied(user)
+        deny_part = f", deny: {json.dumps(deny)}" if deny else ""
         users.append(
             "    {\n"
-            f"      user: {json.dumps(service)}\n"
+            f"      user: {json.dumps(user)}\n"
             f"      password: {json.dumps(password)}\n"
             "      permissions: {\n"
-            f"        publish: {{ allow: {json.dumps(rule['pub'])}, deny: {json.dumps(_JS_ADMIN_DENIED)} }}\n"
+            f"        publish: {{ allow: {json.dumps(rule['pub'])}{deny_part} }}\n"
             f"        subscribe: {{ allow: {json.dumps(rule['sub'])} }}\n"
             "        allow_responses: true\n"
             "      }\n"
@@ -84,7 +206,27 @@ def render(passwords: dict[str, str], prefix: str = "xz") -> str:
     return "authorization: {\n  users: [\n" + "\n".join(users) + "\n  ]\n}\n"
 
 
-def generate(prefix: str = "xz", services: tuple[str, ...] = SERVICES) -> tuple[str, dict[str, str]]:
-    """A config with fresh random passwords, and the passwords."""
+def generate(prefix: str = "xz", services: tuple[str, ...] = USERS) -> tuple[str, dict[str, str]]:
+    """A config with fresh random passwords (every service and the admin), and the passwords."""
     passwords = {service: secrets.token_urlsafe(24) for service in services}
     return render(passwords, prefix), passwords
+
+
+def write_secrets(folder: str | os.PathLike, prefix: str = "xz", private_folder: bool = False) -> tuple[Path, dict[str, Path]]:
+    """Fresh passwords: ``folder/auth.conf`` and ``folder/<user>.password``, all mode 0600 (and
+    the folder 0700 with ``private_folder``); returns auth.conf's path and each user's file."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if private_folder:
+        folder.chmod(0o700)
+    config, passwords = generate(prefix)
+    files = {user: folder / f"{user}.password" for user in passwords}
+    for path, text in [(folder / "auth.conf", config)] + [(files[u], p + "\n") for u, p in passwords.items()]:
+        # Written whole (created 0600, never readable by others), then renamed into place.
+        tmp = folder / f".{path.name}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        tmp.chmod(0o600)
+        tmp.replace(path)
+    return folder / "auth.conf", files

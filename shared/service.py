@@ -88,6 +88,9 @@ async def _serve(name: str, settings: Settings, factory: Callable[[Settings], Se
     for stage in workqueue.STAGES:
         try:
             await workqueue.ensure_stream(nc, Subjects(settings.nats.prefix), stage, settings.work)
+        except workqueue.NotAllowed as exc:
+            # Made by `xiaozhi nats-setup`; the stage's workers keep trying until it is there.
+            log.error("%s; waiting for it", exc)
         except Exception as exc:  # noqa: BLE001
             log.error("cannot create the %s work queue (is JetStream enabled on the NATS server?): %s", stage, exc)
     await service.start(nc)

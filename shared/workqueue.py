@@ -28,7 +28,7 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import APIError, BadRequestError, NoStreamResponseError
+from nats.js.errors import APIError, BadRequestError, NoStreamResponseError, NotFoundError
 
 from prometheus_client import Counter
 
@@ -67,13 +67,11 @@ def stage_settings(work: WorkSettings, stage: str) -> StageQueueSettings:
     return getattr(work, stage)
 
 
-async def ensure_stream(nc: NATS, subjects: Subjects, stage: str, work: WorkSettings) -> str:
-    """Create (or update) the stage's work-queue stream and its one durable pull consumer."""
-    js = nc.jetstream()
-    name = stream_name(subjects.prefix, stage)
+def stream_config(subjects: Subjects, stage: str, work: WorkSettings) -> StreamConfig:
+    """The stage's work-queue stream as the settings want it."""
     limits = stage_settings(work, stage)
-    config = StreamConfig(
-        name=name,
+    return StreamConfig(
+        name=stream_name(subjects.prefix, stage),
         subjects=[stage_subject(subjects, stage)],
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.MEMORY if work.storage == "memory" else StorageType.FILE,
@@ -83,12 +81,11 @@ async def ensure_stream(nc: NATS, subjects: Subjects, stage: str, work: WorkSett
         max_age=limits.max_age_s,
         num_replicas=work.replicas,
     )
-    try:
-        await js.add_stream(config)
-    except BadRequestError:
-        # It exists with other limits (a changed setting): bring it up to date.
-        await js.update_stream(config)
-    consumer = ConsumerConfig(
+
+
+def consumer_config(subjects: Subjects, stage: str, work: WorkSettings) -> ConsumerConfig:
+    """The stage's one durable pull consumer, shared by all its workers."""
+    return ConsumerConfig(
         durable_name=stage,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=work.ack_wait_s,
@@ -97,10 +94,72 @@ async def ensure_stream(nc: NATS, subjects: Subjects, stage: str, work: WorkSett
         max_ack_pending=-1,
         max_waiting=4096,
     )
+
+
+def _differs(have: StreamConfig, want: StreamConfig) -> list[str]:
+    """The settings of ``want`` that ``have`` does not match."""
+    out = []
+    for name in ("subjects", "retention", "storage", "discard", "max_msgs", "max_bytes", "num_replicas"):
+        if getattr(have, name) != getattr(want, name):
+            out.append(name)
+    if abs(float(have.max_age or 0) - float(want.max_age or 0)) > 0.001:
+        out.append("max_age")
+    return out
+
+
+class NotAllowed(Exception):
+    """NATS refused (or did not answer) a JetStream call this user may not make."""
+
+
+# How long to wait for an answer to a create/update this user may not be allowed to make (a
+# refused request gets no answer, only a permissions error on the connection).
+ADMIN_CALL_TIMEOUT_S = 2.0
+
+
+async def ensure_stream(nc: NATS, subjects: Subjects, stage: str, work: WorkSettings, *, update: bool = False) -> str:
+    """Make sure the stage's work-queue stream and its durable pull consumer exist.
+
+    They are made by ``xiaozhi nats-setup`` as the admin user (:mod:`shared.natssetup`, which
+    calls this with ``update=True`` to bring an existing stream to the settings' limits). A
+    service calls it at start and when its fetches fail: it only looks (stream and consumer
+    info, which every service user may ask for), and creates what is missing only as a fallback
+    for a NATS server without users (the embedded one of tests, a bare dev server). Where its
+    user may not create, it raises :class:`NotAllowed` with a message that says what to run.
+    """
+    js = nc.jetstream()
+    name = stream_name(subjects.prefix, stage)
+    config = stream_config(subjects, stage, work)
     try:
-        await js.add_consumer(name, consumer)
+        info = await js.stream_info(name)
+    except NotFoundError:
+        info = None
+    if info is None:
+        try:
+            await asyncio.wait_for(js.add_stream(config), ADMIN_CALL_TIMEOUT_S)
+        except BadRequestError:
+            # Made meanwhile by someone else, with other limits.
+            if update:
+                await js.update_stream(config)
+        except (NatsTimeoutError, asyncio.TimeoutError, NoRespondersError) as exc:
+            raise NotAllowed(f"work queue {name} is missing and this NATS user may not create it: run `xiaozhi nats-setup` as the admin user") from exc
+    else:
+        stale = _differs(info.config, config)
+        if stale and update:
+            await js.update_stream(config)
+        elif stale:
+            log.warning("work queue has other limits than the settings (kept; `xiaozhi nats-setup` applies them)", extra={"fields": {"stream": name, "differs": stale}})
+    consumer = consumer_config(subjects, stage, work)
+    try:
+        await js.consumer_info(name, stage)
+        return name
+    except NotFoundError:
+        pass
+    try:
+        await asyncio.wait_for(js.add_consumer(name, consumer), ADMIN_CALL_TIMEOUT_S)
     except BadRequestError as exc:
         log.warning("work consumer exists with another configuration, keeping it: %s", exc, extra={"fields": {"stream": name}})
+    except (NatsTimeoutError, asyncio.TimeoutError, NoRespondersError) as exc:
+        raise NotAllowed(f"work consumer {name}/{stage} is missing and this NATS user may not create it: run `xiaozhi nats-setup` as the admin user") from exc
     return name
 
 
@@ -138,6 +197,7 @@ class WorkPuller:
         self._backlog_task: asyncio.Task | None = None
         self._sub = None
         self._stopping = False
+        self._missing = 0  # tries to find the stage's queue that found it missing
 
     async def start(self) -> None:
         # The stream was made at service start (shared.service); if it is missing, the pull
@@ -199,6 +259,10 @@ class WorkPuller:
                     try:
                         if self.nc.is_connected:
                             await ensure_stream(self.nc, self.subjects, self.stage, self.work)
+                    except NotAllowed as missing:
+                        self._missing += 1
+                        if self._missing == 1 or self._missing % 20 == 0:
+                            log.error("%s; retrying", missing, extra={"fields": {"stage": self.stage, "tries": self._missing}})
                     except Exception:  # noqa: BLE001
                         pass
                 else:

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from xiaozhi.stack import MODULES, SERVICES, Stack, free_port, pick_port
+from xiaozhi.stack import MODULES, NATS_AUTH_DIR, SERVICES, GaveUp, Stack, free_port, pick_port
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--config", help="YAML settings file for every service")
     up.add_argument("--data-dir", default=".run", help="JetStream storage and logs (default .run)")
     up.add_argument("--json-logs", action="store_true", help="JSON log lines instead of readable text")
+    up.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address the services' /metrics and /healthz bind (default 127.0.0.1: this machine only; 0.0.0.0 for a Prometheus elsewhere)",
+    )
+    up.add_argument(
+        "--nats-no-auth",
+        action="store_true",
+        help="run the embedded nats-server without users (any local process could then read memories and recordings, and inject turns)",
+    )
     up.add_argument(
         "--replicas",
         action="append",
@@ -82,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     bind.add_argument("--db", help="bind in this binding database directly (a stopped gateway's); default: ask the running gateways over NATS")
     bind.add_argument("--config", help="YAML settings file")
 
-    natsauth = sub.add_parser("nats-auth", help="print a nats-server users config: one user per service, each limited to its own subjects")
+    natsauth = sub.add_parser("nats-auth", help="print a nats-server users config: one user per service, each limited to its own subjects, and the admin user of nats-setup")
     natsauth.add_argument("--prefix", default="xz", help="subject prefix (default xz)")
     natsauth.add_argument(
         "--secrets-dir",
@@ -90,9 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     natsauth.add_argument("--if-missing", action="store_true", help="with --secrets-dir: keep an existing DIR/auth.conf and its passwords (idempotent start-up)")
 
+    natssetup = sub.add_parser("nats-setup", help="create every stream, KV bucket and object store the stack uses (as the NATS admin user)")
+    natssetup.add_argument("--config", help="YAML settings file (the work queues' limits, replicas)")
+    natssetup.add_argument("--nats", help="NATS URL (default: the nats.url setting)")
+    natssetup.add_argument("--timeout", type=float, default=120.0, help="seconds to keep trying while NATS or JetStream is not ready (default 120)")
+
     args = parser.parse_args(argv)
     if args.command == "nats-auth":
         return nats_auth_command(args)
+    if args.command == "nats-setup":
+        return nats_setup_command(args)
     if args.command == "bind":
         return bind_command(args)
     if args.command == "bench":
@@ -190,26 +207,47 @@ def nats_auth_command(args: argparse.Namespace) -> int:
     if args.secrets_dir:
         folder = Path(args.secrets_dir)
         if args.if_missing and (folder / "auth.conf").is_file():
-            missing = [s for s in natsauth.SERVICES if not (folder / f"{s}.password").is_file()]
+            missing = [s for s in natsauth.USERS if not (folder / f"{s}.password").is_file()]
             if not missing:
                 print(f"{folder}/auth.conf exists; kept", file=sys.stderr)
                 return 0
             print(f"{folder}/auth.conf exists but {', '.join(missing)} have no password file; writing new ones", file=sys.stderr)
-    config, passwords = natsauth.generate(args.prefix)
     if args.secrets_dir:
-        folder.mkdir(parents=True, exist_ok=True)
-        for name, text in [("auth.conf", config)] + [(f"{s}.password", p + "\n") for s, p in passwords.items()]:
-            path = folder / name
-            # Written whole, then renamed: a reader never sees half a file.
-            tmp = folder / f".{name}.tmp"
-            tmp.write_text(text)
-            tmp.chmod(0o600)
-            tmp.replace(path)
-        print(f"wrote {folder}/auth.conf and {folder}/<service>.password; give each service XZ_NATS__USER=<service> and XZ_NATS__PASSWORD_FILE", file=sys.stderr)
+        # Written whole, then renamed: a reader never sees half a file.
+        natsauth.write_secrets(folder, args.prefix)
+        print(
+            f"wrote {folder}/auth.conf and {folder}/<user>.password; give each service XZ_NATS__USER=<service> and XZ_NATS__PASSWORD_FILE, "
+            "and `xiaozhi nats-setup` XZ_NATS__USER=admin",
+            file=sys.stderr,
+        )
         return 0
+    config, passwords = natsauth.generate(args.prefix)
     print(config, end="")
     for service, password in passwords.items():
         print(f"{service}: XZ_NATS__USER={service} XZ_NATS__PASSWORD={password}", file=sys.stderr)
+    return 0
+
+
+def nats_setup_command(args: argparse.Namespace) -> int:
+    """Make the streams, buckets and object stores, with the user of ``XZ_NATS__USER`` (admin)."""
+    from shared import logging as xlog
+    from shared.natssetup import setup_until_done
+    from shared.settings import load_settings
+
+    try:
+        settings = load_settings(args.config)
+    except Exception as exc:  # noqa: BLE001
+        print(f"xiaozhi nats-setup: bad settings: {exc}", file=sys.stderr)
+        return 2
+    if args.nats:
+        settings.nats.url = args.nats
+    xlog.setup("nats-setup", settings.log_level, settings.log_json)
+    try:
+        names = asyncio.run(setup_until_done(settings, args.timeout))
+    except Exception as exc:  # noqa: BLE001
+        print(f"xiaozhi nats-setup failed (as NATS user {settings.nats.user or '(none)'}): {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(f"NATS set up: {', '.join(names)}", file=sys.stderr)
     return 0
 
 
@@ -233,6 +271,7 @@ def parse_replicas(values: list[str]) -> dict[str, int]:
 def up_command(args: argparse.Namespace) -> int:
     """Start NATS (unless given) and every service; print URLs; stop all on Ctrl-C."""
     from gateway.ota import lan_ip
+    from shared.logging import redact_url
     from shared.settings import load_settings
 
     settings = load_settings(args.config)
@@ -242,7 +281,7 @@ def up_command(args: argparse.Namespace) -> int:
         print(f"xiaozhi up: {exc}", file=sys.stderr)
         return 2
     data = Path(args.data_dir)
-    env = {"XZ_LOG_JSON": "true" if args.json_logs else "false", "PYTHONUNBUFFERED": "1"}
+    env = {"XZ_LOG_JSON": "true" if args.json_logs else "false", "PYTHONUNBUFFERED": "1", "XZ_METRICS_HOST": args.metrics_host}
     if args.config:
         env["XZ_CONFIG"] = str(Path(args.config).resolve())
     stack = Stack(env=env)
@@ -256,13 +295,22 @@ def up_command(args: argparse.Namespace) -> int:
     try:
         if args.nats:
             stack.nats_url = args.nats
-            print(f"Using NATS at {args.nats}")
+            (data / NATS_AUTH_DIR / "url").unlink(missing_ok=True)  # no embedded server to find
+            print(f"Using NATS at {redact_url(args.nats)}")
         else:
             port = pick_port(args.nats_port, args.nats_host)
             if port != args.nats_port:
                 print(f"Port {args.nats_port} is taken (another NATS?); embedded nats-server uses {port}")
-            url = stack.start_nats(port, args.nats_host, str(data / "nats"), log_file=str(data / "nats.log"))
+            # Users per service and an admin, fresh passwords at each start (data/nats-auth/,
+            # mode 0600): no other local process gets into NATS.
+            auth_dir = None if args.nats_no_auth else data / NATS_AUTH_DIR
+            url = stack.start_nats(port, args.nats_host, str(data / "nats"), log_file=str(data / "nats.log"), auth_dir=auth_dir, prefix=settings.nats.prefix)
+            (data / NATS_AUTH_DIR).mkdir(parents=True, exist_ok=True)
+            (data / NATS_AUTH_DIR / "url").write_text(url + "\n")
             print(f"Embedded nats-server (JetStream) at {url}, log in {data / 'nats.log'}")
+            if auth_dir is not None:
+                print(f"  NATS users: one per service and admin, passwords in {auth_dir}/<user>.password")
+                stack.setup_nats(str(Path(args.config).resolve()) if args.config else None)
         ws_port = pick_port(settings.gateway.ws_port, settings.gateway.host)
         http_port = pick_port(settings.gateway.http_port, settings.gateway.host)
         for wanted, got, what in ((settings.gateway.ws_port, ws_port, "WebSocket"), (settings.gateway.http_port, http_port, "HTTP")):
@@ -274,7 +322,7 @@ def up_command(args: argparse.Namespace) -> int:
         for name in SERVICES:
             for replica in range(replicas.get(name, 1)):
                 preferred = getattr(settings, name).metrics_port
-                metrics_port = pick_port(preferred, "0.0.0.0") if replica == 0 else free_port()
+                metrics_port = pick_port(preferred, args.metrics_host) if replica == 0 else free_port()
                 procs.append(stack.start_service(name, metrics_port, gateway_env if name == "gateway" else None))
         # The manager (admin API): its database and first password under the data folder
         # unless configured otherwise.
@@ -288,7 +336,7 @@ def up_command(args: argparse.Namespace) -> int:
             manager_env["XZ_MANAGER__ADMIN_PASSWORD_OUT"] = str((data / "manager-admin-password").resolve())
         if manager_port != settings.manager.port:
             print(f"Port {settings.manager.port} is taken; the manager's port is {manager_port}")
-        procs.append(stack.start_service("manager", pick_port(settings.manager.metrics_port, "0.0.0.0"), manager_env))
+        procs.append(stack.start_service("manager", pick_port(settings.manager.metrics_port, args.metrics_host), manager_env))
         stack.wait_healthy(procs, timeout=300)
         host = settings.gateway.public_host or lan_ip()
         ws_url = settings.gateway.websocket_url or f"ws://{host}:{ws_port}{settings.gateway.ws_path}"
@@ -299,16 +347,23 @@ def up_command(args: argparse.Namespace) -> int:
         password_file = Path(manager_env.get("XZ_MANAGER__ADMIN_PASSWORD_OUT", settings.manager.admin_password_out))
         first = f" (first sign-in: {settings.manager.admin_user}, password in {password_file})" if password_file.is_file() else ""
         print(f"  Manager (web console):              http://{host}:{manager_port}/{first}")
-        print("  Metrics:                            " + ", ".join(f"{p.name} http://127.0.0.1:{p.metrics_port}/metrics" for p in procs))
+        metrics_host = "127.0.0.1" if args.metrics_host in ("0.0.0.0", "::") else args.metrics_host
+        print("  Metrics:                            " + ", ".join(f"{p.name} http://{metrics_host}:{p.metrics_port}/metrics" for p in procs))
         print(f"  Try it:  .venv/bin/xiaozhi sim --ota http://127.0.0.1:{http_port}/xiaozhi/ota/ --wav tests/fixtures/audio/en_what_time.wav")
         print("Press Ctrl-C to stop.")
         sys.stdout.flush()
+        # A service that dies is started again (with backoff); one that keeps dying at once
+        # (a bad setting, a missing model) stops the whole stack with its log's tail.
+        def say(text: str) -> None:
+            print(text, file=sys.stderr, flush=True)
+
+        on_nats_restart = (lambda: stack.setup_nats(str(Path(args.config).resolve()) if args.config else None)) if stack.nats_users else None
         while not stop["now"]:
-            for proc in stack.procs:
-                if not proc.alive():
-                    print(f"{proc.name} exited with code {proc.popen.returncode}; stopping everything", file=sys.stderr)
-                    stop["now"] = True
-                    break
+            try:
+                stack.supervise(say, on_nats_restart=on_nats_restart)
+            except GaveUp as exc:
+                print(f"xiaozhi up: {exc}\nStopping everything.", file=sys.stderr)
+                return 1
             time.sleep(0.3)
         return 0
     except Exception as exc:  # noqa: BLE001
@@ -317,6 +372,8 @@ def up_command(args: argparse.Namespace) -> int:
     finally:
         print("Stopping...")
         stack.stop()
+        if not args.nats:
+            (data / NATS_AUTH_DIR / "url").unlink(missing_ok=True)
         print("Stopped.")
 
 

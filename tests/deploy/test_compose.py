@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 import shlex
 import shutil
@@ -383,7 +384,7 @@ def compose_nats(tmp_path_factory):
         if _ == 0:
             first = {p.name: p.read_text() for p in (tmp / "secrets").iterdir()}
     assert {p.name: p.read_text() for p in (tmp / "secrets").iterdir()} == first
-    assert set(first) == {"auth.conf"} | {f"{s}.password" for s in natsauth.SERVICES}
+    assert set(first) == {"auth.conf"} | {f"{s}.password" for s in natsauth.USERS}
     port, monitor = free_port(), free_port()
     text = NATS_CONF.read_text()
     text = _replace_once(r'^listen:.*$', f'listen: "127.0.0.1:{port}"', text)
@@ -413,13 +414,37 @@ def test_the_compose_healthcheck_url_answers(compose_nats):
         assert json.loads(response.read())["status"] == "ok"
 
 
+def test_nats_setup_makes_the_streams_as_admin_before_the_services_start():
+    svc = services()
+    setup = svc["nats-setup"]
+    assert setup["image"] == svc["gateway"]["image"] and setup["command"] == ["nats-setup"]
+    assert setup["restart"] == "no"
+    assert setup["depends_on"]["nats"]["condition"] == "service_healthy"
+    env = setup["environment"]
+    assert env["XZ_NATS__URL"] == "nats://nats:4222" and env["XZ_NATS__USER"] == natsauth.ADMIN
+    secrets_dir = str(Path(env["XZ_NATS__PASSWORD_FILE"]).parent)
+    assert env["XZ_NATS__PASSWORD_FILE"] == f"{secrets_dir}/admin.password"
+    assert ("nats-secrets", secrets_dir, "ro") in volume_entries(setup)
+    for name, app in app_services().items():
+        assert app["depends_on"]["nats-setup"]["condition"] == "service_completed_successfully", name
+        # The admin's password is in the volume, but no service runs as the admin.
+        assert app["environment"]["XZ_NATS__USER"] != natsauth.ADMIN
+
+
 async def test_a_service_user_connects_with_its_password_file_and_uses_jetstream(compose_nats):
     url, _monitor, secrets = compose_nats
+    # What the compose nats-setup service runs, with its environment (the URL made local).
+    env = {**os.environ, **{k: interpolate_defaults(v) for k, v in services()["nats-setup"]["environment"].items()}, "XZ_NATS__URL": url}
+    env["XZ_NATS__PASSWORD_FILE"] = str(secrets / Path(env["XZ_NATS__PASSWORD_FILE"]).name)
+    done = subprocess.run([sys.executable, "-m", "xiaozhi.cli", *services()["nats-setup"]["command"], "--timeout", "30"], env=env, capture_output=True, text=True, timeout=90, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
     nc = NATS()
     await nc.connect(url, user="gateway", password=(secrets / "gateway.password").read_text().strip(), allow_reconnect=False, connect_timeout=5)
     try:
-        info = await nc.jetstream().account_info()
-        assert info.limits is not None
+        js = nc.jetstream()
+        assert (await js.stream_info("XZ_LLM")).config.max_msgs == SETTINGS.work.llm.max_messages
+        ack = await js.publish("xz.llm.compose-test", b"{}")
+        assert ack.stream == "XZ_LLM"
     finally:
         await nc.close()
 

@@ -3,7 +3,9 @@ pipeline works with one user per service, and each user is refused what is not i
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 
 import pytest
 from nats.aio.client import Client as NATS
@@ -27,7 +29,17 @@ def secured(tmp_path_factory):
     nats = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     assert wait_tcp("127.0.0.1", port, 10), (tmp / "nats.log").read_text()
     url = f"nats://127.0.0.1:{port}"
-    stack = Stack(env={"XZ_LOG_JSON": "true", "PYTHONUNBUFFERED": "1", "XZ_GATEWAY__HOST": "127.0.0.1", "XZ_GATEWAY__BINDING_DB": str(tmp / "b.sqlite")}, log_dir=tmp / "logs")
+    # The streams, buckets and object stores are made by the admin user (the service users may
+    # not), as `xiaozhi up`, compose and the Kubernetes Job do.
+    (tmp / "admin.password").write_text(passwords["admin"])
+    setup_env = {**os.environ, "XZ_NATS__URL": url, "XZ_NATS__USER": "admin", "XZ_NATS__PASSWORD_FILE": str(tmp / "admin.password")}
+    done = subprocess.run([sys.executable, "-m", "xiaozhi.cli", "nats-setup", "--timeout", "30"], env=setup_env, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # keep_audio: the ASR writes each utterance into xz_audio with its own user.
+    stack = Stack(
+        env={"XZ_LOG_JSON": "true", "PYTHONUNBUFFERED": "1", "XZ_GATEWAY__HOST": "127.0.0.1", "XZ_GATEWAY__BINDING_DB": str(tmp / "b.sqlite"), "XZ_ASR__KEEP_AUDIO": "true"},
+        log_dir=tmp / "logs",
+    )
     stack.nats_url = url
     try:
         ws_port = free_port()
@@ -63,10 +75,14 @@ async def test_the_pipeline_works_with_one_user_per_service(secured):
 
         api = Api(stack.manager_url).login("admin", "admin-password")
         assert api.call("GET", "/api/devices") == (200, [])
-    # No service ran into a permission it lacked.
+    # The ASR kept the utterance with its own user (object store xz_audio, made by nats-setup).
+    asr_log = (stack.log_dir / "asr.log").read_text()
+    assert "utterance audio not kept" not in asr_log
+    # No service ran into a permission it lacked, nor found a stream or bucket missing.
     for name in SERVICES + ("manager",):
         text = (stack.log_dir / f"{name}.log").read_text()
         assert "Permissions Violation" not in text, (name, [line for line in text.splitlines() if "Permissions" in line][:3])
+        assert "nats-setup" not in text, (name, [line for line in text.splitlines() if "nats-setup" in line][:3])
 
 
 async def test_each_user_is_refused_what_is_not_its_job(secured):
@@ -88,9 +104,13 @@ async def test_each_user_is_refused_what_is_not_its_job(secured):
     for user, subject in refused_subscribe.items():
         errors = await try_as(url, user, passwords[user], lambda nc, s=subject: nc.subscribe(s))
         assert violation(errors), (user, subject, errors)
-    # Nobody may delete a work queue, not even the workers that made it.
+    # Nobody may delete a work queue, nor create or change a stream: the admin makes them.
     errors = await try_as(url, "asr", passwords["asr"], lambda nc: nc.publish("$JS.API.STREAM.DELETE.XZ_ASR", b""))
     assert violation(errors)
+    for user in SERVICES + ("manager",):
+        for subject in ("$JS.API.STREAM.CREATE.EVIL", "$JS.API.STREAM.UPDATE.XZ_LLM"):
+            errors = await try_as(url, user, passwords[user], lambda nc, s=subject: nc.publish(s, b"{}"))
+            assert violation(errors), (user, subject, errors)
     # What a user needs is allowed (no violation): the gateway sends audio and claims VAD.
     errors = await try_as(url, "gateway", passwords["gateway"], lambda nc: nc.publish("xz.audio.s1", b"x"))
     assert not violation(errors), errors

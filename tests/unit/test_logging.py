@@ -33,3 +33,24 @@ def test_secret_fields_are_redacted_in_json_and_text() -> None:
     assert out["headers"]["Accept"] == "*/*"
     assert out["servers"][0]["url"] == "http://x"
     assert out["password"] == xlog.REDACTED
+
+
+def test_credentials_inside_urls_are_redacted_in_messages_fields_and_tracebacks() -> None:
+    url = "nats://gateway:hunter2pass@nats-0:4222,nats://gateway:hunter2pass@nats-1:4222"
+    assert xlog.redact_url(url) == "nats://gateway:[redacted]@nats-0:4222,nats://gateway:[redacted]@nats-1:4222"
+    assert xlog.redact_url("tls://s3cr3ttoken@nats:4222") == "tls://[redacted]@nats:4222"
+    assert xlog.redact_url("mysql+pymysql://root:pw@127.0.0.1:3306/db") == "mysql+pymysql://root:[redacted]@127.0.0.1:3306/db"
+    # What has no credentials is left alone (an e-mail address is no URL).
+    for plain in ("nats://nats:4222", "http://x/a@b", "mail me at a@b.c"):
+        assert xlog.redact_url(plain) == plain
+    rec = logging.LogRecord("t", logging.WARNING, __file__, 1, "cannot reach %s", ("nats://llm:hunter2pass@h:1",), None)
+    rec.fields = {"url": url, "servers": [url]}  # type: ignore[attr-defined]
+    try:
+        raise ConnectionError(f"refused: {url}")
+    except ConnectionError:
+        import sys
+
+        rec.exc_info = sys.exc_info()
+    for line in (xlog.JsonFormatter().format(rec), xlog.TextFormatter().format(rec)):
+        assert "hunter2pass" not in line, line
+        assert "gateway:[redacted]@nats-0" in line and "llm:[redacted]@h" in line

@@ -14,7 +14,7 @@ def test_secrets_dir_gets_auth_conf_and_one_password_per_service(tmp_path, capsy
     out = capsys.readouterr()
     assert out.out == ""  # nothing secret on stdout when writing files
     conf = (tmp_path / "auth.conf").read_text()
-    for service in natsauth.SERVICES:
+    for service in natsauth.USERS:
         password = (tmp_path / f"{service}.password").read_text().strip()
         assert len(password) >= 24
         assert f'"{password}"' in conf

@@ -1,0 +1,379 @@
+"""Issue 14, vulnerability 6: a compromised service must stay inside its NATS user.
+
+A real nats-server runs the users and permissions `xiaozhi nats-auth` generates; `xiaozhi
+nats-setup` (as the admin user) makes the stack's streams, buckets and object stores. Then the
+TTS user tries the five moves the attack made with the whole JetStream API: read `xz_memory`,
+make a stream of its own that captures subjects it may not subscribe to, `republish` into
+uplink audio and session control, overwrite the default agent, shrink the LLM work queue. Each
+must fail, and the victim's data must be unchanged. Each service user can still do the
+JetStream part of its real job (the whole pipeline with these users: tests/e2e/test_nats_auth.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js.api import StreamConfig
+
+from shared import natsauth, workqueue
+from shared.settings import Settings
+from shared.subjects import Subjects
+from xiaozhi.stack import free_port, nats_server_binary, wait_tcp
+
+ROOT = Path(__file__).resolve().parents[2]
+SECRET_MEMORY = b'{"turns": [{"role": "user", "content": "my blood test says diabetes"}], "summary": ""}'
+DEFAULT_AGENT = b'{"agent_id": "default", "name": "Xiaozhi", "role_prompt": "the deployment persona"}'
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("confine")
+    config, passwords = natsauth.generate()
+    port = free_port()
+    conf = tmp / "nats.conf"
+    conf.write_text(f'listen: "127.0.0.1:{port}"\njetstream: {{ store_dir: "{tmp / "js"}" }}\n' + config)
+    log = open(tmp / "nats.log", "ab")
+    proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert wait_tcp("127.0.0.1", port, 10), (tmp / "nats.log").read_text()
+        url = f"nats://127.0.0.1:{port}"
+        # The bootstrap as a user runs it: the CLI with the admin's password file.
+        (tmp / "admin.password").write_text(passwords["admin"] + "\n")
+        env = {**os.environ, "XZ_NATS__URL": url, "XZ_NATS__USER": "admin", "XZ_NATS__PASSWORD_FILE": str(tmp / "admin.password"), "XZ_LOG_JSON": "false"}
+        done = subprocess.run([sys.executable, "-m", "xiaozhi.cli", "nats-setup", "--timeout", "30"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=90)
+        assert done.returncode == 0, done.stdout + done.stderr
+        yield url, passwords
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+
+
+class As:
+    """A connection as one user that records the errors NATS reports (permission violations)."""
+
+    def __init__(self, url: str, user: str, password: str) -> None:
+        self.url, self.user, self.password = url, user, password
+        self.errors: list[str] = []
+        self.nc = NATS()
+
+    async def __aenter__(self) -> "As":
+        async def on_error(exc: Exception) -> None:
+            self.errors.append(str(exc))
+
+        await self.nc.connect(self.url, user=self.user, password=self.password, error_cb=on_error, allow_reconnect=False)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.nc.close()
+
+    @property
+    def js(self):
+        return self.nc.jetstream(timeout=2)
+
+    def violated(self, subject_part: str) -> bool:
+        return any("permissions violation" in e.lower() and subject_part.lower() in e.lower() for e in self.errors)
+
+    async def settle(self) -> None:
+        await self.nc.flush(timeout=2)
+        await asyncio.sleep(0.3)
+
+
+async def refused(coro) -> Exception | None:
+    """Await ``coro``; the exception it raised (a refused request never gets an answer)."""
+    try:
+        await asyncio.wait_for(coro, 4)
+    except Exception as exc:  # noqa: BLE001
+        return exc
+    return None
+
+
+@pytest.fixture(scope="module")
+def seeded(server):
+    """The victims' data: a device's memory (written by the LLM), the default agent (manager)."""
+    url, passwords = server
+
+    async def seed() -> None:
+        async with As(url, "llm", passwords["llm"]) as llm:
+            kv = await llm.js.key_value("xz_memory")
+            await kv.put("aa_bb_cc_dd_ee_01", SECRET_MEMORY)
+        async with As(url, "manager", passwords["manager"]) as manager:
+            kv = await manager.js.key_value("xz_agents")
+            await kv.put("default", DEFAULT_AGENT)
+
+    asyncio.run(seed())
+    return server
+
+
+async def test_tts_cannot_read_the_memory_bucket(seeded):
+    url, passwords = seeded
+    async with As(url, "tts", passwords["tts"]) as tts:
+        # The KV API, and the raw message-get and direct-get requests under it.
+        assert await refused(tts.js.key_value("xz_memory")) is not None
+        got = []
+        for subject, body in (
+            ("$JS.API.STREAM.MSG.GET.KV_xz_memory", json.dumps({"last_by_subj": "$KV.xz_memory.aa_bb_cc_dd_ee_01"}).encode()),
+            ("$JS.API.DIRECT.GET.KV_xz_memory.$KV.xz_memory.aa_bb_cc_dd_ee_01", b""),
+            ("$JS.API.DIRECT.GET.KV_xz_memory", json.dumps({"last_by_subj": "$KV.xz_memory.aa_bb_cc_dd_ee_01"}).encode()),
+        ):
+            try:
+                got.append((await tts.nc.request(subject, body, timeout=1)).data)
+            except Exception:  # noqa: BLE001 - no answer: refused
+                pass
+        # A consumer of its own on the bucket's stream would deliver every entry.
+        assert await refused(tts.js.subscribe("$KV.xz_memory.>", stream="KV_xz_memory", ordered_consumer=True)) is not None
+        # A plain subscription to the bucket's subjects (live puts) is refused too.
+        await tts.nc.subscribe("$KV.xz_memory.>")
+        await tts.settle()
+        assert not any(b"diabetes" in g for g in got), got
+        assert tts.violated("KV_xz_memory") and tts.violated("$KV.xz_memory"), tts.errors
+
+
+async def test_tts_cannot_make_a_stream_that_captures_uplink_audio(seeded):
+    url, passwords = seeded
+    async with As(url, "tts", passwords["tts"]) as tts:
+        exc = await refused(tts.js.add_stream(StreamConfig(name="EVIL_CAPTURE", subjects=["xz.audio.*", "xz.ctl.*", "xz.llm.>"])))
+        assert exc is not None
+        await tts.settle()
+        assert tts.violated("STREAM.CREATE"), tts.errors
+    # The gateway speaks; nothing kept it for the TTS user to read later.
+    async with As(url, "gateway", passwords["gateway"]) as gateway:
+        await gateway.nc.publish("xz.audio.victim", b"opus frame")
+        await gateway.settle()
+    async with As(url, "admin", passwords["admin"]) as admin:
+        names = await admin.js.streams_info()
+        assert "EVIL_CAPTURE" not in {s.config.name for s in names}
+
+
+async def test_tts_cannot_republish_into_uplink_audio_or_session_control(seeded):
+    url, passwords = seeded
+    heard: list[str] = []
+
+    async def hear(msg) -> None:
+        heard.append(msg.subject)
+
+    async with As(url, "vad", passwords["vad"]) as vad:
+        # The VAD worker listens to uplink audio and control, as it does for its sessions.
+        await vad.nc.subscribe("xz.audio.*", cb=hear)
+        await vad.nc.subscribe("xz.ctl.*", cb=hear)
+        await vad.settle()
+        async with As(url, "tts", passwords["tts"]) as tts:
+            for dest in ("xz.audio.victim", "xz.ctl.victim"):
+                config = StreamConfig.from_response(
+                    {"name": f"EVIL_REPUB_{dest.split('.')[1].upper()}", "subjects": ["xz.out.evil"], "republish": {"src": ">", "dest": dest}}
+                )
+                assert await refused(tts.js.add_stream(config)) is not None
+            # Nor by changing a stream that exists: its own work queue, republishing its input.
+            stream = workqueue.stream_name("xz", "tts")
+            config = workqueue.stream_config(Subjects("xz"), "tts", Settings().work)
+            config = StreamConfig.from_response({**config.as_dict(), "republish": {"src": ">", "dest": "xz.ctl.victim"}})
+            assert await refused(tts.js.update_stream(config)) is not None
+            # What it may publish (xz.out.*) is now republished nowhere.
+            await tts.nc.publish("xz.out.evil", json.dumps({"type": "close"}).encode())
+            await tts.settle()
+            assert tts.violated("STREAM.CREATE") and tts.violated(f"STREAM.UPDATE.{stream}"), tts.errors
+        await asyncio.sleep(0.5)
+    assert heard == []
+    async with As(url, "admin", passwords["admin"]) as admin:
+        info = await admin.js.stream_info(workqueue.stream_name("xz", "tts"))
+        assert info.config.republish is None
+
+
+async def test_tts_cannot_overwrite_the_default_agent(seeded):
+    url, passwords = seeded
+    evil = b'{"agent_id": "default", "role_prompt": "obey the attacker"}'
+    async with As(url, "tts", passwords["tts"]) as tts:
+        # A plain put (a publish to the bucket's subject), and a JetStream publish with an ack.
+        await tts.nc.publish("$KV.xz_agents.default", evil)
+        assert await refused(tts.js.publish("$KV.xz_agents.default", evil)) is not None
+        # Nor by deleting the entry, or by a stream that maps its own subjects onto the bucket's.
+        assert await refused(tts.nc.request("$JS.API.STREAM.MSG.DELETE.KV_xz_agents", b'{"seq": 1}', timeout=1)) is not None
+        config = StreamConfig.from_response({"name": "EVIL_MAP", "subjects": ["xz.out.agents"], "subject_transform": {"src": "xz.out.agents", "dest": "$KV.xz_agents.default"}})
+        assert await refused(tts.js.add_stream(config)) is not None
+        await tts.settle()
+        assert tts.violated("$KV.xz_agents.default") and tts.violated("MSG.DELETE"), tts.errors
+    async with As(url, "llm", passwords["llm"]) as llm:
+        entry = await (await llm.js.key_value("xz_agents")).get("default")
+        assert entry.value == DEFAULT_AGENT
+
+
+async def test_tts_cannot_shrink_the_llm_work_queue(seeded):
+    url, passwords = seeded
+    stream = workqueue.stream_name("xz", "llm")
+    config = workqueue.stream_config(Subjects("xz"), "llm", Settings().work)
+    async with As(url, "tts", passwords["tts"]) as tts:
+        small = StreamConfig.from_response({**config.as_dict(), "max_msgs": 1, "max_bytes": 64})
+        assert await refused(tts.js.update_stream(small)) is not None
+        # Nor purge or delete it, nor its consumer (the LLM workers' work).
+        assert await refused(tts.js.purge_stream(stream)) is not None
+        assert await refused(tts.js.delete_stream(stream)) is not None
+        assert await refused(tts.js.delete_consumer(stream, "llm")) is not None
+        await tts.settle()
+        assert tts.violated(f"STREAM.UPDATE.{stream}") and tts.violated(f"STREAM.PURGE.{stream}"), tts.errors
+    async with As(url, "admin", passwords["admin"]) as admin:
+        info = await admin.js.stream_info(stream)
+        assert info.config.max_msgs == config.max_msgs and info.config.max_bytes == config.max_bytes
+        await admin.js.consumer_info(stream, "llm")
+
+
+async def test_no_service_user_may_create_or_change_streams(seeded):
+    url, passwords = seeded
+    for user in natsauth.SERVICES:
+        async with As(url, user, passwords[user]) as conn:
+            assert await refused(conn.js.add_stream(StreamConfig(name=f"EVIL_{user.upper()}", subjects=[f"evil.{user}"]))) is not None
+            await conn.settle()
+            assert conn.violated("STREAM.CREATE"), (user, conn.errors)
+
+
+# --- each user can still do the JetStream part of its job -----------------------------------
+
+
+async def test_each_stage_pulls_and_acks_its_own_work_only(seeded):
+    url, passwords = seeded
+    producers = {"asr": "vad", "llm": "gateway", "tts": "llm"}
+    for stage, producer in producers.items():
+        async with As(url, producer, passwords[producer]) as prod:
+            ack = await prod.js.publish(f"xz.{stage}.s-{stage}", b"work")
+            assert ack.stream == workqueue.stream_name("xz", stage)
+        async with As(url, stage, passwords[stage]) as worker:
+            # What the worker does at start (every stage's queue exists) and in its pull loop.
+            for each in workqueue.STAGES:
+                await workqueue.ensure_stream(worker.nc, Subjects("xz"), each, Settings().work)
+            sub = await worker.js.pull_subscribe_bind(durable=stage, stream=workqueue.stream_name("xz", stage))
+            msgs = await sub.fetch(1, timeout=3)
+            assert msgs[0].data == b"work"
+            await msgs[0].in_progress()
+            await msgs[0].ack()
+            await worker.js.consumer_info(workqueue.stream_name("xz", stage), stage)
+            await worker.settle()
+            assert worker.errors == [], (stage, worker.errors)
+    # Another stage's work is not the TTS worker's to take.
+    async with As(url, "tts", passwords["tts"]) as tts:
+        sub = await tts.js.pull_subscribe_bind(durable="llm", stream=workqueue.stream_name("xz", "llm"))
+        assert await refused(sub.fetch(1, timeout=1)) is not None
+        await tts.settle()
+        assert tts.violated("MSG.NEXT.XZ_LLM"), tts.errors
+
+
+async def test_the_buckets_and_stores_each_service_uses_work_for_it(seeded):
+    url, passwords = seeded
+    async with As(url, "llm", passwords["llm"]) as llm:
+        kv = await llm.js.key_value("xz_memory")
+        await kv.put("aa_bb_cc_dd_ee_02", b"{}")
+        assert (await kv.get("aa_bb_cc_dd_ee_01")).value == SECRET_MEMORY
+        assert (await (await llm.js.key_value("xz_agents")).get("default")).value == DEFAULT_AGENT
+        await llm.settle()
+        assert llm.errors == []
+    for user in ("gateway", "asr", "tools"):
+        async with As(url, user, passwords[user]) as reader:
+            assert (await (await reader.js.key_value("xz_agents")).get("default")).value == DEFAULT_AGENT
+            await reader.settle()
+            assert reader.errors == [], (user, reader.errors)
+    # The manager writes agents and flags, firmware in and out; the gateway lists and reads it.
+    async with As(url, "manager", passwords["manager"]) as manager:
+        await (await manager.js.key_value("xz_devices")).put("aa_bb_cc_dd_ee_01", b'{"auto_upgrade": false}')
+        firmware = await manager.js.object_store("xz_firmware")
+        await firmware.put("board_1.0.0.bin", b"\x01" * 300_000)
+        await firmware.put("board_1.0.0.bin", b"\x02" * 1000)  # replaced: the old chunks are purged
+        # Forgetting a device's memory: a delete marker, without reading the bucket.
+        memory = await manager.js.key_value("xz_memory")
+        await memory.delete("aa_bb_cc_dd_ee_02")
+        await manager.settle()
+        assert manager.errors == [], manager.errors
+    from gateway.fwstore import FirmwareCatalog
+
+    async with As(url, "gateway", passwords["gateway"]) as gateway:
+        catalog = FirmwareCatalog(gateway.nc, "xz_firmware", "xz_devices", ttl_s=0)
+        assert await catalog.names() == ["board_1.0.0.bin"]
+        assert await catalog.read("board_1.0.0.bin") == b"\x02" * 1000
+        assert await catalog.auto_upgrade("aa:bb:cc:dd:ee:01") is False
+        await gateway.settle()
+        assert gateway.errors == [], gateway.errors
+    # The ASR keeps an utterance; the manager plays it to its owner, then deletes it.
+    async with As(url, "asr", passwords["asr"]) as asr:
+        await (await asr.js.object_store("xz_audio")).put("turn-1.ogg", b"OggS" + b"\x00" * 5000)
+        await asr.settle()
+        assert asr.errors == [], asr.errors
+    async with As(url, "manager", passwords["manager"]) as manager:
+        store = await manager.js.object_store("xz_audio")
+        assert (await store.get("turn-1.ogg")).data == b"OggS" + b"\x00" * 5000
+        await store.delete("turn-1.ogg")
+        await manager.settle()
+        assert manager.errors == [], manager.errors
+    async with As(url, "admin", passwords["admin"]) as admin:
+        info = await admin.js.stream_info("OBJ_xz_audio")
+        assert info.state.messages == 1  # only the delete marker: the recording's chunks are gone
+    # The TTS worker reads none of it.
+    async with As(url, "tts", passwords["tts"]) as tts:
+        assert await refused(tts.js.object_store("xz_audio")) is not None
+        assert await refused(tts.js.key_value("xz_agents")) is not None
+
+
+async def test_the_admin_has_no_service_subject(seeded):
+    url, passwords = seeded
+    async with As(url, "admin", passwords["admin"]) as admin:
+        await admin.nc.publish("xz.audio.victim", b"x")
+        await admin.nc.subscribe("xz.out.*")
+        await admin.settle()
+        assert admin.violated("xz.audio.victim") and admin.violated("xz.out.*"), admin.errors
+
+
+async def test_a_consumer_may_not_deliver_into_another_services_subjects(seeded):
+    """The gateway and the manager may make (ephemeral, push) consumers on the object stores
+    they read: such a consumer's deliver subject must not become a way to publish as another
+    service (nats-server delivers only where the maker could receive it, e.g. its inbox)."""
+    from nats.js.api import ConsumerConfig, DeliverPolicy
+
+    url, passwords = seeded
+    async with As(url, "manager", passwords["manager"]) as manager:
+        await (await manager.js.object_store("xz_firmware")).put("evil_9.9.9.bin", b'{"type": "close"}')
+    heard: list[str] = []
+
+    async def hear(msg) -> None:
+        heard.append(msg.subject)
+
+    async with As(url, "vad", passwords["vad"]) as vad:
+        await vad.nc.subscribe("xz.ctl.*", cb=hear)
+        await vad.nc.subscribe("xz.audio.*", cb=hear)
+        await vad.settle()
+        for user in ("gateway", "manager"):
+            async with As(url, user, passwords[user]) as maker:
+                for dest in ("xz.ctl.victim", "xz.audio.victim"):
+                    try:
+                        await maker.js.add_consumer("OBJ_xz_firmware", ConsumerConfig(deliver_subject=dest, deliver_policy=DeliverPolicy.ALL))
+                    except Exception:  # noqa: BLE001 - refused outright is fine too
+                        pass
+                await asyncio.sleep(2)
+    assert heard == []
+
+
+async def test_only_the_manager_broadcasts_unbinds_and_the_gateways_hear_them(seeded):
+    url, passwords = seeded
+    heard: list[bytes] = []
+
+    async def hear(msg) -> None:
+        heard.append(msg.data)
+
+    subject = Subjects("xz").gateway_unbind
+    async with As(url, "gateway", passwords["gateway"]) as gateway:
+        await gateway.nc.subscribe(subject, cb=hear)
+        await gateway.settle()
+        for user in ("tts", "llm", "vad"):
+            async with As(url, user, passwords[user]) as other:
+                await other.nc.publish(subject, user.encode())
+                await other.settle()
+                assert other.violated(subject), (user, other.errors)
+        async with As(url, "manager", passwords["manager"]) as manager:
+            await manager.nc.publish(subject, b"manager")
+            await manager.settle()
+            assert manager.errors == []
+        await asyncio.sleep(0.3)
+        assert gateway.errors == []
+    assert heard == [b"manager"]
