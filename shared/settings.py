@@ -336,6 +336,25 @@ class TtsSettings(BaseModel):
     # Path to a Piper voice (.onnx with its .onnx.json beside it); default: packaged en_US joe.
     voice: str | None = None
     length_scale: float | None = None
+    # The voices an agent (manager), a role (tools.roles), llm.voice or gateway.greeting_voice
+    # may name, besides the default above: names, never paths. A name is the file
+    # <voices_dir>/<name>.onnx with <name>.onnx.json beside it (no symlinks, nothing outside the
+    # folder). Any other voice is spoken with the default voice, counted
+    # (xz_errors_total{service="tts",kind="unknown_voice"}) and logged.
+    voices: list[str] = Field(default_factory=list)
+    voices_dir: str = "data/voices"
+    # Chosen voices kept loaded per worker (each ~100-170 MB), least recently used dropped first.
+    max_loaded_voices: int = Field(default=2, ge=1)
+
+    @field_validator("voices")
+    @classmethod
+    def _voice_names(cls, value: list[str]) -> list[str]:
+        from shared.voices import valid_voice_name
+
+        bad = [v for v in value if not valid_voice_name(v)]
+        if bad:
+            raise ValueError(f"tts.voices are names (letters, digits, '-', '_', '.'; no path, no '..'), not {bad}")
+        return value
 
 
 class WeatherSettings(BaseModel):
