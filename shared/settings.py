@@ -395,6 +395,10 @@ def _default_roles() -> dict[str, RoleSettings]:
     }
 
 
+# A bridge token opens an agent's tools: shorter ones are refused when the settings load.
+MIN_MCP_TOKEN_LENGTH = 32
+
+
 class McpEndpointSettings(BaseModel):
     """The MCP endpoint for external bridges (xiaozhi's "MCP endpoint" convention).
 
@@ -407,11 +411,41 @@ class McpEndpointSettings(BaseModel):
     host: str = "0.0.0.0"
     port: int = 8004
     path: str = "/mcp"
-    # Token -> agent id. A handshake with any other token is refused with HTTP 401.
+    # Token (at least 32 characters) -> agent id. A handshake with any other token is refused
+    # with HTTP 401.
     tokens: dict[str, str] = Field(default_factory=dict)
     # How long a bridge may take to answer initialize and tools/list.
     handshake_timeout_s: float = 10.0
     call_timeout_s: float = 30.0
+    # Handshakes with a wrong token from one address in a minute before that address is refused
+    # (HTTP 429, even with a right token) for the rest of the minute.
+    max_token_failures_per_minute: int = 10
+    # What one bridge may send and offer. A frame over max_frame_bytes closes the bridge; a
+    # description is cut at max_description_chars; a tool whose input schema is over
+    # max_schema_bytes (JSON), and tools beyond max_tools_per_bridge (of one bridge) or
+    # max_tools_per_agent (of all the agent's bridges), are dropped; a tools/list listing stops
+    # after max_list_pages pages or max_list_bytes of tools. Dropped tools are counted in
+    # xz_dropped_total{service="tools"} and logged once per listing.
+    max_frame_bytes: int = 1024 * 1024
+    max_description_chars: int = 1024
+    max_schema_bytes: int = 4096
+    max_tools_per_bridge: int = 32
+    max_tools_per_agent: int = 64
+    max_list_pages: int = 16
+    max_list_bytes: int = 1024 * 1024
+    # Bridges connected at once per agent (more are closed at once, code 1013).
+    max_bridges_per_agent: int = 8
+
+    @field_validator("tokens")
+    @classmethod
+    def _long_tokens(cls, value: dict[str, str]) -> dict[str, str]:
+        short = [agent for token, agent in value.items() if len(token) < MIN_MCP_TOKEN_LENGTH]
+        if short:
+            raise ValueError(
+                f"tools.mcp_endpoint.tokens must be at least {MIN_MCP_TOKEN_LENGTH} characters (e.g. `openssl rand -hex 24`); "
+                f"too short for agent(s) {sorted(set(short))}"
+            )
+        return value
 
 
 class ToolsSettings(BaseModel):
