@@ -399,6 +399,10 @@ def _default_roles() -> dict[str, RoleSettings]:
 MIN_MCP_TOKEN_LENGTH = 32
 
 
+class InsecureSettingError(Exception):
+    """A setting refused for safety; its message never repeats a secret's value."""
+
+
 class McpEndpointSettings(BaseModel):
     """The MCP endpoint for external bridges (xiaozhi's "MCP endpoint" convention).
 
@@ -432,7 +436,7 @@ class McpEndpointSettings(BaseModel):
     max_tools_per_bridge: int = 32
     max_tools_per_agent: int = 64
     max_list_pages: int = 16
-    max_list_bytes: int = 1024 * 1024
+    max_list_bytes: int = 4 * 1024 * 1024
     # Bridges connected at once per agent (more are closed at once, code 1013).
     max_bridges_per_agent: int = 8
 
@@ -441,7 +445,8 @@ class McpEndpointSettings(BaseModel):
     def _long_tokens(cls, value: dict[str, str]) -> dict[str, str]:
         short = [agent for token, agent in value.items() if len(token) < MIN_MCP_TOKEN_LENGTH]
         if short:
-            raise ValueError(
+            # Not a ValueError: pydantic would print the input (the tokens) with it.
+            raise InsecureSettingError(
                 f"tools.mcp_endpoint.tokens must be at least {MIN_MCP_TOKEN_LENGTH} characters (e.g. `openssl rand -hex 24`); "
                 f"too short for agent(s) {sorted(set(short))}"
             )
