@@ -14,7 +14,8 @@ Upgrading from the earlier scheme (lower-cased, other characters mapped to ``_``
 ``aa:aa:..`` and ``aa_aa_..`` share a key and a device called ``DEFAULT`` replace the default
 agent): entries under the old keys are no longer read. The manager re-publishes every bound
 device's agent at start, so agents carry over; a device's memory (``xz_memory``) under an old key
-is lost (not read through the colliding scheme), and the old entries stay in the buckets unused.
+is lost (not read through the colliding scheme), and the old entries stay in the buckets unused
+until deleted (``legacy_kv_key`` names them, for deleting only).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel
@@ -51,6 +53,15 @@ def kv_key(device_id: str) -> str:
     """The KV key of a device id (agents, memory, device flags): ``dev.`` + SHA-256 of the
     lower-cased id; collision-free, always a valid key, never ``default``."""
     return DEVICE_KEY_PREFIX + hashlib.sha256(normalize_device_id(device_id).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def legacy_kv_key(device_id: str) -> str | None:
+    """The key the earlier scheme gave ``device_id`` (colliding: ``aa:bb`` and ``aa_bb`` share
+    it). Only for deleting what that scheme left behind (a device's old memory when it is
+    unbound or its owner deleted); never read through it. None where that key is the default
+    agent's (``default``), which must not be deleted for a device."""
+    key = re.sub(r"[^-_=.a-zA-Z0-9]", "_", device_id.lower()) or "_"
+    return None if key == DEFAULT_KEY else key
 
 
 class AgentConfig(BaseModel):

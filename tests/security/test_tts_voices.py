@@ -17,6 +17,8 @@ import shutil
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from shared.messages import AudioFrameMeta, OutEvent, SentenceJob, new_turn_id
 from shared.subjects import Subjects
 from tests.conftest import log_records
@@ -142,3 +144,17 @@ def test_the_manager_offers_and_accepts_only_the_configured_voices(nats_only, tm
     assert status == 201 and agent["voice"] == "alt"
     assert admin.call("PUT", f"/api/agents/{agent['id']}", {"name": "x", "voice": "/etc/passwd"})[0] == 400
     assert admin.call("PUT", f"/api/agents/{agent['id']}", {"name": "x", "voice": None})[0] == 200
+
+
+def test_configured_voices_must_be_names(monkeypatch):
+    """tts.voices are names: a path or ``..`` in them is refused when the settings load."""
+    import pydantic
+
+    from shared.settings import Settings
+
+    for bad in ("../etc/passwd", "/srv/voices/a", "a/b", ".hidden", "a..b"):
+        monkeypatch.setenv("XZ_TTS__VOICES", json.dumps([bad]))
+        with pytest.raises(pydantic.ValidationError, match="tts.voices are names"):
+            Settings()
+    monkeypatch.setenv("XZ_TTS__VOICES", json.dumps(["en_US-lessac-medium", "zh_CN-huayan-x_low"]))
+    assert Settings().tts.voices == ["en_US-lessac-medium", "zh_CN-huayan-x_low"]
