@@ -422,7 +422,7 @@ class McpEndpointSettings(BaseModel):
     handshake_timeout_s: float = 10.0
     call_timeout_s: float = 30.0
     # Handshakes with a wrong token from one address in a minute before that address is refused
-    # (HTTP 429, even with a right token) for the rest of the minute.
+    # (HTTP 429, even with a right token) for the rest of the minute; 0: no limit.
     max_token_failures_per_minute: int = 10
     # What one bridge may send and offer. A frame over max_frame_bytes closes the bridge; a
     # description is cut at max_description_chars; a tool whose input schema is over

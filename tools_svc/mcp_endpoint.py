@@ -226,6 +226,8 @@ class McpEndpoint:
 
     def _throttled(self, address: str, failed: bool = False) -> bool:
         """Whether ``address`` has used up its wrong tokens this minute (``failed``: count one)."""
+        if self.settings.max_token_failures_per_minute <= 0:  # 0: no limit
+            return False
         now = time.monotonic()
         entry = self._failures.get(address)
         if entry is None or now - entry[0] >= 60.0:
