@@ -1,6 +1,8 @@
 """Per-device memory in a JetStream key-value bucket (``xz_memory``).
 
-Keyed on the Device-Id (protocol.md §9.19), so it survives reconnects and any LLM replica can
+Keyed on the Device-Id (protocol.md §9.19; ``shared.agents.kv_key``: a hash of the lower-cased
+id, so ids that differ other than by case never share a memory; a reserved id, empty or
+``default``, keeps none), so it survives reconnects and any LLM replica can
 take any turn. Modes (from the device's agent): ``none`` keeps nothing; ``short`` keeps the
 recent turns; ``summary`` also keeps a summary the model writes when a session ends, so older
 conversations are remembered in a few sentences. Without JetStream it stays in this process.
@@ -15,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from shared.agents import kv_key, open_bucket
+from shared.agents import kv_key, open_bucket, reserved_device_id
 
 log = logging.getLogger("llm_svc.memory")
 
@@ -51,6 +53,8 @@ class MemoryStore:
                 log.info("memory bucket found", extra={"fields": {"bucket": self.bucket}})
 
     async def load(self, device_id: str) -> Memory:
+        if reserved_device_id(device_id):
+            return Memory()  # no id (or "default"): nothing is remembered, nothing shared
         await self._reopen()
         key = kv_key(device_id)
         if self._kv is None:
@@ -64,6 +68,8 @@ class MemoryStore:
     async def save(self, device_id: str, memory: Memory) -> None:
         # (a plain [-0:] slice would keep everything)
         memory.turns = memory.turns[-self.max_messages :] if self.max_messages > 0 else []
+        if reserved_device_id(device_id):
+            return
         key = kv_key(device_id)
         if self._kv is None:
             self._local[key] = memory

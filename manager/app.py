@@ -164,6 +164,8 @@ class AgentOptions(BaseModel):
     llm_backends: list[LlmBackendOption] = Field(default_factory=lambda: [LlmBackendOption(name="default", backend="llamacpp")])
     asr_models: list[str] = Field(default_factory=lambda: ["tiny.en"])
     asr_default: str = "tiny.en"
+    # TTS voices by name (the TTS stage's tts.voices); an agent's voice None: the default voice.
+    voices: list[str] = Field(default_factory=list)
 
 
 def agent_options(settings: Any) -> AgentOptions:
@@ -173,7 +175,7 @@ def agent_options(settings: Any) -> AgentOptions:
     for name, provider in sorted(llm.providers.items()):
         backends.append(LlmBackendOption(name=name, backend=provider.backend, model=provider.model))
     models = [settings.asr.model] + [m for m in settings.asr.models if m != settings.asr.model]
-    return AgentOptions(llm_backends=backends, asr_models=models, asr_default=settings.asr.model)
+    return AgentOptions(llm_backends=backends, asr_models=models, asr_default=settings.asr.model, voices=list(settings.tts.voices))
 
 
 class AgentOut(AgentIn):
@@ -549,6 +551,9 @@ def create_app(
             raise HTTPException(status.HTTP_400_BAD_REQUEST, f"unknown LLM backend {body.llm_backend!r}: one of {backends}")
         if body.asr_model is not None and body.asr_model not in options.asr_models:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, f"unknown ASR model {body.asr_model!r}: one of {options.asr_models}")
+        # A voice is a name the TTS stage has (tts.voices), never a path on the server.
+        if body.voice is not None and body.voice not in options.voices:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, f"unknown voice {body.voice[:100]!r}: one of {options.voices} (or none: the default voice)")
 
     @app.get("/api/options", response_model=AgentOptions, tags=["agents"])
     def get_options(user: CurrentUser) -> AgentOptions:

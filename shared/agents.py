@@ -1,13 +1,27 @@
 """Per-device agent configuration (role, voice, memory, tools), kept in the ``xz_agents`` KV bucket.
 
-The manager writes one entry per device (key: the device id made KV-safe) and a ``default``
-entry; services read the entry on every turn, so a change applies to the next turn without a
-restart.
+The manager writes one entry per device (key: ``kv_key(device_id)``) and a ``default`` entry;
+services read the entry on every turn, so a change applies to the next turn without a restart.
+
+Keys: ``dev.`` + the SHA-256 of the device id, after lower-casing it and nothing else. The
+firmware sends its MAC in lower case and the manager and the gateway's binding store keep device
+ids lower-cased, so ``AA:BB:..`` and ``aa:bb:..`` are one device everywhere; any other
+difference (``aa:bb`` against ``aa_bb``) makes another key. A device key never equals
+``default`` (the deployment's default agent), and ids that would mean it (``default``, empty) are
+refused where agents are written (``reserved_device_id``).
+
+Upgrading from the earlier scheme (lower-cased, other characters mapped to ``_``, which let
+``aa:aa:..`` and ``aa_aa_..`` share a key and a device called ``DEFAULT`` replace the default
+agent): entries under the old keys are no longer read. The manager re-publishes every bound
+device's agent at start, so agents carry over; a device's memory (``xz_memory``) under an old key
+is lost (not read through the colliding scheme), and the old entries stay in the buckets unused
+until deleted (``legacy_kv_key`` names them, for deleting only).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
@@ -17,13 +31,37 @@ from pydantic import BaseModel
 
 log = logging.getLogger("shared.agents")
 
-_KEY_UNSAFE = re.compile(r"[^-_=.a-zA-Z0-9]")
 DEFAULT_KEY = "default"
+DEVICE_KEY_PREFIX = "dev."
+# Ids that may not have an agent or memory of their own: they would mean (or be confused with)
+# the deployment's default agent.
+RESERVED_DEVICE_IDS = frozenset({"", "default"})
+
+
+def normalize_device_id(device_id: str) -> str:
+    """The one case-folding that is safe: devices' ids are MACs or UUIDs, sent in lower case by
+    the firmware and kept lower-cased by the manager; nothing else is changed."""
+    return device_id.lower()
+
+
+def reserved_device_id(device_id: str | None) -> bool:
+    """Whether ``device_id`` may not have an agent entry (empty, blank or ``default``)."""
+    return device_id is None or normalize_device_id(device_id).strip() in RESERVED_DEVICE_IDS
 
 
 def kv_key(device_id: str) -> str:
-    """A KV key for a device id: a0:b1:c2:d3:e4:f5 -> a0_b1_c2_d3_e4_f5."""
-    return _KEY_UNSAFE.sub("_", device_id.lower()) or "_"
+    """The KV key of a device id (agents, memory, device flags): ``dev.`` + SHA-256 of the
+    lower-cased id; collision-free, always a valid key, never ``default``."""
+    return DEVICE_KEY_PREFIX + hashlib.sha256(normalize_device_id(device_id).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def legacy_kv_key(device_id: str) -> str | None:
+    """The key the earlier scheme gave ``device_id`` (colliding: ``aa:bb`` and ``aa_bb`` share
+    it). Only for deleting what that scheme left behind (a device's old memory when it is
+    unbound or its owner deleted); never read through it. None where that key is the default
+    agent's (``default``), which must not be deleted for a device."""
+    key = re.sub(r"[^-_=.a-zA-Z0-9]", "_", device_id.lower()) or "_"
+    return None if key == DEFAULT_KEY else key
 
 
 class AgentConfig(BaseModel):
@@ -79,7 +117,7 @@ async def load_agent(kv: Any, device_id: str) -> AgentConfig:
     """The device's agent, else the default agent, else built-in defaults."""
     if kv is None:
         return AgentConfig()
-    for key in (kv_key(device_id) if device_id else None, DEFAULT_KEY):
+    for key in (None if reserved_device_id(device_id) else kv_key(device_id), DEFAULT_KEY):
         if not key:
             continue
         try:
@@ -117,4 +155,11 @@ class AgentDirectory:
 
 
 async def save_agent(kv: Any, device_id: str | None, agent: AgentConfig) -> None:
-    await kv.put(kv_key(device_id) if device_id else DEFAULT_KEY, agent.encode())
+    """Write a device's agent; ``device_id=None`` writes the default agent. A reserved id
+    (``default``, empty) raises ValueError: no device may replace the default agent."""
+    if device_id is None:
+        await kv.put(DEFAULT_KEY, agent.encode())
+        return
+    if reserved_device_id(device_id):
+        raise ValueError(f"reserved device id {device_id!r}: no agent may be saved for it")
+    await kv.put(kv_key(device_id), agent.encode())

@@ -357,6 +357,25 @@ class TtsSettings(BaseModel):
     # Path to a Piper voice (.onnx with its .onnx.json beside it); default: packaged en_US joe.
     voice: str | None = None
     length_scale: float | None = None
+    # The voices an agent (manager), a role (tools.roles), llm.voice or gateway.greeting_voice
+    # may name, besides the default above: names, never paths. A name is the file
+    # <voices_dir>/<name>.onnx with <name>.onnx.json beside it (no symlinks, nothing outside the
+    # folder). Any other voice is spoken with the default voice, counted
+    # (xz_errors_total{service="tts",kind="unknown_voice"}) and logged.
+    voices: list[str] = Field(default_factory=list)
+    voices_dir: str = "data/voices"
+    # Chosen voices kept loaded per worker (each ~100-170 MB), least recently used dropped first.
+    max_loaded_voices: int = Field(default=2, ge=1)
+
+    @field_validator("voices")
+    @classmethod
+    def _voice_names(cls, value: list[str]) -> list[str]:
+        from shared.voices import valid_voice_name
+
+        bad = [v for v in value if not valid_voice_name(v)]
+        if bad:
+            raise ValueError(f"tts.voices are names (letters, digits, '-', '_', '.'; no path, no '..'), not {bad}")
+        return value
 
 
 class WeatherSettings(BaseModel):
@@ -397,6 +416,14 @@ def _default_roles() -> dict[str, RoleSettings]:
     }
 
 
+# A bridge token opens an agent's tools: shorter ones are refused when the settings load.
+MIN_MCP_TOKEN_LENGTH = 32
+
+
+class InsecureSettingError(Exception):
+    """A setting refused for safety; its message never repeats a secret's value."""
+
+
 class McpEndpointSettings(BaseModel):
     """The MCP endpoint for external bridges (xiaozhi's "MCP endpoint" convention).
 
@@ -409,11 +436,42 @@ class McpEndpointSettings(BaseModel):
     host: str = "0.0.0.0"
     port: int = 8004
     path: str = "/mcp"
-    # Token -> agent id. A handshake with any other token is refused with HTTP 401.
+    # Token (at least 32 characters) -> agent id. A handshake with any other token is refused
+    # with HTTP 401.
     tokens: dict[str, str] = Field(default_factory=dict)
     # How long a bridge may take to answer initialize and tools/list.
     handshake_timeout_s: float = 10.0
     call_timeout_s: float = 30.0
+    # Handshakes with a wrong token from one address in a minute before that address is refused
+    # (HTTP 429, even with a right token) for the rest of the minute; 0: no limit.
+    max_token_failures_per_minute: int = 10
+    # What one bridge may send and offer. A frame over max_frame_bytes closes the bridge; a
+    # description is cut at max_description_chars; a tool whose input schema is over
+    # max_schema_bytes (JSON), and tools beyond max_tools_per_bridge (of one bridge) or
+    # max_tools_per_agent (of all the agent's bridges), are dropped; a tools/list listing stops
+    # after max_list_pages pages or max_list_bytes of tools. Dropped tools are counted in
+    # xz_dropped_total{service="tools"} and logged once per listing.
+    max_frame_bytes: int = 1024 * 1024
+    max_description_chars: int = 1024
+    max_schema_bytes: int = 4096
+    max_tools_per_bridge: int = 32
+    max_tools_per_agent: int = 64
+    max_list_pages: int = 16
+    max_list_bytes: int = 4 * 1024 * 1024
+    # Bridges connected at once per agent (more are closed at once, code 1013).
+    max_bridges_per_agent: int = 8
+
+    @field_validator("tokens")
+    @classmethod
+    def _long_tokens(cls, value: dict[str, str]) -> dict[str, str]:
+        short = [agent for token, agent in value.items() if len(token) < MIN_MCP_TOKEN_LENGTH]
+        if short:
+            # Not a ValueError: pydantic would print the input (the tokens) with it.
+            raise InsecureSettingError(
+                f"tools.mcp_endpoint.tokens must be at least {MIN_MCP_TOKEN_LENGTH} characters (e.g. `openssl rand -hex 24`); "
+                f"too short for agent(s) {sorted(set(short))}"
+            )
+        return value
 
 
 class ToolsSettings(BaseModel):

@@ -15,14 +15,27 @@ tool of the same agent). When the bridge disconnects its tools go with it.
 
 The token may also be given as the last path segment (``/mcp/<token>``) or as
 ``Authorization: Bearer <token>``, as some bridges do.
+
+Against guessing and a hostile bridge (settings ``tools.mcp_endpoint.*``): tokens are at least
+32 characters (refused at settings load), compared in constant time against every known token,
+and an address with ``max_token_failures_per_minute`` wrong tokens is refused (429) for the rest
+of the minute. A bridge's tool never takes a device tool's name (``self_*``: the device's
+``self.*`` tools as the LLM sees them) or a server tool's name (renamed ``bridge_<name>``,
+logged); descriptions are cut, large schemas and tools beyond the per-bridge and per-agent
+bounds dropped, a tools/list listing is bounded in pages and bytes, frames in size, and frames
+that are not JSON-RPC are counted and logged at most once a minute per bridge.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import itertools
+import json
 import logging
+import time
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from http import HTTPStatus
@@ -38,6 +51,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from shared.messages import ToolCall, ToolResult, ToolSpec
+from shared.metrics import DROPPED, ERRORS
 from shared.settings import McpEndpointSettings
 from tools_svc.mcp_servers import (
     CLIENT_INFO,
@@ -45,7 +59,6 @@ from tools_svc.mcp_servers import (
     call_error,
     is_connection_lost,
     keywords,
-    list_all_tools,
     list_changed_handler,
     to_tool_result,
 )
@@ -53,6 +66,11 @@ from shared.toolnames import sanitise_name, unique_name
 from tools_svc.plugins import Tool
 
 log = logging.getLogger("tools_svc.mcp_endpoint")
+
+BAD_FRAME_LOG_EVERY_S = 60.0
+MAX_TRACKED_ADDRESSES = 4096
+# Device tools as the LLM names them (self.audio_speaker.set_volume -> self_audio_speaker_...).
+DEVICE_TOOL_PREFIX = "self_"
 
 
 @asynccontextmanager
@@ -66,6 +84,17 @@ async def websocket_transport(ws: Any) -> AsyncIterator[tuple[Any, Any]]:
     read_writer, read_stream = anyio.create_memory_object_stream[SessionMessage | Exception](0)
     write_stream, write_reader = anyio.create_memory_object_stream[SessionMessage](0)
 
+    bad = {"unlogged": 0, "logged_at": float("-inf")}
+
+    def bad_frame(text: str) -> None:
+        # Counted every time, logged at most once a minute per bridge (with how many).
+        DROPPED.labels("tools", "bridge_bad_frame").inc()
+        bad["unlogged"] += 1
+        now = time.monotonic()
+        if now - bad["logged_at"] >= BAD_FRAME_LOG_EVERY_S:
+            log.warning("bridge sent frames that are not JSON-RPC", extra={"fields": {"count": bad["unlogged"], "frame": text[:200], "remote": _remote(ws)}})
+            bad["unlogged"], bad["logged_at"] = 0, now
+
     async def ws_to_session() -> None:
         async with read_writer:
             try:
@@ -77,11 +106,14 @@ async def websocket_transport(ws: Any) -> AsyncIterator[tuple[Any, Any]]:
                     try:
                         message = mt.jsonrpc_message_adapter.validate_json(text, by_name=False)
                     except ValueError:
-                        log.warning("bridge sent a frame that is not JSON-RPC", extra={"fields": {"frame": text[:200]}})
+                        bad_frame(text)
                         continue
                     await read_writer.send(SessionMessage(message))
             except (ConnectionClosed, anyio.ClosedResourceError, anyio.BrokenResourceError):
                 pass
+            finally:
+                if bad["unlogged"]:
+                    log.warning("bridge sent frames that are not JSON-RPC", extra={"fields": {"count": bad["unlogged"], "remote": _remote(ws)}})
 
     async def session_to_ws() -> None:
         async with write_reader:
@@ -124,6 +156,10 @@ class McpEndpoint:
         self._ids = itertools.count(1)
         self._server: Server | None = None
         self.port: int | None = None
+        # SHA-256 of each token -> its agent (compared in constant time, all of them).
+        self._tokens = [(hashlib.sha256(token.encode()).digest(), agent) for token, agent in settings.tokens.items()]
+        # Per address: [start of its minute, wrong tokens in it], oldest first, bounded.
+        self._failures: OrderedDict[str, list[float]] = OrderedDict()
 
     # --- lifecycle ---
 
@@ -133,7 +169,7 @@ class McpEndpoint:
             self.settings.host,
             self.settings.port,
             process_request=self._process_request,
-            max_size=4 * 1024 * 1024,
+            max_size=self.settings.max_frame_bytes,
             ping_interval=20,
             ping_timeout=20,
             close_timeout=2,
@@ -180,19 +216,47 @@ class McpEndpoint:
         auth = request.headers.get("Authorization", "")
         if auth.lower().startswith("bearer "):
             candidates.append(auth[7:].strip())
-        for token in candidates:
-            for known, agent in self.settings.tokens.items():
-                if token and hmac.compare_digest(token.encode(), known.encode()):
-                    return agent
-        return None
+        found: str | None = None
+        for token in candidates[:3]:
+            digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+            for known, agent in self._tokens:  # every one, no early exit
+                if hmac.compare_digest(digest, known) and token and found is None:
+                    found = agent
+        return found
+
+    def _throttled(self, address: str, failed: bool = False) -> bool:
+        """Whether ``address`` has used up its wrong tokens this minute (``failed``: count one)."""
+        if self.settings.max_token_failures_per_minute <= 0:  # 0: no limit
+            return False
+        now = time.monotonic()
+        entry = self._failures.get(address)
+        if entry is None or now - entry[0] >= 60.0:
+            if not failed:
+                return False
+            entry = [now, 0.0]
+        if failed:
+            entry[1] += 1
+            self._failures[address] = entry
+            self._failures.move_to_end(address)
+            while len(self._failures) > MAX_TRACKED_ADDRESSES:
+                self._failures.popitem(last=False)
+        return entry[1] >= self.settings.max_token_failures_per_minute
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path.rstrip("/")
         base = self._path()
         if path != base and not path.startswith(base + "/"):
             return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
+        address = connection.remote_address[0] if connection.remote_address else "?"
+        if self._throttled(address):
+            DROPPED.labels("tools", "bridge_throttled").inc()
+            return connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "too many wrong tokens: try again in a minute\n")
         if self.agent_for(request) is None:
-            log.info("bridge rejected: unknown token", extra={"fields": {"remote": _remote(connection)}})
+            DROPPED.labels("tools", "bridge_bad_token").inc()
+            if self._throttled(address, failed=True):
+                log.warning("bridge address refused for a minute: too many wrong tokens", extra={"fields": {"remote": address}})
+            elif self._failures[address][1] == 1:  # the first of the minute only
+                log.info("bridge rejected: unknown token", extra={"fields": {"remote": _remote(connection)}})
             return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized: unknown token\n")
         return None
 
@@ -203,9 +267,15 @@ class McpEndpoint:
         if agent is None:  # pragma: no cover - refused in the handshake
             await ws.close(1008, "unauthorized")
             return
+        if sum(1 for b in self.bridges.values() if b.agent_id == agent) >= self.settings.max_bridges_per_agent:
+            DROPPED.labels("tools", "bridges_per_agent").inc()
+            log.warning("bridge refused: the agent has its bridges already", extra={"fields": {"agent": agent, "remote": _remote(ws)}})
+            await ws.close(1013, "too many bridges for this agent")
+            return
         bridge = Bridge(next(self._ids), agent, _remote(ws))
         refresh = asyncio.Event()
         fields = {"bridge": bridge.id, "agent": agent, "remote": bridge.remote}
+        self.bridges[bridge.id] = bridge  # (counted against the agent's bridges from now)
         try:
             client = Client(
                 websocket_transport(ws),
@@ -217,9 +287,8 @@ class McpEndpoint:
             )
             async with client:
                 bridge.client = client
-                bridge.server_name = client.server_info.name if client.server_info else ""
-                self._offer(bridge, await list_all_tools(client))
-                self.bridges[bridge.id] = bridge
+                bridge.server_name = (client.server_info.name if client.server_info else "")[:64]
+                self._offer(bridge, await self._list_tools(client, fields))
                 log.info("bridge connected", extra={"fields": {**fields, "server": bridge.server_name, "tools": sorted(bridge.tools)}})
                 closed = asyncio.create_task(ws.wait_closed())
                 try:
@@ -229,7 +298,7 @@ class McpEndpoint:
                         changed.cancel()
                         if refresh.is_set() and not closed.done():
                             refresh.clear()
-                            self._offer(bridge, await list_all_tools(client))
+                            self._offer(bridge, await self._list_tools(client, fields))
                             log.info("bridge tools changed", extra={"fields": {**fields, "tools": sorted(bridge.tools)}})
                 finally:
                     closed.cancel()
@@ -242,17 +311,66 @@ class McpEndpoint:
             bridge.tools = {}
             log.info("bridge disconnected", extra={"fields": fields})
 
+    async def _list_tools(self, client: Client, fields: dict[str, Any]) -> list[mt.Tool]:
+        """The bridge's tools, following ``nextCursor`` within the bounds: at most
+        max_list_pages pages and max_list_bytes of tools (names, descriptions and schemas) in
+        all, and max_tools_per_bridge tools kept; descriptions are cut as they arrive, so what
+        is kept stays small whatever the bridge sends."""
+        bounds = self.settings
+        kept: list[mt.Tool] = []
+        dropped: Counter[str] = Counter()
+        size = 0
+        cursor: str | None = None
+        for _ in range(bounds.max_list_pages):
+            page = await client.list_tools(cursor=cursor)
+            for tool in page.tools:
+                size += len(tool.name) + len(tool.description or "") + len(tool.title or "") + _schema_bytes(tool)
+                if size > bounds.max_list_bytes:
+                    dropped["bridge_list_bytes"] += 1
+                elif len(kept) >= bounds.max_tools_per_bridge:
+                    dropped["bridge_tools_per_bridge"] += 1
+                elif _schema_bytes(tool) > bounds.max_schema_bytes:
+                    dropped["bridge_schema_size"] += 1
+                else:
+                    if len(tool.description or "") > bounds.max_description_chars or len(tool.title or "") > 200:
+                        dropped["bridge_description_cut"] += 1  # kept, with its text cut
+                        tool = tool.model_copy(update={"description": (tool.description or "")[: bounds.max_description_chars], "title": (tool.title or "")[:200] or None})
+                    kept.append(tool)
+            cursor = page.next_cursor
+            if not cursor or size > bounds.max_list_bytes or len(kept) >= bounds.max_tools_per_bridge:
+                break
+        else:
+            if cursor:
+                dropped["bridge_list_pages"] += 1  # (the tools of the pages never asked for)
+        if dropped:
+            for reason, count in dropped.items():
+                DROPPED.labels("tools", reason).inc(count)
+            log.warning("bridge tools over the bounds", extra={"fields": {**fields, **dropped, "kept": len(kept)}})
+        return kept
+
     def _offer(self, bridge: Bridge, tools: list[mt.Tool]) -> None:
-        """Name the bridge's tools: their own name, ``bridge_<name>`` on a clash."""
+        """Name the bridge's tools: their own name; ``bridge_<name>`` when it would shadow a
+        server tool, a device tool (``self_*``) or another bridge's tool of the same agent.
+        The agent's bridges together offer at most max_tools_per_agent tools."""
         taken = set(self._reserved())
+        others = 0
         for other in self.bridges.values():
             if other.agent_id == bridge.agent_id and other.id != bridge.id:
                 taken |= set(other.tools)
+                others += len(other.tools)
+        room = max(0, self.settings.max_tools_per_agent - others)
         offered: dict[str, Tool] = {}
+        renamed: list[str] = []
+        dropped = 0
         for tool in tools:
+            if len(offered) >= room:
+                dropped += 1
+                continue
             name = sanitise_name(tool.name)
-            if name in taken or name in offered:
-                name = unique_name(sanitise_name(f"bridge_{name}"), taken | set(offered))
+            if name in taken or name in offered or _device_like(tool.name, name):
+                new = unique_name(sanitise_name(f"bridge_{name}"), taken | set(offered))
+                renamed.append(f"{tool.name[:64]} -> {new}")
+                name = new
             spec = ToolSpec(
                 name=name,
                 description=tool.description or tool.title or tool.name,
@@ -261,6 +379,13 @@ class McpEndpoint:
             )
             offered[name] = Tool(spec, self._caller(bridge, tool.name, name))
         bridge.tools = offered
+        fields = {"bridge": bridge.id, "agent": bridge.agent_id}
+        if renamed:
+            ERRORS.labels("tools", "bridge_tool_renamed").inc(len(renamed))
+            log.warning("bridge tools renamed: they would shadow server or device tools", extra={"fields": {**fields, "renamed": renamed[:20]}})
+        if dropped:
+            DROPPED.labels("tools", "bridge_tools_per_agent").inc(dropped)
+            log.warning("bridge tools over the agent's bound dropped", extra={"fields": {**fields, "dropped": dropped, "max_tools_per_agent": self.settings.max_tools_per_agent}})
 
     def _caller(self, bridge: Bridge, mcp_name: str, exposed: str) -> Callable[[ToolCall, dict[str, Any]], Any]:
         async def call(request: ToolCall, _context: dict[str, Any]) -> ToolResult:
@@ -277,6 +402,18 @@ class McpEndpoint:
             return to_tool_result(exposed, result)
 
         return call
+
+
+def _schema_bytes(tool: mt.Tool) -> int:
+    try:
+        return len(json.dumps(tool.input_schema or {}, separators=(",", ":")))
+    except (TypeError, ValueError):
+        return 1 << 30  # not JSON: too large to offer
+
+
+def _device_like(mcp_name: str, name: str) -> bool:
+    """A name the device's own tools (``self.*``) have, as the LLM sees them."""
+    return mcp_name.startswith("self.") or name == "self" or name.startswith(DEVICE_TOOL_PREFIX)
 
 
 def _remote(connection: ServerConnection) -> str:

@@ -26,6 +26,7 @@ from shared.messages import AudioFrameMeta, OutEvent, SentenceJob
 from shared.metrics import DROPPED, ERRORS, histogram
 from shared.settings import Settings
 from shared.subjects import QUEUE_TTS, Subjects, session_from_subject
+from shared.voices import VoiceRefused, resolve_voice
 from shared.workqueue import WorkPuller
 from tts_svc.engine import PiperEngine, TtsEngine
 
@@ -40,6 +41,19 @@ IN_FLIGHT = Gauge("xz_tts_in_flight", "Sentences being synthesised now")
 _DONE = object()
 
 
+def _release_memory() -> None:
+    """Free an unloaded voice's model now and hand the memory back to the system (glibc keeps
+    freed heap otherwise, and the next voice would come on top of it)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 class TtsWorker:
     name = "tts"
 
@@ -47,8 +61,11 @@ class TtsWorker:
         self.settings = settings
         self.subjects = Subjects(settings.nats.prefix)
         self.engine = engine or PiperEngine(settings.tts.voice, settings.tts.length_scale)
-        self._voices: dict[str, TtsEngine] = {}
+        # Chosen voices (tts.voices names) loaded, least recently used first, at most
+        # tts.max_loaded_voices; refused voices already logged (bounded).
+        self._voices: OrderedDict[str, TtsEngine] = OrderedDict()
         self._voice_lock = threading.Lock()
+        self._refused_logged: OrderedDict[str, None] = OrderedDict()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="piper")
         # Clips of fixed phrases (greeting, busy, sorry), per voice, rate and frame size.
         self._clips: OrderedDict[tuple, list[bytes]] = OrderedDict()
@@ -90,7 +107,7 @@ class TtsWorker:
             await self._synthesise(job)
 
     def health(self) -> dict[str, Any]:
-        return {"ok": True, "voice": getattr(self.engine, "name", "custom")}
+        return {"ok": True, "voice": getattr(self.engine, "name", "custom"), "loaded_voices": list(self._voices)}
 
     def _render(self, text: str, voice: str | None, sample_rate: int, frame_duration: int) -> Iterator[bytes]:
         """Synthesise ``text`` into Opus frames of the device's format (runs in the pool)."""
@@ -120,14 +137,42 @@ class TtsWorker:
             self._clips[(voice or "", text, gw.sample_rate, gw.frame_duration)] = frames
 
     def _engine_for(self, voice: str | None) -> TtsEngine:
-        if not voice:
+        """The engine of a configured voice name (tts.voices), loaded at its first sentence and
+        kept while among the tts.max_loaded_voices used last; the default engine for no voice,
+        "default", and any voice this worker may not open (counted and logged)."""
+        if not voice or voice == "default":
             return self.engine
+        tts = self.settings.tts
         with self._voice_lock:
             engine = self._voices.get(voice)
-            if engine is None:
-                engine = PiperEngine(voice)
-                self._voices[voice] = engine
+            if engine is not None:
+                self._voices.move_to_end(voice)
+                return engine
+            try:
+                path = resolve_voice(voice, tts.voices, tts.voices_dir)
+            except VoiceRefused as exc:
+                return self._fallback(voice, exc.reason, str(exc))
+            # Make room first, so that no more than max_loaded_voices are ever in memory.
+            if len(self._voices) >= tts.max_loaded_voices:
+                while len(self._voices) >= tts.max_loaded_voices:
+                    dropped, _ = self._voices.popitem(last=False)
+                    log.info("voice unloaded", extra={"fields": {"voice": dropped}})
+                _release_memory()
+            try:
+                engine = PiperEngine(path, tts.length_scale)
+            except Exception as exc:  # noqa: BLE001 - a broken voice file: the default speaks
+                return self._fallback(voice, "voice_load", f"voice {voice!r} not loadable: {exc}")
+            self._voices[voice] = engine
             return engine
+
+    def _fallback(self, voice: str, reason: str, message: str) -> TtsEngine:
+        ERRORS.labels("tts", reason).inc()
+        if voice not in self._refused_logged:  # one line per voice (the last 256 of them)
+            self._refused_logged[voice] = None
+            while len(self._refused_logged) > 256:
+                self._refused_logged.popitem(last=False)
+            log.warning("voice refused, the default voice speaks: %s", message, extra={"fields": {"reason": reason}})
+        return self.engine
 
     async def _on_sentence(self, msg: Msg) -> None:
         try:

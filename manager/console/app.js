@@ -289,7 +289,7 @@ async function agentView(id) {
       field("Role prompt ({name} is the agent's name)", "role_prompt", { tag: "textarea", value: agent.role_prompt || "", maxlength: 8000 }),
       field("Memory", "memory", { tag: "select", options: MEMORY, value: agent.memory }),
       field("Language (e.g. en, zh; empty: the server's)", "language", { value: agent.language || "", maxlength: 16 }),
-      field("Voice (a Piper voice on the server; empty: the default)", "voice", { value: agent.voice || "", maxlength: 255 }),
+      field("Voice", "voice", { tag: "select", options: [["", "Default"], ...(options.voices || []).map((v) => [v, v])], value: agent.voice || "" }),
       field("LLM backend", "llm_backend", { tag: "select", options: backends, value: agent.llm_backend || "default" }),
       field("LLM model (asked of an OpenAI-compatible server; empty: the backend's)", "llm_model", { value: agent.llm_model || "", maxlength: 255 }),
       field("Speech recognition model (multilingual ones follow the language above)", "asr_model", { tag: "select", options: asrModels, value: agent.asr_model || options.asr_default }),

@@ -30,6 +30,8 @@ S = Subjects()
 SERVER = str(Path(__file__).parents[1] / "fixtures" / "mcp_server.py")
 FIXTURE_TOOLS = {"add", "shout", "fail_hard", "slow_echo"}
 DEVICE_A, DEVICE_B, DEVICE_OTHER = "aa:00:00:00:00:01", "bb:00:00:00:00:02", "cc:00:00:00:00:03"
+# Bridge tokens are at least 32 characters (shorter ones are refused at settings load).
+TOKEN_A, TOKEN_B = "token-a-" + "a" * 32, "token-b-" + "b" * 32
 
 
 class Bridges:
@@ -100,7 +102,7 @@ async def test_bridges_offer_tools_to_their_agents_devices(nats_only, bridges):
         "XZ_TOOLS__MCP_ENDPOINT__ENABLED": "true",
         "XZ_TOOLS__MCP_ENDPOINT__HOST": "127.0.0.1",
         "XZ_TOOLS__MCP_ENDPOINT__PORT": str(port),
-        "XZ_TOOLS__MCP_ENDPOINT__TOKENS": json.dumps({"token-a": "agent-a", "token-b": "agent-b"}),
+        "XZ_TOOLS__MCP_ENDPOINT__TOKENS": json.dumps({TOKEN_A: "agent-a", TOKEN_B: "agent-b"}),
     })
     nats_only.wait_healthy([proc], timeout=60)
     endpoint = f"ws://127.0.0.1:{port}/mcp/"
@@ -118,7 +120,7 @@ async def test_bridges_offer_tools_to_their_agents_devices(nats_only, bridges):
                     pass
             assert refused.value.response.status_code == 401
 
-        bridges.start("a", f"{endpoint}?token=token-a", tag="A")
+        bridges.start("a", f"{endpoint}?token={TOKEN_A}", tag="A")
         tools_a = await wait_tools(nc, DEVICE_A, FIXTURE_TOOLS)
         # Every page of the bridge's tools/list (the fixture pages by two), names unchanged,
         # except the one that would shadow the server's own get_time plugin.
@@ -142,7 +144,7 @@ async def test_bridges_offer_tools_to_their_agents_devices(nats_only, bridges):
         assert not denied.ok and "unknown tool" in denied.text
 
         # A second agent's bridge: each device's calls reach its own agent's bridge.
-        bridges.start("b", f"{endpoint}?token=token-b", tag="B")
+        bridges.start("b", f"{endpoint}?token={TOKEN_B}", tag="B")
         await wait_tools(nc, DEVICE_B, FIXTURE_TOOLS)
         assert (await call(nc, DEVICE_A, "shout", text="hello")).text == "HELLO! (A)"
         assert (await call(nc, DEVICE_B, "shout", text="hello")).text == "HELLO! (B)"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.agents import AgentConfig, load_agent, save_agent
+from shared.agents import AgentConfig, load_agent, reserved_device_id, save_agent
 from shared.messages import ToolCall, ToolResult, ToolSpec
 
 SPEC = ToolSpec(
@@ -28,7 +28,7 @@ async def call(request: ToolCall, context: dict[str, Any]) -> ToolResult:
     if wanted not in roles:
         return ToolResult(name=SPEC.name, ok=False, action="error", text=f"unknown role '{wanted}'; roles: {', '.join(sorted(roles))}")
     kv = context.get("agents_kv")
-    if kv is None or not request.device_id:
+    if kv is None or reserved_device_id(request.device_id):
         return ToolResult(name=SPEC.name, ok=False, action="error", text="roles cannot be changed here (no agent store or device)")
     agent: AgentConfig = await load_agent(kv, request.device_id)
     role = roles[wanted]
