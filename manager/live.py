@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from manager.models import Agent, Device
-from shared.agents import AgentConfig, kv_key, open_bucket
+from shared.agents import AgentConfig, kv_key, legacy_kv_key, open_bucket
 from shared.metrics import ERRORS
 
 log = logging.getLogger("manager.live")
@@ -204,12 +204,16 @@ class Publisher:
             return
         for device_id in device_ids:
             # The same key the LLM stage writes (shared.agents.kv_key); purge removes every
-            # revision, not only the latest.
-            try:
-                await kv.purge(kv_key(device_id))
-            except Exception as exc:  # noqa: BLE001
-                if "not found" not in str(exc).lower():
-                    raise
+            # revision, not only the latest. The key of the earlier, colliding scheme goes too:
+            # nothing reads it any more, but it may still hold this device's old memory.
+            for key in (kv_key(device_id), legacy_kv_key(device_id)):
+                if key is None:
+                    continue
+                try:
+                    await kv.purge(key)
+                except Exception as exc:  # noqa: BLE001
+                    if "not found" not in str(exc).lower():
+                        raise
 
     def _call(self, make: Callable[[], Any], timeout: float = 5) -> bool:
         try:

@@ -6,6 +6,7 @@ Used by ``xiaozhi up`` (``make run``) and by the tests, so both run the same rea
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -51,8 +52,28 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
 _HANDED_OUT: deque[int] = deque(maxlen=512)
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands to outgoing connections (Linux: 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port free now, and not one this process handed out lately."""
+    """A port free now (on every address), and not one this process handed out lately.
+
+    Drawn at random below the kernel's ephemeral range: a port from bind(0) is one the kernel
+    may give the next outgoing connection (a database client, a NATS client), so a service told
+    to listen on it a moment later can find it taken (CI saw "address already in use")."""
+    low = _ephemeral_low()
+    if low > 12000:
+        rng = random.SystemRandom()
+        for _ in range(200):
+            port = rng.randrange(10000, low)
+            if port not in _HANDED_OUT and port_free(port, "0.0.0.0") and (host == "0.0.0.0" or port_free(port, host)):
+                _HANDED_OUT.append(port)
+                return port
     for _ in range(100):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind((host, 0))

@@ -78,6 +78,8 @@ class TalkSession {
   send(message) { this.ws.send(JSON.stringify(message)); }
 
   onSamples(samples) {
+    // Samples the worklet sent before stop() may arrive after it closed the encoder.
+    if (!this.encoder || this.encoder.state !== "configured") return;
     const joined = new Float32Array(this.pending.length + samples.length);
     joined.set(this.pending);
     joined.set(samples, this.pending.length);
@@ -96,6 +98,7 @@ class TalkSession {
 
   onMessage(event) {
     if (typeof event.data !== "string") {
+      if (!this.decoder || this.decoder.state !== "configured") return;
       this.stats.received += 1;
       this.decoder.decode(new EncodedAudioChunk({ type: "key", timestamp: this.stats.received * 60000, data: new Uint8Array(event.data) }));
       this.ui.stats(this.stats);
@@ -138,6 +141,7 @@ class TalkSession {
 
   stop() {
     try { if (this.ws && this.ws.readyState === WebSocket.OPEN) this.ws.close(1000); } catch { /* closed */ }
+    if (this.node) this.node.port.onmessage = null;
     if (this.stream) for (const track of this.stream.getTracks()) track.stop();
     for (const thing of [this.capture, this.playback]) if (thing && thing.state !== "closed") thing.close();
     for (const codec of [this.encoder, this.decoder]) if (codec && codec.state !== "closed") codec.close();

@@ -21,7 +21,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from sqlalchemy import create_engine, text
 
-from shared.agents import kv_key
+from shared.agents import kv_key, legacy_kv_key
 from tests.conftest import start_nats
 from tests.manager.conftest import (  # noqa: F401 - database_url: the fixture
     ADMIN_PASSWORD,
@@ -259,9 +259,14 @@ async def test_unbinding_a_device_purges_its_memory_and_unbinds_it_in_the_gatewa
         except Exception:  # noqa: BLE001
             memory = await js.create_key_value(bucket="xz_memory")
         await memory.put(kv_key(device.device_id.lower()), b'{"turns": [], "summary": "the owner is away in May"}')
+        # What the earlier (colliding) key scheme left behind goes too.
+        legacy = legacy_kv_key(device.device_id)
+        await memory.put(legacy, b'{"turns": [], "summary": "an older memory"}')
         assert owner.call("DELETE", f"/api/devices/{device.device_id}")[0] == 204
         with pytest.raises(Exception):  # noqa: B017
             await memory.get(kv_key(device.device_id.lower()))
+        with pytest.raises(Exception):  # noqa: B017
+            await memory.get(legacy)
         for _ in range(20):
             if unbound:
                 break

@@ -23,12 +23,16 @@ from nats.aio.client import Client as NATS
 from nats.js.api import StreamConfig
 
 from shared import natsauth, workqueue
+from shared.agents import kv_key
 from shared.settings import Settings
 from shared.subjects import Subjects
 from xiaozhi.stack import free_port, nats_server_binary, wait_tcp
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET_MEMORY = b'{"turns": [{"role": "user", "content": "my blood test says diabetes"}], "summary": ""}'
+# The keys the services use for two devices (shared.agents.kv_key).
+VICTIM_KEY = kv_key("aa:bb:cc:dd:ee:01")
+OTHER_KEY = kv_key("aa:bb:cc:dd:ee:02")
 DEFAULT_AGENT = b'{"agent_id": "default", "name": "Xiaozhi", "role_prompt": "the deployment persona"}'
 
 
@@ -103,7 +107,7 @@ def seeded(server):
     async def seed() -> None:
         async with As(url, "llm", passwords["llm"]) as llm:
             kv = await llm.js.key_value("xz_memory")
-            await kv.put("aa_bb_cc_dd_ee_01", SECRET_MEMORY)
+            await kv.put(VICTIM_KEY, SECRET_MEMORY)
         async with As(url, "manager", passwords["manager"]) as manager:
             kv = await manager.js.key_value("xz_agents")
             await kv.put("default", DEFAULT_AGENT)
@@ -119,9 +123,9 @@ async def test_tts_cannot_read_the_memory_bucket(seeded):
         assert await refused(tts.js.key_value("xz_memory")) is not None
         got = []
         for subject, body in (
-            ("$JS.API.STREAM.MSG.GET.KV_xz_memory", json.dumps({"last_by_subj": "$KV.xz_memory.aa_bb_cc_dd_ee_01"}).encode()),
-            ("$JS.API.DIRECT.GET.KV_xz_memory.$KV.xz_memory.aa_bb_cc_dd_ee_01", b""),
-            ("$JS.API.DIRECT.GET.KV_xz_memory", json.dumps({"last_by_subj": "$KV.xz_memory.aa_bb_cc_dd_ee_01"}).encode()),
+            ("$JS.API.STREAM.MSG.GET.KV_xz_memory", json.dumps({"last_by_subj": f"$KV.xz_memory.{VICTIM_KEY}"}).encode()),
+            (f"$JS.API.DIRECT.GET.KV_xz_memory.$KV.xz_memory.{VICTIM_KEY}", b""),
+            ("$JS.API.DIRECT.GET.KV_xz_memory", json.dumps({"last_by_subj": f"$KV.xz_memory.{VICTIM_KEY}"}).encode()),
         ):
             try:
                 got.append((await tts.nc.request(subject, body, timeout=1)).data)
@@ -266,8 +270,8 @@ async def test_the_buckets_and_stores_each_service_uses_work_for_it(seeded):
     url, passwords = seeded
     async with As(url, "llm", passwords["llm"]) as llm:
         kv = await llm.js.key_value("xz_memory")
-        await kv.put("aa_bb_cc_dd_ee_02", b"{}")
-        assert (await kv.get("aa_bb_cc_dd_ee_01")).value == SECRET_MEMORY
+        await kv.put(OTHER_KEY, b"{}")
+        assert (await kv.get(VICTIM_KEY)).value == SECRET_MEMORY
         assert (await (await llm.js.key_value("xz_agents")).get("default")).value == DEFAULT_AGENT
         await llm.settle()
         assert llm.errors == []
@@ -278,13 +282,13 @@ async def test_the_buckets_and_stores_each_service_uses_work_for_it(seeded):
             assert reader.errors == [], (user, reader.errors)
     # The manager writes agents and flags, firmware in and out; the gateway lists and reads it.
     async with As(url, "manager", passwords["manager"]) as manager:
-        await (await manager.js.key_value("xz_devices")).put("aa_bb_cc_dd_ee_01", b'{"auto_upgrade": false}')
+        await (await manager.js.key_value("xz_devices")).put(VICTIM_KEY, b'{"auto_upgrade": false}')
         firmware = await manager.js.object_store("xz_firmware")
         await firmware.put("board_1.0.0.bin", b"\x01" * 300_000)
         await firmware.put("board_1.0.0.bin", b"\x02" * 1000)  # replaced: the old chunks are purged
         # Forgetting a device's memory: a delete marker, without reading the bucket.
         memory = await manager.js.key_value("xz_memory")
-        await memory.delete("aa_bb_cc_dd_ee_02")
+        await memory.delete(OTHER_KEY)
         await manager.settle()
         assert manager.errors == [], manager.errors
     from gateway.fwstore import FirmwareCatalog
