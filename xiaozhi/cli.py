@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     bind.add_argument("--owner", default="admin", help="who the device belongs to (default admin)")
     bind.add_argument("--db", help="bind in this binding database directly (a stopped gateway's); default: ask the running gateways over NATS")
     bind.add_argument("--config", help="YAML settings file")
+    bind.add_argument("--data-dir", default=".run", help="the data folder of a running `xiaozhi up` (its NATS URL and users; default .run)")
 
     natsauth = sub.add_parser("nats-auth", help="print a nats-server users config: one user per service, each limited to its own subjects, and the admin user of nats-setup")
     natsauth.add_argument("--prefix", default="xz", help="subject prefix (default xz)")
@@ -167,7 +168,7 @@ def bind_command(args: argparse.Namespace) -> int:
             store.close()
         answer = None if result is None else {"device_id": result.device_id, "conflict": result.conflict}
     else:
-        answer = asyncio.run(_bind_over_nats(settings, args.code, args.owner))
+        answer = asyncio.run(_bind_over_nats(settings, args.code, args.owner, args.data_dir))
     if answer is None:
         print(f"no device is waiting with code {args.code}", file=sys.stderr)
         return 1
@@ -178,11 +179,13 @@ def bind_command(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _bind_over_nats(settings, code: str, owner: str) -> dict | None:
+async def _bind_over_nats(settings, code: str, owner: str, data_dir: str = ".run") -> dict | None:
     from shared import bus
     from shared.subjects import Subjects
+    from xiaozhi.stack import local_nats
 
-    nc = await bus.connect(settings.nats, "xiaozhi-bind", retry_first=False)
+    # Against `make run`: its embedded NATS and the manager user's generated password (.run/).
+    nc = await bus.connect(local_nats(settings, data_dir), "xiaozhi-bind", retry_first=False)
     try:
         reply = await nc.request(Subjects(settings.nats.prefix).gateway_bind, json.dumps({"code": code, "owner": owner}).encode(), timeout=3)
     except Exception:  # noqa: BLE001 - no gateway holds the code (timeout, no responders)

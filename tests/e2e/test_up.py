@@ -6,6 +6,7 @@ dies is started again; Ctrl-C stops all."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -140,6 +141,37 @@ async def test_the_embedded_nats_lets_in_only_the_generated_users(up):
     # lacked, no stream or bucket it found missing.
     assert "permissions violation" not in up.out.lower(), [line for line in up.lines if "ermission" in line][:3]
     assert "may not create it" not in up.out
+
+
+async def test_xiaozhi_bind_finds_the_embedded_nats_and_its_user(up):
+    """`xiaozhi bind` beside a running `xiaozhi up` connects as the manager user it finds in the
+    data folder (the embedded NATS lets nobody in anonymously) and its request reaches the
+    gateways there. (This stack runs without binding, so a stand-in gateway, connected as the
+    gateway user, answers the code as a gateway holding it would.)"""
+    url = (up.data / "nats-auth" / "url").read_text().strip()
+    password = (up.data / "nats-auth" / "gateway.password").read_text().strip()
+    nc = NATS()
+    await nc.connect(url, user="gateway", password=password)
+    asked: list[dict] = []
+
+    async def holder(msg) -> None:
+        asked.append(json.loads(msg.data))
+        await msg.respond(json.dumps({"device_id": "aa:bb:cc:00:11:22"}).encode())
+
+    try:
+        await nc.subscribe("xz.gateway.bind", cb=holder)
+        await nc.flush()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("XZ_")}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "xiaozhi.cli", "bind", "123456", "--owner", "alice", "--data-dir", str(up.data),
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        await nc.close()
+    assert proc.returncode == 0, (out + err).decode()
+    assert "bound device aa:bb:cc:00:11:22 to alice" in out.decode()
+    assert asked == [{"code": "123456", "owner": "alice"}]
 
 
 def test_the_metrics_ports_listen_on_loopback_only(up):
