@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--out", default="reply.wav", help="where to write the reply audio (default reply.wav)")
     sim.add_argument("--timeout", type=float, default=60, help="seconds to wait for each reply")
     sim.add_argument("--json", action="store_true", help="print a JSON report instead of text")
+    sim.add_argument("--activation-timeout", type=float, default=300.0, help="how long to wait for the owner to enter the activation code (binding on), seconds")
 
     bench = sub.add_parser("bench", help="many simulated devices at once: latency, smoothness, failures")
     bench_target = bench.add_mutually_exclusive_group()
@@ -390,12 +391,15 @@ async def sim_command(args: argparse.Namespace) -> int:
     tools = json.loads(Path(args.mcp_tools).read_text()) if args.mcp_tools else None
     device = SimDevice(ota_url=ota, ws_url=args.ws, device_id=args.device_id, protocol_version=args.protocol_version, token=args.token, mcp_tools=tools, frame_ms=args.frame_ms)
     reports = []
+    say = lambda *a: None if args.json else print(*a)  # noqa: E731
     try:
+        if ota and not await _activated(device, args.activation_timeout, say):
+            print(f"not activated within {args.activation_timeout:.0f} s: nobody entered the code", file=sys.stderr)
+            return 1
         await device.connect(features={} if args.no_mcp else {"mcp": True})
     except Exception as exc:  # noqa: BLE001
         print(f"could not connect: {exc}", file=sys.stderr)
         return 1
-    say = lambda *a: None if args.json else print(*a)  # noqa: E731
     say(f"device {device.device_id} connected to {device.ws_url}, session {device.session_id}")
     try:
         if args.wake_word:
@@ -442,6 +446,26 @@ async def sim_command(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{**r.__dict__, "latency_s": r.latency_s} for r in reports], indent=2, default=str))
     return 0 if reports and all(r.stopped for r in reports) else 1
+
+
+async def _activated(device, timeout_s: float, say) -> bool:
+    """What the firmware does before it opens a connection (protocol.md §1.5): while the OTA
+    answer carries ``activation``, show and speak the code, poll ``activate``, ask OTA again;
+    only an answer without it lets the device connect."""
+    deadline = time.monotonic() + timeout_s
+    await device.ota()
+    shown = None
+    while (device.ota_response or {}).get("activation"):
+        code = device.ota_response["activation"].get("code")
+        if code != shown:
+            say(f"activation: device {device.device_id} speaks code {code}; bind it in the manager console (Devices) or with: xiaozhi bind {code}")
+            shown = code
+        if time.monotonic() > deadline:
+            return False
+        if not await device.activate():
+            await asyncio.sleep(1.0)
+            await device.ota()
+    return True
 
 
 async def _abort_after(device, seconds: float) -> None:
