@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import signal
 import sys
 import time
@@ -185,6 +186,8 @@ async def _bind_over_nats(settings, code: str, owner: str, data_dir: str = ".run
     from shared.subjects import Subjects
     from xiaozhi.stack import local_nats
 
+    # A one-shot client: its own connection closing is no news ("nats disconnected").
+    logging.getLogger("shared.bus").setLevel(logging.ERROR)
     # Against `make run`: its embedded NATS and the manager user's generated password (.run/).
     nc = await bus.connect(local_nats(settings, data_dir), "xiaozhi-bind", retry_first=False)
     try:
@@ -462,7 +465,8 @@ async def _activated(device, timeout_s: float, say) -> bool:
             shown = code
         if time.monotonic() > deadline:
             return False
-        if not await device.activate():
+        # The firmware polls up to 10 times, 3 s apart; no further than the deadline here.
+        if not await device.activate(polls=max(1, min(10, int((deadline - time.monotonic()) / 3) + 1))):
             await asyncio.sleep(1.0)
             await device.ota()
     return True

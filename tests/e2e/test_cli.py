@@ -41,3 +41,40 @@ def test_sim_wake_word_abort_and_json(pipeline, tmp_path):
     assert story["stopped"] and story["events"][-1] == "tts.stop"
     # Aborted half a second into the reply: far less audio than a long story.
     assert story["audio_s"] < 2.5, story["audio_s"]
+
+
+async def test_sim_waits_for_activation_like_the_firmware(pipeline, tmp_path):
+    """With binding on, the firmware connects only once its code is bound: `xiaozhi sim` prints
+    the code it would speak, polls activate, and talks after the owner bound it (here over NATS,
+    as the manager and `xiaozhi bind` do)."""
+    import asyncio
+    import re
+
+    from nats.aio.client import Client as NATS
+
+    from tests.conftest import start_gateway
+
+    gateway = start_gateway(pipeline.stack, BINDING="true", BINDING_DB=str(tmp_path / "bindings.db"))
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "xiaozhi.cli", "sim", "--ota", gateway.http_url + "/xiaozhi/ota/", "--text", "What time is it?",
+            "--activation-timeout", "60", "--out", str(tmp_path / "r.wav"), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        first = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        found = re.search(r"activation: device (\S+) speaks code (\d{6})", first)
+        assert found, first
+        await asyncio.sleep(4)  # still waiting: not connected before it is bound
+        assert proc.returncode is None
+        nc = NATS()
+        await nc.connect(pipeline.nats_url)
+        try:
+            reply = await nc.request("xz.gateway.bind", json.dumps({"code": found.group(2), "owner": "alice"}).encode(), timeout=5)
+        finally:
+            await nc.close()
+        assert json.loads(reply.data)["device_id"] == found.group(1)
+        rest, err = await asyncio.wait_for(proc.communicate(), 90)
+        assert proc.returncode == 0, (first + rest.decode() + err.decode())
+        assert f"device {found.group(1)} connected" in rest.decode()
+        assert "sentence:" in rest.decode()
+    finally:
+        gateway.stop()
