@@ -451,7 +451,8 @@ class Gateway:
             if not result.ok:
                 # Rejected in the handshake: the firmware reports it at once (protocol.md §2.4).
                 return self._auth_failed(connection, ip, device_id, result.reason, result.reason)
-            proved = True
+            # An allow-listed id needs no token, so it proves nothing about who connects.
+            proved = result.reason != "allow-listed"
         if self.bindings is not None and device_id:
             state = await asyncio.to_thread(self.bindings.state, device_id, client_id)
             if state == OTHER:

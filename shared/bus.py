@@ -54,8 +54,12 @@ async def connect(settings: NatsSettings, name: str, *, retry_first: bool = True
     delay = 0.2
     auth: dict = {}
     if settings.user:
+        from shared.natsauth import inbox_prefix
+
         auth["user"] = settings.user
         auth["password"] = settings.secret() or ""
+        # Its own reply subjects: the user may subscribe to those only (shared/natsauth.py).
+        auth["inbox_prefix"] = inbox_prefix(settings.user)
     tls = tls_context(settings)
     if tls is not None:
         auth["tls"] = tls

@@ -25,6 +25,7 @@ import os
 import secrets
 from pathlib import Path
 
+from shared.agents import DEVICE_KEY_PREFIX
 from shared.workqueue import stream_name
 
 SERVICES = ("gateway", "vad", "asr", "llm", "tts", "tools", "manager")
@@ -113,7 +114,8 @@ def js_permissions(prefix: str = "xz") -> dict[str, list[str]]:
         # Its work; agents; the devices' memory, read and written.
         "llm": info + _work_pull(p, "llm") + _kv_read(agents) + _kv_read(memory) + _kv_write(memory),
         "tts": info + _work_pull(p, "tts"),
-        "tools": info + _kv_read(agents),
+        # Agents; change_role writes a device's own entry (dev.<hash>), never the default.
+        "tools": info + _kv_read(agents) + [f"$KV.{agents}.{DEVICE_KEY_PREFIX}>"],
         # Writes agents and upgrade flags, re-syncs them; firmware in and out; plays and deletes
         # kept audio; forgets a device's memory (writes, never reads, xz_memory).
         "manager": info
@@ -130,10 +132,16 @@ def js_permissions(prefix: str = "xz") -> dict[str, list[str]]:
     }
 
 
+def inbox_prefix(user: str) -> str:
+    """The reply-subject prefix of ``user``'s connections (``shared.bus`` sets it): each user may
+    subscribe to its own inboxes only. With the common ``_INBOX.>`` any user could read every
+    reply on the bus -- KV reads of memories, the work a pull consumer hands out, tool results."""
+    return f"_INBOX_{user}"
+
+
 def permissions(prefix: str = "xz") -> dict[str, dict[str, list[str]]]:
     """``{service: {"pub": [...], "sub": [...]}}`` for the subjects of ``shared/subjects.py``."""
     p = prefix
-    inbox = ["_INBOX.>"]
     js = js_permissions(prefix)
 
     def dedup(items: list[str]) -> list[str]:
@@ -142,38 +150,39 @@ def permissions(prefix: str = "xz") -> dict[str, dict[str, list[str]]]:
     rules = {
         "gateway": {
             "pub": [f"{p}.audio.*", f"{p}.ctl.*", f"{p}.vad.claim", f"{p}.llm.*", f"{p}.say.*", f"{p}.session.end", f"{p}.registry.seen"],
-            "sub": [f"{p}.out.*", f"{p}.device.*.mcp", f"{p}.vad.alive", f"{p}.gateway.bind", f"{p}.gateway.unbind", f"{p}.registry.online"] + inbox,
+            "sub": [f"{p}.out.*", f"{p}.device.*.mcp", f"{p}.vad.alive", f"{p}.gateway.bind", f"{p}.gateway.unbind", f"{p}.registry.online"],
         },
         "vad": {
             "pub": [f"{p}.asr.*", f"{p}.out.*", f"{p}.vad.alive"],
-            "sub": [f"{p}.vad.claim", f"{p}.audio.*", f"{p}.ctl.*"] + inbox,
+            "sub": [f"{p}.vad.claim", f"{p}.audio.*", f"{p}.ctl.*"],
         },
         "asr": {
             "pub": [f"{p}.llm.*", f"{p}.out.*"],
-            "sub": inbox,
+            "sub": [],
         },
         "llm": {
             "pub": [f"{p}.tts.*", f"{p}.out.*", f"{p}.tools.list", f"{p}.tools.call.*", f"{p}.device.*.mcp", f"{p}.history"],
-            "sub": [f"{p}.ctl.*", f"{p}.session.end"] + inbox,
+            "sub": [f"{p}.ctl.*", f"{p}.session.end"],
         },
         "tts": {
             "pub": [f"{p}.out.*"],
-            "sub": [f"{p}.say.*"] + inbox,
+            "sub": [f"{p}.say.*"],
         },
         "tools": {
             # play_music: an intro sentence for TTS, then the song's frames to the gateway.
             "pub": [f"{p}.tts.*", f"{p}.out.*"],
-            "sub": [f"{p}.tools.list", f"{p}.tools.call.*"] + inbox,
+            "sub": [f"{p}.tools.list", f"{p}.tools.call.*"],
         },
         "manager": {
             "pub": [f"{p}.gateway.bind", f"{p}.gateway.unbind", f"{p}.registry.online"],
-            "sub": [f"{p}.registry.seen", f"{p}.history"] + inbox,
+            "sub": [f"{p}.registry.seen", f"{p}.history"],
         },
     }
     for service, rule in rules.items():
         rule["pub"] = dedup(rule["pub"] + js[service])
+        rule["sub"] = rule["sub"] + [f"{inbox_prefix(service)}.>"]
     # The admin: the JetStream API (make streams, buckets, object stores), no service subject.
-    rules[ADMIN] = {"pub": ["$JS.API.>"], "sub": inbox}
+    rules[ADMIN] = {"pub": ["$JS.API.>"], "sub": [f"{inbox_prefix(ADMIN)}.>"]}
     return rules
 
 

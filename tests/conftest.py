@@ -16,6 +16,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from shared.messages import OutEvent, SentenceJob, UserTurn
+from shared.natsauth import inbox_prefix
 from shared.subjects import Subjects
 from xiaozhi.stack import SERVICES, Stack, free_port
 
@@ -220,7 +221,7 @@ async def try_as(url: str, user: str, password: str, action) -> list[str]:
         errors.append(str(exc))
 
     nc = NATS()
-    await nc.connect(url, user=user, password=password, error_cb=on_error, allow_reconnect=False)
+    await nc.connect(url, user=user, password=password, error_cb=on_error, allow_reconnect=False, inbox_prefix=inbox_prefix(user))
     try:
         await action(nc)
         await nc.flush(timeout=2)

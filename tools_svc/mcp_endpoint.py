@@ -255,7 +255,7 @@ class McpEndpoint:
             DROPPED.labels("tools", "bridge_bad_token").inc()
             if self._throttled(address, failed=True):
                 log.warning("bridge address refused for a minute: too many wrong tokens", extra={"fields": {"remote": address}})
-            elif self._failures[address][1] == 1:  # the first of the minute only
+            elif address in self._failures and self._failures[address][1] == 1:  # the first of the minute only (none counted when the limit is off)
                 log.info("bridge rejected: unknown token", extra={"fields": {"remote": _remote(connection)}})
             return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized: unknown token\n")
         return None

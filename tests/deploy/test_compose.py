@@ -439,7 +439,7 @@ async def test_a_service_user_connects_with_its_password_file_and_uses_jetstream
     done = subprocess.run([sys.executable, "-m", "xiaozhi.cli", *services()["nats-setup"]["command"], "--timeout", "30"], env=env, capture_output=True, text=True, timeout=90, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     nc = NATS()
-    await nc.connect(url, user="gateway", password=(secrets / "gateway.password").read_text().strip(), allow_reconnect=False, connect_timeout=5)
+    await nc.connect(url, user="gateway", password=(secrets / "gateway.password").read_text().strip(), allow_reconnect=False, connect_timeout=5, inbox_prefix=natsauth.inbox_prefix("gateway"))
     try:
         js = nc.jetstream()
         assert (await js.stream_info("XZ_LLM")).config.max_msgs == SETTINGS.work.llm.max_messages

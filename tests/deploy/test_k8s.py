@@ -1020,7 +1020,7 @@ async def test_each_service_user_connects_and_the_work_queues_get_three_replicas
         password_file = secrets / Path(env["XZ_NATS__PASSWORD_FILE"]).name
         nats_settings = settings.nats.model_copy(update={"user": env["XZ_NATS__USER"], "password_file": str(password_file)})
         nc = NATS()
-        await nc.connect(servers=nats_cluster["urls"], user=nats_settings.user, password=nats_settings.secret(), allow_reconnect=False, connect_timeout=5)
+        await nc.connect(servers=nats_cluster["urls"], user=nats_settings.user, password=nats_settings.secret(), allow_reconnect=False, connect_timeout=5, inbox_prefix=natsauth.inbox_prefix(nats_settings.user))
         try:
             if service == "gateway":
                 # What every service does at start (shared/service.py), with config.yaml's work settings.

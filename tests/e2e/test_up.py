@@ -151,7 +151,7 @@ async def test_xiaozhi_bind_finds_the_embedded_nats_and_its_user(up):
     url = (up.data / "nats-auth" / "url").read_text().strip()
     password = (up.data / "nats-auth" / "gateway.password").read_text().strip()
     nc = NATS()
-    await nc.connect(url, user="gateway", password=password)
+    await nc.connect(url, user="gateway", password=password, inbox_prefix=natsauth.inbox_prefix("gateway"))
     asked: list[dict] = []
 
     async def holder(msg) -> None:

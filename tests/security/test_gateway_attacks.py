@@ -363,6 +363,21 @@ async def test_an_unproved_session_closes_nobody(nats_only):
         gateway.stop()
 
 
+async def test_an_allow_listed_id_is_no_way_to_throw_the_device_off(nats_only):
+    """An allow-listed device connects without a token, so a second session with its id proves
+    nothing and must not close the device's own."""
+    mac = random_mac()
+    gateway = start_gateway(nats_only, auth__enabled="true", auth__key="k" * 32, auth__allowed_devices=json.dumps([mac]))
+    try:
+        async with SimDevice(ws_url=gateway.ws_url, device_id=mac) as real:
+            async with SimDevice(ws_url=gateway.ws_url, device_id=mac, client_id=str(uuid.uuid4())) as other:
+                await asyncio.sleep(1)
+                assert real.ws.close_code is None and other.ws.close_code is None
+                assert health(gateway)["sessions"] == 2
+    finally:
+        gateway.stop()
+
+
 # ------------------------------------------------------------------ OTA: Host, CORS, ids, seen
 
 

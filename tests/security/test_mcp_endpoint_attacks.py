@@ -168,6 +168,27 @@ async def test_token_guessing_is_throttled_per_address(nats_only, nc, kitchen_de
     assert proc.alive()
 
 
+async def test_wrong_tokens_with_the_throttle_off_get_401_not_a_crash(nats_only, nc, kitchen_device):
+    # max_token_failures_per_minute 0 turns the throttle off: wrong tokens are still 401, the
+    # right one still opens (an unrecorded address once raised KeyError: HTTP 500 and a
+    # traceback per guess).
+    proc, url, metrics = start_tools(nats_only, max_token_failures_per_minute="0")
+    nats_only.wait_healthy([proc], timeout=60)
+    statuses = []
+    for attempt in range(12):
+        try:
+            async with websockets.connect(f"{url}?token=kitchen-guess-{attempt:034d}", open_timeout=5):
+                statuses.append(101)
+        except InvalidStatus as refused:
+            statuses.append(refused.response.status_code)
+    assert statuses == [401] * 12, statuses
+    async with websockets.connect(f"{url}?token={TOKEN}", open_timeout=5):
+        pass
+    assert "Traceback" not in (nats_only.log_dir / "tools.log").read_text()
+    assert metric(metrics, "xz_dropped_total", service="tools", reason="bridge_bad_token") == 12
+    assert proc.alive()
+
+
 async def test_bridge_tools_cannot_shadow_device_or_server_tools(nats_only, nc, kitchen_device):
     proc, url, _metrics = start_tools(nats_only)
     nats_only.wait_healthy([proc], timeout=60)

@@ -72,7 +72,7 @@ class As:
         async def on_error(exc: Exception) -> None:
             self.errors.append(str(exc))
 
-        await self.nc.connect(self.url, user=self.user, password=self.password, error_cb=on_error, allow_reconnect=False)
+        await self.nc.connect(self.url, user=self.user, password=self.password, error_cb=on_error, allow_reconnect=False, inbox_prefix=natsauth.inbox_prefix(self.user))
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -188,6 +188,43 @@ async def test_tts_cannot_republish_into_uplink_audio_or_session_control(seeded)
     async with As(url, "admin", passwords["admin"]) as admin:
         info = await admin.js.stream_info(workqueue.stream_name("xz", "tts"))
         assert info.config.republish is None
+
+
+async def test_tts_cannot_read_other_users_replies_from_their_inboxes(seeded):
+    """Replies travel to the asker's inbox: KV reads of memories, the work a pull consumer hands
+    out, tool results. Each user has its own inbox prefix and may subscribe to that only; with
+    the common ``_INBOX.>`` the TTS user heard the LLM read a device's memory."""
+    url, passwords = seeded
+    heard: list[bytes] = []
+
+    async def eavesdrop(msg) -> None:
+        heard.append(msg.data)
+
+    async with As(url, "tts", passwords["tts"]) as tts:
+        for pattern in ("_INBOX.>", "_INBOX_llm.>", ">"):
+            await tts.nc.subscribe(pattern, cb=eavesdrop)
+        await tts.settle()
+        async with As(url, "llm", passwords["llm"]) as llm:
+            assert (await (await llm.js.key_value("xz_memory")).get(VICTIM_KEY)).value == SECRET_MEMORY
+            await llm.settle()
+            assert llm.errors == []
+        await tts.settle()
+        assert not [m for m in heard if b"diabetes" in m], heard
+        assert tts.violated("_INBOX.>") and tts.violated("_INBOX_llm.>"), tts.errors
+
+
+async def test_the_tools_user_changes_a_devices_role_but_not_the_default_agent(seeded):
+    url, passwords = seeded
+    async with As(url, "tools", passwords["tools"]) as tools:
+        agents = await tools.js.key_value("xz_agents")
+        await agents.put(OTHER_KEY, b'{"agent_id": "default", "role_prompt": "a pirate"}')  # change_role
+        assert await refused(tools.js.publish("$KV.xz_agents.default", b'{"role_prompt": "obey"}')) is not None
+        await tools.settle()
+        assert tools.violated("$KV.xz_agents.default"), tools.errors
+    async with As(url, "llm", passwords["llm"]) as llm:
+        agents = await llm.js.key_value("xz_agents")
+        assert (await agents.get("default")).value == DEFAULT_AGENT
+        assert b"pirate" in (await agents.get(OTHER_KEY)).value
 
 
 async def test_tts_cannot_overwrite_the_default_agent(seeded):
