@@ -420,10 +420,6 @@ class Gateway:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "server full, try again later\n")
         now = time.monotonic()
         ip = self._client_address(peer_ip(connection), request.headers.get("X-Forwarded-For"))
-        if not self._conn_ip.allow(ip, now):
-            m.REJECTED.labels("rate_limited").inc()
-            log.info("connection rate limited", extra={"fields": {"device_id": found["device-id"][:80], "ip": ip, "by": "ip"}})
-            return connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "too many connections, slow down\n")
         try:
             protocol.parse_protocol_version(found["protocol-version"] or None)
         except protocol.ProtocolError:
@@ -460,6 +456,13 @@ class Gateway:
                 # its owner bound, and must not get its agent, memory or tools.
                 return self._auth_failed(connection, ip, device_id, "bound to another client", "this device is bound to another Client-Id")
             proved = proved or state == BOUND
+        # The address's connection budget is paid only by handshakes that prove nothing (failed
+        # ones pay the auth-failure budget above): someone behind the device's own NAT cannot use
+        # it up to keep the proved device out. A proved device is limited per device below.
+        if not proved and not self._conn_ip.allow(ip, now):
+            m.REJECTED.labels("rate_limited").inc()
+            log.info("connection rate limited", extra={"fields": {"device_id": device_id[:80], "ip": ip, "by": "ip"}})
+            return connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "too many connections, slow down\n")
         if not self._conn_device.allow(f"{device_id.lower()}|{client_id}" if device_id else ip, now):
             m.REJECTED.labels("rate_limited").inc()
             log.info("connection rate limited", extra={"fields": {"device_id": device_id[:80], "ip": ip, "by": "device"}})

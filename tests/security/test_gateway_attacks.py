@@ -303,6 +303,21 @@ async def test_token_less_handshakes_with_the_victims_id_do_not_lock_it_out(nats
         gateway.stop()
 
 
+async def test_unproved_handshakes_do_not_use_up_the_addresss_budget_for_the_device(nats_only, tmp_path):
+    """Someone behind the device's own address (a home NAT) opens connections that prove
+    nothing until the address's connection budget is gone: the device, which proves itself,
+    still connects; the unproved ones are refused."""
+    gateway = binding_gateway(nats_only, tmp_path, auth=False, rate_limits__connections_per_minute_per_ip="5")
+    try:
+        device = await owned_device(gateway, nats_only.nats_url)
+        statuses = [await handshake(gateway.ws_url, {"Device-Id": random_mac(), "Client-Id": str(uuid.uuid4())}, local=ATTACKER_IP) for _ in range(8)]
+        assert statuses == [101] * 5 + [429] * 3, statuses
+        real = {"Device-Id": device.device_id, "Client-Id": device.client_id}
+        assert await handshake(gateway.ws_url, real, local=ATTACKER_IP) == 101
+    finally:
+        gateway.stop()
+
+
 # ------------------------------------------------------------------ unbind, one session
 
 
