@@ -227,8 +227,9 @@ def make_app(
         m.OTA_REQUESTS.labels(method, result).inc()
         return web.json_response({"success": False, "message": message}, status=status, headers={**headers, **extra})
 
-    def admitted(request: web.Request, method: str, headers: dict[str, str]) -> web.Response | None:
-        """The per-address rate limit and the Device-Id check, shared by OTA and /activate."""
+    def admitted(request: web.Request, method: str, headers: dict[str, str]) -> web.Response | tuple[str, str]:
+        """The per-address rate limit and the Device-Id check, shared by OTA and /activate: the
+        refusal, or the request's (Device-Id, Client-Id; the Device-Id when it has none)."""
         if not limiter.allow(client_address(request.remote or "unknown", request.headers.get("X-Forwarded-For")), time.monotonic()):
             return refuse(method, "rate_limited", 429, "too many requests, slow down", headers, **{"Retry-After": "10"})
         device_id = request.headers.get("Device-Id", "").strip()
@@ -238,7 +239,7 @@ def make_app(
         if problem is not None:
             log.info("ota request refused", extra={"fields": {"why": problem, "device_id": device_id[:80], "ip": request.remote}})
             return refuse(method, problem, 400, "Device-Id must be 1-64 of A-Z a-z 0-9 : . _ - (not default, not web-...); Client-Id likewise, up to 128", headers)
-        return None
+        return device_id, request.headers.get("Client-Id", "").strip() or device_id
 
     async def options(request: web.Request) -> web.Response:
         return web.Response(status=200, headers=cors_headers(settings, request))
@@ -250,11 +251,10 @@ def make_app(
 
     async def post(request: web.Request) -> web.Response:
         cors = cors_headers(settings, request)
-        refused = admitted(request, "POST", cors)
-        if refused is not None:
-            return refused
-        device_id = request.headers["Device-Id"].strip()
-        client_id = request.headers.get("Client-Id", "").strip() or device_id
+        ids = admitted(request, "POST", cors)
+        if isinstance(ids, web.Response):
+            return ids
+        device_id, client_id = ids
         body: dict[str, Any] = {}
         raw = await request.read()
         if raw:
@@ -315,11 +315,10 @@ def make_app(
         """The device polls until its owner entered the code: 202 until its pair is bound, 200
         after; a device whose chip key is known must answer its challenge (403 otherwise)."""
         cors = cors_headers(settings, request)
-        refused = admitted(request, "ACTIVATE", cors)
-        if refused is not None:
-            return refused
-        device_id = request.headers["Device-Id"].strip()
-        client_id = request.headers.get("Client-Id", "").strip() or device_id
+        ids = admitted(request, "ACTIVATE", cors)
+        if isinstance(ids, web.Response):
+            return ids
+        device_id, client_id = ids
         raw = await request.read()
         if bindings is None:
             m.OTA_REQUESTS.labels("ACTIVATE", "bound").inc()

@@ -45,17 +45,26 @@ def parse_args(name: str, argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def cli_settings(name: str, config: str | None, nats: str | None) -> Settings | None:
+    """A command's settings (``--config``, ``--nats``) with logging set up; None (said on
+    stderr) when they do not load."""
+    try:
+        settings = load_settings(config)
+    except Exception as exc:  # noqa: BLE001
+        print(f"{name}: bad settings: {exc}", file=sys.stderr)
+        return None
+    if nats:
+        settings.nats.url = nats
+    xlog.setup(name, settings.log_level, settings.log_json)
+    return settings
+
+
 def run(name: str, factory: Callable[[Settings], Service], metrics_port: Callable[[Settings], int], argv: list[str] | None = None) -> int:
     """Run a service until SIGTERM/SIGINT. Returns the process exit code."""
     args = parse_args(name, argv)
-    try:
-        settings = load_settings(args.config)
-    except Exception as exc:  # noqa: BLE001
-        print(f"{name}: bad settings: {exc}", file=sys.stderr)
+    settings = cli_settings(name, args.config, args.nats)
+    if settings is None:
         return 2
-    if args.nats:
-        settings.nats.url = args.nats
-    xlog.setup(name, settings.log_level, settings.log_json)
     port = args.metrics_port if args.metrics_port is not None else metrics_port(settings)
     try:
         return asyncio.run(_serve(name, settings, factory, port))

@@ -237,18 +237,12 @@ def nats_auth_command(args: argparse.Namespace) -> int:
 
 def nats_setup_command(args: argparse.Namespace) -> int:
     """Make the streams, buckets and object stores, with the user of ``XZ_NATS__USER`` (admin)."""
-    from shared import logging as xlog
     from shared.natssetup import setup_until_done
-    from shared.settings import load_settings
+    from shared.service import cli_settings
 
-    try:
-        settings = load_settings(args.config)
-    except Exception as exc:  # noqa: BLE001
-        print(f"xiaozhi nats-setup: bad settings: {exc}", file=sys.stderr)
+    settings = cli_settings("nats-setup", args.config, args.nats)
+    if settings is None:
         return 2
-    if args.nats:
-        settings.nats.url = args.nats
-    xlog.setup("nats-setup", settings.log_level, settings.log_json)
     try:
         names = asyncio.run(setup_until_done(settings, args.timeout))
     except Exception as exc:  # noqa: BLE001
