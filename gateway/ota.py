@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
@@ -15,8 +14,8 @@ from aiohttp import web
 
 from gateway import auth, firmware
 from gateway import metrics as m
-from gateway.bindings import BOUND, BindingStore
 from gateway.limits import ClientAddress, RateLimiter
+from shared.bindings import BOUND, BindingStore, Lookup, StoreUnavailable
 from shared.settings import GatewaySettings
 
 log = logging.getLogger("gateway.ota")
@@ -241,6 +240,13 @@ def make_app(
             return refuse(method, problem, 400, "Device-Id must be 1-64 of A-Z a-z 0-9 : . _ - (not default, not web-...); Client-Id likewise, up to 128", headers)
         return device_id, request.headers.get("Client-Id", "").strip() or device_id
 
+    def store_down(method: str, device_id: str, exc: Exception, headers: dict[str, str]) -> web.Response:
+        """The shared binding store cannot be reached: whether the pair is bound cannot be told,
+        so no token and no code (503; the firmware retries)."""
+        m.ERRORS.labels("gateway", "binding_store").inc()
+        log.warning("binding store unavailable: answering 503: %s", exc, extra={"fields": {"device_id": device_id}})
+        return refuse(method, "store_unavailable", 503, "server busy, try again later", headers, **{"Retry-After": "30"})
+
     async def options(request: web.Request) -> web.Response:
         return web.Response(status=200, headers=cors_headers(settings, request))
 
@@ -266,30 +272,36 @@ def make_app(
                 m.OTA_REQUESTS.labels("POST", "bad_body").inc()
                 log.info("ota body is not JSON; answering anyway", extra={"fields": {"device_id": device_id}})
         allowed = auth.allow_listed(settings.auth.allowed_devices, device_id)
-        state = await asyncio.to_thread(bindings.state, device_id, client_id) if bindings is not None else None
+        found = Lookup("unbound")
         activation = None
-        if bindings is not None and state != BOUND:
-            serial = request.headers.get("Serial-Number", "").strip()[:64] or None
-            needs_proof = request.headers.get("Activation-Version", "").strip() == "2" and serial is not None and serial in keys
-            pending = await asyncio.to_thread(bindings.pending_code, device_id, client_id, serial, needs_proof)
-            if pending is None:
-                m.OTA_REQUESTS.labels("POST", "codes_full").inc()
-                m.DROPPED.labels("gateway", "activation_codes_full").inc()
-                full_logged["count"] += 1
-                if time.monotonic() - full_logged["at"] >= 10:
-                    log.warning(
-                        "no activation code free: answering 503",
-                        extra={"fields": {"device_id": device_id, "max_pending_codes": settings.max_pending_codes, "refused_since_last_warning": full_logged["count"]}},
-                    )
-                    full_logged.update(at=time.monotonic(), count=0)
-                return web.json_response({"success": False, "message": "activation is busy, try again later"}, status=503, headers={**cors, "Retry-After": "60"})
-            activation = {"code": pending.code, "message": f"{settings.console_url}\n{pending.code}", "challenge": pending.challenge, "timeout_ms": 30000}
-            log.info("activation code issued", extra={"fields": {"device_id": device_id, "client_id": client_id, "state": state}})
+        try:
+            if bindings is not None:
+                found = await bindings.lookup(device_id, client_id)
+            state = found.state if bindings is not None else None
+            if bindings is not None and state != BOUND:
+                serial = request.headers.get("Serial-Number", "").strip()[:64] or None
+                needs_proof = request.headers.get("Activation-Version", "").strip() == "2" and serial is not None and serial in keys
+                pending = await bindings.pending_code(device_id, client_id, serial, needs_proof, not_before=found.not_before)
+                if pending is None:
+                    m.OTA_REQUESTS.labels("POST", "codes_full").inc()
+                    m.DROPPED.labels("gateway", "activation_codes_full").inc()
+                    full_logged["count"] += 1
+                    if time.monotonic() - full_logged["at"] >= 10:
+                        log.warning(
+                            "no activation code free: answering 503",
+                            extra={"fields": {"device_id": device_id, "max_pending_codes": settings.max_pending_codes, "refused_since_last_warning": full_logged["count"]}},
+                        )
+                        full_logged.update(at=time.monotonic(), count=0)
+                    return web.json_response({"success": False, "message": "activation is busy, try again later"}, status=503, headers={**cors, "Retry-After": "60"})
+                activation = {"code": pending.code, "message": f"{settings.console_url}\n{pending.code}", "challenge": pending.challenge, "timeout_ms": 30000}
+                log.info("activation code issued", extra={"fields": {"device_id": device_id, "client_id": client_id, "state": state}})
+        except StoreUnavailable as exc:
+            return store_down("POST", device_id, exc, cors)
         token = ""
         if auth_on and not allowed and state == BOUND:
             issued = int(time.time())
-            revoked_until = not_before(device_id.lower()) if not_before is not None else None
-            if revoked_until is not None and issued < revoked_until:
+            revoked_until = max(not_before(device_id.lower()) or 0.0 if not_before is not None else 0.0, found.not_before)
+            if revoked_until and issued < revoked_until:
                 issued = math.ceil(revoked_until)  # re-bound within the second of an unbind
             token = auth.issue_device_token(auth_key, client_id, device_id, issued)
         stored, allow = None, True
@@ -323,29 +335,33 @@ def make_app(
         if bindings is None:
             m.OTA_REQUESTS.labels("ACTIVATE", "bound").inc()
             return web.Response(text="success", headers=cors)
-        if await asyncio.to_thread(bindings.state, device_id, client_id) == BOUND:
-            m.OTA_REQUESTS.labels("ACTIVATE", "bound").inc()
-            return web.Response(text="success", headers=cors)
-        pending = await asyncio.to_thread(bindings.pending, device_id, client_id)
-        if pending is not None and not pending.verified and pending.serial in keys:
-            try:
-                answer = activation_answer(json.loads(raw) if raw else {})
-            except ValueError:
-                answer = {}
-            challenge, mac = answer.get("challenge"), answer.get("hmac")
-            serial = answer.get("serial_number")
-            ok = (
-                isinstance(challenge, str) and isinstance(mac, str) and challenge == pending.challenge
-                and (serial is None or serial == pending.serial)
-                and auth.verify_activation(keys[pending.serial], pending.challenge, mac)  # type: ignore[index]
-            )
-            if not ok:
-                m.OTA_REQUESTS.labels("ACTIVATE", "bad_hmac").inc()
-                m.AUTH_FAILURES.labels("activation hmac").inc()
-                log.warning("activation answer does not match the chip's key", extra={"fields": {"device_id": device_id, "serial": pending.serial, "ip": request.remote}})
-                return web.Response(status=403, text="activation challenge answer is wrong", headers=cors)
-            await asyncio.to_thread(bindings.mark_verified, device_id, client_id)
-            log.info("activation answer verified", extra={"fields": {"device_id": device_id, "serial": pending.serial}})
+        try:
+            found = await bindings.lookup(device_id, client_id)
+            if found.state == BOUND:
+                m.OTA_REQUESTS.labels("ACTIVATE", "bound").inc()
+                return web.Response(text="success", headers=cors)
+            pending = await bindings.pending(device_id, client_id, not_before=found.not_before)
+            if pending is not None and not pending.verified and pending.serial in keys:
+                try:
+                    answer = activation_answer(json.loads(raw) if raw else {})
+                except ValueError:
+                    answer = {}
+                challenge, mac = answer.get("challenge"), answer.get("hmac")
+                serial = answer.get("serial_number")
+                ok = (
+                    isinstance(challenge, str) and isinstance(mac, str) and challenge == pending.challenge
+                    and (serial is None or serial == pending.serial)
+                    and auth.verify_activation(keys[pending.serial], pending.challenge, mac)  # type: ignore[index]
+                )
+                if not ok:
+                    m.OTA_REQUESTS.labels("ACTIVATE", "bad_hmac").inc()
+                    m.AUTH_FAILURES.labels("activation hmac").inc()
+                    log.warning("activation answer does not match the chip's key", extra={"fields": {"device_id": device_id, "serial": pending.serial, "ip": request.remote}})
+                    return web.Response(status=403, text="activation challenge answer is wrong", headers=cors)
+                await bindings.mark_verified(device_id, client_id)
+                log.info("activation answer verified", extra={"fields": {"device_id": device_id, "serial": pending.serial}})
+        except StoreUnavailable as exc:
+            return store_down("ACTIVATE", device_id, exc, cors)
         m.OTA_REQUESTS.labels("ACTIVATE", "pending").inc()
         return web.Response(status=202, text="waiting for the owner to enter the code", headers=cors)
 

@@ -12,6 +12,7 @@ import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -23,12 +24,13 @@ from websockets.http11 import Request, Response
 
 from gateway import auth, ota, protocol
 from gateway import metrics as m
-from gateway.bindings import BOUND, OTHER, SqliteBindingStore
 from gateway.fwstore import FirmwareCatalog
 from gateway.httpguard import guarded
 from gateway.limits import ClientAddress, RateLimiter
 from gateway.session import DeviceSession
+from shared import bindings as binding_store
 from shared.agents import AgentDirectory
+from shared.bindings import BOUND, OTHER, BindingStore, StoreUnavailable
 from shared.settings import Settings
 from shared.subjects import Subjects
 
@@ -79,6 +81,10 @@ class Admission:
     proved: bool
     # Its word may reach the manager (seen events): proved, or nothing can be checked at all.
     trusted: bool
+    # The handshake found this pair bound (binding on): a later check that finds it unbound,
+    # or unbound since the session began, closes the session.
+    bound: bool = False
+    at: float = 0.0  # when the handshake looked (epoch seconds)
 
 
 class Gateway:
@@ -102,11 +108,15 @@ class Gateway:
         self._bind_sub = None
         self._unbind_sub = None
         self._online_sub = None
-        self.bindings: SqliteBindingStore | None = None
+        self._recheck: asyncio.Task | None = None
+        self.bindings: BindingStore | None = None
         # Tokens of a device issued before this time (its last unbind) are refused.
         self._not_before: dict[str, float] = {}
         # What _process_request learnt about a connection, for _handle.
         self._admitted: weakref.WeakKeyDictionary[ServerConnection, Admission] = weakref.WeakKeyDictionary()
+        # Sessions admitted while binding is on: their admission and when (epoch seconds), for
+        # the periodic re-check against the shared store.
+        self._session_admissions: dict[DeviceSession, tuple[Admission, float]] = {}
         self._ota_info: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._http_server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -156,10 +166,11 @@ class Gateway:
         )
         self.ws_port = self._ws_server.sockets[0].getsockname()[1] if self._ws_server.sockets else self.gw.ws_port
         if self.gw.binding:
-            self.bindings = await asyncio.to_thread(SqliteBindingStore, self.gw.binding_db, self.gw.code_ttl_s, self.gw.max_pending_codes)
-            self._not_before.update(await asyncio.to_thread(self.bindings.revocations))
-            # The manager's "bind by code": whichever gateway holds the code answers.
-            self._bind_sub = await nc.subscribe(self.subjects.gateway_bind, cb=self._on_bind)
+            await self._open_bindings(nc)
+            # The manager's "bind by code": codes are in the shared store, so any one gateway
+            # answers (a queue group).
+            self._bind_sub = await nc.subscribe(self.subjects.gateway_bind, queue="gateways", cb=self._on_bind)
+            self._recheck = asyncio.create_task(self._recheck_sessions())
         # Unbinds go to every gateway (no queue group): each drops the binding, revokes the
         # device's tokens and closes its sessions.
         self._unbind_sub = await nc.subscribe(self.subjects.gateway_unbind, cb=self._on_unbind)
@@ -238,21 +249,54 @@ class Gateway:
         if found:
             await msg.respond(json.dumps({"online": found}).encode())
 
-    async def _on_bind(self, msg: Msg) -> None:
-        """``{"code": "123456", "owner": "name"}``: bind the device waiting with that code.
+    async def _open_bindings(self, nc: NATS) -> None:
+        """The shared binding store: its buckets made where missing (where this NATS user may;
+        ``xiaozhi nats-setup`` makes them otherwise), and a binding file of an earlier version
+        (``gateway.binding_db``, SQLite, per gateway) imported once."""
+        self.bindings = BindingStore(nc, self.settings.nats.prefix, self.gw.code_ttl_s, self.gw.max_pending_codes)
+        try:
+            await asyncio.wait_for(
+                binding_store.ensure_buckets(nc, self.settings.nats.prefix, self.gw.code_ttl_s, self.gw.max_pending_codes, self.settings.work.replicas), 3.0
+            )
+        except Exception as exc:  # noqa: BLE001 - not this user's to make: nats-setup's
+            log.warning("binding buckets not made or checked here (run `xiaozhi nats-setup`): %s", type(exc).__name__)
+        legacy = Path(self.gw.binding_db) if self.gw.binding_db else None
+        if legacy is not None and legacy.is_file():
+            try:
+                imported = await self.bindings.import_legacy(str(legacy))
+                legacy.rename(legacy.with_name(legacy.name + ".imported"))
+                log.info("bindings imported into the shared store", extra={"fields": {"file": str(legacy), "records": imported}})
+            except Exception as exc:  # noqa: BLE001 - keep the file; try again at the next start
+                m.ERRORS.labels("gateway", "binding_import").inc()
+                log.error("bindings file not imported, kept for the next start: %s", exc, extra={"fields": {"file": str(legacy)}})
 
-        Only the gateway that issued the code answers (``{"device_id": ...}``); the others stay
-        silent, so the manager's request gets one answer or times out."""
+    async def _on_bind(self, msg: Msg) -> None:
+        """``{"code", "owner", "owner_id"?, "commit"?}``: the pair waiting with that code,
+        bound to the owner when ``commit`` (default true; the manager asks first without, checks
+        its own records, then commits). Answers ``{"device_id", "client_id", "board",
+        "firmware_version", "committed"}``, ``{"device_id", "conflict": true}``, ``{"found":
+        false}`` or ``{"error": "unavailable"}``."""
         try:
             request = json.loads(msg.data)
             code, owner = str(request["code"]).strip(), str(request["owner"])
-        except (ValueError, KeyError, TypeError):
+            owner_id = request.get("owner_id")
+            if owner_id is not None and (isinstance(owner_id, bool) or not isinstance(owner_id, int)):
+                raise TypeError("owner_id")
+            commit = request.get("commit", True) is not False
+        except (ValueError, KeyError, TypeError, AttributeError):
             m.DROPPED.labels("gateway", "bad_bind_request").inc()
             return
         if self.bindings is None or not msg.reply:
             return
-        result = await asyncio.to_thread(self.bindings.bind, code, owner)
+        try:
+            result = await self.bindings.bind(code, owner, owner_id, commit=commit)
+        except StoreUnavailable as exc:
+            m.ERRORS.labels("gateway", "binding_store").inc()
+            log.warning("bind failed: the binding store is unavailable: %s", exc)
+            await msg.respond(json.dumps({"error": "unavailable"}).encode())
+            return
         if result is None:
+            await msg.respond(json.dumps({"found": False}).encode())
             return
         if result.conflict:
             # The MAC is bound to another owner's pair: nothing changed (the manager says 409).
@@ -260,40 +304,98 @@ class Gateway:
             log.warning("bind refused: the device is bound to another owner", extra={"fields": {"device_id": result.device_id, "owner": owner}})
             await msg.respond(json.dumps({"device_id": result.device_id, "conflict": True}).encode())
             return
-        log.info("device bound", extra={"fields": {"device_id": result.device_id, "client_id": result.client_id, "owner": owner, "replaced": result.replaced}})
-        if result.replaced:
-            # The owner's device came back with a new Client-Id: the old pair's tokens and
-            # sessions end.
-            await self._revoke(result.device_id)
+        if result.committed:
+            log.info("device bound", extra={"fields": {"device_id": result.device_id, "client_id": result.client_id, "owner": owner, "replaced": result.replaced}})
+            if result.replaced:
+                # The owner's device came back with a new Client-Id: the old pair's sessions
+                # end here now (other gateways find out at their next check, or by the event).
+                await self._close_sessions(result.device_id, keep_client=result.client_id)
+                await self.nc.publish(self.subjects.gateway_unbind, json.dumps({"device_id": result.device_id, "stored": True, "keep_client": result.client_id}).encode())  # type: ignore[union-attr]
         info = self._ota_info.get(f"{result.device_id}|{result.client_id}", {})
-        await msg.respond(json.dumps({"device_id": result.device_id, **info}).encode())
+        await msg.respond(json.dumps({"device_id": result.device_id, "client_id": result.client_id, "committed": result.committed, **info}).encode())
 
-    async def _revoke(self, device_id: str) -> int:
-        """Refuse the device's tokens issued until now and close its sessions here."""
+    async def _close_sessions(self, device_id: str, keep_client: str | None = None) -> int:
+        """Close the device's sessions here (but those of pair ``keep_client``)."""
         device_id = device_id.lower()
-        self._not_before[device_id] = max(self._not_before.get(device_id, 0.0), time.time())
-        while len(self._not_before) > 100_000:
-            self._not_before.pop(next(iter(self._not_before)))
-        doomed = [s for s in list(self.sessions) if s.device_id.lower() == device_id]
+        doomed = [s for s in list(self.sessions) if s.device_id.lower() == device_id and (keep_client is None or s.client_id != keep_client)]
         await asyncio.gather(*(s.close_for_unbind() for s in doomed), return_exceptions=True)
         return len(doomed)
 
+    async def _revoke(self, device_id: str, keep_client: str | None = None) -> int:
+        """Refuse the device's tokens issued until now and close its sessions here."""
+        device_id = device_id.lower()
+        if keep_client is None:
+            self._not_before[device_id] = max(self._not_before.get(device_id, 0.0), time.time())
+            while len(self._not_before) > 100_000:
+                self._not_before.pop(next(iter(self._not_before)))
+        return await self._close_sessions(device_id, keep_client)
+
     async def _on_unbind(self, msg: Msg) -> None:
-        """``{"device_id": ...}`` (the manager unbound it): drop the binding and the MAC's
-        pending codes, revoke its tokens, close its sessions; answer when asked."""
+        """``{"device_id", "stored"?}`` (the manager unbound it): revoke its tokens, close its
+        sessions, and -- unless the sender has already written the shared store (``stored``)
+        -- unbind it there; answer when asked."""
         try:
-            device_id = json.loads(msg.data)["device_id"]
+            request = json.loads(msg.data)
+            device_id = request["device_id"]
             if not isinstance(device_id, str) or not 0 < len(device_id) <= 200:
                 raise TypeError("device_id")
-        except (ValueError, KeyError, TypeError):
+            keep_client = request.get("keep_client")
+            if keep_client is not None and not isinstance(keep_client, str):
+                raise TypeError("keep_client")
+            stored = request.get("stored") is True
+        except (ValueError, KeyError, TypeError, AttributeError):
             m.DROPPED.labels("gateway", "bad_unbind_request").inc()
             return
-        at = time.time()
-        removed = await asyncio.to_thread(self.bindings.unbind, device_id, at) if self.bindings is not None else False
-        closed = await self._revoke(device_id)
-        log.info("device unbound", extra={"fields": {"device_id": device_id, "binding_removed": removed, "sessions_closed": closed}})
+        removed = False
+        if self.bindings is not None and not stored:
+            try:
+                removed = await self.bindings.unbind(device_id)
+            except StoreUnavailable as exc:
+                m.ERRORS.labels("gateway", "binding_store").inc()
+                log.warning("unbind not stored: the binding store is unavailable: %s", exc, extra={"fields": {"device_id": device_id}})
+        closed = await self._revoke(device_id, keep_client)
+        log.info("device unbound", extra={"fields": {"device_id": device_id, "binding_removed": removed, "sessions_closed": closed, "replaced_by": keep_client}})
         if msg.reply:
             await msg.respond(json.dumps({"device_id": device_id.lower(), "unbound": removed, "sessions_closed": closed}).encode())
+
+    async def _recheck_sessions(self) -> None:
+        """Every ``gateway.binding_recheck_s``, and at once when NATS is back after an outage:
+        each session is checked against the shared store, and closed when its MAC was unbound
+        since it began, or is now bound to another pair, or its pair is no longer bound. An
+        unbind this gateway did not hear of (it was away) is so repaired."""
+        reconnects = self.nc.stats.get("reconnects", 0) if self.nc is not None else 0
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(1.0)
+            if self.nc is None or not self.nc.is_connected or self.bindings is None:
+                continue
+            now_reconnects = self.nc.stats.get("reconnects", 0)
+            if now_reconnects == reconnects and time.monotonic() - last < self.gw.binding_recheck_s:
+                continue
+            reconnects, last = now_reconnects, time.monotonic()
+            try:
+                closed = await self._recheck_once()
+            except Exception as exc:  # noqa: BLE001 - NATS went again: next round
+                log.info("binding re-check not finished: %s", type(exc).__name__)
+                continue
+            if closed:
+                log.info("sessions closed by the binding re-check", extra={"fields": {"closed": closed}})
+
+    async def _recheck_once(self) -> int:
+        assert self.bindings is not None
+        checked = [(s, a) for s, a in list(self._session_admissions.items()) if s in self.sessions]
+        closed = 0
+        for start in range(0, len(checked), 64):
+            chunk = checked[start : start + 64]
+            lookups = await asyncio.gather(*(self.bindings.lookup(s.device_id, s.client_id) for s, _ in chunk))
+            for (session, (admission, admitted_at)), found in zip(chunk, lookups):
+                stale = found.state == OTHER or (admission.bound and found.state != BOUND) or found.not_before > admitted_at
+                if stale:
+                    m.DROPPED.labels("gateway", "session_unbound").inc()
+                    log.info("session closed: its binding changed", extra={"fields": {"device_id": session.device_id, "session_id": session.session_id, "state": found.state}})
+                    self._background(session.close_for_unbind())
+                    closed += 1
+        return closed
 
     async def _on_vad_alive(self, msg: Msg) -> None:
         try:
@@ -350,6 +452,8 @@ class Gateway:
         await asyncio.gather(*(s.close_for_restart() for s in left), return_exceptions=True)
         if self._vad_watch is not None:
             self._vad_watch.cancel()
+        if self._recheck is not None:
+            self._recheck.cancel()
         if self._ws_server is not None:
             try:
                 await asyncio.wait_for(self._ws_server.wait_closed(), 5)
@@ -432,8 +536,20 @@ class Gateway:
             if problem is not None or (found["client-id"] and not ota.CLIENT_ID.fullmatch(found["client-id"])):
                 m.DROPPED.labels("gateway", problem or "bad_client_id").inc()
                 return connection.respond(HTTPStatus.BAD_REQUEST, "bad Device-Id or Client-Id\n")
+        found_binding = None
+        if self.bindings is not None and device_id:
+            try:
+                found_binding = await self.bindings.lookup(device_id, client_id)
+            except StoreUnavailable as exc:
+                # Fail closed: whether this pair may speak for the device cannot be told.
+                m.REJECTED.labels("binding_store").inc()
+                log.warning("handshake refused: the binding store is unavailable: %s", exc, extra={"fields": {"device_id": device_id[:80]}})
+                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "server busy, try again later\n")
         proved = False
         if self.gw.auth.enabled:
+            revoked = self._not_before.get(device_id.lower())
+            if found_binding is not None and found_binding.not_before:
+                revoked = max(revoked or 0.0, found_binding.not_before)
             result = auth.verify_device(
                 self.auth_key,
                 found["authorization"],
@@ -442,20 +558,19 @@ class Gateway:
                 int(time.time()),
                 self.gw.auth.expire_seconds,
                 frozenset(self.gw.auth.allowed_devices),
-                not_before=self._not_before.get(device_id.lower()),
+                not_before=revoked,
             )
             if not result.ok:
                 # Rejected in the handshake: the firmware reports it at once (protocol.md §2.4).
                 return self._auth_failed(connection, ip, device_id, result.reason, result.reason)
             # An allow-listed id needs no token, so it proves nothing about who connects.
             proved = result.reason != "allow-listed"
-        if self.bindings is not None and device_id:
-            state = await asyncio.to_thread(self.bindings.state, device_id, client_id)
-            if state == OTHER:
+        if found_binding is not None:
+            if found_binding.state == OTHER:
                 # The MAC is bound to another Client-Id: whoever this is, it is not the device
                 # its owner bound, and must not get its agent, memory or tools.
                 return self._auth_failed(connection, ip, device_id, "bound to another client", "this device is bound to another Client-Id")
-            proved = proved or state == BOUND
+            proved = proved or found_binding.state == BOUND
         # The address's connection budget is paid only by handshakes that prove nothing (failed
         # ones pay the auth-failure budget above): someone behind the device's own NAT cannot use
         # it up to keep the proved device out. A proved device is limited per device below.
@@ -468,7 +583,8 @@ class Gateway:
             log.info("connection rate limited", extra={"fields": {"device_id": device_id[:80], "ip": ip, "by": "device"}})
             return connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "too many connections, slow down\n")
         # Without auth and binding nothing can be checked: events are passed on as before.
-        self._admitted[connection] = Admission(ip, proved, proved or (not self.gw.auth.enabled and self.bindings is None))
+        bound = found_binding is not None and found_binding.state == BOUND
+        self._admitted[connection] = Admission(ip, proved, proved or (not self.gw.auth.enabled and self.bindings is None), bound, time.time())
         return None
 
     async def _handle(self, ws: ServerConnection) -> None:
@@ -495,6 +611,8 @@ class Gateway:
         # close nobody: anyone could claim the id.
         older = [s for s in list(self.sessions) if s.device_id.lower() == device_id.lower()] if admission.proved else []
         self.sessions.add(session)
+        if self.bindings is not None:
+            self._session_admissions[session] = (admission, admission.at or time.time())
         if older:
             log.info("new session for the device: closing the older one", extra={"fields": {"device_id": device_id, "closed": len(older)}})
             for old in older:
@@ -507,4 +625,5 @@ class Gateway:
             m.ERRORS.labels("gateway", "session_crash").inc()
         finally:
             self.sessions.discard(session)
+            self._session_admissions.pop(session, None)
             self._publish_seen({"device_id": device_id, "event": "disconnected"}, admission.trusted)

@@ -55,9 +55,13 @@ class Registry(Protocol):
 
 
 class Binder(Protocol):
-    """Claims the device waiting with an activation code (the gateways hold the codes)."""
+    """Binds the device waiting with an activation code (through the gateways, which hold the
+    codes) and unbinds devices in the gateways' shared binding store."""
 
-    def bind(self, code: str, owner: str) -> dict[str, Any] | None: ...  # {"conflict": True}: bound to another owner
+    # {"device_id", ...}; {"conflict": True}: bound to another owner; {"error": ...}: the store
+    # or the gateways cannot be reached; None: no device waits with the code.
+    def bind(self, code: str, owner: str, owner_id: int | None = None, commit: bool = True) -> dict[str, Any] | None: ...
+    def unbind(self, device_ids: list[str]) -> bool: ...  # False: the store cannot be reached
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,6 +480,8 @@ def create_app(
         # their history and recordings, agents, API tokens and sign-ins. Children first: not
         # every database cascades (SQLite without foreign keys, MyISAM).
         device_ids = list(session.execute(select(Device.device_id).where(Device.owner_id == user_id)).scalars())
+        if device_ids and not binder.unbind(device_ids):
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the binding store cannot be reached to unbind the user's devices; try again", headers={"Retry-After": "5"})
         recordings = recordings_of(session, device_ids)
         if device_ids:
             session.execute(delete(ChatTurn).where(ChatTurn.device_id.in_(device_ids)))
@@ -612,10 +618,16 @@ def create_app(
         attempt = binding.begin(session, binding.key("bind", str(user.id)))
         if attempt.blocked:
             raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, "too many wrong codes; wait before trying again", headers={"Retry-After": str(attempt.retry_after_s)})
-        claimed = binder.bind(body.code.strip(), user.username)
+        code = body.code.strip()
+        # Two steps: which pair waits with the code (nothing written), then this database's
+        # verdict, and only then the gateways' shared store commits the binding -- a device
+        # this database gives to someone else is never bound in the gateways.
+        claimed = binder.bind(code, user.username, user.id, commit=False)
         if claimed is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no device is waiting with that code (it is spoken by the device and valid for 10 minutes)")
         binding.forget(session, attempt)
+        if claimed.get("error"):
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the gateways cannot be reached to bind the device; try again", headers={"Retry-After": "5"})
         if claimed.get("conflict"):
             raise HTTPException(status.HTTP_409_CONFLICT, "that device is bound to another account; its owner must unbind it first")
         device_id = str(claimed["device_id"]).lower()
@@ -624,6 +636,13 @@ def create_app(
             raise HTTPException(status.HTTP_409_CONFLICT, "web- device ids are the console's; they cannot be bound by code")
         existing = session.execute(select(Device).where(Device.device_id == device_id)).scalar_one_or_none()
         if existing is not None and existing.owner_id != user.id:
+            raise HTTPException(status.HTTP_409_CONFLICT, "that device is bound to another account; its owner must unbind it first")
+        committed = binder.bind(code, user.username, user.id, commit=True)
+        if committed is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no device is waiting with that code (it is spoken by the device and valid for 10 minutes)")
+        if committed.get("error"):
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the gateways cannot be reached to bind the device; try again", headers={"Retry-After": "5"})
+        if committed.get("conflict") or str(committed.get("device_id", "")).lower() != device_id:
             raise HTTPException(status.HTTP_409_CONFLICT, "that device is bound to another account; its owner must unbind it first")
         device = existing or Device(device_id=device_id, owner_id=user.id)
         device.agent_id = agent.id if agent else device.agent_id
@@ -663,6 +682,9 @@ def create_app(
         """Unbound everywhere: its history, recordings and memory are deleted, and every
         gateway drops its binding (the device must be bound anew, by its code)."""
         device = own_device(session, user, device_id)
+        # The gateways' shared store first: a device the manager forgets is never left bound.
+        if not binder.unbind([device.device_id]):
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the binding store cannot be reached to unbind the device; try again", headers={"Retry-After": "5"})
         recordings = recordings_of(session, [device.device_id])
         session.execute(delete(ChatTurn).where(ChatTurn.device_id == device.device_id))
         session.delete(device)

@@ -165,8 +165,9 @@ class Publisher:
 
     def devices_unbound(self, device_ids: list[str]) -> bool:
         """The devices are no one's any more: their live config goes, their memory is purged
-        from ``<prefix>_memory``, and every gateway is told to drop its binding (subject
-        ``<prefix>.gateway.unbind``, ``{"device_id"}``). Each step is tried even when another
+        from ``<prefix>_memory``, and every gateway is told (subject ``<prefix>.gateway.unbind``,
+        ``{"device_id", "stored": true}``: the binder has unbound it in the shared store) to
+        close its sessions and refuse its tokens. Each step is tried even when another
         fails; False when any did (the re-sync repairs the live config; the others are logged
         and counted)."""
 
@@ -174,7 +175,7 @@ class Publisher:
             failed: list[str] = []
             for device_id in device_ids:
                 try:
-                    await self.nc.publish(self.unbind_subject, json.dumps({"device_id": device_id}).encode())
+                    await self.nc.publish(self.unbind_subject, json.dumps({"device_id": device_id, "stored": True}).encode())
                 except Exception as exc:  # noqa: BLE001
                     failed.append(f"gateway unbind: {exc}")
             try:

@@ -20,7 +20,8 @@ from manager.app import agent_options, create_app
 from manager.db import make_engine, migrate, session_factory
 from manager.live import Publisher
 from manager.models import User
-from shared.metrics import DROPPED
+from shared.bindings import BindingStore, StoreUnavailable
+from shared.metrics import DROPPED, ERRORS
 from shared.settings import Settings
 from shared.subjects import Subjects
 
@@ -39,21 +40,57 @@ class _Server(uvicorn.Server):
 
 
 class NatsBinder:
-    """Asks the gateways for the device waiting with a code (from the API's threads)."""
+    """Binds by code through the gateways, and unbinds in the shared binding store (NATS KV),
+    from the API's threads."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, nc: Any, subject: str, timeout_s: float = 2.0) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, nc: Any, subject: str, prefix: str = "xz", timeout_s: float = 3.0) -> None:
         self.loop, self.nc, self.subject, self.timeout_s = loop, nc, subject, timeout_s
+        self.store = BindingStore(nc, prefix)
 
-    def bind(self, code: str, owner: str) -> dict[str, Any] | None:
+    def bind(self, code: str, owner: str, owner_id: int | None = None, commit: bool = True) -> dict[str, Any] | None:
+        """The gateways' answer (``{"device_id", ...}``, ``{"conflict": True}``, ``{"error":
+        ...}``), or None when no device waits with the code."""
+
         async def ask() -> dict[str, Any] | None:
+            body = {"code": code, "owner": owner, "owner_id": owner_id, "commit": commit}
             try:
-                reply = await self.nc.request(self.subject, json.dumps({"code": code, "owner": owner}).encode(), timeout=self.timeout_s)
-            except Exception as exc:  # noqa: BLE001 - no gateway holds the code (timeout, no responders)
-                log.info("no gateway holds activation code", extra={"fields": {"why": type(exc).__name__}})
-                return None
-            return json.loads(reply.data)
+                reply = await self.nc.request(self.subject, json.dumps(body).encode(), timeout=self.timeout_s)
+            except Exception as exc:  # noqa: BLE001 - no gateway with binding on (timeout, no responders)
+                log.info("no gateway answered the bind", extra={"fields": {"why": type(exc).__name__}})
+                return {"error": "no gateway"}
+            answer = json.loads(reply.data)
+            return None if answer.get("found") is False else answer
 
         return asyncio.run_coroutine_threadsafe(ask(), self.loop).result(timeout=self.timeout_s + 3)
+
+    def unbind(self, device_ids: list[str]) -> bool:
+        """Unbind the devices in the shared store before the manager forgets them; False when
+        the store cannot be reached (nothing is forgotten then). No bindings bucket at all (no
+        gateway ever had binding on) is nothing to unbind."""
+
+        async def run() -> bool:
+            try:
+                for device_id in device_ids:
+                    await self.store.unbind(device_id)
+            except StoreUnavailable as exc:
+                if _no_bucket(exc):
+                    return True
+                ERRORS.labels("manager", "binding_store").inc()
+                log.warning("unbind not stored: the binding store is unavailable: %s", exc)
+                return False
+            return True
+
+        try:
+            return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout=self.timeout_s * (len(device_ids) + 1) + 3)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("unbind not stored: %s", exc)
+            return False
+
+
+def _no_bucket(exc: StoreUnavailable) -> bool:
+    from nats.js.errors import BucketNotFoundError, NotFoundError
+
+    return isinstance(exc.__cause__, (BucketNotFoundError, NotFoundError))
 
 
 class NatsRegistry:
@@ -140,7 +177,7 @@ class ManagerService:
         self.publisher.memory_bucket = self.subjects.kv_memory
         self.publisher.unbind_subject = self.subjects.gateway_unbind
         await self.publisher.open()
-        binder = NatsBinder(loop, nc, self.subjects.gateway_bind)
+        binder = NatsBinder(loop, nc, self.subjects.gateway_bind, self.settings.nats.prefix)
         registry = NatsRegistry(loop, nc, self.subjects.online)
         app = create_app(self.m, self.sessions, self.publisher, binder, registry, self.settings.gateway, agent_options(self.settings))
         # Events from the pipeline, shared among manager replicas (queue group).

@@ -104,10 +104,14 @@ def js_permissions(prefix: str = "xz") -> dict[str, list[str]]:
     """``{service: [...]}``: the JetStream subjects (API and data) each service may publish to."""
     p = prefix
     agents, devices, memory, firmware, audio = f"{p}_agents", f"{p}_devices", f"{p}_memory", f"{p}_firmware", f"{p}_audio"
+    bindings, codes = f"{p}_bindings", f"{p}_codes"
     info = _work_info(p)
     return {
-        # Agents (greeting, voice), upgrade flags and firmware images for OTA.
-        "gateway": info + _kv_read(agents) + _kv_read(devices) + _obj_read(firmware),
+        # Agents (greeting, voice), upgrade flags and firmware images for OTA; the shared
+        # bindings and activation codes, read and written.
+        "gateway": info + _kv_read(agents) + _kv_read(devices) + _obj_read(firmware) + _kv_read(bindings) + _kv_write(bindings) + _kv_read(codes) + _kv_write(codes)
+        # A used code is purged (no delete marker keeps its place under the limit).
+        + [f"$JS.API.STREAM.PURGE.KV_{codes}"],
         "vad": info,
         # Its work; agents (the language, the model); kept utterances into xz_audio.
         "asr": info + _work_pull(p, "asr") + _kv_read(agents) + _obj_write(audio),
@@ -117,8 +121,11 @@ def js_permissions(prefix: str = "xz") -> dict[str, list[str]]:
         # Agents; change_role writes a device's own entry (dev.<hash>), never the default.
         "tools": info + _kv_read(agents) + [f"$KV.{agents}.{DEVICE_KEY_PREFIX}>"],
         # Writes agents and upgrade flags, re-syncs them; firmware in and out; plays and deletes
-        # kept audio; forgets a device's memory (writes, never reads, xz_memory).
+        # kept audio; forgets a device's memory (writes, never reads, xz_memory); unbinds devices
+        # in the shared bindings (a compare-and-set: reads them too).
         "manager": info
+        + _kv_read(bindings)
+        + _kv_write(bindings)
         + _kv_read(agents)
         + _kv_write(agents)
         + _kv_read(devices)
@@ -190,7 +197,9 @@ def denied(user: str) -> list[str]:
     """Publish subjects refused to ``user`` whatever its allow list says."""
     if user == ADMIN:
         return []
-    return _JS_ADMIN_DENIED + ([] if user == "manager" else _PURGE_DENIED)
+    # The manager purges its own object stores, the gateway the codes it used; their allow
+    # lists name exactly those streams.
+    return _JS_ADMIN_DENIED + ([] if user in ("manager", "gateway") else _PURGE_DENIED)
 
 
 def render(passwords: dict[str, str], prefix: str = "xz") -> str:

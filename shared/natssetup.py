@@ -19,7 +19,7 @@ import logging
 import time
 from typing import Any
 
-from shared import workqueue
+from shared import bindings, workqueue
 from shared.settings import Settings
 from shared.subjects import Subjects
 
@@ -57,6 +57,8 @@ async def setup(nc: Any, settings: Settings) -> list[str]:
             await js.create_key_value(config=KeyValueConfig(bucket=bucket, history=1, replicas=replicas))
             log.info("KV bucket created", extra={"fields": {"bucket": bucket, "replicas": replicas}})
         names.append(f"KV_{bucket}")
+    await bindings.ensure_buckets(nc, settings.nats.prefix, settings.gateway.code_ttl_s, settings.gateway.max_pending_codes, replicas)
+    names += [f"KV_{b}" for b in bindings.bucket_names(settings.nats.prefix)]
     for store, ttl in object_stores(settings):
         try:
             await js.object_store(store)

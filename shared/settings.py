@@ -192,8 +192,14 @@ class GatewaySettings(BaseModel):
     # The manager's images (NATS object store xz_firmware) are listed at most this often.
     firmware_cache_s: float = 10.0
     # Device binding (activation): unbound devices get a 6-digit code to enter in the console.
+    # Bindings and codes live in NATS KV (xz_bindings, xz_codes), shared by every gateway.
     binding: bool = False
+    # The per-gateway SQLite file of earlier versions: imported into the shared store once at
+    # start (then renamed *.imported).
     binding_db: str = "data/bindings.db"
+    # Every session is checked against the shared store this often (and at once when NATS is
+    # back after an outage): an unbind this gateway missed still closes the device's sessions.
+    binding_recheck_s: float = 60.0
     console_url: str = "the xiaozhi console"
     # Activation codes: valid this long, and at most this many waiting at once (then OTA
     # answers 503 to devices that need a new code until some expire or are used).

@@ -91,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
     bind = sub.add_parser("bind", help="bind the device that is showing this activation code")
     bind.add_argument("code", help="the 6-digit code the device speaks")
     bind.add_argument("--owner", default="admin", help="who the device belongs to (default admin)")
-    bind.add_argument("--db", help="bind in this binding database directly (a stopped gateway's); default: ask the running gateways over NATS")
     bind.add_argument("--config", help="YAML settings file")
     bind.add_argument("--data-dir", default=".run", help="the data folder of a running `xiaozhi up` (its NATS URL and users; default .run)")
 
@@ -154,23 +153,15 @@ def run_service(name: str, argv: list[str]) -> int:
 def bind_command(args: argparse.Namespace) -> int:
     """Bind a device by the code it speaks during activation (protocol.md §1.5).
 
-    By default the request goes to the running gateways over NATS (``<prefix>.gateway.bind``,
-    as the manager's console does): the gateway holding the code answers. ``--db`` binds in a
-    binding database file directly."""
+    The request goes to the running gateways over NATS (``<prefix>.gateway.bind``, as the
+    manager's console does): one of them binds it in the shared store (NATS KV)."""
     from shared.settings import load_settings
 
     settings = load_settings(args.config)
-    if args.db:
-        from gateway.bindings import SqliteBindingStore
-
-        store = SqliteBindingStore(args.db, settings.gateway.code_ttl_s, settings.gateway.max_pending_codes)
-        try:
-            result = store.bind(args.code, args.owner)
-        finally:
-            store.close()
-        answer = None if result is None else {"device_id": result.device_id, "conflict": result.conflict}
-    else:
-        answer = asyncio.run(_bind_over_nats(settings, args.code, args.owner, args.data_dir))
+    answer = asyncio.run(_bind_over_nats(settings, args.code, args.owner, args.data_dir))
+    if answer is not None and answer.get("error"):
+        print("the gateways cannot reach the binding store (NATS JetStream); try again", file=sys.stderr)
+        return 1
     if answer is None:
         print(f"no device is waiting with code {args.code}", file=sys.stderr)
         return 1
@@ -192,11 +183,12 @@ async def _bind_over_nats(settings, code: str, owner: str, data_dir: str = ".run
     nc = await bus.connect(local_nats(settings, data_dir), "xiaozhi-bind", retry_first=False)
     try:
         reply = await nc.request(Subjects(settings.nats.prefix).gateway_bind, json.dumps({"code": code, "owner": owner}).encode(), timeout=3)
-    except Exception:  # noqa: BLE001 - no gateway holds the code (timeout, no responders)
+    except Exception:  # noqa: BLE001 - no gateway with binding on (timeout, no responders)
         return None
     finally:
         await nc.close()
-    return json.loads(reply.data)
+    answer = json.loads(reply.data)
+    return None if answer.get("found") is False else answer
 
 
 def nats_auth_command(args: argparse.Namespace) -> int:

@@ -50,8 +50,9 @@ async def test_firmware_upgrade_offered_and_downloaded(ota_gateway):
     assert (await current.ota())["firmware"] == {"version": "2.4.10", "url": ""}
 
 
-async def test_activation_until_bound(ota_gateway):
-    base, db = ota_gateway
+async def test_activation_until_bound(ota_gateway, nats_only):
+    base, _ = ota_gateway
+    env = {**os.environ, "XZ_NATS__URL": nats_only.nats_url}
     device = SimDevice(ota_url=f"{base}/xiaozhi/ota/")
     data = await device.ota()
     activation = data["activation"]
@@ -69,9 +70,9 @@ async def test_activation_until_bound(ota_gateway):
     async with aiohttp.ClientSession() as http:
         async with http.post(f"{base}/xiaozhi/ota/activate", json=body, headers=headers) as response:
             assert response.status == 202
-        wrong = subprocess.run([sys.executable, "-m", "xiaozhi.cli", "bind", "000000" if code != "000000" else "111111", "--db", str(db)], capture_output=True, text=True)
+        wrong = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "xiaozhi.cli", "bind", "000000" if code != "000000" else "111111"], capture_output=True, text=True, env=env)
         assert wrong.returncode == 1
-        bound = subprocess.run([sys.executable, "-m", "xiaozhi.cli", "bind", code, "--db", str(db), "--owner", "alice"], capture_output=True, text=True)
+        bound = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "xiaozhi.cli", "bind", code, "--owner", "alice"], capture_output=True, text=True, env=env)
         assert bound.returncode == 0 and device.device_id in bound.stdout
         async with http.post(f"{base}/xiaozhi/ota/activate", data=b"{}", headers=headers) as response:
             assert response.status == 200

@@ -51,8 +51,9 @@ async def request(nats_url: str, subject: str, body: dict, timeout: float = 2) -
 
 
 async def bind(nats_url: str, code: str, owner: str) -> dict | None:
-    """The manager's bind by code (``xz.gateway.bind``)."""
-    return await request(nats_url, Subjects().gateway_bind, {"code": code, "owner": owner})
+    """The manager's bind by code (``xz.gateway.bind``); None when no device waits with it."""
+    answer = await request(nats_url, Subjects().gateway_bind, {"code": code, "owner": owner})
+    return None if answer is None or answer.get("found") is False else answer
 
 
 def binding_gateway(stack, tmp_path, auth: bool, **extra: str):

@@ -22,6 +22,7 @@ from nats.aio.client import Client as NATS
 from sqlalchemy import create_engine, text
 
 from shared.agents import kv_key, legacy_kv_key
+from shared.bindings import BindingStore
 from tests.conftest import start_nats
 from tests.manager.conftest import (  # noqa: F401 - database_url: the fixture
     ADMIN_PASSWORD,
@@ -271,7 +272,10 @@ async def test_unbinding_a_device_purges_its_memory_and_unbinds_it_in_the_gatewa
             if unbound:
                 break
             await asyncio.sleep(0.1)
-        assert unbound == [{"device_id": device.device_id.lower()}]
+        assert unbound == [{"device_id": device.device_id.lower(), "stored": True}]
+        # The shared binding store says so too, for a gateway that was away at that moment.
+        record = await BindingStore(nc).record(device.device_id)
+        assert record is not None and record["bound"] is False and record["not_before"] > 0
     finally:
         await nc.close()
 

@@ -1,12 +1,7 @@
-"""OTA building blocks: firmware folder, binding store, the OTA answer."""
+"""OTA building blocks: firmware folder, the OTA answer (the binding store: tests/e2e/test_binding_store.py)."""
 
 from __future__ import annotations
 
-import os
-import sqlite3
-import stat
-
-from gateway.bindings import BOUND, OTHER, UNBOUND, BindResult, SqliteBindingStore
 from gateway.firmware import newest_image, parse_version, safe_path
 from gateway.ota import build_ota_response, device_id_problem, lan_ip, own_hosts, websocket_url
 from shared.settings import GatewaySettings
@@ -35,77 +30,6 @@ def test_safe_path_rejects_escapes(tmp_path):
     assert safe_path(tmp_path / "fw", "b_1.bin") == (tmp_path / "fw" / "b_1.bin").resolve()
     for bad in ("../outside.bin", "..", "/etc/passwd", "b_1.bin/..", ".hidden.bin", "missing.bin", "a\x00.bin"):
         assert safe_path(tmp_path / "fw", bad) is None, bad
-
-
-def test_binding_store_persists(tmp_path):
-    db = tmp_path / "b.db"
-    store = SqliteBindingStore(db)
-    assert stat.S_IMODE(os.stat(db).st_mode) == 0o600  # it names every device and its owner
-    pending = store.pending_code("AA:BB", "client-1")
-    assert pending is not None and len(pending.code) == 6 and len(pending.challenge) == 32
-    assert store.pending_code("aa:bb", "client-1") == pending  # the same code until used
-    assert store.pending_code("cc:dd", "client-1").code != pending.code
-    # Another Client-Id with the same MAC is another pair: its own code and challenge.
-    phantom = store.pending_code("aa:bb", "attacker")
-    assert phantom.code != pending.code and phantom.challenge != pending.challenge
-    assert store.state("aa:bb", "client-1") == UNBOUND
-    assert store.bind("999999" if pending.code != "999999" else "000000", "x") is None
-    bound = store.bind(pending.code, "alice")
-    assert bound == BindResult("aa:bb", "client-1")
-    assert store.bind(pending.code, "mallory") is None  # a code works once
-    assert store.state("AA:BB", "client-1") == BOUND and store.state("aa:bb", "attacker") == OTHER
-    # The phantom's code, entered by another owner, changes nothing.
-    assert store.bind(phantom.code, "mallory") == BindResult("aa:bb", "attacker", conflict=True)
-    assert store.state("aa:bb", "client-1") == BOUND
-    store.close()
-    reopened = SqliteBindingStore(db)
-    assert reopened.is_bound("AA:BB")
-    # The owner's re-flashed device (new Client-Id) replaces the binding.
-    again = reopened.pending_code("aa:bb", "client-2")
-    assert reopened.bind(again.code, "alice") == BindResult("aa:bb", "client-2", replaced=True)
-    assert reopened.state("aa:bb", "client-2") == BOUND and reopened.state("aa:bb", "client-1") == OTHER
-    left = reopened.pending_code("aa:bb", "attacker")
-    assert reopened.unbind("aa:bb", at=1234.5) and not reopened.is_bound("aa:bb")
-    assert reopened.revocations()["aa:bb"] == 1234.5
-    # Codes waiting for the MAC (phantoms too) die with the unbind.
-    assert reopened.bind(left.code, "mallory") is None
-
-
-def test_pending_codes_are_bounded_and_expire(tmp_path):
-    store = SqliteBindingStore(tmp_path / "b.db", code_ttl_s=600, max_pending=3)
-    codes = [store.pending_code(f"aa:00:00:00:00:0{i}", "c") for i in range(3)]
-    assert all(codes)
-    # Full: no code (the caller answers 503), at once, never a loop.
-    assert store.pending_code("aa:00:00:00:00:09", "c") is None
-    # A pair that already has one keeps getting it.
-    assert store.pending_code("aa:00:00:00:00:00", "c") == codes[0]
-    store._db.execute("UPDATE codes SET created_at = created_at - 601")  # ten minutes later
-    assert store.bind(codes[1].code, "alice") is None  # expired
-    fresh = store.pending_code("aa:00:00:00:00:09", "c")
-    assert fresh is not None and store.pending_count() == 1
-
-
-def test_codes_of_keyed_chips_bind_only_after_the_proof(tmp_path):
-    store = SqliteBindingStore(tmp_path / "b.db")
-    pending = store.pending_code("aa:bb", "c", serial="SN1", needs_proof=True)
-    assert not pending.verified
-    assert store.bind(pending.code, "alice") is None
-    assert store.mark_verified("aa:bb", "c") and store.pending("aa:bb", "c").verified
-    assert store.bind(pending.code, "alice").device_id == "aa:bb"
-
-
-def test_an_old_binding_file_is_migrated(tmp_path):
-    db = tmp_path / "old.db"
-    old = sqlite3.connect(db)
-    old.execute("CREATE TABLE bindings (device_id TEXT PRIMARY KEY, owner TEXT NOT NULL, bound_at REAL NOT NULL)")
-    old.execute("CREATE TABLE codes (code TEXT PRIMARY KEY, device_id TEXT UNIQUE NOT NULL, created_at REAL NOT NULL)")
-    old.execute("INSERT INTO bindings VALUES ('aa:bb', 'alice', 1.0)")
-    old.commit()
-    old.close()
-    store = SqliteBindingStore(db)
-    # The pair of an old binding is unknown: the device activates again, its owner re-binds.
-    assert store.is_bound("aa:bb") and store.state("aa:bb", "c") == OTHER
-    assert store.bind(store.pending_code("aa:bb", "c").code, "alice").replaced
 
 
 def test_device_ids_ota_refuses():
