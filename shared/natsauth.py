@@ -230,21 +230,71 @@ def generate(prefix: str = "xz", services: tuple[str, ...] = USERS) -> tuple[str
     return render(passwords, prefix), passwords
 
 
-def write_secrets(folder: str | os.PathLike, prefix: str = "xz", private_folder: bool = False) -> tuple[Path, dict[str, Path]]:
-    """Fresh passwords: ``folder/auth.conf`` and ``folder/<user>.password``, all mode 0600 (and
-    the folder 0700 with ``private_folder``); returns auth.conf's path and each user's file."""
+# The layout of ``xiaozhi nats-auth --secrets-dir DIR --per-service-dirs`` (compose): one folder
+# per container, so that each container can be given its folder alone (a volume subpath) --
+# DIR/<user>/<user>.password for each user, DIR/nats/auth.conf for nats-server. Without it (the
+# Kubernetes Secret, `xiaozhi up`) everything lies flat in DIR.
+SERVER_DIR = "nats"
+
+
+def secret_paths(folder: str | os.PathLike, per_service_dirs: bool = False) -> tuple[Path, dict[str, Path]]:
+    """Where ``auth.conf`` and each user's password file lie in ``folder``, in either layout."""
+    folder = Path(folder)
+    if per_service_dirs:
+        return folder / SERVER_DIR / "auth.conf", {user: folder / user / f"{user}.password" for user in USERS}
+    return folder / "auth.conf", {user: folder / f"{user}.password" for user in USERS}
+
+
+def read_passwords(folder: str | os.PathLike, per_service_dirs: bool = False) -> dict[str, str] | None:
+    """Every user's password from ``folder``'s files (with its auth.conf); None if any is missing."""
+    conf, files = secret_paths(folder, per_service_dirs)
+    if not conf.is_file() or not all(path.is_file() for path in files.values()):
+        return None
+    passwords = {user: path.read_text().strip() for user, path in files.items()}
+    return passwords if all(passwords.values()) else None
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Written whole (created 0600, never readable by others), then renamed into place."""
+    tmp = path.parent / f".{path.name}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    tmp.chmod(0o600)
+    tmp.replace(path)
+
+
+def write_secrets(
+    folder: str | os.PathLike,
+    prefix: str = "xz",
+    private_folder: bool = False,
+    per_service_dirs: bool = False,
+    passwords: dict[str, str] | None = None,
+) -> tuple[Path, dict[str, Path]]:
+    """``auth.conf`` and one password file per user in ``folder`` (flat, or one folder each with
+    ``per_service_dirs``), files mode 0600, per-service folders 0700 (and ``folder`` with
+    ``private_folder``); fresh passwords unless ``passwords`` (every user's) are given, the
+    config rendered from them. Returns auth.conf's path and each user's file."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if private_folder:
         folder.chmod(0o700)
-    config, passwords = generate(prefix)
-    files = {user: folder / f"{user}.password" for user in passwords}
-    for path, text in [(folder / "auth.conf", config)] + [(files[u], p + "\n") for u, p in passwords.items()]:
-        # Written whole (created 0600, never readable by others), then renamed into place.
-        tmp = folder / f".{path.name}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-        tmp.chmod(0o600)
-        tmp.replace(path)
-    return folder / "auth.conf", files
+    if passwords is None:
+        config, passwords = generate(prefix)
+    else:
+        if set(passwords) != set(USERS):
+            raise ValueError(f"passwords for {sorted(passwords)}, not for {sorted(USERS)}")
+        config = render(passwords, prefix)
+    conf, files = secret_paths(folder, per_service_dirs)
+    for path, text in [(conf, config)] + [(files[u], p + "\n") for u, p in passwords.items()]:
+        if path.parent != folder:
+            path.parent.mkdir(exist_ok=True)
+            path.parent.chmod(0o700)
+        _write_private(path, text)
+    if per_service_dirs:
+        # Files of the flat layout (a volume written before): every password, readable by
+        # whatever mounts the folder whole; the ones that count are in the folders now.
+        flat_conf, flat_files = secret_paths(folder)
+        for path in [flat_conf, *flat_files.values()]:
+            path.unlink(missing_ok=True)
+    return conf, files

@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,10 +18,12 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from shared.messages import OutEvent, SentenceJob, UserTurn
+from shared.natsauth import generate as generate_nats_users
 from shared.natsauth import inbox_prefix
 from shared.subjects import Subjects
-from xiaozhi.stack import SERVICES, Stack, free_port
+from xiaozhi.stack import SERVICES, Stack, free_port, nats_server_binary, wait_tcp
 
+ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures" / "audio"
 
 
@@ -118,6 +122,33 @@ def make_song(path: Path, seconds: float, rate: int = 44100) -> Path:
 
 def start_nats(stack: Stack, tmp: Path) -> str:
     return stack.start_nats(free_port(), "127.0.0.1", str(tmp / "jetstream"))
+
+
+@contextlib.contextmanager
+def nats_with_users(tmp: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """A real nats-server with the users and permissions `xiaozhi nats-auth` generates, the
+    stack's streams, buckets and object stores made by the admin user with `xiaozhi nats-setup`
+    (the service users may not make them), as `xiaozhi up`, compose and the Kubernetes Job do.
+    Yields (URL, password by user)."""
+    config, passwords = generate_nats_users()
+    port = free_port()
+    conf = tmp / "nats.conf"
+    conf.write_text(f'listen: "127.0.0.1:{port}"\njetstream: {{ store_dir: "{tmp / "js"}" }}\n' + config)
+    log = open(tmp / "nats.log", "ab")
+    proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert wait_tcp("127.0.0.1", port, 10), (tmp / "nats.log").read_text()
+        url = f"nats://127.0.0.1:{port}"
+        # The bootstrap as a user runs it: the CLI with the admin's password file.
+        (tmp / "admin.password").write_text(passwords["admin"] + "\n")
+        env = {**os.environ, "XZ_NATS__URL": url, "XZ_NATS__USER": "admin", "XZ_NATS__PASSWORD_FILE": str(tmp / "admin.password"), "XZ_LOG_JSON": "false"}
+        done = subprocess.run([sys.executable, "-m", "xiaozhi.cli", "nats-setup", "--timeout", "30"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=90)
+        assert done.returncode == 0, done.stdout + done.stderr
+        yield url, passwords
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
 
 
 @pytest.fixture(scope="session")

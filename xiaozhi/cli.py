@@ -100,7 +100,16 @@ def main(argv: list[str] | None = None) -> int:
         "--secrets-dir",
         help="write DIR/auth.conf (the block, for nats-server's `include`) and DIR/<service>.password (for XZ_NATS__PASSWORD_FILE) instead of printing",
     )
-    natsauth.add_argument("--if-missing", action="store_true", help="with --secrets-dir: keep an existing DIR/auth.conf and its passwords (idempotent start-up)")
+    natsauth.add_argument(
+        "--per-service-dirs",
+        action="store_true",
+        help="with --secrets-dir: one folder per container, each mountable alone (compose's volume subpath): DIR/<user>/<user>.password, DIR/nats/auth.conf",
+    )
+    natsauth.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="with --secrets-dir: keep the passwords already there (with --per-service-dirs also those of the flat layout, moved into the folders) and write auth.conf anew from them (idempotent start-up)",
+    )
 
     natssetup = sub.add_parser("nats-setup", help="create every stream, KV bucket and object store the stack uses (as the NATS admin user)")
     natssetup.add_argument("--config", help="YAML settings file (the work queues' limits, replicas)")
@@ -195,27 +204,34 @@ def nats_auth_command(args: argparse.Namespace) -> int:
     """The authorization block and the passwords: on stdout and stderr, or as files in a folder.
 
     With ``--secrets-dir`` the folder gets ``auth.conf`` (include it from nats-server's config)
-    and one ``<service>.password`` file per service, all mode 0600 (compose's one-shot
-    ``nats-auth`` service and ``kubectl create secret --from-file`` use this layout).
+    and one ``<user>.password`` file per service and the admin, all mode 0600: flat (``kubectl
+    create secret --from-file`` takes this layout), or with ``--per-service-dirs`` in a folder
+    per container (``<user>/<user>.password``, ``nats/auth.conf``; compose mounts each container
+    only its own). ``--if-missing`` keeps the passwords there (and renders auth.conf from them
+    again, so the permissions are this version's); if any is missing all are made anew.
     """
     from shared import natsauth
 
-    if args.if_missing and not args.secrets_dir:
-        print("xiaozhi nats-auth: --if-missing needs --secrets-dir", file=sys.stderr)
+    if (args.if_missing or args.per_service_dirs) and not args.secrets_dir:
+        print("xiaozhi nats-auth: --if-missing and --per-service-dirs need --secrets-dir", file=sys.stderr)
         return 2
     if args.secrets_dir:
         folder = Path(args.secrets_dir)
-        if args.if_missing and (folder / "auth.conf").is_file():
-            missing = [s for s in natsauth.USERS if not (folder / f"{s}.password").is_file()]
-            if not missing:
-                print(f"{folder}/auth.conf exists; kept", file=sys.stderr)
-                return 0
-            print(f"{folder}/auth.conf exists but {', '.join(missing)} have no password file; writing new ones", file=sys.stderr)
-    if args.secrets_dir:
+        split = args.per_service_dirs
+        passwords = None
+        if args.if_missing:
+            passwords = natsauth.read_passwords(folder, split)
+            if passwords is not None:
+                print(f"{folder}: kept the passwords; auth.conf written again from them", file=sys.stderr)
+            elif split and (passwords := natsauth.read_passwords(folder)) is not None:
+                print(f"{folder}: moved the passwords of the flat layout (auth.conf, <user>.password) into one folder per container", file=sys.stderr)
+            elif natsauth.secret_paths(folder, split)[0].is_file():
+                print(f"{folder}: auth.conf exists but not every user has a password file; writing new ones for every user", file=sys.stderr)
         # Written whole, then renamed: a reader never sees half a file.
-        natsauth.write_secrets(folder, args.prefix)
+        conf, _files = natsauth.write_secrets(folder, args.prefix, per_service_dirs=split, passwords=passwords)
+        where = f"{folder}/<user>/<user>.password" if split else f"{folder}/<user>.password"
         print(
-            f"wrote {folder}/auth.conf and {folder}/<user>.password; give each service XZ_NATS__USER=<service> and XZ_NATS__PASSWORD_FILE, "
+            f"wrote {conf} and {where}; give each service XZ_NATS__USER=<service> and XZ_NATS__PASSWORD_FILE, "
             "and `xiaozhi nats-setup` XZ_NATS__USER=admin",
             file=sys.stderr,
         )

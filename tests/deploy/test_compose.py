@@ -8,6 +8,8 @@
 - Prometheus scrapes every service's metrics port; Grafana gets the data source and dashboards;
 - the Dockerfile builds llama.cpp with the Makefile's flags and installs what `make install`
   installs for run time, and its last stage runs as a non-root user;
+- each container sees only its own file of the `nats-secrets` volume (a volume subpath): no
+  service can read another's NATS password or the admin's, and only nats-setup has the admin's;
 - a real nats-server runs deploy/compose/nats.conf with the users that the compose `nats-auth`
   command generates: JetStream works, a wrong password is refused, a user is refused another's
   subjects.
@@ -24,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import jsonschema
@@ -76,19 +79,50 @@ def interpolate_defaults(value: str) -> str:
     return re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?::?-([^}]*))?\}", lambda m: m.group(1) or "", value)
 
 
-def volume_entries(svc: dict) -> list[tuple[str, str, str]]:
-    """(source, target, mode) of a service's short-syntax volumes (a source may be ``${VAR:-x}``)."""
+@dataclass(frozen=True)
+class Mount:
+    source: str  # a named volume, a path or ``${VAR:-x}``
+    target: str
+    read_only: bool
+    subpath: str = ""  # of a named volume: the folder in it that is mounted ("": all of it)
+
+
+def volume_mounts(svc: dict) -> list[Mount]:
+    """A service's volumes, short syntax (``source:target[:mode]``) or long (a mapping)."""
     out = []
     for volume in svc.get("volumes", []):
+        if isinstance(volume, dict):
+            assert set(volume) <= {"type", "source", "target", "read_only", "volume"}, volume
+            assert volume["type"] == "volume" and set(volume.get("volume", {})) <= {"subpath"}, volume
+            out.append(Mount(volume["source"], volume["target"], volume.get("read_only", False), volume.get("volume", {}).get("subpath", "")))
+            continue
         m = re.fullmatch(r"(\$\{[^}]*\}|[^:]+):([^:]+)(?::([a-z,]+))?", volume)
         assert m, volume
-        out.append((m.group(1), m.group(2), m.group(3) or "rw"))
+        out.append(Mount(m.group(1), m.group(2), "ro" in (m.group(3) or "rw").split(",")))
     return out
 
 
 def mounts(svc: dict) -> dict[str, str]:
     """target -> source of a service's volumes."""
-    return {target: source for source, target, _mode in volume_entries(svc)}
+    return {m.target: m.source for m in volume_mounts(svc)}
+
+
+def secrets_seen(svc: dict, volume: Path) -> dict[str, Path]:
+    """Every file of the nats-secrets volume (here the folder ``volume``) that the service's
+    container sees: its path in the container -> the file."""
+    seen = {}
+    for m in volume_mounts(svc):
+        if m.source == "nats-secrets":
+            root = volume / m.subpath
+            seen.update({f"{m.target}/{p.relative_to(root)}": p for p in root.rglob("*") if p.is_file()})
+    return seen
+
+
+def secret_file(svc: dict, path: str, volume: Path) -> Path:
+    """The file of the nats-secrets volume at ``path`` in the service's container."""
+    seen = secrets_seen(svc, volume)
+    assert path in seen, f"{path} is not in the container: {sorted(seen)}"
+    return seen[path]
 
 
 def duration_s(text: str) -> float:
@@ -131,6 +165,11 @@ def test_docker_compose_accepts_the_file(profile: str):
     assert result.returncode == 0, result.stderr
     resolved = json.loads(result.stdout)["services"]
     assert ("vllm" in resolved) == (profile == "gpu")
+    # Compose itself reads each container's folder of the secrets volume (not the whole volume).
+    for name, svc in resolved.items():
+        for volume in svc.get("volumes", []):
+            if volume.get("source") == "nats-secrets" and name != "nats-auth":
+                assert volume["read_only"] and volume["volume"]["subpath"], (name, volume)
     assert resolved["llm"]["environment"]["XZ_LLM__BACKEND"] == "llamacpp"
     assert resolved["gateway"]["environment"]["XZ_GATEWAY__PUBLIC_HOST"] == ""
 
@@ -145,7 +184,7 @@ def test_every_xiaozhi_service_runs_as_its_own_nats_user():
         assert env["XZ_NATS__USER"] == name and name in natsauth.SERVICES
         secrets_dir = str(Path(env["XZ_NATS__PASSWORD_FILE"]).parent)
         assert env["XZ_NATS__PASSWORD_FILE"] == f"{secrets_dir}/{name}.password"
-        assert ("nats-secrets", secrets_dir, "ro") in volume_entries(svc), name
+        assert Mount("nats-secrets", secrets_dir, True, name) in volume_mounts(svc), name
         assert svc["depends_on"]["nats"]["condition"] == "service_healthy"
         assert svc["restart"] == "unless-stopped"
         assert "container_name" not in svc
@@ -371,26 +410,76 @@ def _replace_once(pattern: str, replacement: str, text: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def compose_nats(tmp_path_factory):
-    """nats.conf as compose runs it, with the secrets the compose `nats-auth` command writes."""
-    tmp = tmp_path_factory.mktemp("compose-nats")
+def compose_secrets(tmp_path_factory) -> Path:
+    """The nats-secrets volume (a folder) as the compose `nats-auth` command writes it."""
+    volume = tmp_path_factory.mktemp("compose-secrets") / "nats-secrets"
     command = services()["nats-auth"]["command"]
     secrets_dir = command[command.index("--secrets-dir") + 1]
-    # Beside the config, as in the nats container (include ./secrets/auth.conf).
-    args = [tmp / "secrets" if a == secrets_dir else a for a in command]
-    for _ in range(2):  # the second run keeps the first one's passwords (--if-missing)
+    assert mounts(services()["nats-auth"])[secrets_dir] == "nats-secrets"
+    args = [volume if a == secrets_dir else a for a in command]
+    for run in range(2):  # the second run keeps the first one's passwords (--if-missing)
         result = subprocess.run([sys.executable, "-m", "xiaozhi.cli", *map(str, args)], capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert result.returncode == 0, result.stderr
-        if _ == 0:
-            first = {p.name: p.read_text() for p in (tmp / "secrets").iterdir()}
-    assert {p.name: p.read_text() for p in (tmp / "secrets").iterdir()} == first
-    assert set(first) == {"auth.conf"} | {f"{s}.password" for s in natsauth.USERS}
+        files = {str(p.relative_to(volume)): p.read_text() for p in volume.rglob("*") if p.is_file()}
+        if run == 0:
+            first = files
+    assert files == first
+    assert set(first) == {f"{natsauth.SERVER_DIR}/auth.conf"} | {f"{u}/{u}.password" for u in natsauth.USERS}
+    return volume
+
+
+def test_each_container_sees_only_its_own_nats_password(compose_secrets):
+    """Issue 14: a compromised container must not find another service's NATS password (nor the
+    admin's, which may change every stream) in what it mounts, as in Kubernetes."""
+    volume = compose_secrets
+    passwords = {user: path.read_text().strip() for user, path in natsauth.secret_paths(volume, per_service_dirs=True)[1].items()}
+    whole = [name for name, svc in services().items() if any(m.source == "nats-secrets" and not m.subpath for m in volume_mounts(svc))]
+    assert whole == ["nats-auth"], "only the one-shot that writes the secrets mounts the whole volume"
+    include = re.search(r"^include\s+(\S+)", NATS_CONF.read_text(), re.M).group(1)
+    holders: dict[str, list[str]] = {user: [] for user in passwords}
+    for name, svc in services().items():
+        if name == "nats-auth":
+            continue
+        assert all(m.read_only for m in volume_mounts(svc) if m.source == "nats-secrets"), name
+        seen = {path: file.read_text() for path, file in secrets_seen(svc, volume).items()}
+        env = svc.get("environment", {})
+        if name == "nats":
+            # nats-server checks the passwords: its config holds them all, and nothing else.
+            conf_target = next(target for target, source in mounts(svc).items() if source.endswith("deploy/compose/nats.conf"))
+            assert set(seen) == {str(Path(conf_target).parent / include)}, seen
+            continue
+        user = env.get("XZ_NATS__USER")
+        # Its own password file and nothing else; the other containers see none.
+        assert seen == ({env["XZ_NATS__PASSWORD_FILE"]: passwords[user] + "\n"} if user else {}), (name, sorted(seen))
+        for other, password in passwords.items():
+            if any(password in text for text in seen.values()):
+                holders[other].append(name)
+        if user:
+            # Had the subpath been ignored (an Engine without it), the whole volume would be
+            # mounted: the password file would not be where the service looks, so it fails to
+            # start rather than run with every password in sight.
+            mount = next(m for m in volume_mounts(svc) if m.source == "nats-secrets")
+            assert not (volume / Path(env["XZ_NATS__PASSWORD_FILE"]).relative_to(mount.target)).exists(), name
+    assert holders == {user: [user if user != natsauth.ADMIN else "nats-setup"] for user in passwords}, holders
+
+
+@pytest.fixture(scope="module")
+def compose_nats(tmp_path_factory, compose_secrets):
+    """nats.conf as compose runs it, with what the nats container sees of the secrets volume."""
+    tmp = tmp_path_factory.mktemp("compose-nats")
+    nats = services()["nats"]
+    # The container's /etc/nats: nats.conf and, beside it, its folder of the volume (`include`
+    # is relative to the including file).
+    conf_target = Path(next(target for target, source in mounts(nats).items() if source.endswith("deploy/compose/nats.conf")))
+    for m in volume_mounts(nats):
+        if m.source == "nats-secrets":
+            (tmp / Path(m.target).relative_to(conf_target.parent)).symlink_to(compose_secrets / m.subpath, target_is_directory=True)
     port, monitor = free_port(), free_port()
     text = NATS_CONF.read_text()
     text = _replace_once(r'^listen:.*$', f'listen: "127.0.0.1:{port}"', text)
     text = _replace_once(r'^http:.*$', f'http: "127.0.0.1:{monitor}"', text)
     text = _replace_once(r'^(\s*)store_dir:.*$', rf'\1store_dir: "{tmp / "js"}"', text)
-    conf = tmp / "nats.conf"
+    conf = tmp / conf_target.name
     conf.write_text(text)
     checked = subprocess.run([nats_server_binary(), "-c", str(conf), "-t"], capture_output=True, text=True, timeout=30)
     assert checked.returncode == 0, checked.stdout + checked.stderr
@@ -398,7 +487,7 @@ def compose_nats(tmp_path_factory):
     proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         assert wait_tcp("127.0.0.1", port, 10), (tmp / "nats.log").read_text()
-        yield f"nats://127.0.0.1:{port}", monitor, tmp / "secrets"
+        yield f"nats://127.0.0.1:{port}", monitor, compose_secrets
     finally:
         proc.terminate()
         proc.wait(10)
@@ -424,22 +513,26 @@ def test_nats_setup_makes_the_streams_as_admin_before_the_services_start():
     assert env["XZ_NATS__URL"] == "nats://nats:4222" and env["XZ_NATS__USER"] == natsauth.ADMIN
     secrets_dir = str(Path(env["XZ_NATS__PASSWORD_FILE"]).parent)
     assert env["XZ_NATS__PASSWORD_FILE"] == f"{secrets_dir}/admin.password"
-    assert ("nats-secrets", secrets_dir, "ro") in volume_entries(setup)
+    assert Mount("nats-secrets", secrets_dir, True, natsauth.ADMIN) in volume_mounts(setup)
     for name, app in app_services().items():
         assert app["depends_on"]["nats-setup"]["condition"] == "service_completed_successfully", name
-        # The admin's password is in the volume, but no service runs as the admin.
+        # No service runs as the admin (nor sees its password: see the test of the secrets).
         assert app["environment"]["XZ_NATS__USER"] != natsauth.ADMIN
 
 
 async def test_a_service_user_connects_with_its_password_file_and_uses_jetstream(compose_nats):
-    url, _monitor, secrets = compose_nats
-    # What the compose nats-setup service runs, with its environment (the URL made local).
-    env = {**os.environ, **{k: interpolate_defaults(v) for k, v in services()["nats-setup"]["environment"].items()}, "XZ_NATS__URL": url}
-    env["XZ_NATS__PASSWORD_FILE"] = str(secrets / Path(env["XZ_NATS__PASSWORD_FILE"]).name)
-    done = subprocess.run([sys.executable, "-m", "xiaozhi.cli", *services()["nats-setup"]["command"], "--timeout", "30"], env=env, capture_output=True, text=True, timeout=90, cwd=ROOT)
+    url, _monitor, volume = compose_nats
+    # What the compose nats-setup service runs, with its environment (the URL made local) and
+    # the password file its container sees.
+    setup = services()["nats-setup"]
+    env = {**os.environ, **{k: interpolate_defaults(v) for k, v in setup["environment"].items()}, "XZ_NATS__URL": url}
+    env["XZ_NATS__PASSWORD_FILE"] = str(secret_file(setup, env["XZ_NATS__PASSWORD_FILE"], volume))
+    done = subprocess.run([sys.executable, "-m", "xiaozhi.cli", *setup["command"], "--timeout", "30"], env=env, capture_output=True, text=True, timeout=90, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
+    gateway = services()["gateway"]
+    password = secret_file(gateway, gateway["environment"]["XZ_NATS__PASSWORD_FILE"], volume).read_text().strip()
     nc = NATS()
-    await nc.connect(url, user="gateway", password=(secrets / "gateway.password").read_text().strip(), allow_reconnect=False, connect_timeout=5, inbox_prefix=natsauth.inbox_prefix("gateway"))
+    await nc.connect(url, user="gateway", password=password, allow_reconnect=False, connect_timeout=5, inbox_prefix=natsauth.inbox_prefix("gateway"))
     try:
         js = nc.jetstream()
         assert (await js.stream_info("XZ_LLM")).config.max_msgs == SETTINGS.work.llm.max_messages
@@ -461,8 +554,8 @@ async def test_a_wrong_password_is_refused(compose_nats):
 
 
 async def test_a_user_is_refused_another_services_subjects(compose_nats):
-    url, _monitor, secrets = compose_nats
-    password = {s: (secrets / f"{s}.password").read_text().strip() for s in ("gateway", "vad")}
+    url, _monitor, volume = compose_nats
+    password = {s: natsauth.read_passwords(volume, per_service_dirs=True)[s] for s in ("gateway", "vad")}
     # Only the gateway sends control messages; the VAD may not pose as it.
     async def publish(nc: NATS) -> None:
         await nc.publish("xz.ctl.x", b"x")

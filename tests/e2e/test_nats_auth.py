@@ -3,17 +3,12 @@ pipeline works with one user per service, and each user is refused what is not i
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 from nats.aio.client import Client as NATS
 
-from shared import natsauth
-from tests.conftest import fixture_wav, try_as, violation
+from tests.conftest import fixture_wav, nats_with_users, try_as, violation
 from xiaozhi.sim import SimDevice, read_wav
-from xiaozhi.stack import SERVICES, Stack, free_port, nats_server_binary, wait_tcp
+from xiaozhi.stack import SERVICES, Stack, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -21,44 +16,29 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("auth")
-    config, passwords = natsauth.generate()
-    port = free_port()
-    conf = tmp / "nats.conf"
-    conf.write_text(f'listen: "127.0.0.1:{port}"\njetstream: {{ store_dir: "{tmp / "js"}" }}\n' + config)
-    log = open(tmp / "nats.log", "ab")
-    nats = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    assert wait_tcp("127.0.0.1", port, 10), (tmp / "nats.log").read_text()
-    url = f"nats://127.0.0.1:{port}"
-    # The streams, buckets and object stores are made by the admin user (the service users may
-    # not), as `xiaozhi up`, compose and the Kubernetes Job do.
-    (tmp / "admin.password").write_text(passwords["admin"])
-    setup_env = {**os.environ, "XZ_NATS__URL": url, "XZ_NATS__USER": "admin", "XZ_NATS__PASSWORD_FILE": str(tmp / "admin.password")}
-    done = subprocess.run([sys.executable, "-m", "xiaozhi.cli", "nats-setup", "--timeout", "30"], env=setup_env, capture_output=True, text=True, timeout=90)
-    assert done.returncode == 0, done.stdout + done.stderr
-    # keep_audio: the ASR writes each utterance into xz_audio with its own user.
-    stack = Stack(
-        env={"XZ_LOG_JSON": "true", "PYTHONUNBUFFERED": "1", "XZ_GATEWAY__HOST": "127.0.0.1", "XZ_GATEWAY__BINDING_DB": str(tmp / "b.sqlite"), "XZ_ASR__KEEP_AUDIO": "true"},
-        log_dir=tmp / "logs",
-    )
-    stack.nats_url = url
-    try:
-        ws_port = free_port()
-        procs = []
-        manager_port = free_port()
-        for name in SERVICES + ("manager",):
-            env = {"XZ_NATS__USER": name, "XZ_NATS__PASSWORD": passwords[name]}
-            if name == "gateway":
-                env.update({"XZ_GATEWAY__WS_PORT": str(ws_port), "XZ_GATEWAY__HTTP_PORT": str(free_port())})
-            if name == "manager":
-                env.update({"XZ_MANAGER__HOST": "127.0.0.1", "XZ_MANAGER__PORT": str(manager_port), "XZ_MANAGER__DATABASE_URL": f"sqlite:///{tmp / 'manager.db'}", "XZ_MANAGER__ADMIN_PASSWORD": "admin-password"})
-            procs.append(stack.start_service(name, free_port(), env))
-        stack.wait_healthy(procs, timeout=240)
-        stack.manager_url = f"http://127.0.0.1:{manager_port}"  # type: ignore[attr-defined]
-        yield url, passwords, f"ws://127.0.0.1:{ws_port}/xiaozhi/v1/", stack
-    finally:
-        stack.stop()
-        nats.terminate()
-        nats.wait(10)
+    with nats_with_users(tmp) as (url, passwords):
+        # keep_audio: the ASR writes each utterance into xz_audio with its own user.
+        stack = Stack(
+            env={"XZ_LOG_JSON": "true", "PYTHONUNBUFFERED": "1", "XZ_GATEWAY__HOST": "127.0.0.1", "XZ_GATEWAY__BINDING_DB": str(tmp / "b.sqlite"), "XZ_ASR__KEEP_AUDIO": "true"},
+            log_dir=tmp / "logs",
+        )
+        stack.nats_url = url
+        try:
+            ws_port = free_port()
+            procs = []
+            manager_port = free_port()
+            for name in SERVICES + ("manager",):
+                env = {"XZ_NATS__USER": name, "XZ_NATS__PASSWORD": passwords[name]}
+                if name == "gateway":
+                    env.update({"XZ_GATEWAY__WS_PORT": str(ws_port), "XZ_GATEWAY__HTTP_PORT": str(free_port())})
+                if name == "manager":
+                    env.update({"XZ_MANAGER__HOST": "127.0.0.1", "XZ_MANAGER__PORT": str(manager_port), "XZ_MANAGER__DATABASE_URL": f"sqlite:///{tmp / 'manager.db'}", "XZ_MANAGER__ADMIN_PASSWORD": "admin-password"})
+                procs.append(stack.start_service(name, free_port(), env))
+            stack.wait_healthy(procs, timeout=240)
+            stack.manager_url = f"http://127.0.0.1:{manager_port}"  # type: ignore[attr-defined]
+            yield url, passwords, f"ws://127.0.0.1:{ws_port}/xiaozhi/v1/", stack
+        finally:
+            stack.stop()
 
 
 async def test_the_pipeline_works_with_one_user_per_service(secured):

@@ -94,6 +94,15 @@ async def handshake(url: str, headers: dict, local: str | None = None) -> int:
     return 101
 
 
+async def closed_with(device: SimDevice, timeout: float = 5) -> int | None:
+    """The close code once the gateway closed ``device``'s WebSocket (None: still open)."""
+    for _ in range(int(timeout / 0.1)):
+        if device.ws.close_code is not None:
+            break
+        await asyncio.sleep(0.1)
+    return device.ws.close_code
+
+
 # ------------------------------------------------------------------ vuln 1: tokens for anyone
 
 
@@ -172,11 +181,7 @@ async def test_the_owners_reflashed_device_replaces_its_old_binding(nats_only, t
         assert (await bind(nats_only.nats_url, code, "alice"))["device_id"] == old.device_id
         assert await reflashed.activate(polls=2, wait_pending_s=0.1) and reflashed.token
         # The old pair's session ended and its token is revoked; the new pair connects.
-        for _ in range(50):
-            if live.ws.close_code is not None:
-                break
-            await asyncio.sleep(0.1)
-        assert live.ws.close_code == 4001
+        assert await closed_with(live) == 4001
         await live.close()
         assert await handshake(gateway.ws_url, {"Device-Id": old.device_id, "Client-Id": old.client_id, "Authorization": f"Bearer {old.token}"}) == 401
         async with SimDevice(ws_url=gateway.ws_url, device_id=old.device_id, client_id=reflashed.client_id, token=reflashed.token) as device:
@@ -331,11 +336,7 @@ async def test_unbind_over_nats_revokes_the_token_and_closes_the_session(nats_on
         await live.connect()
         reply = await request(nats_only.nats_url, Subjects().gateway_unbind, {"device_id": device.device_id.upper()})
         assert reply == {"device_id": device.device_id, "unbound": True, "sessions_closed": 1}
-        for _ in range(50):
-            if live.ws.close_code is not None:
-                break
-            await asyncio.sleep(0.1)
-        assert live.ws.close_code == 4001
+        assert await closed_with(live) == 4001
         await live.close()
         # The old token no longer opens a session.
         assert await handshake(gateway.ws_url, {"Device-Id": device.device_id, "Client-Id": device.client_id, "Authorization": f"Bearer {token}"}) == 401
@@ -353,11 +354,7 @@ async def test_a_new_session_of_a_device_closes_the_older_one(nats_only, tmp_pat
         first = SimDevice(ws_url=gateway.ws_url, device_id=device.device_id, token=device.token)
         await first.connect()
         async with SimDevice(ws_url=gateway.ws_url, device_id=device.device_id, token=device.token) as second:
-            for _ in range(50):
-                if first.ws.close_code is not None:
-                    break
-                await asyncio.sleep(0.1)
-            assert first.ws.close_code == 4002
+            assert await closed_with(first) == 4002
             assert second.ws.close_code is None and health(gateway)["sessions"] == 1
         await first.close()
     finally:

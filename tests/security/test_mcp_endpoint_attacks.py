@@ -100,6 +100,15 @@ def start_tools(stack, tokens: dict[str, str] | None = None, **env: str) -> tupl
     return proc, f"ws://127.0.0.1:{port}/mcp/", metrics
 
 
+async def handshake(url: str, token: str) -> int:
+    """The HTTP status of a bridge's WebSocket handshake with ``token`` (101: admitted)."""
+    try:
+        async with websockets.connect(f"{url}?token={token}", open_timeout=5):
+            return 101
+    except InvalidStatus as refused:
+        return refused.response.status_code
+
+
 def metric(port: int, name: str, **labels: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as response:
         text = response.read().decode()
@@ -148,19 +157,10 @@ def test_a_short_token_is_refused_at_start(nats_only):
 async def test_token_guessing_is_throttled_per_address(nats_only, nc, kitchen_device):
     proc, url, metrics = start_tools(nats_only)
     nats_only.wait_healthy([proc], timeout=60)
-    statuses = []
-    for attempt in range(15):
-        try:
-            async with websockets.connect(f"{url}?token=kitchen-guess-{attempt:034d}", open_timeout=5):
-                statuses.append(101)
-        except InvalidStatus as refused:
-            statuses.append(refused.response.status_code)
+    statuses = [await handshake(url, f"kitchen-guess-{attempt:034d}") for attempt in range(15)]
     assert statuses == [401] * 10 + [429] * 5, statuses
     # Throttled means throttled: even the right token from that address waits out the minute.
-    with pytest.raises(InvalidStatus) as refused:
-        async with websockets.connect(f"{url}?token={TOKEN}", open_timeout=5):
-            pass
-    assert refused.value.response.status_code == 429
+    assert await handshake(url, TOKEN) == 429
     assert metric(metrics, "xz_dropped_total", service="tools", reason="bridge_bad_token") == 10
     assert metric(metrics, "xz_dropped_total", service="tools", reason="bridge_throttled") == 6
     # Two log lines (the first wrong token, the address refused), not one per attempt.
@@ -174,16 +174,9 @@ async def test_wrong_tokens_with_the_throttle_off_get_401_not_a_crash(nats_only,
     # traceback per guess).
     proc, url, metrics = start_tools(nats_only, max_token_failures_per_minute="0")
     nats_only.wait_healthy([proc], timeout=60)
-    statuses = []
-    for attempt in range(12):
-        try:
-            async with websockets.connect(f"{url}?token=kitchen-guess-{attempt:034d}", open_timeout=5):
-                statuses.append(101)
-        except InvalidStatus as refused:
-            statuses.append(refused.response.status_code)
+    statuses = [await handshake(url, f"kitchen-guess-{attempt:034d}") for attempt in range(12)]
     assert statuses == [401] * 12, statuses
-    async with websockets.connect(f"{url}?token={TOKEN}", open_timeout=5):
-        pass
+    assert await handshake(url, TOKEN) == 101
     assert "Traceback" not in (nats_only.log_dir / "tools.log").read_text()
     assert metric(metrics, "xz_dropped_total", service="tools", reason="bridge_bad_token") == 12
     assert proc.alive()

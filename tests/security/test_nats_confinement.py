@@ -13,10 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NATS
@@ -26,9 +22,8 @@ from shared import natsauth, workqueue
 from shared.agents import kv_key
 from shared.settings import Settings
 from shared.subjects import Subjects
-from xiaozhi.stack import free_port, nats_server_binary, wait_tcp
+from tests.conftest import nats_with_users
 
-ROOT = Path(__file__).resolve().parents[2]
 SECRET_MEMORY = b'{"turns": [{"role": "user", "content": "my blood test says diabetes"}], "summary": ""}'
 # The keys the services use for two devices (shared.agents.kv_key).
 VICTIM_KEY = kv_key("aa:bb:cc:dd:ee:01")
@@ -38,26 +33,8 @@ DEFAULT_AGENT = b'{"agent_id": "default", "name": "Xiaozhi", "role_prompt": "the
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("confine")
-    config, passwords = natsauth.generate()
-    port = free_port()
-    conf = tmp / "nats.conf"
-    conf.write_text(f'listen: "127.0.0.1:{port}"\njetstream: {{ store_dir: "{tmp / "js"}" }}\n' + config)
-    log = open(tmp / "nats.log", "ab")
-    proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        assert wait_tcp("127.0.0.1", port, 10), (tmp / "nats.log").read_text()
-        url = f"nats://127.0.0.1:{port}"
-        # The bootstrap as a user runs it: the CLI with the admin's password file.
-        (tmp / "admin.password").write_text(passwords["admin"] + "\n")
-        env = {**os.environ, "XZ_NATS__URL": url, "XZ_NATS__USER": "admin", "XZ_NATS__PASSWORD_FILE": str(tmp / "admin.password"), "XZ_LOG_JSON": "false"}
-        done = subprocess.run([sys.executable, "-m", "xiaozhi.cli", "nats-setup", "--timeout", "30"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=90)
-        assert done.returncode == 0, done.stdout + done.stderr
-        yield url, passwords
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
+    with nats_with_users(tmp_path_factory.mktemp("confine")) as running:
+        yield running
 
 
 class As:
