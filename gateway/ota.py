@@ -219,6 +219,7 @@ def make_app(
     own = own_hosts(settings)
     keys = device_keys or {}
     limiter = RateLimiter(settings.rate_limits.ota_per_minute_per_ip)
+    device_limiter = RateLimiter(settings.rate_limits.ota_per_minute_per_device)
     client_address = ClientAddress(settings.trusted_proxies)
     auth_on = settings.auth.enabled
     full_logged = {"at": -1e9, "count": 0}  # the "codes full" warning, at most every 10 s
@@ -227,19 +228,39 @@ def make_app(
         m.OTA_REQUESTS.labels(method, result).inc()
         return web.json_response({"success": False, "message": message}, status=status, headers={**headers, **extra})
 
-    def admitted(request: web.Request, method: str, headers: dict[str, str]) -> web.Response | tuple[str, str]:
-        """The per-address rate limit and the Device-Id check, shared by OTA and /activate: the
-        refusal, or the request's (Device-Id, Client-Id; the Device-Id when it has none)."""
-        if not limiter.allow(client_address(request.remote or "unknown", request.headers.get("X-Forwarded-For")), time.monotonic()):
-            return refuse(method, "rate_limited", 429, "too many requests, slow down", headers, **{"Retry-After": "10"})
+    def slow_down(method: str, result: str, headers: dict[str, str]) -> web.Response:
+        return refuse(method, result, 429, "too many requests, slow down", headers, **{"Retry-After": "10"})
+
+    async def admitted(request: web.Request, method: str, headers: dict[str, str]) -> web.Response | tuple[str, str, str | None]:
+        """The Device-Id check and the rate limits, shared by OTA and /activate: the refusal, or
+        the request's (Device-Id, Client-Id (the Device-Id when it has none), binding state
+        (None without binding)).
+
+        The per-address budget is paid only by requests that prove nothing, as in the WebSocket
+        handshake: the bound pair is limited per pair instead, so someone behind the device's
+        own address (a home NAT) cannot use the budget up to keep the device from booting. An
+        allow-listed id proves nothing (anyone can send it, with any Client-Id): it pays per
+        address. Ids are checked before the store is asked; the state is looked up once."""
+        now = time.monotonic()
+        ip = client_address(request.remote or "unknown", request.headers.get("X-Forwarded-For"))
         device_id = request.headers.get("Device-Id", "").strip()
+        client_id = request.headers.get("Client-Id", "").strip()
         problem = device_id_problem(device_id)
-        if problem is None and request.headers.get("Client-Id", "").strip() and not CLIENT_ID.fullmatch(request.headers["Client-Id"].strip()):
+        if problem is None and client_id and not CLIENT_ID.fullmatch(client_id):
             problem = "bad_client_id"
         if problem is not None:
+            if not limiter.allow(ip, now):
+                return slow_down(method, "rate_limited", headers)
             log.info("ota request refused", extra={"fields": {"why": problem, "device_id": device_id[:80], "ip": request.remote}})
             return refuse(method, problem, 400, "Device-Id must be 1-64 of A-Z a-z 0-9 : . _ - (not default, not web-...); Client-Id likewise, up to 128", headers)
-        return device_id, request.headers.get("Client-Id", "").strip() or device_id
+        client_id = client_id or device_id
+        state = await asyncio.to_thread(bindings.state, device_id, client_id) if bindings is not None else None
+        if state == BOUND:
+            if not device_limiter.allow(f"{device_id.lower()}|{client_id}", now):
+                return slow_down(method, "device_rate_limited", headers)
+        elif not limiter.allow(ip, now):
+            return slow_down(method, "rate_limited", headers)
+        return device_id, client_id, state
 
     async def options(request: web.Request) -> web.Response:
         return web.Response(status=200, headers=cors_headers(settings, request))
@@ -251,10 +272,10 @@ def make_app(
 
     async def post(request: web.Request) -> web.Response:
         cors = cors_headers(settings, request)
-        ids = admitted(request, "POST", cors)
+        ids = await admitted(request, "POST", cors)
         if isinstance(ids, web.Response):
             return ids
-        device_id, client_id = ids
+        device_id, client_id, state = ids
         body: dict[str, Any] = {}
         raw = await request.read()
         if raw:
@@ -266,7 +287,6 @@ def make_app(
                 m.OTA_REQUESTS.labels("POST", "bad_body").inc()
                 log.info("ota body is not JSON; answering anyway", extra={"fields": {"device_id": device_id}})
         allowed = auth.allow_listed(settings.auth.allowed_devices, device_id)
-        state = await asyncio.to_thread(bindings.state, device_id, client_id) if bindings is not None else None
         activation = None
         if bindings is not None and state != BOUND:
             serial = request.headers.get("Serial-Number", "").strip()[:64] or None
@@ -315,15 +335,12 @@ def make_app(
         """The device polls until its owner entered the code: 202 until its pair is bound, 200
         after; a device whose chip key is known must answer its challenge (403 otherwise)."""
         cors = cors_headers(settings, request)
-        ids = admitted(request, "ACTIVATE", cors)
+        ids = await admitted(request, "ACTIVATE", cors)
         if isinstance(ids, web.Response):
             return ids
-        device_id, client_id = ids
+        device_id, client_id, state = ids
         raw = await request.read()
-        if bindings is None:
-            m.OTA_REQUESTS.labels("ACTIVATE", "bound").inc()
-            return web.Response(text="success", headers=cors)
-        if await asyncio.to_thread(bindings.state, device_id, client_id) == BOUND:
+        if bindings is None or state == BOUND:
             m.OTA_REQUESTS.labels("ACTIVATE", "bound").inc()
             return web.Response(text="success", headers=cors)
         pending = await asyncio.to_thread(bindings.pending, device_id, client_id)

@@ -137,8 +137,11 @@ class RateLimitSettings(BaseModel):
     turns_per_minute_per_ip: int = 1200
     cooldown_s: float = 10.0
     # OTA and /activate requests per source address per minute (then 429). A device asks OTA
-    # once per boot and polls /activate every 3 s while it shows its code.
+    # once per boot and polls /activate every 3 s while it shows its code. Only requests that
+    # prove nothing pay it: the bound pair (binding on) is limited per device instead, so
+    # nobody behind the device's own address (a home NAT) can use the budget up to keep it out.
     ota_per_minute_per_ip: int = 60
+    ota_per_minute_per_device: int = 20
     # Failed WebSocket authentications per source address per minute before that address gets
     # 429 for every handshake (the device's own limit is taken only after authentication).
     auth_failures_per_minute_per_ip: int = 10

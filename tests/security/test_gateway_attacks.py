@@ -252,6 +252,36 @@ async def test_forged_x_forwarded_for_does_not_escape_the_limit_and_a_trusted_pr
         proxied.stop()
 
 
+@pytest.mark.parametrize("auth", [True, False], ids=["auth-on", "auth-off"])
+async def test_an_ota_flood_from_the_devices_own_address_does_not_keep_the_bound_device_from_booting(nats_only, tmp_path, auth):
+    """Someone behind the device's home NAT (the same public address) floods OTA until the
+    address's budget is gone: the bound device still boots (OTA and /activate answer it), limited
+    per device instead; every unproved request from the address, the device's MAC under another
+    Client-Id included, still gets 429."""
+    gateway = binding_gateway(nats_only, tmp_path, auth=auth, rate_limits__ota_per_minute_per_ip="5", rate_limits__ota_per_minute_per_device="8")
+    ota_url = f"{gateway.http_url}/xiaozhi/ota/"
+    try:
+        device = await owned_device(gateway, nats_only.nats_url)  # from 127.0.0.1, the shared address
+        attacker = Attacker(gateway.ws_url, gateway.http_url)  # the same address
+        await attacker.ota_flood(30)
+        outcomes = {k: v for k, v in attacker.outcomes.items() if k.startswith("OTA flood")}
+        print(outcomes)
+        assert outcomes.get("OTA flood: HTTP 429", 0) >= 26, outcomes
+        pair = {"Device-Id": device.device_id, "Client-Id": device.client_id}
+        status, answer, _ = await post_ota(ota_url, pair)
+        print("the device's OTA after the flood:", status, answer)
+        assert status == 200 and "activation" not in answer
+        assert bool(answer["websocket"]["token"]) == auth
+        assert (await post_ota(ota_url + "activate", pair))[0] == 200
+        for unproved in ({"Device-Id": device.device_id, "Client-Id": str(uuid.uuid4())}, {"Device-Id": device.device_id}, {"Device-Id": random_mac()}):
+            assert (await post_ota(ota_url, unproved))[0] == 429, unproved
+        # Nor can the pair's own requests flood: they have a budget of their own.
+        statuses = [(await post_ota(ota_url, pair))[0] for _ in range(8)]
+        assert 429 in statuses and statuses.count(200) <= 6 and statuses == sorted(statuses), statuses
+    finally:
+        gateway.stop()
+
+
 async def test_when_every_activation_code_is_taken_ota_fails_cleanly(nats_only, tmp_path):
     gateway = binding_gateway(nats_only, tmp_path, auth=True, max_pending_codes="20", rate_limits__ota_per_minute_per_ip="0")
     ota_url = f"{gateway.http_url}/xiaozhi/ota/"

@@ -6,9 +6,11 @@ import os
 import sqlite3
 import stat
 
-from gateway.bindings import BOUND, OTHER, UNBOUND, BindResult, SqliteBindingStore
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.bindings import BOUND, OTHER, UNBOUND, BindResult, Pending, SqliteBindingStore
 from gateway.firmware import newest_image, parse_version, safe_path
-from gateway.ota import build_ota_response, device_id_problem, lan_ip, own_hosts, websocket_url
+from gateway.ota import build_ota_response, device_id_problem, lan_ip, make_app, own_hosts, websocket_url
 from shared.settings import GatewaySettings
 
 
@@ -115,6 +117,41 @@ def test_device_ids_ota_refuses():
                      ("DEFAULT", "reserved_device_id"), ("web-4", "reserved_device_id"), ("Web-1", "reserved_device_id")):
         assert device_id_problem(bad) == why, bad
     assert device_id_problem("web-4", for_ota=False) is None  # the console's devices connect
+
+
+class CountingStore:
+    """A binding store that counts its state lookups: one pair is bound, every other unbound."""
+
+    def __init__(self, bound: tuple[str, str]) -> None:
+        self.bound, self.lookups, self.issued = bound, 0, []
+
+    def state(self, device_id: str, client_id: str) -> str:
+        self.lookups += 1
+        return BOUND if (device_id.lower(), client_id) == self.bound else UNBOUND
+
+    def pending_code(self, device_id, client_id, serial=None, needs_proof=False):
+        self.issued.append((device_id, serial, needs_proof))
+        return Pending("123456", "nonce", 0.0, serial, not needs_proof)
+
+    def pending(self, device_id, client_id):
+        return None
+
+
+async def test_ota_checks_ids_before_the_store_and_the_bound_pair_pays_per_device():
+    store = CountingStore(("aa:bb:cc:dd:ee:ff", "c1"))
+    settings = GatewaySettings(binding=True, rate_limits={"ota_per_minute_per_ip": 2, "ota_per_minute_per_device": 3})
+    async with TestClient(TestServer(make_app(settings, "k" * 32, store))) as client:
+        for bad in ("web-1", "a b"):
+            assert (await client.post("/xiaozhi/ota/", headers={"Device-Id": bad})).status == 400
+        assert store.lookups == 0  # refused before the store is asked
+        # Those unproved requests paid the address's budget: the next unproved one gets 429.
+        assert (await client.post("/xiaozhi/ota/", headers={"Device-Id": "aa:bb:cc:dd:ee:ff", "Client-Id": "c2"})).status == 429
+        assert store.lookups == 1 and not store.issued
+        # The bound pair pays no address budget, only its own (3), one lookup per request.
+        pair = {"Device-Id": "AA:BB:CC:DD:EE:FF", "Client-Id": "c1"}
+        statuses = [(await client.post("/xiaozhi/ota/", headers=pair)).status for _ in range(2)]
+        statuses += [(await client.post("/xiaozhi/ota/activate", headers=pair)).status for _ in range(2)]
+        assert statuses == [200, 200, 200, 429] and store.lookups == 5
 
 
 def test_the_host_header_is_believed_only_when_it_names_this_machine():
