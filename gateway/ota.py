@@ -186,6 +186,21 @@ def activation_answer(body: dict[str, Any]) -> dict[str, Any]:
     return payload if isinstance(payload, dict) else {}
 
 
+def chip_proof(keys: auth.DeviceKeys, device_id: str, serial: str | None) -> tuple[str | None, bool] | str:
+    """The (serial, needs_proof) a new code records, or why the request is refused (a metrics label).
+
+    A MAC listed in the keys file needs its own chip's proof whatever the request says: leaving
+    out ``Serial-Number`` or ``Activation-Version`` must not lower the bar, and a serial that is
+    not that chip's (another MAC's, or none listed) is refused. A listed serial without a MAC
+    needs its proof when a request names it."""
+    chip = keys.serial_of(device_id)
+    if chip is not None:
+        return "serial_mismatch" if serial is not None and serial != chip else (chip, True)
+    if serial is not None and serial in keys.keys:
+        return "serial_mismatch" if keys.mac_of(serial) is not None else (serial, True)
+    return serial, False
+
+
 def device_info(body: dict[str, Any], user_agent: str) -> dict[str, str | None]:
     """Board and firmware version from the OTA system-info, else from ``User-Agent: board/version``."""
     application = body.get("application") if isinstance(body.get("application"), dict) else {}
@@ -202,7 +217,7 @@ def make_app(
     bindings: BindingStore | None = None,
     on_seen: Callable[[dict[str, Any], bool], None] | None = None,
     catalog: Any = None,
-    device_keys: dict[str, bytes] | None = None,
+    device_keys: auth.DeviceKeys | None = None,
     not_before: Callable[[str], float | None] | None = None,
 ) -> web.Application:
     """The HTTP app on :8003: OTA on both URL forms, activation, firmware downloads.
@@ -215,9 +230,13 @@ def make_app(
     devices (empty token: none needed); any other device gets activation and no token.
     ``not_before(device_id)``: the device's last unbind; a token is never dated before it
     (it would be refused as revoked).
+
+    ``device_keys``: per-chip keys; a listed MAC's code needs its chip's proof, and with
+    ``auth.require_device_keys`` a MAC not listed gets no code at all.
     """
     own = own_hosts(settings)
-    keys = device_keys or {}
+    keys = device_keys or auth.DeviceKeys()
+    require_keys = settings.auth.require_device_keys
     limiter = RateLimiter(settings.rate_limits.ota_per_minute_per_ip)
     device_limiter = RateLimiter(settings.rate_limits.ota_per_minute_per_device)
     client_address = ClientAddress(settings.trusted_proxies)
@@ -262,6 +281,11 @@ def make_app(
             return slow_down(method, "rate_limited", headers)
         return device_id, client_id, state
 
+    def no_chip_key(method: str, request: web.Request, device_id: str, headers: dict[str, str]) -> web.Response:
+        """``auth.require_device_keys``: this MAC has no key in the file, so it never activates."""
+        log.warning("activation refused: the device's MAC has no chip key", extra={"fields": {"device_id": device_id, "ip": request.remote}})
+        return refuse(method, "no_chip_key", 403, "this device has no chip key here: it cannot be activated", headers)
+
     async def options(request: web.Request) -> web.Response:
         return web.Response(status=200, headers=cors_headers(settings, request))
 
@@ -289,8 +313,16 @@ def make_app(
         allowed = auth.allow_listed(settings.auth.allowed_devices, device_id)
         activation = None
         if bindings is not None and state != BOUND:
-            serial = request.headers.get("Serial-Number", "").strip()[:64] or None
-            needs_proof = request.headers.get("Activation-Version", "").strip() == "2" and serial is not None and serial in keys
+            if require_keys and keys.serial_of(device_id) is None:
+                return no_chip_key("POST", request, device_id, cors)
+            proof = chip_proof(keys, device_id, request.headers.get("Serial-Number", "").strip()[:64] or None)
+            if isinstance(proof, str):
+                log.warning(
+                    "activation refused: the Serial-Number is not the chip listed for this MAC",
+                    extra={"fields": {"device_id": device_id, "serial": request.headers.get("Serial-Number", "")[:64], "chip": keys.serial_of(device_id), "ip": request.remote}},
+                )
+                return refuse("POST", proof, 403, "Serial-Number does not match this device's chip", cors)
+            serial, needs_proof = proof
             pending = await asyncio.to_thread(bindings.pending_code, device_id, client_id, serial, needs_proof)
             if pending is None:
                 m.OTA_REQUESTS.labels("POST", "codes_full").inc()
@@ -333,7 +365,8 @@ def make_app(
 
     async def activate(request: web.Request) -> web.Response:
         """The device polls until its owner entered the code: 202 until its pair is bound, 200
-        after; a device whose chip key is known must answer its challenge (403 otherwise)."""
+        after; a device whose chip key is known must answer its challenge (403 otherwise), and
+        with ``auth.require_device_keys`` a MAC without a key is refused (403)."""
         cors = cors_headers(settings, request)
         ids = await admitted(request, "ACTIVATE", cors)
         if isinstance(ids, web.Response):
@@ -343,8 +376,10 @@ def make_app(
         if bindings is None or state == BOUND:
             m.OTA_REQUESTS.labels("ACTIVATE", "bound").inc()
             return web.Response(text="success", headers=cors)
+        if require_keys and keys.serial_of(device_id) is None:
+            return no_chip_key("ACTIVATE", request, device_id, cors)
         pending = await asyncio.to_thread(bindings.pending, device_id, client_id)
-        if pending is not None and not pending.verified and pending.serial in keys:
+        if pending is not None and not pending.verified and pending.serial in keys.keys:
             try:
                 answer = activation_answer(json.loads(raw) if raw else {})
             except ValueError:
@@ -354,7 +389,7 @@ def make_app(
             ok = (
                 isinstance(challenge, str) and isinstance(mac, str) and challenge == pending.challenge
                 and (serial is None or serial == pending.serial)
-                and auth.verify_activation(keys[pending.serial], pending.challenge, mac)  # type: ignore[index]
+                and auth.verify_activation(keys.keys[pending.serial], pending.challenge, mac)  # type: ignore[index]
             )
             if not ok:
                 m.OTA_REQUESTS.labels("ACTIVATE", "bad_hmac").inc()

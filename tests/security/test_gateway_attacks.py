@@ -207,6 +207,69 @@ async def test_a_chip_with_a_known_key_must_answer_its_challenge_before_its_code
         gateway.stop()
 
 
+async def test_a_keyed_chips_mac_needs_its_proof_whatever_headers_the_request_carries(nats_only, tmp_path):
+    """The attacker knows the chip's MAC and Client-Id (sniffed) and asks OTA as it without the
+    chip's headers, or naming another chip it holds the key of (its own board): no code for
+    that MAC binds without the proof of the chip listed with it."""
+    key, own_key = bytes(range(32)), bytes(range(32, 64))
+    mac, client, attackers_mac = random_mac(), str(uuid.uuid4()), random_mac()
+    keys = tmp_path / "device-keys.json"
+    keys.write_text(json.dumps({"SN-0001": {"key": key.hex(), "mac": mac.upper()}, "SN-0002": {"key": own_key.hex(), "mac": attackers_mac}}))
+    gateway = binding_gateway(nats_only, tmp_path, auth=True, auth__device_keys_file=str(keys))
+    ota_url = f"{gateway.http_url}/xiaozhi/ota/"
+    pair = {"Device-Id": mac, "Client-Id": client}
+    try:
+        for headers in (pair, {**pair, "Activation-Version": "1"}, {**pair, "Activation-Version": "2"}):
+            status, answer, _ = await post_ota(ota_url, headers, local=ATTACKER_IP)
+            assert status == 200, (headers, status)
+            code = answer["activation"]["code"]
+            assert await bind(nats_only.nats_url, code, "mallory") is None, headers  # not proved: no such code
+        # Another chip's serial (the attacker's own board, listed with its own MAC) is refused,
+        # and so is a serial the file does not give this MAC.
+        for serial in ("SN-0002", "SN-9999"):
+            status, _, _ = await post_ota(ota_url, {**pair, "Activation-Version": "2", "Serial-Number": serial}, local=ATTACKER_IP)
+            assert status == 403, serial
+        with urllib.request.urlopen(f"http://127.0.0.1:{gateway.proc.metrics_port}/metrics", timeout=3) as response:
+            assert 'xz_gateway_ota_requests_total{method="POST",result="serial_mismatch"} 2.0' in response.read().decode()
+        # Answering the code's challenge with the attacker's own chip key does not prove this chip.
+        _, answer, _ = await post_ota(ota_url, pair, local=ATTACKER_IP)
+        challenge = answer["activation"]["challenge"]
+        forged = {"algorithm": "hmac-sha256", "serial_number": "SN-0002", "challenge": challenge, "hmac": hmac.new(own_key, challenge.encode(), hashlib.sha256).hexdigest()}
+        assert (await post_ota(ota_url + "activate", pair, local=ATTACKER_IP, body=json.dumps(forged).encode()))[0] == 403
+        forged = {**forged, "serial_number": "SN-0001"}
+        assert (await post_ota(ota_url + "activate", pair, local=ATTACKER_IP, body=json.dumps(forged).encode()))[0] == 403
+        assert await bind(nats_only.nats_url, answer["activation"]["code"], "mallory") is None
+        # The chip itself, with its firmware's headers (in either case of its MAC), proves itself and is bound.
+        headers = {**pair, "Device-Id": mac.upper(), "Activation-Version": "2", "Serial-Number": "SN-0001"}
+        _, answer, _ = await post_ota(ota_url, headers)
+        challenge, code = answer["activation"]["challenge"], answer["activation"]["code"]
+        right = {"algorithm": "hmac-sha256", "serial_number": "SN-0001", "challenge": challenge, "hmac": hmac.new(key, challenge.encode(), hashlib.sha256).hexdigest()}
+        assert (await post_ota(ota_url + "activate", headers, body=json.dumps(right).encode()))[0] == 202
+        assert (await bind(nats_only.nats_url, code, "alice"))["device_id"] == mac
+    finally:
+        gateway.stop()
+
+
+async def test_with_require_device_keys_a_mac_without_a_key_gets_no_code(nats_only, tmp_path):
+    key, mac = bytes(range(32)), random_mac()
+    keys = tmp_path / "device-keys.json"
+    keys.write_text(json.dumps({"SN-0001": {"key": key.hex(), "mac": mac}}))
+    gateway = binding_gateway(nats_only, tmp_path, auth=True, auth__device_keys_file=str(keys), auth__require_device_keys="true")
+    ota_url = f"{gateway.http_url}/xiaozhi/ota/"
+    try:
+        # A board nobody listed (or one claiming to be a keyless chip) cannot start an activation.
+        for headers in ({"Device-Id": random_mac()}, {"Device-Id": random_mac(), "Activation-Version": "2", "Serial-Number": "SN-0001"}):
+            status, answer, _ = await post_ota(ota_url, headers, local=ATTACKER_IP)
+            assert status == 403 and "activation" not in answer, (status, answer)
+        status, answer, _ = await post_ota(ota_url, {"Device-Id": mac, "Client-Id": str(uuid.uuid4())})
+        assert status == 200 and answer["activation"]["code"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{gateway.proc.metrics_port}/metrics", timeout=3) as response:
+            metrics = response.read().decode()
+        assert 'xz_gateway_ota_requests_total{method="POST",result="no_chip_key"} 2.0' in metrics
+    finally:
+        gateway.stop()
+
+
 # ------------------------------------------------------------------ vuln 7: the OTA flood
 
 
