@@ -14,7 +14,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
+
+# A Device-Id as OTA accepts it (gateway.ota.DEVICE_ID), lower-cased.
+_MAC = re.compile(r"[a-z0-9:._-]{1,64}")
 
 
 def _b64(data: bytes) -> str:
@@ -92,13 +96,41 @@ def verify_device(
     return AuthResult(True, issued_at=ts)
 
 
-def load_device_keys(path: str | None) -> dict[str, bytes]:
-    """Per-chip HMAC keys from a JSON or YAML file ``{"<serial>": "<hex key>"}`` (None: none).
+@dataclass(frozen=True)
+class DeviceKeys:
+    """Per-chip HMAC keys by serial number, and the chip's MAC (Device-Id) where the file names it.
+
+    A listed MAC ties the key to the device: its codes need that chip's proof whatever headers
+    a request carries (see ``gateway.ota.chip_proof``)."""
+
+    keys: dict[str, bytes] = field(default_factory=dict)
+    # Lower-case MAC -> serial, for the entries that name one.
+    macs: dict[str, str] = field(default_factory=dict)
+    _mac_of: dict[str, str] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._mac_of.update({serial: mac for mac, serial in self.macs.items()})
+
+    def serial_of(self, device_id: str) -> str | None:
+        """The serial of the chip listed with this MAC (compared case-insensitively), or None."""
+        return self.macs.get(device_id.lower())
+
+    def mac_of(self, serial: str) -> str | None:
+        """The MAC listed with this serial, or None (not listed, or listed without one)."""
+        return self._mac_of.get(serial)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def load_device_keys(path: str | None) -> DeviceKeys:
+    """Per-chip HMAC keys from a JSON or YAML file (None: none). Each entry is either
+    ``"<serial>": "<hex key>"`` or ``"<serial>": {"key": "<hex key>", "mac": "<Device-Id>"}``.
 
     A missing file or a bad entry raises: a gateway configured to check keys must not start
-    without them."""
+    without them (nor with a MAC listed for two chips, or a misspelt field, silently ignored)."""
     if not path:
-        return {}
+        return DeviceKeys()
     import json
     from pathlib import Path
 
@@ -112,12 +144,28 @@ def load_device_keys(path: str | None) -> dict[str, bytes]:
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping of serial number to hex key")
     keys: dict[str, bytes] = {}
-    for serial, key in raw.items():
+    macs: dict[str, str] = {}
+    for serial, entry in raw.items():
+        serial = str(serial)
+        mac = None
+        if isinstance(entry, dict):
+            unknown = set(entry) - {"key", "mac"}
+            if unknown or "key" not in entry:
+                raise ValueError(f"{path}: serial {serial!r}: expected {{\"key\": \"<hex>\", \"mac\": \"<Device-Id>\"}} (got {sorted(map(str, entry))})")
+            mac = entry.get("mac")
+            entry = entry["key"]
+            if mac is not None:
+                mac = str(mac).strip().lower()
+                if not _MAC.fullmatch(mac):
+                    raise ValueError(f"{path}: the mac of serial {serial!r} is not a Device-Id")
+                if mac in macs:
+                    raise ValueError(f"{path}: mac {mac} is listed for serials {macs[mac]!r} and {serial!r}")
+                macs[mac] = serial
         try:
-            keys[str(serial)] = bytes.fromhex(str(key))
+            keys[serial] = bytes.fromhex(str(entry))
         except ValueError:
             raise ValueError(f"{path}: the key of serial {serial!r} is not hex") from None
-    return keys
+    return DeviceKeys(keys, macs)
 
 
 def verify_activation(key: bytes, challenge: str, answer: str) -> bool:

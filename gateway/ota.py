@@ -185,6 +185,21 @@ def activation_answer(body: dict[str, Any]) -> dict[str, Any]:
     return payload if isinstance(payload, dict) else {}
 
 
+def chip_proof(keys: auth.DeviceKeys, device_id: str, serial: str | None) -> tuple[str | None, bool] | str:
+    """The (serial, needs_proof) a new code records, or why the request is refused (a metrics label).
+
+    A MAC listed in the keys file needs its own chip's proof whatever the request says: leaving
+    out ``Serial-Number`` or ``Activation-Version`` must not lower the bar, and a serial that is
+    not that chip's (another MAC's, or none listed) is refused. A listed serial without a MAC
+    needs its proof when a request names it."""
+    chip = keys.serial_of(device_id)
+    if chip is not None:
+        return "serial_mismatch" if serial is not None and serial != chip else (chip, True)
+    if serial is not None and serial in keys.keys:
+        return "serial_mismatch" if keys.mac_of(serial) is not None else (serial, True)
+    return serial, False
+
+
 def device_info(body: dict[str, Any], user_agent: str) -> dict[str, str | None]:
     """Board and firmware version from the OTA system-info, else from ``User-Agent: board/version``."""
     application = body.get("application") if isinstance(body.get("application"), dict) else {}
@@ -201,7 +216,7 @@ def make_app(
     bindings: BindingStore | None = None,
     on_seen: Callable[[dict[str, Any], bool], None] | None = None,
     catalog: Any = None,
-    device_keys: dict[str, bytes] | None = None,
+    device_keys: auth.DeviceKeys | None = None,
     not_before: Callable[[str], float | None] | None = None,
 ) -> web.Application:
     """The HTTP app on :8003: OTA on both URL forms, activation, firmware downloads.
@@ -214,10 +229,15 @@ def make_app(
     devices (empty token: none needed); any other device gets activation and no token.
     ``not_before(device_id)``: the device's last unbind; a token is never dated before it
     (it would be refused as revoked).
+
+    ``device_keys``: per-chip keys; a listed MAC's code needs its chip's proof, and with
+    ``auth.require_device_keys`` a MAC not listed gets no code at all.
     """
     own = own_hosts(settings)
-    keys = device_keys or {}
+    keys = device_keys or auth.DeviceKeys()
+    require_keys = settings.auth.require_device_keys
     limiter = RateLimiter(settings.rate_limits.ota_per_minute_per_ip)
+    device_limiter = RateLimiter(settings.rate_limits.ota_per_minute_per_device)
     client_address = ClientAddress(settings.trusted_proxies)
     auth_on = settings.auth.enabled
     full_logged = {"at": -1e9, "count": 0}  # the "codes full" warning, at most every 10 s
@@ -226,19 +246,49 @@ def make_app(
         m.OTA_REQUESTS.labels(method, result).inc()
         return web.json_response({"success": False, "message": message}, status=status, headers={**headers, **extra})
 
-    def admitted(request: web.Request, method: str, headers: dict[str, str]) -> web.Response | tuple[str, str]:
-        """The per-address rate limit and the Device-Id check, shared by OTA and /activate: the
-        refusal, or the request's (Device-Id, Client-Id; the Device-Id when it has none)."""
-        if not limiter.allow(client_address(request.remote or "unknown", request.headers.get("X-Forwarded-For")), time.monotonic()):
-            return refuse(method, "rate_limited", 429, "too many requests, slow down", headers, **{"Retry-After": "10"})
+    def slow_down(method: str, result: str, headers: dict[str, str]) -> web.Response:
+        return refuse(method, result, 429, "too many requests, slow down", headers, **{"Retry-After": "10"})
+
+    async def admitted(request: web.Request, method: str, headers: dict[str, str]) -> web.Response | tuple[str, str, Lookup | None]:
+        """The Device-Id check and the rate limits, shared by OTA and /activate: the refusal, or
+        the request's (Device-Id, Client-Id (the Device-Id when it has none), what the binding
+        store says of the pair (None without binding)).
+
+        The per-address budget is paid only by requests that prove nothing, as in the WebSocket
+        handshake: the bound pair is limited per pair instead, so someone behind the device's
+        own address (a home NAT) cannot use the budget up to keep the device from booting. An
+        allow-listed id proves nothing (anyone can send it, with any Client-Id): it pays per
+        address. Ids are checked before the store is asked; the state is looked up once."""
+        now = time.monotonic()
+        ip = client_address(request.remote or "unknown", request.headers.get("X-Forwarded-For"))
         device_id = request.headers.get("Device-Id", "").strip()
+        client_id = request.headers.get("Client-Id", "").strip()
         problem = device_id_problem(device_id)
-        if problem is None and request.headers.get("Client-Id", "").strip() and not CLIENT_ID.fullmatch(request.headers["Client-Id"].strip()):
+        if problem is None and client_id and not CLIENT_ID.fullmatch(client_id):
             problem = "bad_client_id"
         if problem is not None:
+            if not limiter.allow(ip, now):
+                return slow_down(method, "rate_limited", headers)
             log.info("ota request refused", extra={"fields": {"why": problem, "device_id": device_id[:80], "ip": request.remote}})
             return refuse(method, problem, 400, "Device-Id must be 1-64 of A-Z a-z 0-9 : . _ - (not default, not web-...); Client-Id likewise, up to 128", headers)
-        return device_id, request.headers.get("Client-Id", "").strip() or device_id
+        client_id = client_id or device_id
+        found = None
+        if bindings is not None:
+            try:
+                found = await bindings.lookup(device_id, client_id)
+            except StoreUnavailable as exc:
+                return store_down(method, device_id, exc, headers)
+        if found is not None and found.state == BOUND:
+            if not device_limiter.allow(f"{device_id.lower()}|{client_id}", now):
+                return slow_down(method, "device_rate_limited", headers)
+        elif not limiter.allow(ip, now):
+            return slow_down(method, "rate_limited", headers)
+        return device_id, client_id, found
+
+    def no_chip_key(method: str, request: web.Request, device_id: str, headers: dict[str, str]) -> web.Response:
+        """``auth.require_device_keys``: this MAC has no key in the file, so it never activates."""
+        log.warning("activation refused: the device's MAC has no chip key", extra={"fields": {"device_id": device_id, "ip": request.remote}})
+        return refuse(method, "no_chip_key", 403, "this device has no chip key here: it cannot be activated", headers)
 
     def store_down(method: str, device_id: str, exc: Exception, headers: dict[str, str]) -> web.Response:
         """The shared binding store cannot be reached: whether the pair is bound cannot be told,
@@ -257,10 +307,11 @@ def make_app(
 
     async def post(request: web.Request) -> web.Response:
         cors = cors_headers(settings, request)
-        ids = admitted(request, "POST", cors)
+        ids = await admitted(request, "POST", cors)
         if isinstance(ids, web.Response):
             return ids
-        device_id, client_id = ids
+        device_id, client_id, found = ids
+        state = found.state if found is not None else None
         body: dict[str, Any] = {}
         raw = await request.read()
         if raw:
@@ -272,35 +323,39 @@ def make_app(
                 m.OTA_REQUESTS.labels("POST", "bad_body").inc()
                 log.info("ota body is not JSON; answering anyway", extra={"fields": {"device_id": device_id}})
         allowed = auth.allow_listed(settings.auth.allowed_devices, device_id)
-        found = Lookup("unbound")
         activation = None
-        try:
-            if bindings is not None:
-                found = await bindings.lookup(device_id, client_id)
-            state = found.state if bindings is not None else None
-            if bindings is not None and state != BOUND:
-                serial = request.headers.get("Serial-Number", "").strip()[:64] or None
-                needs_proof = request.headers.get("Activation-Version", "").strip() == "2" and serial is not None and serial in keys
-                pending = await bindings.pending_code(device_id, client_id, serial, needs_proof, not_before=found.not_before)
-                if pending is None:
-                    m.OTA_REQUESTS.labels("POST", "codes_full").inc()
-                    m.DROPPED.labels("gateway", "activation_codes_full").inc()
-                    full_logged["count"] += 1
-                    if time.monotonic() - full_logged["at"] >= 10:
-                        log.warning(
-                            "no activation code free: answering 503",
-                            extra={"fields": {"device_id": device_id, "max_pending_codes": settings.max_pending_codes, "refused_since_last_warning": full_logged["count"]}},
-                        )
-                        full_logged.update(at=time.monotonic(), count=0)
-                    return web.json_response({"success": False, "message": "activation is busy, try again later"}, status=503, headers={**cors, "Retry-After": "60"})
-                activation = {"code": pending.code, "message": f"{settings.console_url}\n{pending.code}", "challenge": pending.challenge, "timeout_ms": 30000}
-                log.info("activation code issued", extra={"fields": {"device_id": device_id, "client_id": client_id, "state": state}})
-        except StoreUnavailable as exc:
-            return store_down("POST", device_id, exc, cors)
+        if bindings is not None and state != BOUND:
+            if require_keys and keys.serial_of(device_id) is None:
+                return no_chip_key("POST", request, device_id, cors)
+            proof = chip_proof(keys, device_id, request.headers.get("Serial-Number", "").strip()[:64] or None)
+            if isinstance(proof, str):
+                log.warning(
+                    "activation refused: the Serial-Number is not the chip listed for this MAC",
+                    extra={"fields": {"device_id": device_id, "serial": request.headers.get("Serial-Number", "")[:64], "chip": keys.serial_of(device_id), "ip": request.remote}},
+                )
+                return refuse("POST", proof, 403, "Serial-Number does not match this device's chip", cors)
+            serial, needs_proof = proof
+            try:
+                pending = await bindings.pending_code(device_id, client_id, serial, needs_proof, not_before=found.not_before if found else 0.0)
+            except StoreUnavailable as exc:
+                return store_down("POST", device_id, exc, cors)
+            if pending is None:
+                m.OTA_REQUESTS.labels("POST", "codes_full").inc()
+                m.DROPPED.labels("gateway", "activation_codes_full").inc()
+                full_logged["count"] += 1
+                if time.monotonic() - full_logged["at"] >= 10:
+                    log.warning(
+                        "no activation code free: answering 503",
+                        extra={"fields": {"device_id": device_id, "max_pending_codes": settings.max_pending_codes, "refused_since_last_warning": full_logged["count"]}},
+                    )
+                    full_logged.update(at=time.monotonic(), count=0)
+                return web.json_response({"success": False, "message": "activation is busy, try again later"}, status=503, headers={**cors, "Retry-After": "60"})
+            activation = {"code": pending.code, "message": f"{settings.console_url}\n{pending.code}", "challenge": pending.challenge, "timeout_ms": 30000}
+            log.info("activation code issued", extra={"fields": {"device_id": device_id, "client_id": client_id, "state": state}})
         token = ""
         if auth_on and not allowed and state == BOUND:
             issued = int(time.time())
-            revoked_until = max(not_before(device_id.lower()) or 0.0 if not_before is not None else 0.0, found.not_before)
+            revoked_until = max((not_before(device_id.lower()) or 0.0) if not_before is not None else 0.0, found.not_before if found else 0.0)
             if revoked_until and issued < revoked_until:
                 issued = math.ceil(revoked_until)  # re-bound within the second of an unbind
             token = auth.issue_device_token(auth_key, client_id, device_id, issued)
@@ -325,43 +380,46 @@ def make_app(
 
     async def activate(request: web.Request) -> web.Response:
         """The device polls until its owner entered the code: 202 until its pair is bound, 200
-        after; a device whose chip key is known must answer its challenge (403 otherwise)."""
+        after; a device whose chip key is known must answer its challenge (403 otherwise), and
+        with ``auth.require_device_keys`` a MAC without a key is refused (403)."""
         cors = cors_headers(settings, request)
-        ids = admitted(request, "ACTIVATE", cors)
+        ids = await admitted(request, "ACTIVATE", cors)
         if isinstance(ids, web.Response):
             return ids
-        device_id, client_id = ids
+        device_id, client_id, found = ids
+        state = found.state if found is not None else None
         raw = await request.read()
-        if bindings is None:
+        if bindings is None or state == BOUND:
             m.OTA_REQUESTS.labels("ACTIVATE", "bound").inc()
             return web.Response(text="success", headers=cors)
+        if require_keys and keys.serial_of(device_id) is None:
+            return no_chip_key("ACTIVATE", request, device_id, cors)
         try:
-            found = await bindings.lookup(device_id, client_id)
-            if found.state == BOUND:
-                m.OTA_REQUESTS.labels("ACTIVATE", "bound").inc()
-                return web.Response(text="success", headers=cors)
-            pending = await bindings.pending(device_id, client_id, not_before=found.not_before)
-            if pending is not None and not pending.verified and pending.serial in keys:
-                try:
-                    answer = activation_answer(json.loads(raw) if raw else {})
-                except ValueError:
-                    answer = {}
-                challenge, mac = answer.get("challenge"), answer.get("hmac")
-                serial = answer.get("serial_number")
-                ok = (
-                    isinstance(challenge, str) and isinstance(mac, str) and challenge == pending.challenge
-                    and (serial is None or serial == pending.serial)
-                    and auth.verify_activation(keys[pending.serial], pending.challenge, mac)  # type: ignore[index]
-                )
-                if not ok:
-                    m.OTA_REQUESTS.labels("ACTIVATE", "bad_hmac").inc()
-                    m.AUTH_FAILURES.labels("activation hmac").inc()
-                    log.warning("activation answer does not match the chip's key", extra={"fields": {"device_id": device_id, "serial": pending.serial, "ip": request.remote}})
-                    return web.Response(status=403, text="activation challenge answer is wrong", headers=cors)
-                await bindings.mark_verified(device_id, client_id)
-                log.info("activation answer verified", extra={"fields": {"device_id": device_id, "serial": pending.serial}})
+            pending = await bindings.pending(device_id, client_id, not_before=found.not_before if found else 0.0)
         except StoreUnavailable as exc:
             return store_down("ACTIVATE", device_id, exc, cors)
+        if pending is not None and not pending.verified and pending.serial in keys.keys:
+            try:
+                answer = activation_answer(json.loads(raw) if raw else {})
+            except ValueError:
+                answer = {}
+            challenge, mac = answer.get("challenge"), answer.get("hmac")
+            serial = answer.get("serial_number")
+            ok = (
+                isinstance(challenge, str) and isinstance(mac, str) and challenge == pending.challenge
+                and (serial is None or serial == pending.serial)
+                and auth.verify_activation(keys.keys[pending.serial], pending.challenge, mac)  # type: ignore[index]
+            )
+            if not ok:
+                m.OTA_REQUESTS.labels("ACTIVATE", "bad_hmac").inc()
+                m.AUTH_FAILURES.labels("activation hmac").inc()
+                log.warning("activation answer does not match the chip's key", extra={"fields": {"device_id": device_id, "serial": pending.serial, "ip": request.remote}})
+                return web.Response(status=403, text="activation challenge answer is wrong", headers=cors)
+            try:
+                await bindings.mark_verified(device_id, client_id)
+            except StoreUnavailable as exc:
+                return store_down("ACTIVATE", device_id, exc, cors)
+            log.info("activation answer verified", extra={"fields": {"device_id": device_id, "serial": pending.serial}})
         m.OTA_REQUESTS.labels("ACTIVATE", "pending").inc()
         return web.Response(status=202, text="waiting for the owner to enter the code", headers=cors)
 

@@ -138,6 +138,16 @@ class Gateway:
             log.warning("no auth key configured: using a random one, tokens will not survive a restart")
         # Raises on a missing or bad file: checking chip keys must not silently turn off.
         self.device_keys = auth.load_device_keys(self.gw.auth.device_keys_file)
+        if self.gw.auth.require_device_keys:
+            if not self.device_keys.macs:
+                # No device could ever activate: a configuration mistake, not a policy.
+                raise ValueError("gateway.auth.require_device_keys is on but gateway.auth.device_keys_file lists no chip with its mac")
+            unmatched = len(self.device_keys.keys) - len(self.device_keys.macs)
+            if unmatched:
+                log.warning(
+                    "chip keys without a mac: with require_device_keys those chips cannot activate",
+                    extra={"fields": {"keys_without_mac": unmatched}},
+                )
         if self.gw.auth.enabled and not self.gw.binding:
             log.warning(
                 "device auth is on but binding is off: OTA gives tokens to allow-listed devices only, so no other device can connect",

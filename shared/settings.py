@@ -102,10 +102,16 @@ class AuthSettings(BaseModel):
     expire_seconds: int = 30 * 24 * 3600
     # The vision endpoint's token is always required, and shorter-lived.
     vision_ttl_seconds: int = 3600
-    # Per-chip HMAC keys (a JSON or YAML file: {"<serial number>": "<hex key>"}): an
-    # Activation-Version 2 device with a known serial must answer the activation challenge with
-    # a valid HMAC before its code can be bound (a wrong one gets 403).
+    # Per-chip HMAC keys, a JSON or YAML file: {"<serial number>": {"key": "<hex key>", "mac":
+    # "<the chip's MAC, its Device-Id>"}} (or just {"<serial>": "<hex key>"}). A code for a listed
+    # MAC can be bound only after /activate answered its challenge with that chip's HMAC (a wrong
+    # one gets 403), whatever headers the request carries; a Serial-Number listed for another
+    # MAC is refused (403). An entry without "mac" is asked for its proof only when a request
+    # names its serial (the firmware's Serial-Number header), which anyone can leave out.
     device_keys_file: str | None = None
+    # Every chip has a key: a device whose MAC is not listed in device_keys_file gets no
+    # activation code (OTA answers 403; bound devices are not affected).
+    require_device_keys: bool = False
 
 
 class VisionSettings(BaseModel):
@@ -137,8 +143,11 @@ class RateLimitSettings(BaseModel):
     turns_per_minute_per_ip: int = 1200
     cooldown_s: float = 10.0
     # OTA and /activate requests per source address per minute (then 429). A device asks OTA
-    # once per boot and polls /activate every 3 s while it shows its code.
+    # once per boot and polls /activate every 3 s while it shows its code. Only requests that
+    # prove nothing pay it: the bound pair (binding on) is limited per device instead, so
+    # nobody behind the device's own address (a home NAT) can use the budget up to keep it out.
     ota_per_minute_per_ip: int = 60
+    ota_per_minute_per_device: int = 20
     # Failed WebSocket authentications per source address per minute before that address gets
     # 429 for every handshake (the device's own limit is taken only after authentication).
     auth_failures_per_minute_per_ip: int = 10

@@ -213,6 +213,69 @@ async def test_a_chip_with_a_known_key_must_answer_its_challenge_before_its_code
         gateway.stop()
 
 
+async def test_a_keyed_chips_mac_needs_its_proof_whatever_headers_the_request_carries(nats_only, tmp_path):
+    """The attacker knows the chip's MAC and Client-Id (sniffed) and asks OTA as it without the
+    chip's headers, or naming another chip it holds the key of (its own board): no code for
+    that MAC binds without the proof of the chip listed with it."""
+    key, own_key = bytes(range(32)), bytes(range(32, 64))
+    mac, client, attackers_mac = random_mac(), str(uuid.uuid4()), random_mac()
+    keys = tmp_path / "device-keys.json"
+    keys.write_text(json.dumps({"SN-0001": {"key": key.hex(), "mac": mac.upper()}, "SN-0002": {"key": own_key.hex(), "mac": attackers_mac}}))
+    gateway = binding_gateway(nats_only, tmp_path, auth=True, auth__device_keys_file=str(keys))
+    ota_url = f"{gateway.http_url}/xiaozhi/ota/"
+    pair = {"Device-Id": mac, "Client-Id": client}
+    try:
+        for headers in (pair, {**pair, "Activation-Version": "1"}, {**pair, "Activation-Version": "2"}):
+            status, answer, _ = await post_ota(ota_url, headers, local=ATTACKER_IP)
+            assert status == 200, (headers, status)
+            code = answer["activation"]["code"]
+            assert await bind(nats_only.nats_url, code, "mallory") is None, headers  # not proved: no such code
+        # Another chip's serial (the attacker's own board, listed with its own MAC) is refused,
+        # and so is a serial the file does not give this MAC.
+        for serial in ("SN-0002", "SN-9999"):
+            status, _, _ = await post_ota(ota_url, {**pair, "Activation-Version": "2", "Serial-Number": serial}, local=ATTACKER_IP)
+            assert status == 403, serial
+        with urllib.request.urlopen(f"http://127.0.0.1:{gateway.proc.metrics_port}/metrics", timeout=3) as response:
+            assert 'xz_gateway_ota_requests_total{method="POST",result="serial_mismatch"} 2.0' in response.read().decode()
+        # Answering the code's challenge with the attacker's own chip key does not prove this chip.
+        _, answer, _ = await post_ota(ota_url, pair, local=ATTACKER_IP)
+        challenge = answer["activation"]["challenge"]
+        forged = {"algorithm": "hmac-sha256", "serial_number": "SN-0002", "challenge": challenge, "hmac": hmac.new(own_key, challenge.encode(), hashlib.sha256).hexdigest()}
+        assert (await post_ota(ota_url + "activate", pair, local=ATTACKER_IP, body=json.dumps(forged).encode()))[0] == 403
+        forged = {**forged, "serial_number": "SN-0001"}
+        assert (await post_ota(ota_url + "activate", pair, local=ATTACKER_IP, body=json.dumps(forged).encode()))[0] == 403
+        assert await bind(nats_only.nats_url, answer["activation"]["code"], "mallory") is None
+        # The chip itself, with its firmware's headers (in either case of its MAC), proves itself and is bound.
+        headers = {**pair, "Device-Id": mac.upper(), "Activation-Version": "2", "Serial-Number": "SN-0001"}
+        _, answer, _ = await post_ota(ota_url, headers)
+        challenge, code = answer["activation"]["challenge"], answer["activation"]["code"]
+        right = {"algorithm": "hmac-sha256", "serial_number": "SN-0001", "challenge": challenge, "hmac": hmac.new(key, challenge.encode(), hashlib.sha256).hexdigest()}
+        assert (await post_ota(ota_url + "activate", headers, body=json.dumps(right).encode()))[0] == 202
+        assert (await bind(nats_only.nats_url, code, "alice"))["device_id"] == mac
+    finally:
+        gateway.stop()
+
+
+async def test_with_require_device_keys_a_mac_without_a_key_gets_no_code(nats_only, tmp_path):
+    key, mac = bytes(range(32)), random_mac()
+    keys = tmp_path / "device-keys.json"
+    keys.write_text(json.dumps({"SN-0001": {"key": key.hex(), "mac": mac}}))
+    gateway = binding_gateway(nats_only, tmp_path, auth=True, auth__device_keys_file=str(keys), auth__require_device_keys="true")
+    ota_url = f"{gateway.http_url}/xiaozhi/ota/"
+    try:
+        # A board nobody listed (or one claiming to be a keyless chip) cannot start an activation.
+        for headers in ({"Device-Id": random_mac()}, {"Device-Id": random_mac(), "Activation-Version": "2", "Serial-Number": "SN-0001"}):
+            status, answer, _ = await post_ota(ota_url, headers, local=ATTACKER_IP)
+            assert status == 403 and "activation" not in answer, (status, answer)
+        status, answer, _ = await post_ota(ota_url, {"Device-Id": mac, "Client-Id": str(uuid.uuid4())})
+        assert status == 200 and answer["activation"]["code"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{gateway.proc.metrics_port}/metrics", timeout=3) as response:
+            metrics = response.read().decode()
+        assert 'xz_gateway_ota_requests_total{method="POST",result="no_chip_key"} 2.0' in metrics
+    finally:
+        gateway.stop()
+
+
 # ------------------------------------------------------------------ vuln 7: the OTA flood
 
 
@@ -256,6 +319,36 @@ async def test_forged_x_forwarded_for_does_not_escape_the_limit_and_a_trusted_pr
     finally:
         direct.stop()
         proxied.stop()
+
+
+@pytest.mark.parametrize("auth", [True, False], ids=["auth-on", "auth-off"])
+async def test_an_ota_flood_from_the_devices_own_address_does_not_keep_the_bound_device_from_booting(nats_only, tmp_path, auth):
+    """Someone behind the device's home NAT (the same public address) floods OTA until the
+    address's budget is gone: the bound device still boots (OTA and /activate answer it), limited
+    per device instead; every unproved request from the address, the device's MAC under another
+    Client-Id included, still gets 429."""
+    gateway = binding_gateway(nats_only, tmp_path, auth=auth, rate_limits__ota_per_minute_per_ip="5", rate_limits__ota_per_minute_per_device="8")
+    ota_url = f"{gateway.http_url}/xiaozhi/ota/"
+    try:
+        device = await owned_device(gateway, nats_only.nats_url)  # from 127.0.0.1, the shared address
+        attacker = Attacker(gateway.ws_url, gateway.http_url)  # the same address
+        await attacker.ota_flood(30)
+        outcomes = {k: v for k, v in attacker.outcomes.items() if k.startswith("OTA flood")}
+        print(outcomes)
+        assert outcomes.get("OTA flood: HTTP 429", 0) >= 26, outcomes
+        pair = {"Device-Id": device.device_id, "Client-Id": device.client_id}
+        status, answer, _ = await post_ota(ota_url, pair)
+        print("the device's OTA after the flood:", status, answer)
+        assert status == 200 and "activation" not in answer
+        assert bool(answer["websocket"]["token"]) == auth
+        assert (await post_ota(ota_url + "activate", pair))[0] == 200
+        for unproved in ({"Device-Id": device.device_id, "Client-Id": str(uuid.uuid4())}, {"Device-Id": device.device_id}, {"Device-Id": random_mac()}):
+            assert (await post_ota(ota_url, unproved))[0] == 429, unproved
+        # Nor can the pair's own requests flood: they have a budget of their own.
+        statuses = [(await post_ota(ota_url, pair))[0] for _ in range(8)]
+        assert 429 in statuses and statuses.count(200) <= 6 and statuses == sorted(statuses), statuses
+    finally:
+        gateway.stop()
 
 
 async def test_when_every_activation_code_is_taken_ota_fails_cleanly(nats_only, tmp_path):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 
 import pytest
 
-from gateway.auth import issue_device_token, issue_vision_token, load_device_keys, strip_bearer, verify_activation, verify_device, verify_vision
+from gateway.auth import DeviceKeys, issue_device_token, issue_vision_token, load_device_keys, strip_bearer, verify_activation, verify_device, verify_vision
 
 KEY = "k"
 NOW = 1_800_000_000
@@ -53,11 +54,33 @@ def test_activation_hmac_and_device_keys(tmp_path):
     assert not verify_activation(key, "nonce-2", answer) and not verify_activation(b"x" * 32, "nonce-1", answer)
     path = tmp_path / "keys.json"
     path.write_text('{"SN1": "%s"}' % key.hex())
-    assert load_device_keys(str(path)) == {"SN1": key}
-    assert load_device_keys(None) == {}
+    assert load_device_keys(str(path)) == DeviceKeys({"SN1": key})
+    assert load_device_keys(None) == DeviceKeys()
     path.write_text('{"SN1": "zz"}')
     with pytest.raises(ValueError):
         load_device_keys(str(path))
+
+
+def test_device_keys_can_name_the_chips_mac(tmp_path):
+    """Both forms in one file (the plain one still loads); MACs compared case-insensitively."""
+    path = tmp_path / "keys.yaml"
+    path.write_text(f"SN1: {{key: '{'11' * 32}', mac: 'AA:BB:CC:DD:EE:01'}}\nSN2: '{'22' * 32}'\nSN3: {{key: '{'33' * 32}'}}\n")
+    keys = load_device_keys(str(path))
+    assert keys.keys == {"SN1": bytes([0x11]) * 32, "SN2": bytes([0x22]) * 32, "SN3": bytes([0x33]) * 32}
+    assert keys.macs == {"aa:bb:cc:dd:ee:01": "SN1"}
+    assert keys.serial_of("aa:bb:cc:dd:ee:01") == keys.serial_of("AA:BB:CC:DD:EE:01") == "SN1"
+    assert keys.serial_of("aa:bb:cc:dd:ee:02") is None
+    assert keys.mac_of("SN1") == "aa:bb:cc:dd:ee:01" and keys.mac_of("SN2") is None and keys.mac_of("nope") is None
+    for bad in (
+        {"SN1": {"key": "11" * 32, "mac": "aa:bb"}, "SN2": {"key": "22" * 32, "mac": "AA:BB"}},  # one MAC, two chips
+        {"SN1": {"key": "11" * 32, "MAC": "aa:bb"}},  # a misspelt field is not silently ignored
+        {"SN1": {"mac": "aa:bb"}},  # no key
+        {"SN1": {"key": "11" * 32, "mac": "aa bb"}},  # not a Device-Id
+        {"SN1": {"key": "zz", "mac": "aa:bb"}},
+    ):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError):
+            load_device_keys(str(path))
 
 
 def test_allow_list_needs_no_token():

@@ -1,10 +1,15 @@
-"""OTA building blocks: firmware folder, the OTA answer (the binding store: tests/e2e/test_binding_store.py)."""
+"""OTA building blocks: firmware folder, the OTA answer (the binding store itself: tests/e2e/test_binding_store.py)."""
 
 from __future__ import annotations
 
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from gateway.auth import DeviceKeys
 from gateway.firmware import newest_image, parse_version, safe_path
-from gateway.ota import build_ota_response, device_id_problem, lan_ip, own_hosts, websocket_url
-from shared.settings import GatewaySettings
+from gateway.ota import build_ota_response, chip_proof, device_id_problem, lan_ip, make_app, own_hosts, websocket_url
+from shared.bindings import BOUND, UNBOUND, Lookup, Pending
+from shared.settings import GatewaySettings, Settings
 
 
 def test_parse_version_numeric_only():
@@ -39,6 +44,79 @@ def test_device_ids_ota_refuses():
                      ("DEFAULT", "reserved_device_id"), ("web-4", "reserved_device_id"), ("Web-1", "reserved_device_id")):
         assert device_id_problem(bad) == why, bad
     assert device_id_problem("web-4", for_ota=False) is None  # the console's devices connect
+
+
+def test_a_listed_mac_needs_its_own_chips_proof_whatever_the_headers_say():
+    keys = DeviceKeys({"SN1": b"1" * 32, "SN2": b"2" * 32, "OLD": b"3" * 32}, {"aa:01": "SN1", "aa:02": "SN2"})
+    assert chip_proof(keys, "AA:01", None) == ("SN1", True)  # no Serial-Number: the MAC's chip all the same
+    assert chip_proof(keys, "aa:01", "SN1") == ("SN1", True)
+    for mac, serial in (("aa:01", "SN2"), ("aa:01", "unknown"), ("aa:03", "SN2")):
+        assert chip_proof(keys, mac, serial) == "serial_mismatch", (mac, serial)  # another chip's serial
+    assert chip_proof(keys, "aa:03", "OLD") == ("OLD", True)  # a serial listed without a MAC
+    assert chip_proof(keys, "aa:03", None) == (None, False)
+    assert chip_proof(keys, "aa:03", "X") == ("X", False)
+
+
+class CountingStore:
+    """A binding store that counts its state lookups: one pair is bound, every other unbound."""
+
+    def __init__(self, bound: tuple[str, str]) -> None:
+        self.bound, self.lookups, self.issued = bound, 0, []
+
+    async def lookup(self, device_id: str, client_id: str) -> Lookup:
+        self.lookups += 1
+        return Lookup(BOUND if (device_id.lower(), client_id) == self.bound else UNBOUND)
+
+    async def pending_code(self, device_id, client_id, serial=None, needs_proof=False, not_before=0.0):
+        self.issued.append((device_id, serial, needs_proof))
+        return Pending("123456", "nonce", 0.0, serial, not needs_proof)
+
+    async def pending(self, device_id, client_id, not_before=0.0):
+        return None
+
+
+async def test_ota_checks_ids_before_the_store_and_the_bound_pair_pays_per_device():
+    store = CountingStore(("aa:bb:cc:dd:ee:ff", "c1"))
+    settings = GatewaySettings(binding=True, rate_limits={"ota_per_minute_per_ip": 2, "ota_per_minute_per_device": 3})
+    async with TestClient(TestServer(make_app(settings, "k" * 32, store))) as client:
+        for bad in ("web-1", "a b"):
+            assert (await client.post("/xiaozhi/ota/", headers={"Device-Id": bad})).status == 400
+        assert store.lookups == 0  # refused before the store is asked
+        # Those unproved requests paid the address's budget: the next unproved one gets 429.
+        assert (await client.post("/xiaozhi/ota/", headers={"Device-Id": "aa:bb:cc:dd:ee:ff", "Client-Id": "c2"})).status == 429
+        assert store.lookups == 1 and not store.issued
+        # The bound pair pays no address budget, only its own (3), one lookup per request.
+        pair = {"Device-Id": "AA:BB:CC:DD:EE:FF", "Client-Id": "c1"}
+        statuses = [(await client.post("/xiaozhi/ota/", headers=pair)).status for _ in range(2)]
+        statuses += [(await client.post("/xiaozhi/ota/activate", headers=pair)).status for _ in range(2)]
+        assert statuses == [200, 200, 200, 429] and store.lookups == 5
+
+
+async def test_with_require_device_keys_an_unlisted_mac_gets_no_code():
+    store = CountingStore(("aa:00", "c1"))
+    keys = DeviceKeys({"SN1": b"1" * 32}, {"aa:01": "SN1"})
+    settings = GatewaySettings(binding=True, auth={"require_device_keys": True})
+    async with TestClient(TestServer(make_app(settings, "k" * 32, store, device_keys=keys))) as client:
+        for path in ("/xiaozhi/ota/", "/xiaozhi/ota/activate"):
+            response = await client.post(path, headers={"Device-Id": "aa:02", "Client-Id": "c1"})
+            assert response.status == 403 and "no chip key" in (await response.json())["message"]
+        assert not store.issued
+        listed = await (await client.post("/xiaozhi/ota/", headers={"Device-Id": "AA:01", "Client-Id": "c1"})).json()
+        assert listed["activation"]["code"] and store.issued == [("AA:01", "SN1", True)]
+        # A device bound before every chip had a key keeps booting: it needs no code.
+        bound = await client.post("/xiaozhi/ota/", headers={"Device-Id": "aa:00", "Client-Id": "c1"})
+        assert bound.status == 200 and "activation" not in await bound.json()
+
+
+def test_require_device_keys_without_a_listed_mac_stops_the_gateway(tmp_path):
+    """No device could ever activate: a mistake, refused at start rather than found by owners."""
+    from gateway.server import Gateway
+
+    path = tmp_path / "keys.json"
+    path.write_text('{"SN1": "%s"}' % ("11" * 32))  # the plain form: no MAC
+    for keys_file in (None, str(path)):
+        with pytest.raises(ValueError, match="require_device_keys"):
+            Gateway(Settings(gateway={"auth": {"require_device_keys": True, "device_keys_file": keys_file, "key": "k" * 32}}))
 
 
 def test_the_host_header_is_believed_only_when_it_names_this_machine():
