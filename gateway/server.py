@@ -108,6 +108,7 @@ class Gateway:
         self._bind_sub = None
         self._unbind_sub = None
         self._online_sub = None
+        self._opened_sub = None
         self._recheck: asyncio.Task | None = None
         self.bindings: BindingStore | None = None
         # Tokens of a device issued before this time (its last unbind) are refused.
@@ -185,6 +186,7 @@ class Gateway:
         # device's tokens and closes its sessions.
         self._unbind_sub = await nc.subscribe(self.subjects.gateway_unbind, cb=self._on_unbind)
         self._online_sub = await nc.subscribe(self.subjects.online, cb=self._on_online)
+        self._opened_sub = await nc.subscribe(self.subjects.gateway_opened, cb=self._on_opened)
         catalog = FirmwareCatalog(nc, self.subjects.obj_firmware, self.subjects.kv_devices, ttl_s=self.gw.firmware_cache_s)
         app = ota.make_app(
             self.gw, self.auth_key, self.bindings, on_seen=self._publish_seen, catalog=catalog,
@@ -367,6 +369,27 @@ class Gateway:
         log.info("device unbound", extra={"fields": {"device_id": device_id, "binding_removed": removed, "sessions_closed": closed, "replaced_by": keep_client}})
         if msg.reply:
             await msg.respond(json.dumps({"device_id": device_id.lower(), "unbound": removed, "sessions_closed": closed}).encode())
+
+    async def _announce_opened(self, device_id: str, session_id: str, at: float) -> None:
+        try:
+            await self.nc.publish(self.subjects.gateway_opened, json.dumps({"device_id": device_id.lower(), "session_id": session_id, "at": at}).encode())  # type: ignore[union-attr]
+        except Exception as exc:  # noqa: BLE001 - NATS away: the stale socket times out by itself
+            log.debug("session-opened event not published: %s", exc)
+
+    async def _on_opened(self, msg: Msg) -> None:
+        """``{"device_id", "session_id", "at"}``: a proved session of the device opened on some
+        gateway; close this gateway's older sessions of it (4002)."""
+        try:
+            event = json.loads(msg.data)
+            device_id, session_id, at = str(event["device_id"]).lower(), str(event["session_id"]), float(event["at"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            m.DROPPED.labels("gateway", "bad_opened_event").inc()
+            return
+        older = [s for s in list(self.sessions) if s.device_id.lower() == device_id and s.session_id != session_id and s.connected_at < at]
+        if older:
+            log.info("the device opened a session on another gateway: closing the older one", extra={"fields": {"device_id": device_id, "closed": len(older), "by_session": session_id}})
+            for old in older:
+                self._background(old.close_replaced())
 
     async def _recheck_sessions(self) -> None:
         """Every ``gateway.binding_recheck_s``, and at once when NATS is back after an outage:
@@ -627,6 +650,9 @@ class Gateway:
             log.info("new session for the device: closing the older one", extra={"fields": {"device_id": device_id, "closed": len(older)}})
             for old in older:
                 self._background(old.close_replaced())
+        if admission.proved:
+            # ... and on the other replicas (the device's stale socket may be held by another).
+            self._background(self._announce_opened(device_id, session.session_id, session.connected_at))
         self._publish_seen({"device_id": device_id, "event": "connected"}, admission.trusted)
         try:
             await session.run()

@@ -120,6 +120,12 @@ class Subjects:
         return f"{self.prefix}.gateway.unbind"
 
     @property
+    def gateway_opened(self) -> str:
+        """Event to every gateway: a proved session of ``{"device_id", "session_id"}`` opened;
+        the others close the device's older sessions (one session per device across replicas)."""
+        return f"{self.prefix}.gateway.opened"
+
+    @property
     def device_seen(self) -> str:
         """Event: a device asked OTA, connected or disconnected (board, firmware, when)."""
         return f"{self.prefix}.registry.seen"

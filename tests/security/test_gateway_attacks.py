@@ -21,6 +21,7 @@ import websockets
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 
+from shared.bindings import BindingStore
 from shared.subjects import Subjects
 from tests.conftest import start_gateway
 from gateway.ota import lan_ip
@@ -440,6 +441,75 @@ async def test_unbind_over_nats_revokes_the_token_and_closes_the_session(nats_on
         gateway.stop()
 
 
+# ------------------------------------------------------------------ one binding store for all gateways
+
+
+async def test_every_gateway_knows_every_binding_and_a_phantom_on_another_gateway_is_a_conflict(nats_only, tmp_path):
+    # Two replicas behind a load balancer, each with its own (old-style) binding file path: the
+    # bindings are in the shared store all the same.
+    first = binding_gateway(nats_only, tmp_path / "a", auth=True)
+    second = binding_gateway(nats_only, tmp_path / "b", auth=True)
+    try:
+        device = await owned_device(first, nats_only.nats_url)
+        # The device's next boot lands on the other replica: bound there too, a token, no code.
+        again = await SimDevice(ota_url=f"{second.http_url}/xiaozhi/ota/", device_id=device.device_id, client_id=device.client_id).ota()
+        assert "activation" not in again and again["websocket"]["token"]
+        async with SimDevice(ws_url=second.ws_url, device_id=device.device_id, client_id=device.client_id, token=again["websocket"]["token"]) as real:
+            assert real.session_id
+        # The attacker's phantom pair for the bound MAC, asked on the other replica: refused in
+        # the handshake there, and its code, entered by another owner, binds nothing.
+        _, answer, _ = await post_ota(f"{second.http_url}/xiaozhi/ota/", {"Device-Id": device.device_id, "Client-Id": str(uuid.uuid4())}, local=ATTACKER_IP)
+        assert await bind(nats_only.nats_url, answer["activation"]["code"], "mallory") == {"device_id": device.device_id, "conflict": True}
+        assert await handshake(second.ws_url, {"Device-Id": device.device_id, "Client-Id": "phantom"}, local=ATTACKER_IP) == 401
+        # The manager's first step only asks: nothing is written, whatever its answer.
+        code = (await SimDevice(ota_url=f"{second.http_url}/xiaozhi/ota/").ota())["activation"]["code"]
+        checked = await request(nats_only.nats_url, Subjects().gateway_bind, {"code": code, "owner": "carol", "owner_id": 7, "commit": False})
+        assert checked["committed"] is False
+        committed = await request(nats_only.nats_url, Subjects().gateway_bind, {"code": code, "owner": "carol", "owner_id": 7})
+        assert committed["committed"] is True and committed["device_id"] == checked["device_id"]
+    finally:
+        first.stop()
+        second.stop()
+
+
+async def test_an_unbind_a_gateway_never_heard_of_still_closes_the_session(nats_only, tmp_path):
+    # The unbind is written to the shared store while no event reaches the gateway (it was cut
+    # off from NATS at that moment): its re-check closes the session, and the token is refused.
+    gateway = binding_gateway(nats_only, tmp_path, auth=True, binding_recheck_s="1")
+    try:
+        device = await owned_device(gateway, nats_only.nats_url)
+        live = SimDevice(ws_url=gateway.ws_url, device_id=device.device_id, client_id=device.client_id, token=device.token)
+        await live.connect()
+        nc = NATS()
+        await nc.connect(nats_only.nats_url)
+        try:
+            assert await BindingStore(nc).unbind(device.device_id) is True
+        finally:
+            await nc.close()
+        assert await closed_with(live, timeout=8) == 4001
+        await live.close()
+        assert await handshake(gateway.ws_url, {"Device-Id": device.device_id, "Client-Id": device.client_id, "Authorization": f"Bearer {device.token}"}) == 401
+    finally:
+        gateway.stop()
+
+
+async def test_without_the_binding_store_nothing_is_guessed(nats_only, tmp_path):
+    # NATS gone: whether a pair is bound cannot be told, so OTA gives no code or token and the
+    # handshake admits nobody (503), and the gateway keeps running.
+    gateway = binding_gateway(nats_only, tmp_path, auth=False)
+    try:
+        device = await owned_device(gateway, nats_only.nats_url)
+        nats = next(p for p in nats_only.procs if p.name == "nats")
+        nats.popen.kill()
+        nats.popen.wait()
+        status, _, _ = await post_ota(f"{gateway.http_url}/xiaozhi/ota/", {"Device-Id": device.device_id, "Client-Id": device.client_id})
+        assert status == 503
+        assert await handshake(gateway.ws_url, {"Device-Id": device.device_id, "Client-Id": device.client_id}) == 503
+        assert gateway.proc.popen.poll() is None  # still running
+    finally:
+        gateway.stop()
+
+
 async def test_a_new_session_of_a_device_closes_the_older_one(nats_only, tmp_path):
     gateway = binding_gateway(nats_only, tmp_path, auth=True)
     try:
@@ -452,6 +522,22 @@ async def test_a_new_session_of_a_device_closes_the_older_one(nats_only, tmp_pat
         await first.close()
     finally:
         gateway.stop()
+
+
+async def test_a_new_session_on_another_gateway_closes_the_older_one(nats_only, tmp_path):
+    first_gateway = binding_gateway(nats_only, tmp_path / "a", auth=True)
+    second_gateway = binding_gateway(nats_only, tmp_path / "b", auth=True)
+    try:
+        device = await owned_device(first_gateway, nats_only.nats_url)
+        stale = SimDevice(ws_url=first_gateway.ws_url, device_id=device.device_id, client_id=device.client_id, token=device.token)
+        await stale.connect()
+        async with SimDevice(ws_url=second_gateway.ws_url, device_id=device.device_id, client_id=device.client_id, token=device.token) as fresh:
+            assert await closed_with(stale) == 4002
+            assert fresh.ws.close_code is None and health(second_gateway)["sessions"] == 1
+        await stale.close()
+    finally:
+        first_gateway.stop()
+        second_gateway.stop()
 
 
 async def test_an_unproved_session_closes_nobody(nats_only):

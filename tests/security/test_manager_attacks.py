@@ -22,7 +22,7 @@ from nats.aio.client import Client as NATS
 from sqlalchemy import create_engine, text
 
 from shared.agents import kv_key, legacy_kv_key
-from shared.bindings import BindingStore
+from shared.bindings import BindingStore, mac_key
 from tests.conftest import start_nats
 from tests.manager.conftest import (  # noqa: F401 - database_url: the fixture
     ADMIN_PASSWORD,
@@ -469,22 +469,30 @@ async def test_binding_codes_are_limited_per_account_across_replicas(mstack):
     assert mstack.new_user("codeowner").call("POST", "/api/devices/bind", {"code": code})[0] == 201
 
 
-async def test_a_device_bound_by_another_owner_in_the_gateway_is_a_conflict(mstack):
-    """The gateway answers {"conflict": true} for a device another owner holds: 409."""
+async def test_a_device_another_owner_holds_is_a_conflict_in_the_gateways_store_and_in_the_managers(mstack):
+    """A phantom pair's code for a MAC another owner holds: 409, whether the gateways' shared
+    store knows the binding (its conflict) or has lost it (the manager's own records decide,
+    and the store is never written)."""
+    owner, attacker = mstack.new_user("holder"), mstack.new_user("grabber")
+    device = SimDevice(ota_url=mstack.ota_url)
+    code = (await device.ota())["activation"]["code"]
+    assert (await asyncio.to_thread(owner.call, "POST", "/api/devices/bind", {"code": code}))[0] == 201
     nc = NATS()
     await nc.connect(mstack.stack.nats_url)
-
-    async def conflict(msg: Any) -> None:
-        if json.loads(msg.data).get("code") == "424242":
-            await msg.respond(json.dumps({"device_id": "aa:bb:cc:00:00:42", "conflict": True}).encode())
-
     try:
-        await nc.subscribe("xz.gateway.bind", cb=conflict)
-        await nc.flush()
-        user = mstack.new_user("conflicted")
-        status, body = await asyncio.to_thread(user.call, "POST", "/api/devices/bind", {"code": "424242"})
-        assert status == 409, body
-        assert user.call("GET", "/api/devices")[1] == []
+        store = BindingStore(nc)
+        for lost in (False, True):
+            if lost:
+                # The store lost the record (a wiped JetStream, a restore from an old backup).
+                kv = await nc.jetstream().key_value("xz_bindings")
+                await kv.purge(mac_key(device.device_id))
+            phantom = SimDevice(ota_url=mstack.ota_url, device_id=device.device_id, client_id="phantom-" + str(lost))
+            phantom_code = (await phantom.ota())["activation"]["code"]
+            status, body = await asyncio.to_thread(attacker.call, "POST", "/api/devices/bind", {"code": phantom_code})
+            assert status == 409, body
+            assert attacker.call("GET", "/api/devices")[1] == []
+            record = await store.record(device.device_id)
+            assert (record is None) if lost else (record["client_id"] == device.client_id and record["owner"] == "holder")
     finally:
         await nc.close()
 
