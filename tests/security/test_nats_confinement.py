@@ -372,7 +372,7 @@ async def test_a_consumer_may_not_deliver_into_another_services_subjects(seeded)
     assert heard == []
 
 
-async def test_only_the_manager_broadcasts_unbinds_and_the_gateways_hear_them(seeded):
+async def test_only_the_manager_and_gateways_broadcast_unbinds_and_the_gateways_hear_them(seeded):
     url, passwords = seeded
     heard: list[bytes] = []
 
@@ -395,3 +395,28 @@ async def test_only_the_manager_broadcasts_unbinds_and_the_gateways_hear_them(se
         await asyncio.sleep(0.3)
         assert gateway.errors == []
     assert heard == [b"manager"]
+
+
+async def test_the_gateways_bind_the_manager_unbinds_and_no_other_service_touches_bindings(seeded):
+    url, passwords = seeded
+    from shared.bindings import BOUND, BindingStore
+
+    async with As(url, "gateway", passwords["gateway"]) as gateway:
+        store = BindingStore(gateway.nc, timeout_s=2)
+        pending = await store.pending_code("aa:bb:cc:dd:ee:07", "c7", serial="SN7", needs_proof=True)
+        assert await store.mark_verified("aa:bb:cc:dd:ee:07", "c7")
+        assert (await store.bind(pending.code, "alice", 1)).committed  # the used code is purged
+        assert (await store.lookup("aa:bb:cc:dd:ee:07", "c7")).state == BOUND
+        await gateway.settle()
+        assert gateway.errors == [], gateway.errors
+    async with As(url, "manager", passwords["manager"]) as manager:
+        assert await BindingStore(manager.nc, timeout_s=2).unbind("aa:bb:cc:dd:ee:07") is True
+        await manager.settle()
+        assert manager.errors == [], manager.errors
+    for user in ("tts", "llm", "vad", "asr", "tools"):
+        async with As(url, user, passwords[user]) as other:
+            assert await refused(other.js.key_value("xz_bindings")) is not None, user
+            await other.nc.publish("$KV.xz_bindings.dev.x", b'{"bound": true, "client_id": "evil"}')
+            await other.nc.publish("$KV.xz_codes.code.123456", b"{}")
+            await other.settle()
+            assert other.violated("$KV.xz_bindings") and other.violated("$KV.xz_codes"), (user, other.errors)
