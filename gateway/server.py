@@ -366,7 +366,10 @@ class Gateway:
                 m.ERRORS.labels("gateway", "binding_store").inc()
                 log.warning("unbind not stored: the binding store is unavailable: %s", exc, extra={"fields": {"device_id": device_id}})
         closed = await self._revoke(device_id, keep_client)
-        log.info("device unbound", extra={"fields": {"device_id": device_id, "binding_removed": removed, "sessions_closed": closed, "replaced_by": keep_client}})
+        fields = {"device_id": device_id, "sessions_closed": closed, "store": "written by the sender" if stored else ("unbound" if removed else "was not bound")}
+        if keep_client is not None:
+            fields["replaced_by"] = keep_client
+        log.info("device unbound", extra={"fields": fields})
         if msg.reply:
             await msg.respond(json.dumps({"device_id": device_id.lower(), "unbound": removed, "sessions_closed": closed}).encode())
 
