@@ -138,7 +138,7 @@ class NatsCommander:
     """The owner's notices and reboots: a request to every gateway, answered only by the one
     holding a session of the device."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, nc: Any, subject: str, timeout_s: float = 1.5) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, nc: Any, subject: str, timeout_s: float = 1.0) -> None:
         self.loop, self.nc, self.subject, self.timeout_s = loop, nc, subject, timeout_s
 
     def command(self, device_id: str, body: dict[str, Any]) -> dict[str, Any]:
