@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 
 import pytest
+from sqlalchemy import create_engine, text
 
+from tests.conftest import start_nats
+from tests.manager.conftest import ADMIN_PASSWORD, Api, start_manager
 from tests.manager.test_api import bind_new_device, new_user
 from xiaozhi.sim import SimDevice
+from xiaozhi.stack import Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -97,3 +102,27 @@ async def test_commands_are_limited_per_device(manager):
     assert statuses == [409] * 10
     status, problem = owner.call("POST", path, {"message": "one more"})
     assert status == 429 and "per minute" in problem["detail"], problem
+
+
+def test_without_nats_a_command_is_503(tmp_path):
+    """NATS away: the gateways cannot be asked, which is not the device being offline."""
+    stack = Stack(env={"XZ_LOG_JSON": "true", "PYTHONUNBUFFERED": "1"}, log_dir=tmp_path / "logs")
+    url = f"sqlite:///{tmp_path / 'manager.db'}"
+    try:
+        start_nats(stack, tmp_path)
+        base, _proc = start_manager(stack, url)
+        admin = Api(base).login("admin", ADMIN_PASSWORD)
+        engine = create_engine(url)
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO devices (device_id, owner_id, auto_upgrade, bound_at) SELECT 'aa:bb:cc:dd:ee:15', id, 1, CURRENT_TIMESTAMP FROM users WHERE username = 'admin'"))
+        engine.dispose()
+        assert admin.call("POST", "/api/devices/aa:bb:cc:dd:ee:15/notice", {"message": "hi"})[0] == 409  # NATS up, no gateway
+        nats = next(p for p in stack.procs if p.name == "nats")
+        nats.popen.send_signal(signal.SIGKILL)
+        nats.popen.wait(10)
+        stack.procs.remove(nats)
+        for path, body in (("notice", {"message": "hi"}), ("reboot", None)):
+            status, problem = admin.call("POST", f"/api/devices/aa:bb:cc:dd:ee:15/{path}", body)
+            assert status == 503 and "NATS" in problem["detail"], (path, status, problem)
+    finally:
+        stack.stop()
