@@ -287,7 +287,8 @@ class Gateway:
             return
         session = max(held, key=lambda s: s.connected_at)
         try:
-            await session.send_command(command, fields)
+            # Bounded: a device that stopped reading must not hold up the commands for the others.
+            await asyncio.wait_for(session.send_command(command, fields), 2.0)
         except Exception as exc:  # noqa: BLE001 - the socket went away meanwhile: offline after all
             m.DEVICE_COMMANDS.labels(command, "failed").inc()
             log.info("owner's command not sent: %s", type(exc).__name__, extra={"fields": {"device_id": device_id, "session_id": session.session_id, "command": command}})

@@ -13,7 +13,7 @@ import signal
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.conftest import start_nats
+from tests.conftest import start_gateway, start_nats
 from tests.manager.conftest import ADMIN_PASSWORD, Api, start_manager
 from tests.manager.test_api import bind_new_device, new_user
 from xiaozhi.sim import SimDevice
@@ -91,6 +91,23 @@ async def test_the_owner_sends_a_notice_and_reboots_the_device(manager):
     sent_lines = [json.loads(line) for line in manager.log("gateway").splitlines() if "owner's command sent" in line]
     assert {(str(line.get("device_id")).lower(), line.get("command")) for line in sent_lines} >= {(device.device_id.lower(), "notice"), (device.device_id.lower(), "reboot")}, sent_lines[-3:]
     assert all(line.get("session_id") == live.session_id for line in sent_lines if str(line.get("device_id")).lower() == device.device_id.lower())
+
+
+async def test_with_two_gateways_the_one_holding_the_device_answers(manager, tmp_path):
+    """Every gateway hears the command; the one without the device stays silent."""
+    owner = new_user(manager, "quinn")
+    device = await bind_new_device(manager, owner)
+    assert await device.activate(polls=2, wait_pending_s=0.1)
+    other = start_gateway(manager.stack, binding="true", binding_db=str(tmp_path / "bindings.db"))
+    try:
+        async with SimDevice(ws_url=other.ws_url, device_id=device.device_id) as live:
+            assert await _online(owner, device.device_id)
+            status, sent = owner.call("POST", f"/api/devices/{device.device_id}/notice", {"message": "on the second gateway", "emotion": "cool"})
+            assert status == 200 and sent["session_id"] == live.session_id, sent
+            assert await live.wait_for(lambda r: r.kind == "json" and r.message.get("type") == "alert", timeout=5) is not None
+            assert live.screen["message"] == "on the second gateway"
+    finally:
+        other.stop()
 
 
 async def test_commands_are_limited_per_device(manager):
