@@ -158,11 +158,14 @@ class NatsCommander:
             return answer if isinstance(answer, dict) and answer.get("delivered") is True else {"delivered": False}
 
         try:
-            return asyncio.run_coroutine_threadsafe(ask(), self.loop).result(timeout=self.timeout_s + 3)
+            answer = asyncio.run_coroutine_threadsafe(ask(), self.loop).result(timeout=self.timeout_s + 3)
         except Exception as exc:  # noqa: BLE001 - NATS away or closed
             ERRORS.labels("manager", "device_command").inc()
             log.warning("device command not sent: %s", type(exc).__name__, extra={"fields": {"device_id": device_id}})
             return {"error": type(exc).__name__}
+        fields = {"device_id": device_id, "command": body.get("command"), "delivered": bool(answer.get("delivered")), "session_id": answer.get("session_id")}
+        log.info("device command", extra={"fields": {**fields, "error": answer["error"]} if answer.get("error") else fields})
+        return answer
 
 
 def ensure_admin(sessions, settings) -> str | None:  # noqa: ANN001

@@ -91,6 +91,10 @@ async def test_the_owner_sends_a_notice_and_reboots_the_device(manager):
     sent_lines = [json.loads(line) for line in manager.log("gateway").splitlines() if "owner's command sent" in line]
     assert {(str(line.get("device_id")).lower(), line.get("command")) for line in sent_lines} >= {(device.device_id.lower(), "notice"), (device.device_id.lower(), "reboot")}, sent_lines[-3:]
     assert all(line.get("session_id") == live.session_id for line in sent_lines if str(line.get("device_id")).lower() == device.device_id.lower())
+    asked = [json.loads(line) for line in manager.log("manager").splitlines() if '"device command"' in line]
+    mine = [(a["command"], a["delivered"]) for a in asked if a.get("device_id") == device.device_id.lower()]
+    assert ("notice", True) in mine and ("reboot", True) in mine and ("notice", False) in mine, mine
+    assert all("你好" not in line for line in manager.log("manager").splitlines() if '"device command"' in line)  # no message text in the log
 
 
 async def test_with_two_gateways_the_one_holding_the_device_answers(manager, tmp_path):
