@@ -109,6 +109,7 @@ class Gateway:
         self._unbind_sub = None
         self._online_sub = None
         self._opened_sub = None
+        self._command_sub = None
         self._recheck: asyncio.Task | None = None
         self.bindings: BindingStore | None = None
         # Tokens of a device issued before this time (its last unbind) are refused.
@@ -187,6 +188,8 @@ class Gateway:
         self._unbind_sub = await nc.subscribe(self.subjects.gateway_unbind, cb=self._on_unbind)
         self._online_sub = await nc.subscribe(self.subjects.online, cb=self._on_online)
         self._opened_sub = await nc.subscribe(self.subjects.gateway_opened, cb=self._on_opened)
+        # The owner's notices and reboots: every gateway hears them, the one holding the device answers.
+        self._command_sub = await nc.subscribe(self.subjects.gateway_command, cb=self._on_command)
         catalog = FirmwareCatalog(nc, self.subjects.obj_firmware, self.subjects.kv_devices, ttl_s=self.gw.firmware_cache_s)
         app = ota.make_app(
             self.gw, self.auth_key, self.bindings, on_seen=self._publish_seen, catalog=catalog,
@@ -260,6 +263,38 @@ class Gateway:
         ]
         if found:
             await msg.respond(json.dumps({"online": found}).encode())
+
+    async def _on_command(self, msg: Msg) -> None:
+        """``{"device_id", "command": "notice", "status", "message", "emotion"}`` or ``{"device_id",
+        "command": "reboot"}`` from the manager: sent to the device's newest session here, answered
+        ``{"delivered": true, "device_id", "session_id"}``. A gateway without a session of the
+        device stays silent (the manager's request times out: offline)."""
+        try:
+            request = json.loads(msg.data)
+            device_id, command = request["device_id"], request["command"]
+            if not isinstance(device_id, str) or not 0 < len(device_id) <= 200 or command not in ("notice", "reboot"):
+                raise TypeError("device_id or command")
+            fields: dict[str, str] = {}
+            if command == "notice":
+                fields = {k: request[k] for k in ("status", "message", "emotion")}
+                if not all(isinstance(v, str) and 0 < len(v) <= 1000 for v in fields.values()):
+                    raise TypeError("notice fields")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            m.DROPPED.labels("gateway", "bad_command_request").inc()
+            return
+        held = [s for s in list(self.sessions) if s.device_id.lower() == device_id.lower() and s.ready]
+        if not held or not msg.reply:
+            return
+        session = max(held, key=lambda s: s.connected_at)
+        try:
+            # Bounded: a device that stopped reading must not hold up the commands for the others.
+            await asyncio.wait_for(session.send_command(command, fields), 2.0)
+        except Exception as exc:  # noqa: BLE001 - the socket went away meanwhile: offline after all
+            m.DEVICE_COMMANDS.labels(command, "failed").inc()
+            log.info("owner's command not sent: %s", type(exc).__name__, extra={"fields": {"device_id": device_id, "session_id": session.session_id, "command": command}})
+            return
+        m.DEVICE_COMMANDS.labels(command, "delivered").inc()
+        await msg.respond(json.dumps({"delivered": True, "device_id": device_id.lower(), "session_id": session.session_id}).encode())
 
     async def _open_bindings(self, nc: NATS) -> None:
         """The shared binding store: its buckets made where missing (where this NATS user may;

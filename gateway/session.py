@@ -176,6 +176,26 @@ class DeviceSession:
         """A newer session of the same device was admitted: this one ends."""
         await self._close_because(4002, "replaced by a newer session", "closing: a newer session of the device connected")
 
+    @property
+    def ready(self) -> bool:
+        """Past hello and not closing: server messages may reach the device now."""
+        return self.hello is not None and not self._closing
+
+    async def send_command(self, command: str, fields: dict[str, str]) -> None:
+        """The owner's command from the manager (xz.gateway.command): ``notice`` shows an
+        ``alert`` (status bar text, a system chat line, a face, a vibration sound; no state
+        change), ``reboot`` is the firmware's ``system`` command (it closes the channel and
+        restarts about a second later; this session ends when the socket drops). protocol.md
+        §5.3; the firmware processes both in every state."""
+        frame: dict[str, Any] = {"session_id": self.session_id}
+        if command == "notice":
+            frame.update(type="alert", status=fields["status"], message=fields["message"], emotion=fields["emotion"])
+        else:
+            frame.update(type="system", command="reboot")
+        await self._send(json.dumps(frame, ensure_ascii=False, separators=(",", ":")))
+        with xlog.bind(session_id=self.session_id):
+            log.info("owner's command sent to the device", extra={"fields": {"device_id": self.device_id, "command": command, "chars": len(fields.get("message", ""))}})
+
     async def _close_because(self, code: int, reason: str, message: str) -> None:
         if self._closing:
             return

@@ -31,6 +31,7 @@ from shared.metrics import histogram
 from shared.settings import GatewaySettings, ManagerSettings
 
 REQUESTS = Counter("xz_manager_requests_total", "API requests, by method, route template and status class", ["method", "route", "status"])
+COMMANDS = Counter("xz_manager_device_commands_total", "Owners' notices and reboots delivered to a device, by command", ["command"])
 REQUEST_SECONDS = histogram("xz_manager_request_seconds", "API request duration", ("method", "route"))
 
 
@@ -52,6 +53,13 @@ class Registry(Protocol):
     """Which devices have a live session now (the gateways know)."""
 
     def online(self, device_ids: list[str]) -> dict[str, dict[str, Any]]: ...
+
+
+class Commander(Protocol):
+    """Sends the owner's notice or reboot to the gateway holding the device's session."""
+
+    # {"delivered": True, "session_id"}; {"delivered": False}: no session anywhere; {"error": ...}: NATS away.
+    def command(self, device_id: str, body: dict[str, Any]) -> dict[str, Any]: ...
 
 
 class Binder(Protocol):
@@ -219,6 +227,39 @@ class DeviceOut(BaseModel):
         return value.lower()
 
 
+# The faces the firmware knows by name (protocol.md §5.3, llm): a board without an asset for
+# one shows its default face.
+EMOTIONS = (
+    "neutral", "happy", "laughing", "funny", "sad", "angry", "crying", "loving", "embarrassed", "surprised", "shocked",
+    "thinking", "winking", "cool", "relaxed", "delicious", "kissy", "confident", "sleepy", "silly", "confused",
+)
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+class NoticeIn(BaseModel):
+    """A notice for the device's screen (the firmware's ``alert``): ``status`` in the status bar,
+    ``message`` as a system chat line, ``emotion`` as the face; it plays a vibration sound."""
+
+    message: str = Field(min_length=1, max_length=300)
+    status: str = Field(default="Notice", min_length=1, max_length=32)
+    emotion: Literal[EMOTIONS] = "neutral"  # type: ignore[valid-type]
+
+    @field_validator("message", "status")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("must not be blank")
+        if _CONTROL.search(value):
+            raise ValueError("control characters are not shown by the device")
+        return value
+
+
+class CommandOut(BaseModel):
+    delivered: bool  # sent down the device's WebSocket (the firmware does not acknowledge)
+    session_id: str  # the session it went to
+
+
 class TurnOut(BaseModel):
     id: int
     session_id: str
@@ -266,6 +307,7 @@ def create_app(
     registry: Registry,
     gateway: GatewaySettings | None = None,
     options: AgentOptions | None = None,
+    commander: Commander | None = None,
 ) -> FastAPI:
     options = options or AgentOptions()
     gw = gateway or GatewaySettings()
@@ -290,6 +332,7 @@ def create_app(
     sign_in = auth.Limiter(60, {"pair": per_minute, "ip": per_minute * 5})
     old_password = auth.Limiter(60, {"pw": settings.password_attempts_per_minute})
     binding = auth.Limiter(settings.bind_window_s, {"bind": settings.bind_attempts})
+    commands = auth.Limiter(60, {"cmd": settings.device_commands_per_minute})
 
     def ws_url_for(host_header: str | None) -> str:
         if gw.websocket_url:
@@ -693,6 +736,36 @@ def create_app(
         if recordings:
             live.delete_audio(recordings)
         return Response(status_code=204)
+
+    def send_command(session: Session, user: User, device_id: str, body: dict[str, Any]) -> CommandOut:
+        """Through NATS to the gateway holding the device's session (xz.gateway.command); only
+        the owner's devices (404 otherwise), a few per device per minute (every attempt counts:
+        a notice is heard)."""
+        device = own_device(session, user, device_id)
+        attempt = commands.begin(session, commands.key("cmd", device.device_id))
+        if attempt.blocked:
+            raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, f"at most {settings.device_commands_per_minute} notices and reboots per device per minute; wait", headers={"Retry-After": str(attempt.retry_after_s)})
+        answer = commander.command(device.device_id, body) if commander is not None else {"error": "no NATS"}
+        if answer.get("error"):
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the gateways cannot be reached (NATS); try again", headers={"Retry-After": "5"})
+        if not answer.get("delivered"):
+            raise HTTPException(status.HTTP_409_CONFLICT, "the device is offline: no gateway holds a session for it (it connects when woken by its wake word or button)")
+        COMMANDS.labels(body["command"]).inc()
+        return CommandOut(delivered=True, session_id=str(answer.get("session_id", "")))
+
+    command_responses: dict[int | str, dict[str, Any]] = {404: {"model": Problem}, 409: {"model": Problem}, 429: {"model": Problem}, 503: {"model": Problem}}
+
+    @app.post("/api/devices/{device_id}/notice", response_model=CommandOut, tags=["devices"], responses=command_responses)
+    def notice(device_id: str, body: NoticeIn, user: CurrentUser, session: DB) -> CommandOut:
+        """Show a notice on the device's screen now (status bar, a system line, a face, a
+        vibration sound); the device must be online."""
+        return send_command(session, user, device_id, {"command": "notice", **body.model_dump()})
+
+    @app.post("/api/devices/{device_id}/reboot", response_model=CommandOut, tags=["devices"], responses=command_responses)
+    def reboot(device_id: str, user: CurrentUser, session: DB) -> CommandOut:
+        """Restart the device now (it closes its session and reconnects after booting, when
+        woken); the device must be online."""
+        return send_command(session, user, device_id, {"command": "reboot"})
 
     @app.get("/api/devices/{device_id}/history", response_model=list[TurnOut], tags=["devices"], responses={404: {"model": Problem}})
     def history(device_id: str, user: CurrentUser, session: DB, limit: Annotated[int, Query(ge=1, le=500)] = 100) -> list[TurnOut]:

@@ -134,6 +134,40 @@ class NatsRegistry:
             return {}
 
 
+class NatsCommander:
+    """The owner's notices and reboots: a request to every gateway, answered only by the one
+    holding a session of the device."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, nc: Any, subject: str, timeout_s: float = 1.0) -> None:
+        self.loop, self.nc, self.subject, self.timeout_s = loop, nc, subject, timeout_s
+
+    def command(self, device_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """``{"delivered": True, "session_id"}``; ``{"delivered": False}``: no gateway holds a
+        session of the device; ``{"error": ...}``: NATS cannot be reached."""
+        from nats.errors import NoRespondersError, TimeoutError as NatsTimeout
+
+        async def ask() -> dict[str, Any]:
+            if not self.nc.is_connected:
+                return {"error": "nats disconnected"}
+            request = json.dumps({"device_id": device_id, **body}, ensure_ascii=False).encode()
+            try:
+                reply = await self.nc.request(self.subject, request, timeout=self.timeout_s)
+            except (NoRespondersError, NatsTimeout, asyncio.TimeoutError):
+                return {"delivered": False}
+            answer = json.loads(reply.data)
+            return answer if isinstance(answer, dict) and answer.get("delivered") is True else {"delivered": False}
+
+        try:
+            answer = asyncio.run_coroutine_threadsafe(ask(), self.loop).result(timeout=self.timeout_s + 3)
+        except Exception as exc:  # noqa: BLE001 - NATS away or closed
+            ERRORS.labels("manager", "device_command").inc()
+            log.warning("device command not sent: %s", type(exc).__name__, extra={"fields": {"device_id": device_id}})
+            return {"error": type(exc).__name__}
+        fields = {"device_id": device_id, "command": body.get("command"), "delivered": bool(answer.get("delivered")), "session_id": answer.get("session_id")}
+        log.info("device command", extra={"fields": {**fields, "error": answer["error"]} if answer.get("error") else fields})
+        return answer
+
+
 def ensure_admin(sessions, settings) -> str | None:  # noqa: ANN001
     """Make the first administrator when there is no user; returns where its password is."""
     m = settings.manager
@@ -179,7 +213,8 @@ class ManagerService:
         await self.publisher.open()
         binder = NatsBinder(loop, nc, self.subjects.gateway_bind, self.settings.nats.prefix)
         registry = NatsRegistry(loop, nc, self.subjects.online)
-        app = create_app(self.m, self.sessions, self.publisher, binder, registry, self.settings.gateway, agent_options(self.settings))
+        commander = NatsCommander(loop, nc, self.subjects.gateway_command)
+        app = create_app(self.m, self.sessions, self.publisher, binder, registry, self.settings.gateway, agent_options(self.settings), commander)
         # Events from the pipeline, shared among manager replicas (queue group).
         self._subs = [
             await nc.subscribe(self.subjects.device_seen, queue="manager", cb=self._on_seen),

@@ -157,7 +157,7 @@ def permissions(prefix: str = "xz") -> dict[str, dict[str, list[str]]]:
     rules = {
         "gateway": {
             "pub": [f"{p}.audio.*", f"{p}.ctl.*", f"{p}.vad.claim", f"{p}.llm.*", f"{p}.say.*", f"{p}.session.end", f"{p}.registry.seen", f"{p}.gateway.unbind", f"{p}.gateway.opened"],
-            "sub": [f"{p}.out.*", f"{p}.device.*.mcp", f"{p}.vad.alive", f"{p}.gateway.bind", f"{p}.gateway.unbind", f"{p}.gateway.opened", f"{p}.registry.online"],
+            "sub": [f"{p}.out.*", f"{p}.device.*.mcp", f"{p}.vad.alive", f"{p}.gateway.bind", f"{p}.gateway.unbind", f"{p}.gateway.opened", f"{p}.registry.online", f"{p}.gateway.command"],
         },
         "vad": {
             "pub": [f"{p}.asr.*", f"{p}.out.*", f"{p}.vad.alive"],
@@ -181,7 +181,7 @@ def permissions(prefix: str = "xz") -> dict[str, dict[str, list[str]]]:
             "sub": [f"{p}.tools.list", f"{p}.tools.call.*"],
         },
         "manager": {
-            "pub": [f"{p}.gateway.bind", f"{p}.gateway.unbind", f"{p}.registry.online"],
+            "pub": [f"{p}.gateway.bind", f"{p}.gateway.unbind", f"{p}.registry.online", f"{p}.gateway.command"],
             "sub": [f"{p}.registry.seen", f"{p}.history"],
         },
     }

@@ -548,6 +548,8 @@ class ManagerSettings(BaseModel):
     # Failed binding codes per account per bind_window_s before 429 (Retry-After).
     bind_attempts: int = 5
     bind_window_s: int = 600
+    # Notices and reboots sent to one device from the console, per minute, before 429.
+    device_commands_per_minute: int = 10
     # Personal API tokens: lifetime when none is asked for, and the longest allowed (days).
     token_default_days: int = 90
     token_max_days: int = 365

@@ -120,6 +120,14 @@ class Subjects:
         return f"{self.prefix}.gateway.unbind"
 
     @property
+    def gateway_command(self) -> str:
+        """Request to every gateway (no queue group), manager -> gateways: ``{"device_id",
+        "command": "notice"|"reboot", ...}`` for the device's screen or power; only a gateway
+        holding a session of the device answers (``{"delivered": true, "session_id"}``), the
+        others stay silent, so no answer means the device is offline."""
+        return f"{self.prefix}.gateway.command"
+
+    @property
     def gateway_opened(self) -> str:
         """Event to every gateway: a proved session of ``{"device_id", "session_id"}`` opened;
         the others close the device's older sessions (one session per device across replicas)."""

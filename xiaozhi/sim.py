@@ -224,6 +224,11 @@ class SimDevice:
         self.mcp_requests: list[dict[str, Any]] = []
         self.vision: dict[str, Any] | None = None
         self.state: dict[str, Any] = {"volume": 70, "brightness": 80}
+        # What the screen shows after ``alert`` messages (the firmware's Alert(): status bar,
+        # face, a system chat line), each one kept; and whether a ``system`` reboot came.
+        self.screen: dict[str, str] = {}
+        self.alerts: list[dict[str, str]] = []
+        self.rebooted = False
 
     async def __aenter__(self) -> "SimDevice":
         await self.connect()
@@ -358,12 +363,26 @@ class SimDevice:
                     else:
                         if isinstance(parsed, dict) and parsed.get("type") == "mcp" and isinstance(parsed.get("payload"), dict):
                             await self._on_mcp(parsed["payload"])
+                        elif isinstance(parsed, dict) and parsed.get("type") == "alert":
+                            self._on_alert(parsed)
+                        elif isinstance(parsed, dict) and parsed.get("type") == "system" and parsed.get("command") == "reboot":
+                            # The firmware closes the channel and restarts: TCP drops, no close frame.
+                            self.rebooted = True
+                            self.ws.transport.abort()
+                            return
                 self._new_message.set()
         except websockets.ConnectionClosed:
             pass
         finally:
             self.closed = True
             self._new_message.set()
+
+    def _on_alert(self, message: dict[str, Any]) -> None:
+        """As the firmware: shown only when status, message and emotion are all strings."""
+        fields = {k: message.get(k) for k in ("status", "message", "emotion")}
+        if all(isinstance(v, str) for v in fields.values()):
+            self.alerts.append(fields)  # type: ignore[arg-type]
+            self.screen = dict(fields)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ MCP server (as the firmware)
 

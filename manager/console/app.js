@@ -130,11 +130,43 @@ function signInView() {
 // ---------------------------------------------------------------------------------------------
 // devices
 
+// The faces the firmware knows by name (manager/app.py EMOTIONS).
+const EMOTIONS = ["neutral", "happy", "laughing", "funny", "sad", "angry", "crying", "loving", "embarrassed", "surprised", "shocked",
+  "thinking", "winking", "cool", "relaxed", "delicious", "kissy", "confident", "sleepy", "silly", "confused"];
+
+// Send notice (a small form) and Reboot (confirmed): the device must be online (409 says so).
+function deviceCommands(d) {
+  const name = d.alias || d.device_id;
+  const path = `/api/devices/${encodeURIComponent(d.device_id)}`;
+  const id = d.device_id.replace(/[^A-Za-z0-9]/g, "");
+  const notice = el("details", { class: "notice" },
+    el("summary", {}, "Send notice"),
+    form([
+      field("Message", `notice-message-${id}`, { tag: "textarea", maxlength: 300, required: true, rows: 2, placeholder: "Dinner is ready" }),
+      field("Title (status bar)", `notice-status-${id}`, { maxlength: 32, placeholder: "Notice" }),
+      field("Face", `notice-emotion-${id}`, { tag: "select", options: EMOTIONS.map((e) => [e, e]), value: "neutral" }),
+    ], "Show on the device", async (data, node) => {
+      const body = { message: data.get(`notice-message-${id}`), emotion: data.get(`notice-emotion-${id}`) };
+      const status = (data.get(`notice-status-${id}`) || "").trim();
+      if (status) body.status = status;
+      await api("POST", `${path}/notice`, body);
+      node.reset();
+      toast(`Shown on ${name}.`);
+    }));
+  const reboot = el("button", { class: "secondary", type: "button", onclick: async () => {
+    if (!confirm(`Reboot ${name} now? It restarts and reconnects when woken.`)) return;
+    await api("POST", `${path}/reboot`);
+    toast(`${name} is rebooting.`);
+    setTimeout(route, 2000);
+  } }, "Reboot");
+  return [notice, reboot];
+}
+
 async function devicesView() {
   const [devices, agents] = await Promise.all([api("GET", "/api/devices"), api("GET", "/api/agents")]);
   const agentName = new Map(agents.map((a) => [a.id, a.name]));
   const agentOptions = [["", "Default assistant"], ...agents.map((a) => [a.id, a.name])];
-  const cards = devices.map((d) => el("div", { class: "card", dataset: { device: d.device_id } },
+  const cards = devices.map((d) => { const [notice, reboot] = deviceCommands(d); return el("div", { class: "card", dataset: { device: d.device_id } },
     el("div", { class: "row spread" },
       el("strong", {}, d.alias || d.device_id),
       el("span", { class: d.online ? "pill on" : "pill" }, d.online ? "online" : "offline")),
@@ -155,14 +187,16 @@ async function devicesView() {
         toast(event.target.checked ? "Firmware upgrades on." : "Firmware upgrades off.");
       } }),
       "Upgrade firmware automatically"),
+    notice,
     el("div", { class: "row" },
       el("a", { class: "button", href: `#/devices/${encodeURIComponent(d.device_id)}/history` }, "History"),
+      reboot,
       el("button", { class: "danger", onclick: async () => {
         if (!confirm(`Unbind ${d.alias || d.device_id}? Its history is deleted.`)) return;
         await api("DELETE", `/api/devices/${encodeURIComponent(d.device_id)}`);
         toast("Unbound.");
         route();
-      } }, "Unbind"))));
+      } }, "Unbind"))); });
   show("Devices",
     el("div", { class: "card" },
       el("h2", {}, "Add a device"),

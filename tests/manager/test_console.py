@@ -204,3 +204,55 @@ def test_console_pages_work_at_phone_and_desktop_size(manager, browser, size):
     finally:
         context.close()
     assert not problems, problems
+
+
+def test_the_owner_sends_a_notice_and_reboots_from_the_device_card(manager, browser):
+    """Send notice (a small form) and Reboot (confirmed) on a device's card reach the device."""
+    import threading
+
+    admin = manager.admin()
+    device = SimDevice(ota_url=manager.ota_url)
+    code = run_async(device.ota())["activation"]["code"]
+    assert admin.call("POST", "/api/devices/bind", {"code": code, "alias": "Hall"})[0] == 201
+    assert run_async(device.activate(polls=2, wait_pending_s=0.1))
+    connected = threading.Event()
+
+    async def live_device():
+        async with SimDevice(ws_url=manager.ws_url, device_id=device.device_id) as live:
+            connected.set()
+            for _ in range(600):
+                if live.closed:
+                    break
+                await asyncio.sleep(0.05)
+            return live.alerts, live.rebooted
+
+    pool = ThreadPoolExecutor(1)
+    running = pool.submit(asyncio.run, live_device())
+    context = browser.new_context(**SIZES["phone"])
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("console", lambda msg: problems.append(f"{msg.type}: {msg.text}") if msg.type in ("error", "warning") and "Failed to load resource" not in msg.text else None)
+    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    try:
+        assert connected.wait(15)
+        page.goto(manager.base + "/")
+        page.get_by_label("Username").fill("admin")
+        page.get_by_label("Password").fill(ADMIN_PASSWORD)
+        page.get_by_role("button", name="Sign in").click()
+        card = page.locator(f'[data-device="{device.device_id.lower()}"]')
+        card.wait_for()
+        card.get_by_text("online", exact=True).wait_for()
+        card.get_by_text("Send notice").click()
+        card.get_by_label("Message").fill("你好，晚饭好了")
+        card.get_by_label("Face").select_option("happy")
+        card.get_by_role("button", name="Show on the device").click()
+        page.get_by_text("Shown on Hall.").wait_for()
+        page.once("dialog", lambda dialog: dialog.accept())
+        card.get_by_role("button", name="Reboot").click()
+        page.get_by_text("Hall is rebooting.").wait_for()
+        alerts, rebooted = running.result(timeout=40)
+    finally:
+        context.close()
+        pool.shutdown(wait=False)
+    assert alerts == [{"status": "Notice", "message": "你好，晚饭好了", "emotion": "happy"}] and rebooted
+    assert not problems, problems

@@ -34,7 +34,7 @@ def test_the_openapi_spec_holds_under_schemathesis(manager, tmp_path):
     status, created = admin.call("POST", "/api/tokens", {"name": "schemathesis"})
     assert status == 201
     spec = admin.call("GET", "/openapi.json")[1]
-    assert {"/api/auth/login", "/api/agents", "/api/devices", "/api/devices/bind", "/api/tokens", "/api/users"} <= set(spec["paths"])
+    assert {"/api/auth/login", "/api/agents", "/api/devices", "/api/devices/bind", "/api/tokens", "/api/users", "/api/devices/{device_id}/notice", "/api/devices/{device_id}/reboot"} <= set(spec["paths"])
     result = subprocess.run(
         [
             binary, "run", f"{manager.base}/openapi.json",

@@ -420,3 +420,32 @@ async def test_the_gateways_bind_the_manager_unbinds_and_no_other_service_touche
             await other.nc.publish("$KV.xz_codes.code.123456", b"{}")
             await other.settle()
             assert other.violated("$KV.xz_bindings") and other.violated("$KV.xz_codes"), (user, other.errors)
+
+
+async def test_only_the_manager_sends_the_owners_notices_and_reboots_and_the_gateways_answer(seeded):
+    """A compromised stage must not put text on every device's screen or reboot them all."""
+    url, passwords = seeded
+    heard: list[bytes] = []
+    subject = Subjects("xz").gateway_command
+
+    async with As(url, "gateway", passwords["gateway"]) as gateway:
+
+        async def answer(msg) -> None:
+            heard.append(msg.data)
+            await msg.respond(b'{"delivered": true, "session_id": "s1"}')
+
+        await gateway.nc.subscribe(subject, cb=answer)
+        await gateway.settle()
+        for user in ("tts", "llm", "vad", "asr", "tools", "gateway"):
+            async with As(url, user, passwords[user]) as other:
+                await other.nc.publish(subject, json.dumps({"device_id": "aa:bb:cc:dd:ee:01", "command": "reboot", "by": user}).encode())
+                await other.settle()
+                assert other.violated(subject), (user, other.errors)
+        async with As(url, "manager", passwords["manager"]) as manager:
+            reply = await manager.nc.request(subject, b'{"device_id": "aa:bb:cc:dd:ee:01", "command": "reboot", "by": "manager"}', timeout=2)
+            assert json.loads(reply.data)["delivered"] is True
+            await manager.settle()
+            assert manager.errors == []
+        await asyncio.sleep(0.3)
+        assert gateway.errors == []
+    assert [json.loads(h)["by"] for h in heard] == ["manager"]
