@@ -29,6 +29,11 @@ CORS_HEADERS = {
     "Access-Control-Allow-Credentials": "true",
 }
 
+# The OTA URL forms served, and where the firmware's activation URL then points.
+OTA_PATHS = ("/xiaozhi/ota", "/xiaozhi/ota/", "/ota", "/ota/", "/")
+ACTIVATE_PATHS = ("/xiaozhi/ota/activate", "/ota/activate", "/activate")
+
+
 # Device-Ids OTA accepts: MACs and the like. ``default`` names the deployment's default agent
 # and ``web-…`` are the console's devices (issued by the manager, never through OTA).
 DEVICE_ID = re.compile(r"[A-Za-z0-9:._-]{1,64}")
@@ -200,6 +205,34 @@ def chip_proof(keys: auth.DeviceKeys, device_id: str, serial: str | None) -> tup
     return serial, False
 
 
+# What a system-info the JSON parser refused still tells (the firmware builds it by hand: an
+# SSID with `"` or bytes that are not UTF-8 break it). The board object opens with its type.
+_RAW_BOARD_TYPE = re.compile(rb'"board"\s*:\s*\{\s*"type"\s*:\s*"([A-Za-z0-9._-]{1,100})"')
+_RAW_APP_VERSION = re.compile(rb'"application"\s*:\s*\{[^{}]*?"version"\s*:\s*"([0-9.]{1,32})"')
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
+
+
+def salvaged_body(raw: bytes, user_agent: str) -> dict[str, Any]:
+    """The board and version of a body that is not JSON, so such a device is still offered its
+    upgrade (the new firmware may be what fixes the body): the board type from the raw bytes
+    (it comes before the SSID), else the board name of ``User-Agent: <board>/<version>``
+    (``BOARD_NAME``, which defaults to the type); the version from ``User-Agent`` (the running
+    image's own), else from the raw bytes. {} when neither tells anything."""
+    agent_board, _, agent_version = user_agent.strip().partition("/")
+    found = _RAW_BOARD_TYPE.search(raw)
+    board = found.group(1).decode() if found else (agent_board if _NAME.fullmatch(agent_board) else "")
+    version = agent_version.strip()
+    if firmware.parse_version(version) is None:
+        found = _RAW_APP_VERSION.search(raw)
+        version = found.group(1).decode() if found and firmware.parse_version(found.group(1).decode()) else ""
+    body: dict[str, Any] = {}
+    if board:
+        body["board"] = {"type": board}
+    if version:
+        body["application"] = {"version": version}
+    return body
+
+
 def device_info(body: dict[str, Any], user_agent: str) -> dict[str, str | None]:
     """Board and firmware version from the OTA system-info, else from ``User-Agent: board/version``."""
     application = body.get("application") if isinstance(body.get("application"), dict) else {}
@@ -219,7 +252,7 @@ def make_app(
     device_keys: auth.DeviceKeys | None = None,
     not_before: Callable[[str], float | None] | None = None,
 ) -> web.Application:
-    """The HTTP app on :8003: OTA on both URL forms, activation, firmware downloads.
+    """The HTTP app on :8003: OTA on every URL form users type, activation, firmware downloads.
 
     ``on_seen(event, trusted)`` hears of every device that asked OTA, with its Client-Id and the
     board and firmware version its system-info names; ``trusted`` is True only when the request
@@ -319,9 +352,13 @@ def make_app(
                 parsed = json.loads(raw)
                 if isinstance(parsed, dict):
                     body = parsed
-            except ValueError:
+            except ValueError:  # UnicodeDecodeError too
                 m.OTA_REQUESTS.labels("POST", "bad_body").inc()
-                log.info("ota body is not JSON; answering anyway", extra={"fields": {"device_id": device_id}})
+                body = salvaged_body(raw, request.headers.get("User-Agent", ""))
+                log.info(
+                    "ota body is not JSON; answering from what it and the User-Agent tell",
+                    extra={"fields": {"device_id": device_id, "board": body.get("board", {}).get("type"), "version": body.get("application", {}).get("version")}},
+                )
         allowed = auth.allow_listed(settings.auth.allowed_devices, device_id)
         activation = None
         if bindings is not None and state != BOUND:
@@ -440,14 +477,18 @@ def make_app(
         return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
 
     app = web.Application(client_max_size=settings.vision.max_image_bytes + 1024 * 1024)
-    for path in ("/xiaozhi/ota", "/xiaozhi/ota/"):
+    # Since firmware 2.4.1 users type the OTA URL in the Wi-Fi portal: the documented one, the
+    # short one, or only the host and port (a request for "/"). Nothing else answers "/" here
+    # (metrics and health are on their own port, the WebSocket on its own).
+    for path in OTA_PATHS:
         app.router.add_get(path, get)
         app.router.add_post(path, post)
         app.router.add_route("OPTIONS", path, options)
-    # The firmware appends "activate" to an OTA URL ending in "/", else "/activate": both forms
-    # of the OTA URL lead here.
-    app.router.add_post("/xiaozhi/ota/activate", activate)
-    app.router.add_route("OPTIONS", "/xiaozhi/ota/activate", options)
+    # The firmware appends "activate" to an OTA URL ending in "/", else "/activate" (ota.cc):
+    # every form above leads to one of these.
+    for path in ACTIVATE_PATHS:
+        app.router.add_post(path, activate)
+        app.router.add_route("OPTIONS", path, options)
     app.router.add_get("/xiaozhi/ota/download/{name}", download)
     from gateway import vision  # vision imports this module's CORS headers
 

@@ -148,3 +148,14 @@ def test_vision_url_defaults_to_the_public_host_and_can_be_set_whole():
     # Behind an ingress the device must get the public https URL, not the pod's port.
     behind = GatewaySettings(public_host="xiaozhi.example.com", vision={"url": "https://xiaozhi.example.com/mcp/vision/explain"})
     assert vision_url(behind) == "https://xiaozhi.example.com/mcp/vision/explain"
+
+
+def test_salvaged_body_from_raw_bytes_and_user_agent():
+    from gateway.ota import salvaged_body
+
+    raw = b'{"application":{"name":"xiaozhi","version":"2.4.2"},"board":{"type":"bread-compact-wifi","name":"b","ssid":"a"b\xff"}}'
+    assert salvaged_body(raw, "bread-compact-wifi/2.4.3") == {"board": {"type": "bread-compact-wifi"}, "application": {"version": "2.4.3"}}
+    assert salvaged_body(raw, "") == {"board": {"type": "bread-compact-wifi"}, "application": {"version": "2.4.2"}}
+    assert salvaged_body(b'{"board":{"ssid":"\xff', "my-board/1.2") == {"board": {"type": "my-board"}, "application": {"version": "1.2"}}
+    assert salvaged_body(b"junk", "Python/3.12 aiohttp/3.9") == {"board": {"type": "Python"}}
+    assert salvaged_body(b"junk", "") == {}
