@@ -86,6 +86,14 @@ def local_timezone_offset_minutes() -> int:
     return -(time.altzone if time.daylight and time.localtime().tm_isdst else time.timezone) // 60
 
 
+def timezone_warning(settings: GatewaySettings) -> str | None:
+    """Why devices' clocks would show UTC (a container's time zone), or None: no
+    ``gateway.timezone_offset_minutes`` and a server clock at offset 0."""
+    if settings.timezone_offset_minutes is None and local_timezone_offset_minutes() == 0:
+        return "no gateway.timezone_offset_minutes and the server runs in UTC: devices' clocks show UTC unless their agent sets an offset (e.g. 480 for China)"
+    return None
+
+
 def own_hosts(settings: GatewaySettings) -> set[str]:
     """Names of this machine a request's Host header may carry and be believed."""
     hosts = {"127.0.0.1", "::1", "[::1]", "localhost", lan_ip()}
@@ -147,12 +155,16 @@ def build_ota_response(
     stored: firmware.Image | None = None,
     allow_upgrade: bool = True,
     own: set[str] | None = None,
+    timezone_offset: int | None = None,
 ) -> dict[str, Any]:
-    """The JSON answer of §1.4: server time, firmware, websocket (never mqtt), activation."""
+    """The JSON answer of §1.4: server time, firmware, websocket (never mqtt), activation.
+
+    ``timezone_offset``: the device's agent's (None: ``gateway.timezone_offset_minutes``, else
+    the server's local offset)."""
     websocket: dict[str, Any] = {"url": websocket_url(settings, request_host, own), "token": token}
     if settings.protocol_version in (1, 2, 3):
         websocket["version"] = settings.protocol_version
-    offset = settings.timezone_offset_minutes
+    offset = timezone_offset if timezone_offset is not None else settings.timezone_offset_minutes
     if offset is None:
         offset = local_timezone_offset_minutes()
     response: dict[str, Any] = {
@@ -251,6 +263,7 @@ def make_app(
     catalog: Any = None,
     device_keys: auth.DeviceKeys | None = None,
     not_before: Callable[[str], float | None] | None = None,
+    agents: Any = None,
 ) -> web.Application:
     """The HTTP app on :8003: OTA on every URL form users type, activation, firmware downloads.
 
@@ -265,6 +278,9 @@ def make_app(
 
     ``device_keys``: per-chip keys; a listed MAC's code needs its chip's proof, and with
     ``auth.require_device_keys`` a MAC not listed gets no code at all.
+
+    ``agents`` (an ``AgentDirectory``): the bound device's agent may set its clock's offset
+    (``timezone_offset_minutes``); an unbound device is nobody's yet and gets the gateway's.
     """
     own = own_hosts(settings)
     keys = device_keys or auth.DeviceKeys()
@@ -402,9 +418,13 @@ def make_app(
             board = body.get("board") if isinstance(body.get("board"), dict) else {}
             allow = await catalog.auto_upgrade(device_id)
             stored = await catalog.newest(str(board.get("type") or "")) if allow else None
+        offset = None
+        if agents is not None and (bindings is None or state == BOUND):
+            agent = await agents.get(device_id)
+            offset = agent.timezone_offset_minutes if agent is not None else None
         response = build_ota_response(
             settings, body, _request_host(request), token=token, base_url=base_url(settings, request, own),
-            activation=activation, stored=stored, allow_upgrade=allow, own=own,
+            activation=activation, stored=stored, allow_upgrade=allow, own=own, timezone_offset=offset,
         )
         m.OTA_REQUESTS.labels("POST", "ok").inc()
         log.info("ota", extra={"fields": {"device_id": device_id, "client_id": client_id, "user_agent": request.headers.get("User-Agent"), "state": state}})

@@ -149,6 +149,9 @@ class Gateway:
                     "chip keys without a mac: with require_device_keys those chips cannot activate",
                     extra={"fields": {"keys_without_mac": unmatched}},
                 )
+        why = ota.timezone_warning(self.gw)
+        if why:
+            log.warning(why, extra={"fields": {"setting": "gateway.timezone_offset_minutes"}})
         if self.gw.auth.enabled and not self.gw.binding:
             log.warning(
                 "device auth is on but binding is off: OTA gives tokens to allow-listed devices only, so no other device can connect",
@@ -190,7 +193,7 @@ class Gateway:
         catalog = FirmwareCatalog(nc, self.subjects.obj_firmware, self.subjects.kv_devices, ttl_s=self.gw.firmware_cache_s)
         app = ota.make_app(
             self.gw, self.auth_key, self.bindings, on_seen=self._publish_seen, catalog=catalog,
-            device_keys=self.device_keys, not_before=self._not_before.get,
+            device_keys=self.device_keys, not_before=self._not_before.get, agents=self.agents,
         )
         # Idle keep-alive connections close after 15 s (aiohttp's default is an hour).
         self._http_runner = web.AppRunner(app, access_log=None, keepalive_timeout=15)

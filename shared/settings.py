@@ -170,7 +170,10 @@ class GatewaySettings(BaseModel):
     # Binary protocol version (1, 2 or 3) handed to devices by OTA. Unset: not sent, and the
     # device keeps what it has (v1 unless told otherwise before).
     protocol_version: int | None = None
-    timezone_offset_minutes: int | None = None  # None: the server's local offset
+    # The devices' clock (OTA server_time.timezone_offset, minutes east of UTC: 480 for China,
+    # 60 for Berlin in winter); an agent's own value wins. None: the server's local offset (UTC
+    # in a container: the gateway warns at start).
+    timezone_offset_minutes: int | None = Field(default=None, ge=-720, le=840)
     metrics_port: int = 9100
     # Downlink audio, announced in the hello. The firmware's decoder accepts only these values.
     sample_rate: int = 24000

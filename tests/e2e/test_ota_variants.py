@@ -157,3 +157,18 @@ async def test_broken_body_still_gets_the_upgrade(ota_gateway):
         current = firmware_body("bread-compact-wifi", "2.4.10", b'"\xff')
         async with http.post(f"{base}/xiaozhi/ota/", data=current, headers={**headers, "Device-Id": "a0:b1:c2:d3:e4:03", "User-Agent": "bread-compact-wifi/2.4.10"}) as response:
             assert (await response.json())["firmware"] == {"version": "2.4.10", "url": ""}
+
+
+async def test_a_gateway_in_utc_without_a_setting_warns(nats_only, monkeypatch):
+    """A container runs in UTC: without gateway.timezone_offset_minutes every clock would show
+    UTC, so the gateway says so at start; with the setting it says nothing and OTA carries it."""
+    monkeypatch.setenv("TZ", "UTC")
+    log = nats_only.log_dir / "gateway.log"
+    bare = start_gateway(nats_only)
+    bare.stop()
+    assert "devices' clocks show UTC" in log.read_text()
+    log.unlink()
+    china = start_gateway(nats_only, timezone_offset_minutes="480")
+    data = await SimDevice(ota_url=f"{china.http_url}/ota/").ota()
+    assert data["server_time"]["timezone_offset"] == 480
+    assert "clocks show UTC" not in log.read_text()

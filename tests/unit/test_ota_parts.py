@@ -159,3 +159,24 @@ def test_salvaged_body_from_raw_bytes_and_user_agent():
     assert salvaged_body(b'{"board":{"ssid":"\xff', "my-board/1.2") == {"board": {"type": "my-board"}, "application": {"version": "1.2"}}
     assert salvaged_body(b"junk", "Python/3.12 aiohttp/3.9") == {"board": {"type": "Python"}}
     assert salvaged_body(b"junk", "") == {}
+
+
+def test_timezone_offset_from_the_agent_then_the_setting_then_the_server(monkeypatch):
+    from pydantic import ValidationError
+
+    from gateway import ota
+
+    monkeypatch.setattr(ota, "local_timezone_offset_minutes", lambda: 0)
+    china = GatewaySettings(timezone_offset_minutes=480, firmware_dir="/nonexistent")
+    assert build_ota_response(china, {}, None)["server_time"]["timezone_offset"] == 480
+    assert build_ota_response(china, {}, None, timezone_offset=-300)["server_time"]["timezone_offset"] == -300
+    assert build_ota_response(china, {}, None, timezone_offset=0)["server_time"]["timezone_offset"] == 0  # UTC, chosen
+    assert build_ota_response(GatewaySettings(firmware_dir="/nonexistent"), {}, None)["server_time"]["timezone_offset"] == 0
+    # A server in UTC with nothing set: warned at start; a setting (or a local zone) is not.
+    assert "timezone_offset_minutes" in (ota.timezone_warning(GatewaySettings()) or "")
+    assert ota.timezone_warning(GatewaySettings(timezone_offset_minutes=0)) is None
+    monkeypatch.setattr(ota, "local_timezone_offset_minutes", lambda: 60)
+    assert ota.timezone_warning(GatewaySettings()) is None
+    for bad in (-721, 841):
+        with pytest.raises(ValidationError):
+            GatewaySettings(timezone_offset_minutes=bad)
