@@ -8,7 +8,7 @@ import math
 import re
 import socket
 import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
@@ -73,11 +73,29 @@ def lan_ip() -> str:
         sock.close()
 
 
-def vision_url(settings: GatewaySettings, http_port: int | None = None) -> str:
-    """The vision endpoint handed to devices in MCP initialize (protocol.md §8)."""
+# A host name or address as a Host header may carry it (no port, no user, nothing else).
+_HOST = re.compile(r"[A-Za-z0-9._-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
+
+
+def host_only(host_header: str | None) -> str | None:
+    """The host of a ``Host`` header (``name:port``, ``[v6]:port``), or None when it is none."""
+    host = (host_header or "").strip()
+    if host.startswith("["):
+        host = host.split("]")[0] + "]"
+    elif host.count(":") == 1:
+        host = host.rsplit(":", 1)[0]
+    return host if _HOST.fullmatch(host) else None
+
+
+def vision_url(settings: GatewaySettings, http_port: int | None = None, request_host: str | None = None) -> str:
+    """The vision endpoint handed to devices in MCP initialize (protocol.md §8): the configured
+    URL or public host, else the host this device's WebSocket handshake named (the address it
+    reached us at: behind Docker or a NAT's port forward, not this machine's own), else the LAN
+    address. The Host is taken as it is, unlike in OTA: this URL goes only to the connection
+    that sent it, in its own session."""
     if settings.vision.url:
         return settings.vision.url
-    host = settings.public_host or lan_ip()
+    host = settings.public_host or host_only(request_host) or lan_ip()
     scheme = "https" if settings.tls_cert_file else "http"
     return f"{scheme}://{host}:{http_port or settings.http_port}/mcp/vision/explain"
 
@@ -264,6 +282,7 @@ def make_app(
     device_keys: auth.DeviceKeys | None = None,
     not_before: Callable[[str], float | None] | None = None,
     agents: Any = None,
+    session_open: Callable[[str, str], Awaitable[bool]] | None = None,
 ) -> web.Application:
     """The HTTP app on :8003: OTA on every URL form users type, activation, firmware downloads.
 
@@ -512,5 +531,5 @@ def make_app(
     app.router.add_get("/xiaozhi/ota/download/{name}", download)
     from gateway import vision  # vision imports this module's CORS headers
 
-    vision.add_routes(app, settings, auth_key)
+    vision.add_routes(app, settings, auth_key, session_open)
     return app

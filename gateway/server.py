@@ -194,6 +194,7 @@ class Gateway:
         app = ota.make_app(
             self.gw, self.auth_key, self.bindings, on_seen=self._publish_seen, catalog=catalog,
             device_keys=self.device_keys, not_before=self._not_before.get, agents=self.agents,
+            session_open=self._session_open,
         )
         # Idle keep-alive connections close after 15 s (aiohttp's default is an hour).
         self._http_runner = web.AppRunner(app, access_log=None, keepalive_timeout=15)
@@ -246,6 +247,22 @@ class Gateway:
                 log.debug("device-seen event not published: %s", exc)
 
         self._background(send())
+
+    async def _session_open(self, device_id: str, session_id: str) -> bool:
+        """Whether the device's session is open here or on another gateway replica (asked as the
+        manager asks who is online: only gateways holding the device answer). No answer within
+        0.5 s (none has it, or NATS is down): not open, so its vision token is refused."""
+        device = device_id.lower()
+        if any(s.session_id == session_id and s.device_id.lower() == device for s in list(self.sessions)):
+            return True
+        if self.nc is None or self.nc.is_closed:
+            return False
+        try:
+            reply = await self.nc.request(self.subjects.online, json.dumps({"device_ids": [device]}).encode(), timeout=0.5)
+            found = json.loads(reply.data).get("online") or []
+        except Exception:  # noqa: BLE001 - no gateway has it, or NATS does not answer
+            return False
+        return any(isinstance(f, dict) and f.get("session_id") == session_id and f.get("device_id") == device for f in found)
 
     async def _on_online(self, msg: Msg) -> None:
         """``{"device_ids": [...]}``: answer with those that have a session here (if any)."""
@@ -639,7 +656,7 @@ class Gateway:
         assert self.nc is not None
         session = DeviceSession(
             ws, self.nc, self.gw, self.subjects, device_id, found["client-id"] or device_id, version,
-            auth_key=self.auth_key, vision_url=ota.vision_url(self.gw, self.http_port), work=self.settings.work,
+            auth_key=self.auth_key, vision_url=ota.vision_url(self.gw, self.http_port, ws.request.headers.get("Host")), work=self.settings.work,  # type: ignore[union-attr]
             admit_turn=lambda: self.admit_turn(device_id, admission.ip),
             agents=self.agents,
         )

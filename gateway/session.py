@@ -264,7 +264,8 @@ class DeviceSession:
             log.warning("subscriptions not confirmed before hello: %s", exc)
         await self._send(protocol.server_hello(self.session_id, self.settings.sample_rate, self.settings.frame_duration, self.version))
         if hello.features.get("mcp"):
-            token = auth.issue_vision_token(self.auth_key, self.device_id, int(time.time()), self.settings.auth.vision_ttl_seconds) if self.vision_url else None
+            # Valid for this session's life, refused once it ended (gateway/vision.py).
+            token = auth.issue_vision_token(self.auth_key, self.device_id, int(time.time()), self.settings.auth.vision_ttl_seconds, self.session_id) if self.vision_url else None
             await self._send_mcp(mcp.initialize(self.vision_url, token))
         else:
             self._mcp_listed.set()

@@ -100,7 +100,9 @@ class AuthSettings(BaseModel):
     # Device-Ids admitted without a token (and handed an empty token by OTA).
     allowed_devices: list[str] = Field(default_factory=list)
     expire_seconds: int = 30 * 24 * 3600
-    # The vision endpoint's token is always required, and shorter-lived.
+    # The vision endpoint's token is always required. A session's token is good while the
+    # session is open, however long, and refused after; this TTL counts only for tokens without
+    # a session (v1, from earlier versions).
     vision_ttl_seconds: int = 3600
     # Per-chip HMAC keys, a JSON or YAML file: {"<serial number>": {"key": "<hex key>", "mac":
     # "<the chip's MAC, its Device-Id>"}} (or just {"<serial>": "<hex key>"}). A code for a listed

@@ -180,3 +180,16 @@ def test_timezone_offset_from_the_agent_then_the_setting_then_the_server(monkeyp
     for bad in (-721, 841):
         with pytest.raises(ValidationError):
             GatewaySettings(timezone_offset_minutes=bad)
+
+
+def test_vision_url_names_the_host_the_device_reached():
+    from gateway.ota import host_only, vision_url
+
+    # Behind Docker or a NAT's port forward the device reaches an address that is not ours.
+    assert vision_url(GatewaySettings(http_port=8003), None, "192.168.1.10:8000") == "http://192.168.1.10:8003/mcp/vision/explain"
+    assert vision_url(GatewaySettings(http_port=8003), None, "[fd00::5]:8000") == "http://[fd00::5]:8003/mcp/vision/explain"
+    assert vision_url(GatewaySettings(public_host="10.0.0.5"), None, "192.168.1.10:8000").startswith("http://10.0.0.5:")
+    assert vision_url(GatewaySettings(vision={"url": "https://x/v"}), None, "192.168.1.10") == "https://x/v"
+    for junk in ("evil.com/path", "a@b", "", None, "fd00::5"):
+        assert host_only(junk) is None, junk
+    assert vision_url(GatewaySettings(http_port=8003), None, "evil.com/x?").startswith(f"http://{lan_ip()}:8003/")
