@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import secrets
 import ssl
 import time
@@ -33,6 +34,10 @@ from shared.agents import AgentDirectory
 from shared.bindings import BOUND, OTHER, BindingStore, StoreUnavailable
 from shared.settings import Settings
 from shared.subjects import Subjects
+
+# The firmware's ``User-Agent: <board-name>/<version>`` (system_info.cc), not a library's
+# ("Python/3.12 websockets/14.1").
+FIRMWARE_AGENT = re.compile(r"[a-z0-9.-]{1,100}/(?P<version>\d+(?:\.\d+){1,3}(?:-[A-Za-z0-9._-]{1,30})?)")
 
 log = logging.getLogger("gateway.server")
 
@@ -247,6 +252,15 @@ class Gateway:
                 log.debug("device-seen event not published: %s", exc)
 
         self._background(send())
+
+    def _firmware_version(self, ws: ServerConnection, device_id: str, client_id: str) -> str | None:
+        """What the device runs, until its MCP serverInfo says: the handshake's ``User-Agent:
+        <board>/<version>`` when it sends one, else what its last OTA request here named."""
+        agent = (ws.request.headers.get("User-Agent") or "") if ws.request else ""
+        found = FIRMWARE_AGENT.fullmatch(agent.strip())
+        if found:
+            return found["version"]
+        return (self._ota_info.get(f"{device_id.lower()}|{client_id}") or {}).get("firmware_version")
 
     async def _session_open(self, device_id: str, session_id: str) -> bool:
         """Whether the device's session is open here or on another gateway replica (asked as the
@@ -658,7 +672,7 @@ class Gateway:
             ws, self.nc, self.gw, self.subjects, device_id, found["client-id"] or device_id, version,
             auth_key=self.auth_key, vision_url=ota.vision_url(self.gw, self.http_port, ws.request.headers.get("Host")), work=self.settings.work,  # type: ignore[union-attr]
             admit_turn=lambda: self.admit_turn(device_id, admission.ip),
-            agents=self.agents,
+            agents=self.agents, firmware_version=self._firmware_version(ws, device_id, found["client-id"] or device_id),
         )
         # One session per device: a proved session (valid token, or the bound pair) closes the
         # device's older ones. A device that lost power or Wi-Fi leaves a socket the server

@@ -182,8 +182,13 @@ class GatewaySettings(BaseModel):
     frame_duration: int = 60
     # Pacing (protocol.md §4.4): frames sent at once, then one per frame duration.
     prebuffer_frames: int = 5
-    # After the last frame, wait this long before `tts stop` so the device plays its buffer.
+    # After the device has played the last frame (the gateway's clock), wait this long before
+    # `tts stop`: firmware before 2.4.0 cuts what it still holds on `tts stop`.
     stop_tail_ms: int = 420
+    # The same for firmware 2.4.0 and later (by its MCP serverInfo, the handshake's User-Agent
+    # or its OTA request): it plays its queue out and reopens the mic itself, so a tail only
+    # delays the next turn.
+    stop_tail_ms_draining: int = 0
     hello_timeout_s: float = 10.0
     # WebSocket pings to the device (it answers them; protocol.md §9.8): dead links are found.
     ping_interval_s: float = 20.0

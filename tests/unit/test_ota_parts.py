@@ -193,3 +193,13 @@ def test_vision_url_names_the_host_the_device_reached():
     for junk in ("evil.com/path", "a@b", "", None, "fd00::5"):
         assert host_only(junk) is None, junk
     assert vision_url(GatewaySettings(http_port=8003), None, "evil.com/x?").startswith(f"http://{lan_ip()}:8003/")
+
+
+def test_which_firmware_drains_its_playback_queue():
+    from gateway.firmware import drains_playback
+    from gateway.server import FIRMWARE_AGENT
+
+    assert [drains_playback(v) for v in ("2.4.0", "2.4.2", "2.10", "3.0.0-rc1", "2.3.9", "1.9.4", "", None, "abc")] == [True, True, True, True, False, False, False, False, False]
+    assert FIRMWARE_AGENT.fullmatch("bread-compact-wifi/2.4.2")["version"] == "2.4.2"
+    for other in ("Python/3.12 websockets/14.1", "ESP32 HTTP Client/1.0", "x/", "bread-compact-wifi/2.4.2 extra"):
+        assert FIRMWARE_AGENT.fullmatch(other) is None, other
