@@ -44,6 +44,8 @@ class AuthResult:
     reason: str = ""
     # When the token was issued (Unix seconds); None when no token was checked (allow-list).
     issued_at: int | None = None
+    # A vision token's session (v2): valid while that session is open.
+    session_id: str | None = None
 
 
 def strip_bearer(authorization: str) -> str | None:
@@ -175,29 +177,41 @@ def verify_activation(key: bytes, challenge: str, answer: str) -> bool:
     return hmac.compare_digest(expected.encode(), answer.strip().lower().encode())
 
 
-def issue_vision_token(key: str, device_id: str, now: int, ttl_seconds: int) -> str:
-    """A token for the vision endpoint, valid ``ttl_seconds`` for this device only."""
+def issue_vision_token(key: str, device_id: str, now: int, ttl_seconds: int, session_id: str = "") -> str:
+    """A token for the vision endpoint, for this device only.
+
+    With ``session_id`` (v2, what sessions hand out): valid while that session is open, however
+    long (the endpoint asks the gateways; a session outlives any fixed TTL), refused once it has
+    ended; ``ttl_seconds`` then counts only where no one can be asked. Without (v1): valid
+    ``ttl_seconds``."""
     exp = now + ttl_seconds
-    body = f"v1.{_b64(device_id.encode())}.{exp}"
+    if session_id:
+        body = f"v2.{_b64(device_id.encode())}.{_b64(session_id.encode())}.{exp}"
+    else:
+        body = f"v1.{_b64(device_id.encode())}.{exp}"
     return f"{body}.{_b64(_mac(key, 'vision|' + body))}"
 
 
-def verify_vision(key: str, authorization: str, device_id: str, now: int) -> AuthResult:
+def verify_vision(key: str, authorization: str, device_id: str, now: int, session_bound: bool = False) -> AuthResult:
+    """Signature, device and (v1, or ``session_bound`` False) expiry; a v2 token's session is in
+    the result, for the caller to check that it is still open (``session_bound``: it will, and
+    the expiry is not checked)."""
     token = strip_bearer(authorization) if authorization.lower().startswith("bearer") else authorization.strip()
     if not token:
         return AuthResult(False, "missing token")
     parts = token.split(".")
-    if len(parts) != 4 or parts[0] != "v1" or not parts[2].isdigit():
+    if not ((len(parts) == 4 and parts[0] == "v1") or (len(parts) == 5 and parts[0] == "v2")) or not parts[-2].isdigit():
         return AuthResult(False, "malformed token")
-    body = ".".join(parts[:3])
-    if not hmac.compare_digest(parts[3].encode(), _b64(_mac(key, "vision|" + body)).encode()):
+    body = ".".join(parts[:-1])
+    if not hmac.compare_digest(parts[-1].encode(), _b64(_mac(key, "vision|" + body)).encode()):
         return AuthResult(False, "bad signature")
     try:
         bound = _unb64(parts[1]).decode()
+        session_id = _unb64(parts[2]).decode() if parts[0] == "v2" else None
     except (ValueError, UnicodeDecodeError):
         return AuthResult(False, "malformed token")
     if bound != device_id:
         return AuthResult(False, "token is for another device")
-    if int(parts[2]) < now:
+    if int(parts[-2]) < now and not (session_bound and session_id is not None):
         return AuthResult(False, "token expired")
-    return AuthResult(True)
+    return AuthResult(True, session_id=session_id)

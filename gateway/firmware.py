@@ -56,6 +56,21 @@ def newer(a: Image | None, b: Image | None) -> Image | None:
     return a if (parse_version(a.version) or ()) >= (parse_version(b.version) or ()) else b
 
 
+# From 2.4.0 (main/application.cc, auto mode) the firmware plays its queue out after `tts stop`
+# and reopens the microphone itself once it is drained; before, `tts stop` cut what was queued.
+DRAINS_FROM = (2, 4, 0)
+_LEADING_VERSION = re.compile(r"\s*(\d+)\.(\d+)(?:\.(\d+))?")
+
+
+def drains_playback(version: str | None) -> bool:
+    """Whether firmware ``version`` (``2.4.2``, ``2.4.0-rc1``) plays its queue out after `tts
+    stop`; False when unknown (the safe answer)."""
+    found = _LEADING_VERSION.match(version or "")
+    if not found:
+        return False
+    return tuple(int(part or 0) for part in found.groups()) >= DRAINS_FROM
+
+
 def safe_path(folder: str | Path, filename: str) -> Path | None:
     """The file inside ``folder``, or None for anything that could escape it."""
     if not SAFE_NAME.match(filename) or ".." in filename:

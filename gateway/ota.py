@@ -8,7 +8,7 @@ import math
 import re
 import socket
 import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
@@ -28,6 +28,11 @@ CORS_HEADERS = {
     "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
     "Access-Control-Allow-Credentials": "true",
 }
+
+# The OTA URL forms served, and where the firmware's activation URL then points.
+OTA_PATHS = ("/xiaozhi/ota", "/xiaozhi/ota/", "/ota", "/ota/", "/")
+ACTIVATE_PATHS = ("/xiaozhi/ota/activate", "/ota/activate", "/activate")
+
 
 # Device-Ids OTA accepts: MACs and the like. ``default`` names the deployment's default agent
 # and ``web-…`` are the console's devices (issued by the manager, never through OTA).
@@ -68,17 +73,43 @@ def lan_ip() -> str:
         sock.close()
 
 
-def vision_url(settings: GatewaySettings, http_port: int | None = None) -> str:
-    """The vision endpoint handed to devices in MCP initialize (protocol.md §8)."""
+# A host name or address as a Host header may carry it (no port, no user, nothing else).
+_HOST = re.compile(r"[A-Za-z0-9._-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
+
+
+def host_only(host_header: str | None) -> str | None:
+    """The host of a ``Host`` header (``name:port``, ``[v6]:port``), or None when it is none."""
+    host = (host_header or "").strip()
+    if host.startswith("["):
+        host = host.split("]")[0] + "]"
+    elif host.count(":") == 1:
+        host = host.rsplit(":", 1)[0]
+    return host if _HOST.fullmatch(host) else None
+
+
+def vision_url(settings: GatewaySettings, http_port: int | None = None, request_host: str | None = None) -> str:
+    """The vision endpoint handed to devices in MCP initialize (protocol.md §8): the configured
+    URL or public host, else the host this device's WebSocket handshake named (the address it
+    reached us at: behind Docker or a NAT's port forward, not this machine's own), else the LAN
+    address. The Host is taken as it is, unlike in OTA: this URL goes only to the connection
+    that sent it, in its own session."""
     if settings.vision.url:
         return settings.vision.url
-    host = settings.public_host or lan_ip()
+    host = settings.public_host or host_only(request_host) or lan_ip()
     scheme = "https" if settings.tls_cert_file else "http"
     return f"{scheme}://{host}:{http_port or settings.http_port}/mcp/vision/explain"
 
 
 def local_timezone_offset_minutes() -> int:
     return -(time.altzone if time.daylight and time.localtime().tm_isdst else time.timezone) // 60
+
+
+def timezone_warning(settings: GatewaySettings) -> str | None:
+    """Why devices' clocks would show UTC (a container's time zone), or None: no
+    ``gateway.timezone_offset_minutes`` and a server clock at offset 0."""
+    if settings.timezone_offset_minutes is None and local_timezone_offset_minutes() == 0:
+        return "no gateway.timezone_offset_minutes and the server runs in UTC: devices' clocks show UTC unless their agent sets an offset (e.g. 480 for China)"
+    return None
 
 
 def own_hosts(settings: GatewaySettings) -> set[str]:
@@ -142,12 +173,16 @@ def build_ota_response(
     stored: firmware.Image | None = None,
     allow_upgrade: bool = True,
     own: set[str] | None = None,
+    timezone_offset: int | None = None,
 ) -> dict[str, Any]:
-    """The JSON answer of §1.4: server time, firmware, websocket (never mqtt), activation."""
+    """The JSON answer of §1.4: server time, firmware, websocket (never mqtt), activation.
+
+    ``timezone_offset``: the device's agent's (None: ``gateway.timezone_offset_minutes``, else
+    the server's local offset)."""
     websocket: dict[str, Any] = {"url": websocket_url(settings, request_host, own), "token": token}
     if settings.protocol_version in (1, 2, 3):
         websocket["version"] = settings.protocol_version
-    offset = settings.timezone_offset_minutes
+    offset = timezone_offset if timezone_offset is not None else settings.timezone_offset_minutes
     if offset is None:
         offset = local_timezone_offset_minutes()
     response: dict[str, Any] = {
@@ -200,6 +235,34 @@ def chip_proof(keys: auth.DeviceKeys, device_id: str, serial: str | None) -> tup
     return serial, False
 
 
+# What a system-info the JSON parser refused still tells (the firmware builds it by hand: an
+# SSID with `"` or bytes that are not UTF-8 break it). The board object opens with its type.
+_RAW_BOARD_TYPE = re.compile(rb'"board"\s*:\s*\{\s*"type"\s*:\s*"([A-Za-z0-9._-]{1,100})"')
+_RAW_APP_VERSION = re.compile(rb'"application"\s*:\s*\{[^{}]*?"version"\s*:\s*"([0-9.]{1,32})"')
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,100}")
+
+
+def salvaged_body(raw: bytes, user_agent: str) -> dict[str, Any]:
+    """The board and version of a body that is not JSON, so such a device is still offered its
+    upgrade (the new firmware may be what fixes the body): the board type from the raw bytes
+    (it comes before the SSID), else the board name of ``User-Agent: <board>/<version>``
+    (``BOARD_NAME``, which defaults to the type); the version from ``User-Agent`` (the running
+    image's own), else from the raw bytes. {} when neither tells anything."""
+    agent_board, _, agent_version = user_agent.strip().partition("/")
+    found = _RAW_BOARD_TYPE.search(raw)
+    board = found.group(1).decode() if found else (agent_board if _NAME.fullmatch(agent_board) else "")
+    version = agent_version.strip()
+    if firmware.parse_version(version) is None:
+        found = _RAW_APP_VERSION.search(raw)
+        version = found.group(1).decode() if found and firmware.parse_version(found.group(1).decode()) else ""
+    body: dict[str, Any] = {}
+    if board:
+        body["board"] = {"type": board}
+    if version:
+        body["application"] = {"version": version}
+    return body
+
+
 def device_info(body: dict[str, Any], user_agent: str) -> dict[str, str | None]:
     """Board and firmware version from the OTA system-info, else from ``User-Agent: board/version``."""
     application = body.get("application") if isinstance(body.get("application"), dict) else {}
@@ -218,8 +281,10 @@ def make_app(
     catalog: Any = None,
     device_keys: auth.DeviceKeys | None = None,
     not_before: Callable[[str], float | None] | None = None,
+    agents: Any = None,
+    session_open: Callable[[str, str], Awaitable[bool]] | None = None,
 ) -> web.Application:
-    """The HTTP app on :8003: OTA on both URL forms, activation, firmware downloads.
+    """The HTTP app on :8003: OTA on every URL form users type, activation, firmware downloads.
 
     ``on_seen(event, trusted)`` hears of every device that asked OTA, with its Client-Id and the
     board and firmware version its system-info names; ``trusted`` is True only when the request
@@ -232,6 +297,9 @@ def make_app(
 
     ``device_keys``: per-chip keys; a listed MAC's code needs its chip's proof, and with
     ``auth.require_device_keys`` a MAC not listed gets no code at all.
+
+    ``agents`` (an ``AgentDirectory``): the bound device's agent may set its clock's offset
+    (``timezone_offset_minutes``); an unbound device is nobody's yet and gets the gateway's.
     """
     own = own_hosts(settings)
     keys = device_keys or auth.DeviceKeys()
@@ -319,9 +387,13 @@ def make_app(
                 parsed = json.loads(raw)
                 if isinstance(parsed, dict):
                     body = parsed
-            except ValueError:
+            except ValueError:  # UnicodeDecodeError too
                 m.OTA_REQUESTS.labels("POST", "bad_body").inc()
-                log.info("ota body is not JSON; answering anyway", extra={"fields": {"device_id": device_id}})
+                body = salvaged_body(raw, request.headers.get("User-Agent", ""))
+                log.info(
+                    "ota body is not JSON; answering from what it and the User-Agent tell",
+                    extra={"fields": {"device_id": device_id, "board": body.get("board", {}).get("type"), "version": body.get("application", {}).get("version")}},
+                )
         allowed = auth.allow_listed(settings.auth.allowed_devices, device_id)
         activation = None
         if bindings is not None and state != BOUND:
@@ -365,9 +437,13 @@ def make_app(
             board = body.get("board") if isinstance(body.get("board"), dict) else {}
             allow = await catalog.auto_upgrade(device_id)
             stored = await catalog.newest(str(board.get("type") or "")) if allow else None
+        offset = None
+        if agents is not None and (bindings is None or state == BOUND):
+            agent = await agents.get(device_id)
+            offset = agent.timezone_offset_minutes if agent is not None else None
         response = build_ota_response(
             settings, body, _request_host(request), token=token, base_url=base_url(settings, request, own),
-            activation=activation, stored=stored, allow_upgrade=allow, own=own,
+            activation=activation, stored=stored, allow_upgrade=allow, own=own, timezone_offset=offset,
         )
         m.OTA_REQUESTS.labels("POST", "ok").inc()
         log.info("ota", extra={"fields": {"device_id": device_id, "client_id": client_id, "user_agent": request.headers.get("User-Agent"), "state": state}})
@@ -440,16 +516,20 @@ def make_app(
         return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
 
     app = web.Application(client_max_size=settings.vision.max_image_bytes + 1024 * 1024)
-    for path in ("/xiaozhi/ota", "/xiaozhi/ota/"):
+    # Since firmware 2.4.1 users type the OTA URL in the Wi-Fi portal: the documented one, the
+    # short one, or only the host and port (a request for "/"). Nothing else answers "/" here
+    # (metrics and health are on their own port, the WebSocket on its own).
+    for path in OTA_PATHS:
         app.router.add_get(path, get)
         app.router.add_post(path, post)
         app.router.add_route("OPTIONS", path, options)
-    # The firmware appends "activate" to an OTA URL ending in "/", else "/activate": both forms
-    # of the OTA URL lead here.
-    app.router.add_post("/xiaozhi/ota/activate", activate)
-    app.router.add_route("OPTIONS", "/xiaozhi/ota/activate", options)
+    # The firmware appends "activate" to an OTA URL ending in "/", else "/activate" (ota.cc):
+    # every form above leads to one of these.
+    for path in ACTIVATE_PATHS:
+        app.router.add_post(path, activate)
+        app.router.add_route("OPTIONS", path, options)
     app.router.add_get("/xiaozhi/ota/download/{name}", download)
     from gateway import vision  # vision imports this module's CORS headers
 
-    vision.add_routes(app, settings, auth_key)
+    vision.add_routes(app, settings, auth_key, session_open)
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import secrets
 import ssl
 import time
@@ -33,6 +34,10 @@ from shared.agents import AgentDirectory
 from shared.bindings import BOUND, OTHER, BindingStore, StoreUnavailable
 from shared.settings import Settings
 from shared.subjects import Subjects
+
+# The firmware's ``User-Agent: <board-name>/<version>`` (system_info.cc), not a library's
+# ("Python/3.12 websockets/14.1").
+FIRMWARE_AGENT = re.compile(r"[a-z0-9.-]{1,100}/(?P<version>\d+(?:\.\d+){1,3}(?:-[A-Za-z0-9._-]{1,30})?)")
 
 log = logging.getLogger("gateway.server")
 
@@ -150,6 +155,9 @@ class Gateway:
                     "chip keys without a mac: with require_device_keys those chips cannot activate",
                     extra={"fields": {"keys_without_mac": unmatched}},
                 )
+        why = ota.timezone_warning(self.gw)
+        if why:
+            log.warning(why, extra={"fields": {"setting": "gateway.timezone_offset_minutes"}})
         if self.gw.auth.enabled and not self.gw.binding:
             log.warning(
                 "device auth is on but binding is off: OTA gives tokens to allow-listed devices only, so no other device can connect",
@@ -193,7 +201,8 @@ class Gateway:
         catalog = FirmwareCatalog(nc, self.subjects.obj_firmware, self.subjects.kv_devices, ttl_s=self.gw.firmware_cache_s)
         app = ota.make_app(
             self.gw, self.auth_key, self.bindings, on_seen=self._publish_seen, catalog=catalog,
-            device_keys=self.device_keys, not_before=self._not_before.get,
+            device_keys=self.device_keys, not_before=self._not_before.get, agents=self.agents,
+            session_open=self._session_open,
         )
         # Idle keep-alive connections close after 15 s (aiohttp's default is an hour).
         self._http_runner = web.AppRunner(app, access_log=None, keepalive_timeout=15)
@@ -246,6 +255,31 @@ class Gateway:
                 log.debug("device-seen event not published: %s", exc)
 
         self._background(send())
+
+    def _firmware_version(self, ws: ServerConnection, device_id: str, client_id: str) -> str | None:
+        """What the device runs, until its MCP serverInfo says: the handshake's ``User-Agent:
+        <board>/<version>`` when it sends one, else what its last OTA request here named."""
+        agent = (ws.request.headers.get("User-Agent") or "") if ws.request else ""
+        found = FIRMWARE_AGENT.fullmatch(agent.strip())
+        if found:
+            return found["version"]
+        return (self._ota_info.get(f"{device_id.lower()}|{client_id}") or {}).get("firmware_version")
+
+    async def _session_open(self, device_id: str, session_id: str) -> bool:
+        """Whether the device's session is open here or on another gateway replica (asked as the
+        manager asks who is online: only gateways holding the device answer). No answer within
+        0.5 s (none has it, or NATS is down): not open, so its vision token is refused."""
+        device = device_id.lower()
+        if any(s.session_id == session_id and s.device_id.lower() == device for s in list(self.sessions)):
+            return True
+        if self.nc is None or self.nc.is_closed:
+            return False
+        try:
+            reply = await self.nc.request(self.subjects.online, json.dumps({"device_ids": [device]}).encode(), timeout=0.5)
+            found = json.loads(reply.data).get("online") or []
+        except Exception:  # noqa: BLE001 - no gateway has it, or NATS does not answer
+            return False
+        return any(isinstance(f, dict) and f.get("session_id") == session_id and f.get("device_id") == device for f in found)
 
     async def _on_online(self, msg: Msg) -> None:
         """``{"device_ids": [...]}``: answer with those that have a session here (if any)."""
@@ -671,9 +705,9 @@ class Gateway:
         assert self.nc is not None
         session = DeviceSession(
             ws, self.nc, self.gw, self.subjects, device_id, found["client-id"] or device_id, version,
-            auth_key=self.auth_key, vision_url=ota.vision_url(self.gw, self.http_port), work=self.settings.work,
+            auth_key=self.auth_key, vision_url=ota.vision_url(self.gw, self.http_port, ws.request.headers.get("Host")), work=self.settings.work,  # type: ignore[union-attr]
             admit_turn=lambda: self.admit_turn(device_id, admission.ip),
-            agents=self.agents,
+            agents=self.agents, firmware_version=self._firmware_version(ws, device_id, found["client-id"] or device_id),
         )
         # One session per device: a proved session (valid token, or the bound pair) closes the
         # device's older ones. A device that lost power or Wi-Fi leaves a socket the server

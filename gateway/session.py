@@ -15,7 +15,7 @@ from nats.aio.msg import Msg
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from gateway import auth, iot, mcp, protocol
+from gateway import auth, firmware, iot, mcp, protocol
 from gateway import metrics as m
 from gateway.downlink import PacedSender
 from gateway.turns import Flush, Stop, TurnAssembler
@@ -70,6 +70,7 @@ class DeviceSession:
         work: WorkSettings | None = None,
         admit_turn: Callable[[], bool] | None = None,
         agents: AgentDirectory | None = None,
+        firmware_version: str | None = None,
     ) -> None:
         self.ws = ws
         self.agents = agents  # shared by the gateway's sessions
@@ -99,6 +100,8 @@ class DeviceSession:
             on_stop=self._reply_done,
             start_gap_s=settings.start_gap_ms / 1000,
         )
+        self.firmware_version: str | None = None
+        self._use_firmware_version(firmware_version)
         self._out_sub = None
         # Uplink (audio and control) goes through one ordered queue, published once a VAD
         # worker owns the session, so nothing sent before the claim completes is lost.
@@ -284,7 +287,8 @@ class DeviceSession:
             log.warning("subscriptions not confirmed before hello: %s", exc)
         await self._send(protocol.server_hello(self.session_id, self.settings.sample_rate, self.settings.frame_duration, self.version))
         if hello.features.get("mcp"):
-            token = auth.issue_vision_token(self.auth_key, self.device_id, int(time.time()), self.settings.auth.vision_ttl_seconds) if self.vision_url else None
+            # Valid for this session's life, refused once it ended (gateway/vision.py).
+            token = auth.issue_vision_token(self.auth_key, self.device_id, int(time.time()), self.settings.auth.vision_ttl_seconds, self.session_id) if self.vision_url else None
             await self._send_mcp(mcp.initialize(self.vision_url, token))
         else:
             self._mcp_listed.set()
@@ -707,6 +711,16 @@ class DeviceSession:
 
     # ------------------------------------------------------------------ device MCP
 
+    def _use_firmware_version(self, version: str | None) -> None:
+        """The `tts stop` tail for this firmware: none needed from 2.4.0 (it drains its queue
+        before reopening the mic), the safe one for older or unknown firmware."""
+        if not version or version == self.firmware_version:
+            return
+        self.firmware_version = version[:64]
+        drains = firmware.drains_playback(version)
+        self.downlink.stop_margin_s = (self.settings.stop_tail_ms_draining if drains else self.settings.stop_tail_ms) / 1000
+        log.debug("stop tail", extra={"fields": {"firmware_version": self.firmware_version, "drains": drains, "tail_ms": int(self.downlink.stop_margin_s * 1000)}})
+
     async def _send_mcp(self, payload: dict[str, Any]) -> None:
         await self._send(json.dumps({"session_id": self.session_id, "type": "mcp", "payload": payload}, ensure_ascii=False, separators=(",", ":")))
 
@@ -719,6 +733,9 @@ class DeviceSession:
         if msg_id == mcp.INIT_ID:
             log.info("device mcp initialized", extra={"fields": {"server": self.mcp.server_info or payload.get("result", {}).get("serverInfo")}})
             await self._send_mcp(self.mcp.on_initialize_result(payload))
+            version = self.mcp.server_info.get("version")
+            if isinstance(version, str):
+                self._use_firmware_version(version)  # the running image's own word
         elif msg_id == mcp.LIST_ID:
             follow_up = self.mcp.on_tools_list_result(payload)
             if follow_up is not None:

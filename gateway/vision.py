@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import logging
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -50,7 +50,13 @@ def _error(message: str, status: int = 200) -> web.Response:
     return web.json_response({"success": False, "message": message}, status=status, headers=CORS_HEADERS)
 
 
-def add_routes(app: web.Application, settings: GatewaySettings, auth_key: str) -> None:
+def add_routes(
+    app: web.Application, settings: GatewaySettings, auth_key: str,
+    session_open: Callable[[str, str], Awaitable[bool]] | None = None,
+) -> None:
+    """``session_open(device_id, session_id)``: whether that session is open on some gateway. A
+    session's token (v2) is good for as long as it is and refused after; without the check
+    (None) tokens last ``auth.vision_ttl_seconds``."""
     vision = settings.vision
     limit = vision.max_image_bytes
 
@@ -65,7 +71,9 @@ def add_routes(app: web.Application, settings: GatewaySettings, auth_key: str) -
         device_id = request.headers.get("Device-Id", "").strip()
         if not device_id:
             return _error("Device-Id header is required", 401)
-        checked = auth.verify_vision(auth_key, request.headers.get("Authorization", ""), device_id, int(time.time()))
+        checked = auth.verify_vision(auth_key, request.headers.get("Authorization", ""), device_id, int(time.time()), session_bound=session_open is not None)
+        if checked.ok and checked.session_id is not None and session_open is not None and not await session_open(device_id, checked.session_id):
+            checked = auth.AuthResult(False, "its session has ended")
         if not checked.ok:
             log.info("vision token rejected", extra={"fields": {"device_id": device_id, "reason": checked.reason}})
             return _error(f"invalid vision token: {checked.reason}", 401)

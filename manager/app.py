@@ -162,6 +162,9 @@ class AgentIn(BaseModel):
     tools: list[Annotated[str, Field(min_length=1, max_length=100)]] | None = Field(default=None, max_length=200)
     memory: Literal["none", "short", "summary"] = "short"
     wake_greeting: str | None = Field(default=None, max_length=255)
+    # The devices' clock: minutes east of UTC (480: China, -300: New York in winter), sent in
+    # the OTA answer at their next boot; None: the gateway's gateway.timezone_offset_minutes.
+    timezone_offset_minutes: int | None = Field(default=None, ge=-720, le=840)
 
 
 class LlmBackendOption(BaseModel):

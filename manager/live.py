@@ -38,6 +38,7 @@ def agent_config(agent: Agent) -> AgentConfig:
         llm_model=agent.llm_model or None,
         llm_backend=agent.llm_backend or None,
         asr_model=agent.asr_model or None,
+        timezone_offset_minutes=agent.timezone_offset_minutes,
     )
 
 

@@ -81,6 +81,8 @@ class Agent(Base):
     tools: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)  # None: every server tool
     memory: Mapped[str] = mapped_column(String(16), nullable=False, default="short")
     wake_greeting: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # Minutes east of UTC for its devices' clocks (OTA); None: the gateway's setting.
+    timezone_offset_minutes: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime, nullable=False, default=utcnow, onupdate=utcnow)
 

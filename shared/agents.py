@@ -87,6 +87,9 @@ class AgentConfig(BaseModel):
     llm_backend: str | None = None
     # Which Whisper model transcribes: one of the ASR stage's `asr.models`; None: `asr.model`.
     asr_model: str | None = None
+    # The devices' clock (OTA ``server_time.timezone_offset``, minutes east of UTC, e.g. 480 for
+    # China); None: the gateway's ``gateway.timezone_offset_minutes``.
+    timezone_offset_minutes: int | None = None
 
     def encode(self) -> bytes:
         return self.model_dump_json().encode()

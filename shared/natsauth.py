@@ -156,7 +156,7 @@ def permissions(prefix: str = "xz") -> dict[str, dict[str, list[str]]]:
 
     rules = {
         "gateway": {
-            "pub": [f"{p}.audio.*", f"{p}.ctl.*", f"{p}.vad.claim", f"{p}.llm.*", f"{p}.say.*", f"{p}.session.end", f"{p}.registry.seen", f"{p}.gateway.unbind", f"{p}.gateway.opened"],
+            "pub": [f"{p}.audio.*", f"{p}.ctl.*", f"{p}.vad.claim", f"{p}.llm.*", f"{p}.say.*", f"{p}.session.end", f"{p}.registry.seen", f"{p}.gateway.unbind", f"{p}.gateway.opened", f"{p}.registry.online"],
             "sub": [f"{p}.out.*", f"{p}.device.*.mcp", f"{p}.vad.alive", f"{p}.gateway.bind", f"{p}.gateway.unbind", f"{p}.gateway.opened", f"{p}.registry.online", f"{p}.gateway.command"],
         },
         "vad": {

@@ -100,7 +100,9 @@ class AuthSettings(BaseModel):
     # Device-Ids admitted without a token (and handed an empty token by OTA).
     allowed_devices: list[str] = Field(default_factory=list)
     expire_seconds: int = 30 * 24 * 3600
-    # The vision endpoint's token is always required, and shorter-lived.
+    # The vision endpoint's token is always required. A session's token is good while the
+    # session is open, however long, and refused after; this TTL counts only for tokens without
+    # a session (v1, from earlier versions).
     vision_ttl_seconds: int = 3600
     # Per-chip HMAC keys, a JSON or YAML file: {"<serial number>": {"key": "<hex key>", "mac":
     # "<the chip's MAC, its Device-Id>"}} (or just {"<serial>": "<hex key>"}). A code for a listed
@@ -170,15 +172,23 @@ class GatewaySettings(BaseModel):
     # Binary protocol version (1, 2 or 3) handed to devices by OTA. Unset: not sent, and the
     # device keeps what it has (v1 unless told otherwise before).
     protocol_version: int | None = None
-    timezone_offset_minutes: int | None = None  # None: the server's local offset
+    # The devices' clock (OTA server_time.timezone_offset, minutes east of UTC: 480 for China,
+    # 60 for Berlin in winter); an agent's own value wins. None: the server's local offset (UTC
+    # in a container: the gateway warns at start).
+    timezone_offset_minutes: int | None = Field(default=None, ge=-720, le=840)
     metrics_port: int = 9100
     # Downlink audio, announced in the hello. The firmware's decoder accepts only these values.
     sample_rate: int = 24000
     frame_duration: int = 60
     # Pacing (protocol.md §4.4): frames sent at once, then one per frame duration.
     prebuffer_frames: int = 5
-    # After the last frame, wait this long before `tts stop` so the device plays its buffer.
+    # After the device has played the last frame (the gateway's clock), wait this long before
+    # `tts stop`: firmware before 2.4.0 cuts what it still holds on `tts stop`.
     stop_tail_ms: int = 420
+    # The same for firmware 2.4.0 and later (by its MCP serverInfo, the handshake's User-Agent
+    # or its OTA request): it plays its queue out and reopens the mic itself, so a tail only
+    # delays the next turn.
+    stop_tail_ms_draining: int = 0
     hello_timeout_s: float = 10.0
     # WebSocket pings to the device (it answers them; protocol.md §9.8): dead links are found.
     ping_interval_s: float = 20.0

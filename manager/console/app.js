@@ -310,7 +310,7 @@ async function agentsView() {
 
 async function agentView(id) {
   const [agent, options] = await Promise.all([
-    id === "new" ? { name: "", role_prompt: "", voice: "", language: "", memory: "short", tools: null, wake_greeting: "", llm_backend: null, llm_model: "", asr_model: null } : api("GET", `/api/agents/${id}`),
+    id === "new" ? { name: "", role_prompt: "", voice: "", language: "", memory: "short", tools: null, wake_greeting: "", llm_backend: null, llm_model: "", asr_model: null, timezone_offset_minutes: null } : api("GET", `/api/agents/${id}`),
     api("GET", "/api/options"),
   ]);
   const backends = options.llm_backends.map((b) => [b.name, b.name === "default" ? `Default (${b.backend}${b.model ? `, ${b.model}` : ""})` : `${b.name} (${b.backend}${b.model ? `, ${b.model}` : ""})`]);
@@ -328,6 +328,8 @@ async function agentView(id) {
       field("LLM model (asked of an OpenAI-compatible server; empty: the backend's)", "llm_model", { value: agent.llm_model || "", maxlength: 255 }),
       field("Speech recognition model (multilingual ones follow the language above)", "asr_model", { tag: "select", options: asrModels, value: agent.asr_model || options.asr_default }),
       field("Wake-word greeting", "wake_greeting", { value: agent.wake_greeting || "", maxlength: 255 }),
+      field("Clock: minutes east of UTC (480: China, -300: New York; empty: the server's; from the device's next boot)", "timezone_offset_minutes",
+        { type: "number", min: -720, max: 840, step: 15, value: agent.timezone_offset_minutes ?? "" }),
       field("Tools (comma-separated names; empty: all)", "tools", { value: (agent.tools || []).join(", ") }),
     ], id === "new" ? "Create" : "Save", async (data) => {
       const tools = data.get("tools").split(",").map((t) => t.trim()).filter(Boolean);
@@ -338,6 +340,7 @@ async function agentView(id) {
         llm_backend: data.get("llm_backend") === "default" ? null : data.get("llm_backend"),
         llm_model: nullable(data.get("llm_model")),
         asr_model: data.get("asr_model") === options.asr_default ? null : data.get("asr_model"),
+        timezone_offset_minutes: data.get("timezone_offset_minutes").trim() === "" ? null : Number(data.get("timezone_offset_minutes")),
       };
       if (id === "new") await api("POST", "/api/agents", body);
       else await api("PUT", `/api/agents/${id}`, body);

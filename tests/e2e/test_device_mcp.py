@@ -57,7 +57,7 @@ async def test_initialize_then_paged_tools_list(pipeline):
         assert requests[0]["method"] == "initialize" and requests[0]["id"] == 1
         vision = requests[0]["params"]["capabilities"]["vision"]
         assert vision["url"].startswith("http://") and vision["url"].endswith("/mcp/vision/explain")
-        assert verify_vision_ok(vision["token"], device.device_id)
+        assert verify_vision_ok(vision["token"], device.device_id, device.session_id)
         listing = [r for r in requests if r.get("method") == "tools/list"]
         assert len(listing) >= 4, "expected several pages"
         assert all(r["id"] == 2 for r in listing)
@@ -70,14 +70,14 @@ async def test_initialize_then_paged_tools_list(pipeline):
         assert all("." not in t.llm_name for t in reply.tools)
 
 
-def verify_vision_ok(token: str, device_id: str) -> bool:
+def verify_vision_ok(token: str, device_id: str, session_id: str) -> bool:
     # The test cannot know the gateway's random key, but the token must at least be well formed
-    # and bound to this device: its second part is the base64url device id.
+    # and bound to this device and session: base64url device id, then session id (v2).
     import base64
 
     parts = token.split(".")
-    device = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)).decode()
-    return len(parts) == 4 and parts[0] == "v1" and device == device_id and not verify_vision("wrong-key", token, device_id, 0).ok
+    device, session = (base64.urlsafe_b64decode(p + "=" * (-len(p) % 4)).decode() for p in parts[1:3])
+    return len(parts) == 5 and parts[0] == "v2" and (device, session) == (device_id, session_id) and not verify_vision("wrong-key", token, device_id, 0).ok
 
 
 async def test_tool_calls_reach_the_device_with_ids_from_100(pipeline):

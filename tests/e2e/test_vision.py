@@ -93,3 +93,73 @@ async def test_camera_photo_explained(vision_gateway, vision_model):
         async with aiohttp.ClientSession() as http:
             async with http.get(url) as response:
                 assert response.status == 200 and "vision-test" in await response.text()
+
+
+async def test_the_camera_works_for_the_whole_session_and_not_after(nats_only, vision_model):
+    """The token in MCP initialize lasts as long as its session, past auth.vision_ttl_seconds
+    (1 s here), on any gateway replica; once the session ended it is refused. The URL names the
+    host the device reached the gateway at (here `localhost`: no public host is set)."""
+    base_url, _ = vision_model
+    settings = {"vision__base_url": base_url, "vision__model": "vision-test", "auth__vision_ttl_seconds": "1", "public_host": "",
+                "auth__key": "k" * 40}  # one key: the replicas verify each other's tokens
+    first = start_gateway(nats_only, **settings)
+    other = start_gateway(nats_only, **settings)
+    async with SimDevice(ws_url=f"ws://localhost:{first.ws_port}/xiaozhi/v1/") as device:
+        for _ in range(50):
+            if device.vision:
+                break
+            await asyncio.sleep(0.05)
+        url, token = device.vision["url"], device.vision["token"]
+        assert url == f"http://localhost:{first.http_port}/mcp/vision/explain"
+        await asyncio.sleep(2.2)  # past the TTL
+        for endpoint in (url, f"{other.http_url}/mcp/vision/explain"):  # this replica and another
+            status, answer = await post(endpoint, device.device_id, token, firmware_body("What do you see?", JPEG))
+            assert status == 200 and answer["success"] is True, (endpoint, answer)
+    for _ in range(50):
+        status, answer = await post(url, device.device_id, token, firmware_body("q", JPEG))
+        if status == 401:
+            break
+        await asyncio.sleep(0.1)
+    assert status == 401 and "ended" in answer["message"]
+    status, answer = await post(f"{other.http_url}/mcp/vision/explain", device.device_id, token, firmware_body("q", JPEG))
+    assert status == 401 and "ended" in answer["message"]
+
+
+async def test_behind_a_port_forward_the_camera_url_names_the_forwarded_address(nats_only, vision_model):
+    """As behind Docker's or a home router's port forward: the device reaches the gateway at an
+    address that is none of the gateway's own (127.0.0.2 here, forwarded to 127.0.0.1), and no
+    public host is set. The camera URL names that address, not the gateway's LAN address."""
+    base_url, _ = vision_model
+    gateway = start_gateway(nats_only, vision__base_url=base_url, vision__model="vision-test", public_host="")
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", gateway.ws_port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    try:
+        server = await asyncio.start_server(forward, "127.0.0.2", 0)
+    except OSError as exc:
+        pytest.skip(f"cannot listen on 127.0.0.2: {exc}")
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with SimDevice(ws_url=f"ws://127.0.0.2:{port}/xiaozhi/v1/") as device:
+            for _ in range(50):
+                if device.vision:
+                    break
+                await asyncio.sleep(0.05)
+            assert device.vision["url"] == f"http://127.0.0.2:{gateway.http_port}/mcp/vision/explain"
+            status, answer = await post(f"{gateway.http_url}/mcp/vision/explain", device.device_id, device.vision["token"], firmware_body("q", JPEG))
+            assert status == 200 and answer["success"] is True, answer
+    finally:
+        server.close()

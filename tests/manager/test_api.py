@@ -143,6 +143,35 @@ def test_agents_are_private_to_their_owner(manager):
     assert dave.call("GET", f"/api/agents/{agent['id']}")[0] == 404
 
 
+async def test_an_agents_clock_reaches_its_devices_ota(manager):
+    """An agent's timezone_offset_minutes is what its bound devices' OTA answer carries (the
+    gateway reads the agent from KV); None falls back to the gateway's."""
+    fay = new_user(manager, "fay")
+    assert fay.call("POST", "/api/agents", {"name": "x", "timezone_offset_minutes": 900})[0] == 422
+    status, agent = fay.call("POST", "/api/agents", {"name": "Beijing", "timezone_offset_minutes": 480})
+    assert status == 201 and agent["timezone_offset_minutes"] == 480
+    device = SimDevice(ota_url=manager.ota_url)
+    first = await device.ota()
+    gateways = first["server_time"]["timezone_offset"]  # unbound: nobody's agent yet
+    status, _ = fay.call("POST", "/api/devices/bind", {"code": first["activation"]["code"], "agent_id": agent["id"]})
+    assert status == 201
+    assert await device.activate(polls=2, wait_pending_s=0.1) is True
+    assert device.ota_response["server_time"]["timezone_offset"] == 480
+    assert (await _kv_agent(manager.stack.nats_url, device.device_id))["timezone_offset_minutes"] == 480
+    assert fay.call("PUT", f"/api/agents/{agent['id']}", {"name": "New York", "timezone_offset_minutes": -300})[0] == 200
+    for _ in range(8):
+        if (await device.ota())["server_time"]["timezone_offset"] == -300:
+            break
+        await asyncio.sleep(0.2)
+    assert device.ota_response["server_time"]["timezone_offset"] == -300
+    assert fay.call("PUT", f"/api/agents/{agent['id']}", {"name": "Server's", "timezone_offset_minutes": None})[0] == 200
+    for _ in range(8):
+        if (await device.ota())["server_time"]["timezone_offset"] == gateways:
+            break
+        await asyncio.sleep(0.2)
+    assert device.ota_response["server_time"]["timezone_offset"] == gateways
+
+
 async def _kv_agent(nats_url: str, device_id: str) -> dict | None:
     nc = NATS()
     await nc.connect(nats_url)

@@ -123,12 +123,13 @@ def test_console_pages_work_at_phone_and_desktop_size(manager, browser, size):
         # The LLM backends and speech models this deployment has (GET /api/options).
         page.get_by_label("LLM backend").select_option("qwen")
         page.get_by_label("Speech recognition model").select_option("base")
+        page.get_by_label("Clock: minutes east of UTC").fill("480")
         shoot(page, size, "agent-edit")
         page.get_by_role("button", name="Create").click()
         page.get_by_text(agent_name).wait_for()
         shoot(page, size, "agents")
         made = {a["name"]: a for a in manager.admin().call("GET", "/api/agents")[1]}[agent_name]
-        assert (made["llm_backend"], made["llm_model"], made["asr_model"]) == ("qwen", None, "base"), made
+        assert (made["llm_backend"], made["llm_model"], made["asr_model"], made["timezone_offset_minutes"]) == ("qwen", None, "base", 480), made
 
         # A device: it boots, asks OTA and speaks its code; the owner types it in.
         device = SimDevice(ota_url=manager.ota_url)

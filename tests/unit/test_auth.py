@@ -104,3 +104,18 @@ def test_vision_token_bound_to_device_and_time():
     assert verify_vision(KEY, "Bearer nope", "dev-1", NOW).reason == "malformed token"
     # A device token is not a vision token.
     assert not verify_vision(KEY, "Bearer " + issue_device_token(KEY, "c", "dev-1", NOW), "dev-1", NOW).ok
+
+
+def test_session_vision_token_lasts_its_session():
+    token = issue_vision_token(KEY, "dev-1", NOW, 60, "sess-1")
+    assert token.startswith("v2.")
+    # Past its TTL: good while the caller checks the session; the TTL counts where none does.
+    checked = verify_vision(KEY, f"Bearer {token}", "dev-1", NOW + 86400, session_bound=True)
+    assert checked.ok and checked.session_id == "sess-1"
+    assert verify_vision(KEY, token, "dev-1", NOW + 61).reason == "token expired"
+    assert verify_vision(KEY, token, "dev-2", NOW, session_bound=True).reason == "token is for another device"
+    parts = token.split(".")
+    forged = ".".join([parts[0], parts[1], issue_vision_token(KEY, "dev-1", NOW, 60, "sess-2").split(".")[2], *parts[3:]])
+    assert verify_vision(KEY, forged, "dev-1", NOW, session_bound=True).reason == "bad signature"
+    # The v1 form still verifies (no session: the TTL only).
+    assert verify_vision(KEY, issue_vision_token(KEY, "dev-1", NOW, 60), "dev-1", NOW, session_bound=True).session_id is None

@@ -148,3 +148,58 @@ def test_vision_url_defaults_to_the_public_host_and_can_be_set_whole():
     # Behind an ingress the device must get the public https URL, not the pod's port.
     behind = GatewaySettings(public_host="xiaozhi.example.com", vision={"url": "https://xiaozhi.example.com/mcp/vision/explain"})
     assert vision_url(behind) == "https://xiaozhi.example.com/mcp/vision/explain"
+
+
+def test_salvaged_body_from_raw_bytes_and_user_agent():
+    from gateway.ota import salvaged_body
+
+    raw = b'{"application":{"name":"xiaozhi","version":"2.4.2"},"board":{"type":"bread-compact-wifi","name":"b","ssid":"a"b\xff"}}'
+    assert salvaged_body(raw, "bread-compact-wifi/2.4.3") == {"board": {"type": "bread-compact-wifi"}, "application": {"version": "2.4.3"}}
+    assert salvaged_body(raw, "") == {"board": {"type": "bread-compact-wifi"}, "application": {"version": "2.4.2"}}
+    assert salvaged_body(b'{"board":{"ssid":"\xff', "my-board/1.2") == {"board": {"type": "my-board"}, "application": {"version": "1.2"}}
+    assert salvaged_body(b"junk", "Python/3.12 aiohttp/3.9") == {"board": {"type": "Python"}}
+    assert salvaged_body(b"junk", "") == {}
+
+
+def test_timezone_offset_from_the_agent_then_the_setting_then_the_server(monkeypatch):
+    from pydantic import ValidationError
+
+    from gateway import ota
+
+    monkeypatch.setattr(ota, "local_timezone_offset_minutes", lambda: 0)
+    china = GatewaySettings(timezone_offset_minutes=480, firmware_dir="/nonexistent")
+    assert build_ota_response(china, {}, None)["server_time"]["timezone_offset"] == 480
+    assert build_ota_response(china, {}, None, timezone_offset=-300)["server_time"]["timezone_offset"] == -300
+    assert build_ota_response(china, {}, None, timezone_offset=0)["server_time"]["timezone_offset"] == 0  # UTC, chosen
+    assert build_ota_response(GatewaySettings(firmware_dir="/nonexistent"), {}, None)["server_time"]["timezone_offset"] == 0
+    # A server in UTC with nothing set: warned at start; a setting (or a local zone) is not.
+    assert "timezone_offset_minutes" in (ota.timezone_warning(GatewaySettings()) or "")
+    assert ota.timezone_warning(GatewaySettings(timezone_offset_minutes=0)) is None
+    monkeypatch.setattr(ota, "local_timezone_offset_minutes", lambda: 60)
+    assert ota.timezone_warning(GatewaySettings()) is None
+    for bad in (-721, 841):
+        with pytest.raises(ValidationError):
+            GatewaySettings(timezone_offset_minutes=bad)
+
+
+def test_vision_url_names_the_host_the_device_reached():
+    from gateway.ota import host_only, vision_url
+
+    # Behind Docker or a NAT's port forward the device reaches an address that is not ours.
+    assert vision_url(GatewaySettings(http_port=8003), None, "192.168.1.10:8000") == "http://192.168.1.10:8003/mcp/vision/explain"
+    assert vision_url(GatewaySettings(http_port=8003), None, "[fd00::5]:8000") == "http://[fd00::5]:8003/mcp/vision/explain"
+    assert vision_url(GatewaySettings(public_host="10.0.0.5"), None, "192.168.1.10:8000").startswith("http://10.0.0.5:")
+    assert vision_url(GatewaySettings(vision={"url": "https://x/v"}), None, "192.168.1.10") == "https://x/v"
+    for junk in ("evil.com/path", "a@b", "", None, "fd00::5"):
+        assert host_only(junk) is None, junk
+    assert vision_url(GatewaySettings(http_port=8003), None, "evil.com/x?").startswith(f"http://{lan_ip()}:8003/")
+
+
+def test_which_firmware_drains_its_playback_queue():
+    from gateway.firmware import drains_playback
+    from gateway.server import FIRMWARE_AGENT
+
+    assert [drains_playback(v) for v in ("2.4.0", "2.4.2", "2.10", "3.0.0-rc1", "2.3.9", "1.9.4", "", None, "abc")] == [True, True, True, True, False, False, False, False, False]
+    assert FIRMWARE_AGENT.fullmatch("bread-compact-wifi/2.4.2")["version"] == "2.4.2"
+    for other in ("Python/3.12 websockets/14.1", "ESP32 HTTP Client/1.0", "x/", "bread-compact-wifi/2.4.2 extra"):
+        assert FIRMWARE_AGENT.fullmatch(other) is None, other
