@@ -28,6 +28,7 @@ from gateway.fwstore import FirmwareCatalog
 from gateway.httpguard import guarded
 from gateway.limits import ClientAddress, RateLimiter
 from gateway.session import DeviceSession
+from gateway.wsconn import DeviceConnection
 from shared import bindings as binding_store
 from shared.agents import AgentDirectory
 from shared.bindings import BOUND, OTHER, BindingStore, StoreUnavailable
@@ -174,6 +175,8 @@ class Gateway:
             # Devices drop TCP rather than answer a close frame: do not wait long for one.
             close_timeout=2,
             ssl=self._tls,
+            # Text frames with raw non-UTF-8 bytes (cJSON passes them through) do not close.
+            create_connection=DeviceConnection,
         )
         self.ws_port = self._ws_server.sockets[0].getsockname()[1] if self._ws_server.sockets else self.gw.ws_port
         if self.gw.binding:
