@@ -586,6 +586,11 @@ class DeviceSession:
             if event.kind in ("utterance", "discard", "busy"):
                 await self._on_utterance_event(event)
                 return
+            if event.kind == "progress":
+                # A slow server tool is working on the current turn: it is not lost.
+                if event.turn_id == self.assembler.current_turn_id:
+                    self._last_turn_activity = time.monotonic()
+                return
             with xlog.bind(turn_id=event.turn_id):
                 log.debug("event", extra={"fields": {"kind": event.kind, "seq": event.seq}})
                 if event.kind in ("stt", "error"):
@@ -664,7 +669,9 @@ class DeviceSession:
             if self.assembler.current_turn_id is None:
                 await self._check_idle()
                 continue
-            if self.downlink.pending:
+            if self.downlink.pending or self._mcp_pending:
+                # Frames to send, or a device tool call under way (a camera photo: upload plus
+                # the vision model), bounded by its own `mcp_call_timeout_s`: the turn is alive.
                 self._last_turn_activity = time.monotonic()
                 continue
             if time.monotonic() - self._last_turn_activity > self.settings.turn_timeout_s:

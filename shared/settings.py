@@ -191,7 +191,8 @@ class GatewaySettings(BaseModel):
     # SIGTERM: stop accepting, let replies in flight finish for up to this long, then close.
     drain_s: float = 25.0
     rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
-    # A turn that produces nothing for this long is ended with `tts stop`.
+    # A turn that produces nothing for this long is ended with `tts stop` (a pending device tool
+    # call, bounded by mcp_call_timeout_s, or a server tool's progress counts as something).
     turn_timeout_s: float = 30.0
     auth: AuthSettings = Field(default_factory=AuthSettings)
     vision: VisionSettings = Field(default_factory=VisionSettings)

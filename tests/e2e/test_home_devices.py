@@ -90,3 +90,72 @@ def device_loop(pipeline):
     finally:
         loop.run_until_complete(device.close())
         loop.close()
+
+
+async def fallbacks(port: int, reason: str) -> float:
+    return prom.value(await asyncio.to_thread(prom.scrape, port), "xz_gateway_fallback_replies_total", reason=reason)
+
+
+async def test_a_slow_device_tool_completes_its_turn(pipeline):
+    """A device tool that answers after more than `turn_timeout_s` (within its own
+    `mcp_call_timeout_s`): the turn waits for it and the real answer is spoken, no sorry."""
+    from tests.conftest import start_gateway
+
+    gateway = start_gateway(pipeline.stack, turn_timeout_s="3", mcp_call_timeout_s="10")
+    try:
+        port = gateway.proc.metrics_port  # type: ignore[attr-defined]
+        async with SimDevice(ws_url=gateway.ws_url, tool_delays={"self.audio_speaker.set_volume": 5.0}) as device:
+            await wait_listed(device, 1)
+            started = asyncio.get_running_loop().time()
+            report = await device.type_text("Set the volume to 30.")
+            assert report.error is None and report.stopped and report.frames > 0, report
+            assert SORRY not in report.sentences, report.sentences
+            calls = [r for r in device.mcp_requests if r.get("method") == "tools/call"]
+            assert calls and calls[0]["params"]["name"] == "self.audio_speaker.set_volume", calls
+            assert device.state["volume"] == 30
+            assert asyncio.get_running_loop().time() - started > 5
+            assert await fallbacks(port, "turn_timeout") == 0
+    finally:
+        gateway.stop()
+
+
+async def test_a_device_tool_slower_than_its_timeout_ends_the_turn_cleanly(pipeline):
+    """Past `mcp_call_timeout_s` the call fails, the model answers from that, the reply ends
+    with `tts stop`; the device's late answer is dropped and the session goes on."""
+    from tests.conftest import start_gateway
+
+    gateway = start_gateway(pipeline.stack, turn_timeout_s="3", mcp_call_timeout_s="4")
+    try:
+        port = gateway.proc.metrics_port  # type: ignore[attr-defined]
+        async with SimDevice(ws_url=gateway.ws_url, tool_delays={"self.audio_speaker.set_volume": 8.0}) as device:
+            await wait_listed(device, 1)
+            report = await device.type_text("Set the volume to 30.")
+            assert [r for r in device.mcp_requests if r.get("method") == "tools/call"]
+            assert report.error is None and report.stopped, report
+            assert await fallbacks(port, "turn_timeout") == 0
+            await asyncio.sleep(max(0.0, 8.5 - 4))  # the late answer comes, and is dropped
+            after = await device.type_text("What time is it?")
+            assert after.error is None and after.stopped and after.frames > 0, after
+    finally:
+        gateway.stop()
+
+
+async def test_a_slow_server_tool_keeps_the_turn_alive(pipeline):
+    """A server tool (an MCP server's) working for longer than `turn_timeout_s`: the tools
+    worker's progress reaches the gateway through the LLM, and the answer is spoken."""
+    from tests.conftest import start_gateway
+
+    gateway = start_gateway(pipeline.stack, turn_timeout_s="3")
+    try:
+        port = gateway.proc.metrics_port  # type: ignore[attr-defined]
+        async with SimDevice(ws_url=gateway.ws_url) as device:
+            report = await device.type_text("Please echo the word banana slowly, waiting 6 seconds.")
+            assert report.error is None and report.stopped and report.frames > 0, report
+            assert SORRY not in report.sentences, report.sentences
+            assert await fallbacks(port, "turn_timeout") == 0
+        results = [json.loads(line) for line in pipeline.log("llm").splitlines() if '"tool result"' in line and device.session_id in line]
+        slow = [r for r in results if r.get("tool") == "demo_slow_echo"]
+        assert slow and slow[-1].get("ok"), results
+        assert float(json.loads(slow[-1]["arguments"] or "{}").get("seconds", 0)) > 3, slow[-1]
+    finally:
+        gateway.stop()
