@@ -473,9 +473,10 @@ class Gateway:
                     self._background(session.reclaim_vad("dead"))
 
     async def stop(self) -> None:
-        """Drain: refuse new devices, let each session finish the reply it is playing, close it
-        (1001, so the device reconnects, through the load balancer, to another replica), and
-        close whatever is left after ``drain_s``."""
+        """Drain: refuse new devices, let each session finish the reply it is playing (to its
+        `tts stop`), then close it with 1001; after ``drain_s`` close whatever is left, a reply
+        still playing ended with `tts stop` first. A WebSocket device does not reconnect by itself:
+        it goes idle, and its next wake word connects, through the load balancer, elsewhere."""
         self._draining = True
         started = time.monotonic()
         if self._ws_server is not None:

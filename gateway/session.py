@@ -158,11 +158,24 @@ class DeviceSession:
         )
 
     async def close_for_restart(self) -> None:
-        """The gateway is going away: close with 1001 so the device reconnects later."""
+        """The gateway is going away: close with 1001 (going away). The firmware does not
+        reconnect by itself: it goes idle, and its next wake word opens a new connection (through
+        the load balancer, to another replica). A reply still playing here (the drain's deadline
+        passed first) ends with `tts stop` before the close, so the device leaves speaking as
+        after any reply rather than losing its channel mid-sentence."""
         if self._closing:
             return
+        cut = self.assembler.speaking or not self.downlink.idle
         with xlog.bind(session_id=self.session_id):
-            log.info("closing for a gateway restart")
+            log.info("closing for a gateway restart", extra={"fields": {"reply_cut": cut}})
+        if cut:
+            self.assembler.abort()
+            self.downlink.abort()
+            m.DROPPED.labels("gateway", "reply_cut_by_drain").inc()
+            try:
+                await self._send(protocol.tts_stop(self.session_id))
+            except Exception:  # noqa: BLE001 - the device is gone already
+                pass
         try:
             await self.ws.close(1001, "server restarting")
         except Exception:  # noqa: BLE001

@@ -188,7 +188,8 @@ class GatewaySettings(BaseModel):
     http_header_timeout_s: float = 10.0
     # Admission control: sessions one gateway process holds at most (then HTTP 503).
     max_sessions: int = 5000
-    # SIGTERM: stop accepting, let replies in flight finish for up to this long, then close.
+    # SIGTERM: stop accepting, let replies in flight finish for up to this long, then close (a
+    # reply still playing ends with `tts stop` first). Devices reconnect only at their next wake word.
     drain_s: float = 25.0
     rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
     # A turn that produces nothing for this long is ended with `tts stop` (a pending device tool

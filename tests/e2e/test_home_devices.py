@@ -159,3 +159,68 @@ async def test_a_slow_server_tool_keeps_the_turn_alive(pipeline):
         assert float(json.loads(slow[-1]["arguments"] or "{}").get("seconds", 0)) > 3, slow[-1]
     finally:
         gateway.stop()
+
+
+async def test_a_drain_finishes_the_long_reply_in_progress_before_it_closes(pipeline):
+    """SIGTERM during a long reply: the device gets all of it, `tts stop` included, and only
+    then the close (1001). A WebSocket device does not reconnect by itself: it goes idle until
+    the next wake word, and that connection goes (through the load balancer) elsewhere."""
+    import signal
+    import time
+
+    from tests.conftest import start_gateway
+
+    gateway = start_gateway(pipeline.stack, drain_s="45")
+    try:
+        async with SimDevice(ws_url=gateway.ws_url) as device:
+            mark = len(device.received)
+            turn = asyncio.create_task(device.type_text("Tell me a long story about a dragon and a knight."))
+            assert await device.wait_for(lambda r: r.kind == "audio", timeout=30, start_index=mark)
+            gateway.proc.popen.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
+            signalled = time.monotonic()
+            report = await turn
+            assert report.error is None and report.stopped, report
+            assert report.frames > 40 and report.lost_frames == 0, report
+            stop_at = report.stop_at
+            deadline = time.monotonic() + 10
+            while not device.closed and device.ws.close_code is None:
+                assert time.monotonic() < deadline, "the drained session was not closed"
+                await asyncio.sleep(0.05)
+            assert device.ws.close_code == 1001
+            # Nothing came after the close; `tts stop` came before it.
+            assert stop_at is not None and stop_at <= time.monotonic()
+            assert time.monotonic() - signalled > 10  # the reply outlasted a short drain
+        assert gateway.proc.popen.wait(30) == 0  # type: ignore[attr-defined]
+    finally:
+        if gateway.proc.popen.poll() is None:  # type: ignore[attr-defined]
+            gateway.stop()
+
+
+async def test_a_reply_longer_than_the_drain_ends_with_tts_stop_before_the_close(pipeline):
+    """Past `drain_s` a reply still playing is cut, but cleanly: `tts stop`, then 1001."""
+    import signal
+    import time
+
+    from tests.conftest import start_gateway
+
+    gateway = start_gateway(pipeline.stack, drain_s="3")
+    try:
+        async with SimDevice(ws_url=gateway.ws_url) as device:
+            mark = len(device.received)
+            turn = asyncio.create_task(device.type_text("Tell me a long story about a dragon and a knight."))
+            assert await device.wait_for(lambda r: r.kind == "audio", timeout=30, start_index=mark)
+            gateway.proc.popen.send_signal(signal.SIGTERM)  # type: ignore[attr-defined]
+            report = await turn
+            assert report.error is None and report.stopped, report
+            assert report.audio_s < 10, report.audio_s  # cut at the deadline
+            deadline = time.monotonic() + 10
+            while not device.closed and device.ws.close_code is None:
+                assert time.monotonic() < deadline, "the drained session was not closed"
+                await asyncio.sleep(0.05)
+            assert device.ws.close_code == 1001
+            stop = max(i for i, r in enumerate(device.received) if r.kind == "json" and r.message.get("type") == "tts" and r.message.get("state") == "stop")
+            assert all(r.kind != "audio" for r in device.received[stop + 1:]), "audio after tts stop"
+        assert gateway.proc.popen.wait(30) == 0  # type: ignore[attr-defined]
+    finally:
+        if gateway.proc.popen.poll() is None:  # type: ignore[attr-defined]
+            gateway.stop()
