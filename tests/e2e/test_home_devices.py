@@ -35,7 +35,11 @@ async def test_gbk_wifi_name_in_the_device_status_does_not_end_the_session(pipel
         network = json.loads(status.text)["network"]
         assert "\ufffd" in network["ssid"] and network["type"] == "wifi"
         assert await invalid_utf8_count(pipeline.metrics["gateway"]) >= before + 1
-        # The same connection still serves a whole turn.
+        # The same connection still serves whole turns, one where the model asks for the status.
+        report = await device.type_text("What is the device status?")
+        assert report.error is None and report.stopped and report.frames > 0, report
+        calls = [r["params"]["name"] for r in device.mcp_requests if r.get("method") == "tools/call"]
+        assert calls.count("self.get_device_status") >= 2, calls
         report = await device.type_text("What time is it?")
         assert report.error is None and report.stopped and report.frames > 0, report
         assert not device.closed and device.ws.close_code is None
