@@ -27,3 +27,4 @@ FALLBACK_REPLIES = Counter(
 VAD_RECLAIMS = Counter("xz_gateway_vad_reclaims_total", "Sessions handed to another VAD worker, by why (dead: no heartbeat, leaving: shut down)", ["why"])
 REJECTED = Counter("xz_gateway_connections_rejected_total", "WebSocket handshakes refused, by reason (full, draining, rate_limited)", ["reason"])
 DEVICE_COMMANDS = Counter("xz_gateway_device_commands_total", "Owners' commands from the manager sent to a device here, by command (notice, reboot) and result (delivered, failed)", ["command", "result"])
+INVALID_UTF8 = Counter("xz_gateway_invalid_utf8_total", "Device text frames that were not valid UTF-8 (raw GBK from cJSON, say), read with the bad bytes replaced")

@@ -29,6 +29,7 @@ from gateway.fwstore import FirmwareCatalog
 from gateway.httpguard import guarded
 from gateway.limits import ClientAddress, RateLimiter
 from gateway.session import DeviceSession
+from gateway.wsconn import DeviceConnection
 from shared import bindings as binding_store
 from shared.agents import AgentDirectory
 from shared.bindings import BOUND, OTHER, BindingStore, StoreUnavailable
@@ -183,6 +184,8 @@ class Gateway:
             # Devices drop TCP rather than answer a close frame: do not wait long for one.
             close_timeout=2,
             ssl=self._tls,
+            # Text frames with raw non-UTF-8 bytes (cJSON passes them through) do not close.
+            create_connection=DeviceConnection,
         )
         self.ws_port = self._ws_server.sockets[0].getsockname()[1] if self._ws_server.sockets else self.gw.ws_port
         if self.gw.binding:
@@ -539,9 +542,10 @@ class Gateway:
                     self._background(session.reclaim_vad("dead"))
 
     async def stop(self) -> None:
-        """Drain: refuse new devices, let each session finish the reply it is playing, close it
-        (1001, so the device reconnects, through the load balancer, to another replica), and
-        close whatever is left after ``drain_s``."""
+        """Drain: refuse new devices, let each session finish the reply it is playing (to its
+        `tts stop`), then close it with 1001; after ``drain_s`` close whatever is left, a reply
+        still playing ended with `tts stop` first. A WebSocket device does not reconnect by itself:
+        it goes idle, and its next wake word connects, through the load balancer, elsewhere."""
         self._draining = True
         started = time.monotonic()
         if self._ws_server is not None:

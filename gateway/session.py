@@ -161,11 +161,24 @@ class DeviceSession:
         )
 
     async def close_for_restart(self) -> None:
-        """The gateway is going away: close with 1001 so the device reconnects later."""
+        """The gateway is going away: close with 1001 (going away). The firmware does not
+        reconnect by itself: it goes idle, and its next wake word opens a new connection (through
+        the load balancer, to another replica). A reply still playing here (the drain's deadline
+        passed first) ends with `tts stop` before the close, so the device leaves speaking as
+        after any reply rather than losing its channel mid-sentence."""
         if self._closing:
             return
+        cut = self.assembler.speaking or not self.downlink.idle
         with xlog.bind(session_id=self.session_id):
-            log.info("closing for a gateway restart")
+            log.info("closing for a gateway restart", extra={"fields": {"reply_cut": cut}})
+        if cut:
+            self.assembler.abort()
+            self.downlink.abort()
+            m.DROPPED.labels("gateway", "reply_cut_by_drain").inc()
+            try:
+                await self._send(protocol.tts_stop(self.session_id))
+            except Exception:  # noqa: BLE001 - the device is gone already
+                pass
         try:
             await self.ws.close(1001, "server restarting")
         except Exception:  # noqa: BLE001
@@ -610,6 +623,11 @@ class DeviceSession:
             if event.kind in ("utterance", "discard", "busy"):
                 await self._on_utterance_event(event)
                 return
+            if event.kind == "progress":
+                # A slow server tool is working on the current turn: it is not lost.
+                if event.turn_id == self.assembler.current_turn_id:
+                    self._last_turn_activity = time.monotonic()
+                return
             with xlog.bind(turn_id=event.turn_id):
                 log.debug("event", extra={"fields": {"kind": event.kind, "seq": event.seq}})
                 if event.kind in ("stt", "error"):
@@ -688,7 +706,9 @@ class DeviceSession:
             if self.assembler.current_turn_id is None:
                 await self._check_idle()
                 continue
-            if self.downlink.pending:
+            if self.downlink.pending or self._mcp_pending:
+                # Frames to send, or a device tool call under way (a camera photo: upload plus
+                # the vision model), bounded by its own `mcp_call_timeout_s`: the turn is alive.
                 self._last_turn_activity = time.monotonic()
                 continue
             if time.monotonic() - self._last_turn_activity > self.settings.turn_timeout_s:

@@ -372,6 +372,7 @@ class LlmWorker:
                     call.name, call.arguments, turn.session_id, turn.turn_id, turn.device_id,
                     seq=ctx.seq, sample_rate=self.settings.gateway.sample_rate, frame_duration=self.settings.gateway.frame_duration,
                     voice=ctx.agent.voice or self.llm.voice, utterance=turn.text,
+                    on_progress=lambda: self._keep_alive(ctx),
                 )
                 ctx.seq += max(0, result.seqs_used)
                 # Label by tool only for tools that exist: a model can invent any name.
@@ -455,6 +456,16 @@ class LlmWorker:
         memory.summary = speakable(text)[:1000]
         await self.memory.save(key, memory)
         log.info("memory summary written", extra={"session_id": end.session_id, "fields": {"device_id": end.device_id, "summary": memory.summary[:200]}})
+
+    async def _keep_alive(self, ctx: TurnContext) -> None:
+        """A slow server tool is still working: tell the gateway, whose turn watchdog would
+        otherwise end the turn (`gateway.turn_timeout_s`) before the tool's answer."""
+        assert self.nc is not None
+        turn = ctx.turn
+        try:
+            await self.nc.publish(self.subjects.out(turn.session_id), OutEvent(kind="progress", session_id=turn.session_id, turn_id=turn.turn_id).encode())
+        except Exception as exc:  # noqa: BLE001 - a lost keep-alive costs at most a sorry
+            log.debug("keep-alive publish failed: %s", exc)
 
     async def _ensure_emotion(self, ctx: TurnContext, text: str) -> None:
         if ctx.emotion_sent:

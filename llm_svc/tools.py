@@ -7,7 +7,7 @@ import json
 import logging
 import re
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
@@ -107,8 +107,13 @@ class ToolClient:
         self._tools.update({t.name: t for t in tools})
         return tools
 
-    async def call(self, name: str, raw_arguments: str, session_id: str, turn_id: str, device_id: str, **extra: Any) -> ToolResult:
-        """Validate the JSON and call; every failure comes back as an error result."""
+    async def call(
+        self, name: str, raw_arguments: str, session_id: str, turn_id: str, device_id: str,
+        on_progress: Callable[[], Awaitable[None]] | None = None, **extra: Any,
+    ) -> ToolResult:
+        """Validate the JSON and call; every failure comes back as an error result.
+
+        ``on_progress`` runs on each progress message of a slow server tool (one a second)."""
         try:
             arguments = json.loads(raw_arguments or "{}")
         except ValueError:
@@ -125,7 +130,7 @@ class ToolClient:
         why = ""
         for attempt in range(1 + TOOL_RETRIES):
             try:
-                reply = await self._request_watched(self.subjects.tool(name), request.encode())
+                reply = await self._request_watched(self.subjects.tool(name), request.encode(), on_progress)
                 return ToolResult.decode(reply)
             except (WorkerLost, NoRespondersError) as exc:
                 # The worker died mid-call (no word from it for WORKER_SILENCE_S) or none was
@@ -137,7 +142,7 @@ class ToolClient:
                 return ToolResult(name=name, ok=False, action="error", text=f"tool call failed: {type(exc).__name__}")
         return ToolResult(name=name, ok=False, action="error", text=f"tool call failed: {why}")
 
-    async def _request_watched(self, subject: str, body: bytes) -> bytes:
+    async def _request_watched(self, subject: str, body: bytes, on_progress: Callable[[], Awaitable[None]] | None = None) -> bytes:
         """Request/reply that tells a slow tool (the worker sends progress every second) from a
         dead worker (silence): :class:`WorkerLost` after ``WORKER_SILENCE_S`` of silence."""
         inbox = self.nc.new_inbox()
@@ -157,6 +162,8 @@ class ToolClient:
                     raise WorkerLost(subject) from None
                 headers = msg.headers or {}
                 if headers.get(HDR_PROGRESS) and not msg.data:
+                    if on_progress is not None:
+                        await on_progress()
                     continue
                 if headers.get("Status") == "503":
                     raise NoRespondersError

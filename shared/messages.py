@@ -142,7 +142,8 @@ class SentenceJob(Message):
 
 
 OutKind = Literal[
-    "stt", "emotion", "sentence_start", "sentence_end", "turn_end", "error", "speech_start", "utterance", "discard", "busy"
+    "stt", "emotion", "sentence_start", "sentence_end", "turn_end", "error", "speech_start", "utterance", "discard", "busy",
+    "progress",
 ]
 
 
@@ -163,6 +164,8 @@ class OutEvent(Message):
     - ``discard``: ASR heard nothing worth answering in ``turn_id`` (noise, a cough).
     - ``busy``: a stage's queue was full and refused ``turn_id``: the gateway tells the user to
       try again.
+    - ``progress``: turn ``turn_id`` is waiting on a slow server tool that is still working (sent
+      each second): the gateway's turn watchdog waits on.
     """
 
     kind: OutKind

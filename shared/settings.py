@@ -198,10 +198,12 @@ class GatewaySettings(BaseModel):
     http_header_timeout_s: float = 10.0
     # Admission control: sessions one gateway process holds at most (then HTTP 503).
     max_sessions: int = 5000
-    # SIGTERM: stop accepting, let replies in flight finish for up to this long, then close.
+    # SIGTERM: stop accepting, let replies in flight finish for up to this long, then close (a
+    # reply still playing ends with `tts stop` first). Devices reconnect only at their next wake word.
     drain_s: float = 25.0
     rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
-    # A turn that produces nothing for this long is ended with `tts stop`.
+    # A turn that produces nothing for this long is ended with `tts stop` (a pending device tool
+    # call, bounded by mcp_call_timeout_s, or a server tool's progress counts as something).
     turn_timeout_s: float = 30.0
     auth: AuthSettings = Field(default_factory=AuthSettings)
     vision: VisionSettings = Field(default_factory=VisionSettings)

@@ -169,6 +169,10 @@ def firmware_tools() -> list[dict[str, Any]]:
     ]
 
 
+# Stands for the raw SSID bytes while the status JSON is built (then swapped for them).
+_RAW_SSID = "@@raw-ssid@@"
+
+
 class SimDevice:
     """One simulated device. Use as ``async with SimDevice(...) as dev:``.
 
@@ -191,6 +195,8 @@ class SimDevice:
         frame_ms: int = FRAME_MS,
         answer_mcp_calls: bool = True,
         ssl_context: "ssl.SSLContext | None" = None,
+        status_ssid_bytes: bytes | None = None,
+        tool_delays: dict[str, float] | None = None,
     ) -> None:
         if not ota_url and not ws_url:
             raise ValueError("give an OTA URL or a WebSocket URL")
@@ -221,6 +227,12 @@ class SimDevice:
         self.mcp_page_bytes = mcp_page_bytes
         self.frame_ms = frame_ms  # uplink packet duration: 60 like the firmware, 20 like py-xiaozhi
         self.answer_mcp_calls = answer_mcp_calls
+        # The Wi-Fi name in `self.get_device_status`, as raw bytes: the firmware's cJSON passes
+        # bytes >= 0x80 through, so a GBK SSID arrives in a text frame that is not UTF-8.
+        self.status_ssid_bytes = status_ssid_bytes
+        # Seconds a tool takes before it answers (a camera: upload plus the vision model).
+        self.tool_delays = dict(tool_delays or {})
+        self._tool_tasks: set[asyncio.Task] = set()
         self.mcp_requests: list[dict[str, Any]] = []
         self.vision: dict[str, Any] | None = None
         self.state: dict[str, Any] = {"volume": 70, "brightness": 80}
@@ -347,6 +359,8 @@ class SimDevice:
                 await self._reader
             except (asyncio.CancelledError, Exception):  # noqa: BLE001
                 pass
+        for task in list(self._tool_tasks):
+            task.cancel()
 
     async def _read(self) -> None:
         try:
@@ -404,7 +418,14 @@ class SimDevice:
         elif method == "tools/call":
             if not self.answer_mcp_calls:
                 return  # a device that hangs: the server must time out
-            await self._mcp_call(msg_id, str(params.get("name") or ""), params.get("arguments") if isinstance(params.get("arguments"), dict) else {})
+            name = str(params.get("name") or "")
+            call = self._mcp_call(msg_id, name, params.get("arguments") if isinstance(params.get("arguments"), dict) else {})
+            if self.tool_delays.get(name, 0.0) > 0:
+                # A slow tool runs on its own (the firmware's tool thread): the reader goes on.
+                self._tool_tasks.add(task := asyncio.create_task(call))
+                task.add_done_callback(self._tool_tasks.discard)
+            else:
+                await call
         else:
             await self._mcp_reply(msg_id, error=f"Method not implemented: {method}")
 
@@ -467,8 +488,19 @@ class SimDevice:
                 if "minimum" in spec and value < spec["minimum"]:
                     await self._mcp_reply(msg_id, error=f"Value is below minimum allowed: {spec['minimum']}")
                     return
+        delay = self.tool_delays.get(name, 0.0)
+        if delay > 0:
+            await asyncio.sleep(delay)
         if name == "self.get_device_status":
-            text = json.dumps({"audio_speaker": {"volume": self.state["volume"]}, "screen": {"brightness": self.state["brightness"]}, "network": {"type": "wifi", "signal": "strong"}})
+            network: dict[str, Any] = {"type": "wifi", "signal": "strong"}
+            if self.status_ssid_bytes is not None:
+                network["ssid"] = _RAW_SSID
+            text = json.dumps({"audio_speaker": {"volume": self.state["volume"]}, "screen": {"brightness": self.state["brightness"]}, "network": network})
+            if self.status_ssid_bytes is not None:
+                payload = {"jsonrpc": "2.0", "id": msg_id, "result": {"content": [{"type": "text", "text": text}], "isError": False}}
+                frame = json.dumps({"session_id": self.session_id, "type": "mcp", "payload": payload}, ensure_ascii=False).encode()
+                await self.send_raw_text(frame.replace(_RAW_SSID.encode(), self.status_ssid_bytes))
+                return
         elif name == "self.audio_speaker.set_volume":
             self.state["volume"] = int(arguments["volume"])
             text = "true"
@@ -480,6 +512,10 @@ class SimDevice:
         await self._mcp_reply(msg_id, result={"content": [{"type": "text", "text": text}], "isError": False})
 
     # ------------------------------------------------------------------ sending
+
+    async def send_raw_text(self, data: bytes) -> None:
+        """A text frame with exactly these bytes, UTF-8 or not (as cJSON output can be)."""
+        await self.ws.send(data, text=True)
 
     async def send_json(self, message: dict[str, Any]) -> None:
         if self.session_id and "session_id" not in message:

@@ -113,7 +113,7 @@ async def test_sigterm_lets_the_reply_finish_then_sends_devices_elsewhere(pipeli
             assert device.ws.close_code == 1001
         assert gateway.proc.popen.wait(30) == 0  # type: ignore[attr-defined]
         assert time.monotonic() - sent_at < 25
-        # The device reconnects, through the load balancer, to another replica.
+        # The device goes idle; its next wake word connects, through the load balancer, to another replica.
         async with SimDevice(ws_url=pipeline.ws_url) as device:
             report = await device.type_text("What time is it?")
             assert report.error is None and report.frames > 0, report
