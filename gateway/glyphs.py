@@ -13,6 +13,7 @@ bundle's, not byte-identical (hinting and the OLED line-box fitting differ).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import threading
@@ -20,7 +21,7 @@ import unicodedata
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from gateway import metrics as m
 from gateway.glyph_charsets import BASIC_LOCALE_CHARS
@@ -326,3 +327,37 @@ class GlyphPusher:
         if result is not None:
             m.GLYPH_PUSHES.inc()
         return result
+
+
+_pusher: GlyphPusher | None = None
+_pusher_lock = threading.Lock()
+
+
+def pusher(settings: Any) -> GlyphPusher:
+    """The process's pusher, made at the first glyph_push hello (so the font is looked for, and
+    a missing one logged, once)."""
+    global _pusher
+    with _pusher_lock:
+        if _pusher is None:
+            _pusher = GlyphPusher(True, settings.glyph_font_path, settings.glyph_font_index, settings.glyph_cache_size)
+        return _pusher
+
+
+def for_hello(settings: Any, hello: Any) -> Callable[[str], Awaitable[dict[str, Any] | None]] | None:
+    """The downlink's glyph source for this device, or None (no glyph_push, no usable text_font,
+    switched off, or no font here)."""
+    font = text_font(hello.features, hello.text_font)
+    if font is None or not getattr(settings, "glyph_push", True):
+        return None
+    source = pusher(settings)
+    if source.renderer is None:
+        return None
+    log.info("glyph_push", extra={"fields": {"bundle": font.bundle, "charset": font.charset, "size": font.size, "bpp": font.bpp}})
+
+    async def glyphs_for(text: str) -> dict[str, Any] | None:
+        # Rasterising 64 new glyphs takes ~20 ms: off the event loop; cache hits stay on it.
+        if source.needs_render(text, font):
+            return await asyncio.to_thread(source.for_text, text, font)
+        return source.for_text(text, font)
+
+    return glyphs_for
