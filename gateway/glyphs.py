@@ -137,15 +137,29 @@ def pack(alpha: bytes, width: int, height: int, bpp: int) -> bytes:
         raise ValueError("alpha size")
     if bpp == 8:
         return bytes(alpha)
-    top = (1 << bpp) - 1
     out = bytearray((width * height * bpp + 7) // 8)
     bit = 0
     for value in alpha:
-        level = (value >= 128) if bpp == 1 else (value * top + 127) // 255
+        level = _level(value, bpp)
         if level:
             out[bit >> 3] |= level << (8 - bpp - (bit & 7))
         bit += bpp
     return bytes(out)
+
+
+def _level(value: int, bpp: int) -> int:
+    top = (1 << bpp) - 1
+    return int(value >= 128) if bpp == 1 else (value * top + 127) // 255
+
+
+_FAINT: dict[int, bytes] = {}
+
+
+def _faint(bpp: int) -> bytes:
+    """A bytes.translate table: coverage that quantises to level 0 becomes 0."""
+    if bpp not in _FAINT:
+        _FAINT[bpp] = bytes(v if _level(v, bpp) else 0 for v in range(256))
+    return _FAINT[bpp]
 
 
 @dataclass(frozen=True)
@@ -264,7 +278,14 @@ class GlyphRenderer:
         raster = self._raster(chr(codepoint), size)
         if raster == self._notdef[size]:
             return None
-        ink, (ox, oy), (width, _height), data, advance = raster
+        _ink, (ox, oy), (width, height), data, advance = raster
+        # The box is tight around what survives quantisation (a faint 1-bpp edge is no ink).
+        ink = None
+        if data:
+            from PIL import Image
+
+            data = data.translate(_faint(bpp))
+            ink = Image.frombytes("L", (width, height), data).getbbox()
         if ink is None:  # a space: advance only
             return Glyph(codepoint, round(advance * 16), 0, 0, 0, 0, b"")
         x0, y0, x1, y1 = ink
