@@ -253,3 +253,38 @@ def test_no_font_means_no_glyphs_and_one_warning(caplog: pytest.LogCaptureFixtur
     assert pusher.renderer is None
     assert pusher.for_text("龘", TextFont("b", "basic", 20, 4)) is None
     assert [r.getMessage() for r in caplog.records].count("no CJK font for glyph_push: devices get no glyphs") == 1
+
+
+async def test_downlink_attaches_glyphs_to_stt_and_sentence_start_only() -> None:
+    import asyncio
+
+    from gateway.downlink import PacedSender
+    from gateway.turns import Text
+
+    sent: list[dict] = []
+
+    async def send(data) -> None:
+        sent.append(json.loads(data))
+
+    asked: list[str] = []
+
+    async def source(text: str):
+        asked.append(text)
+        if text == "boom":
+            raise RuntimeError("renderer broke")
+        return {"v": 1, "bundle": "b", "size": 20, "bpp": 4, "glyphs": [{"codepoint": 40856}]}
+
+    sender = PacedSender(send, "s", 1, 0.06, 5, 0.0)
+    sender.start()
+    try:
+        sender.push([Text("stt", "龘"), Text("tts_start"), Text("sentence_start", "龘龘"), Text("sentence_start", "boom")])
+        sender.glyphs = source
+        for _ in range(100):
+            if len(sent) == 4:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await sender.close()
+    assert [m.get("glyph_push", {}).get("v") for m in sent] == [1, None, 1, None]
+    assert asked == ["龘", "龘龘", "boom"]  # never for tts start
+    assert sent[3]["text"] == "boom"  # a failing source costs the glyphs, not the text
