@@ -70,7 +70,9 @@ def text_font(features: dict[str, Any], raw: Any) -> TextFont | None:
 
     Mirrors what the firmware itself would advertise (assets.cc): a bundle of 1..64 chars, the
     ``basic`` or ``common`` charset, a positive size, bpp 1 or 4."""
-    if features.get("glyph_push") is not True or not isinstance(raw, dict):
+    flag = features.get("glyph_push")
+    # The firmware sends true (cJSON_AddBoolToObject); the fonts component's README writes 1.
+    if not (flag is True or (type(flag) is int and flag == 1)) or not isinstance(raw, dict):
         return None
     bundle, charset = raw.get("bundle"), raw.get("charset")
     size, bpp = _whole(raw.get("size")), _whole(raw.get("bpp"))

@@ -121,7 +121,8 @@ def test_text_font_from_hello() -> None:
     assert glyphs.text_font({"glyph_push": True}, {**raw, "size": 20.0}) == TextFont("noto-v1", "common", 20, 4)
     assert glyphs.text_font({}, raw) is None
     assert glyphs.text_font({"glyph_push": False}, raw) is None
-    assert glyphs.text_font({"glyph_push": 1}, raw) is None
+    assert glyphs.text_font({"glyph_push": 1}, raw) is not None  # the fonts README's spelling
+    assert glyphs.text_font({"glyph_push": 0}, raw) is None and glyphs.text_font({"glyph_push": "true"}, raw) is None
     assert glyphs.text_font({"glyph_push": True}, None) is None
     for bad in ({"bpp": 2}, {"bpp": 8}, {"charset": "full"}, {"bundle": ""}, {"bundle": "x" * 65}, {"size": 0}, {"size": 20.5}, {"size": True}):
         assert glyphs.text_font({"glyph_push": True}, {**raw, **bad}) is None, bad
