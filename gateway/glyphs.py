@@ -60,9 +60,12 @@ class TextFont:
 
 
 def _whole(value: Any) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return int(value) if value == int(value) else None
+    try:
+        return int(value) if value == int(value) else None
+    except (OverflowError, ValueError):  # Infinity, NaN: valid to json.loads
+        return None
 
 
 def text_font(features: dict[str, Any], raw: Any) -> TextFont | None:

@@ -124,7 +124,7 @@ def test_text_font_from_hello() -> None:
     assert glyphs.text_font({"glyph_push": 1}, raw) is not None  # the fonts README's spelling
     assert glyphs.text_font({"glyph_push": 0}, raw) is None and glyphs.text_font({"glyph_push": "true"}, raw) is None
     assert glyphs.text_font({"glyph_push": True}, None) is None
-    for bad in ({"bpp": 2}, {"bpp": 8}, {"charset": "full"}, {"bundle": ""}, {"bundle": "x" * 65}, {"size": 0}, {"size": 20.5}, {"size": True}):
+    for bad in ({"bpp": 2}, {"bpp": 8}, {"charset": "full"}, {"bundle": ""}, {"bundle": "x" * 65}, {"size": 0}, {"size": 20.5}, {"size": True}, {"size": float("inf")}, {"bpp": float("nan")}, {"size": "20"}):
         assert glyphs.text_font({"glyph_push": True}, {**raw, **bad}) is None, bad
 
 
