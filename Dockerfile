@@ -84,9 +84,10 @@ LABEL org.opencontainers.image.title="xiaozhi-nats" \
 
 # libgomp1: OpenMP of the llama.cpp built above (ctranslate2 and onnxruntime bring their own).
 # Opus comes bundled in the opuslib-next-bundled wheel; Piper bundles espeak-ng.
+# fonts-noto-cjk: the gateway renders glyph_push bitmaps from it (protocol.md §5.9).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libgomp1 \
+    && apt-get install -y --no-install-recommends libgomp1 fonts-noto-cjk \
     && rm -rf /var/lib/apt/lists/*
 
 # A fixed non-root user: uid/gid 10001 (compose and Kubernetes rely on the number).

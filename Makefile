@@ -31,12 +31,15 @@ $(STAMP): pyproject.toml Makefile
 run: install
 	$(VENV)/bin/xiaozhi up
 
-# Debian packages some tests drive: prometheus (promtool and a real Prometheus, tests/deploy)
-# and chromium (the console in a real browser, tests/manager). Installed when missing and this
-# runs as root with apt-get (as on CI); otherwise those tests skip and say why.
-TOOLS_PKGS := prometheus:promtool chromium:chromium
+# Debian packages some tests drive: prometheus (promtool and a real Prometheus, tests/deploy),
+# chromium (the console in a real browser, tests/manager) and fonts-noto-cjk (the font the
+# gateway renders glyph_push bitmaps from, tests/unit/test_glyphs.py). Each is package:command
+# or package:/path/it/installs. Installed when missing and this runs as root with apt-get (as on
+# CI); otherwise those tests skip and say why.
+TOOLS_PKGS := prometheus:promtool chromium:chromium fonts-noto-cjk:/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc
 tools:
-	@missing=""; for pair in $(TOOLS_PKGS); do command -v $${pair#*:} >/dev/null 2>&1 || missing="$$missing $${pair%%:*}"; done; \
+	@missing=""; for pair in $(TOOLS_PKGS); do need=$${pair#*:}; \
+	  case $$need in /*) [ -e $$need ];; *) command -v $$need >/dev/null 2>&1;; esac || missing="$$missing $${pair%%:*}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing Debian packages for the tests:$$missing"; \

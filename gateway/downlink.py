@@ -20,6 +20,8 @@ from gateway.turns import Action, Audio, Flush, Stop, Text
 log = logging.getLogger("gateway.downlink")
 
 Send = Callable[[str | bytes], Awaitable[None]]
+# Text -> the glyph_push object for it (gateway/glyphs.py), or None.
+Glyphs = Callable[[str], Awaitable["dict | None"]]
 
 
 class PacedSender:
@@ -55,6 +57,8 @@ class PacedSender:
         self._performing = False
         self.frames_sent = 0
         self.late_frames = 0
+        # Set after a hello with features.glyph_push: bitmaps the device's font lacks ride along.
+        self.glyphs: Glyphs | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"downlink-{self.session_id}")
@@ -128,10 +132,19 @@ class PacedSender:
             finally:
                 self._performing = False
 
+    async def _glyph_push(self, text: str) -> "dict | None":
+        if self.glyphs is None:
+            return None
+        try:
+            return await self.glyphs(text)
+        except Exception as exc:  # noqa: BLE001 - glyphs are a nicety: the text goes out without
+            log.warning("glyph_push failed: %s", exc)
+            return None
+
     async def _perform(self, action: Action) -> None:
         if isinstance(action, Text):
             if action.kind == "stt":
-                await self._send(protocol.stt(self.session_id, action.text))
+                await self._send(protocol.stt(self.session_id, action.text, await self._glyph_push(action.text)))
             elif action.kind == "tts_start":
                 if self._superseded and self.clock.buffered(time.monotonic()) > 0:
                     await self._send(protocol.tts_stop(self.session_id))
@@ -143,7 +156,7 @@ class PacedSender:
             elif action.kind == "emotion":
                 await self._send(protocol.llm_emotion(self.session_id, action.emotion))
             elif action.kind == "sentence_start":
-                await self._send(protocol.sentence_start(self.session_id, action.text))
+                await self._send(protocol.sentence_start(self.session_id, action.text, await self._glyph_push(action.text)))
         elif isinstance(action, Audio):
             delay = self.clock.delay(time.monotonic())
             if self._awaiting_first_audio:

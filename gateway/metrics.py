@@ -28,3 +28,5 @@ VAD_RECLAIMS = Counter("xz_gateway_vad_reclaims_total", "Sessions handed to anot
 REJECTED = Counter("xz_gateway_connections_rejected_total", "WebSocket handshakes refused, by reason (full, draining, rate_limited)", ["reason"])
 DEVICE_COMMANDS = Counter("xz_gateway_device_commands_total", "Owners' commands from the manager sent to a device here, by command (notice, reboot) and result (delivered, failed)", ["command", "result"])
 INVALID_UTF8 = Counter("xz_gateway_invalid_utf8_total", "Device text frames that were not valid UTF-8 (raw GBK from cJSON, say), read with the bad bytes replaced")
+GLYPHS = Counter("xz_gateway_glyphs_total", "glyph_push glyph look-ups, by result (rendered, cache, missing: the font has none or it is over 64 px)", ["result"])
+GLYPH_PUSHES = Counter("xz_gateway_glyph_pushes_total", "stt and sentence_start messages sent with a glyph_push")

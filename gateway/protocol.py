@@ -103,6 +103,8 @@ class Hello:
     transport: str | None = None
     features: dict[str, Any] = field(default_factory=dict)
     audio: AudioParams = field(default_factory=AudioParams)
+    # The installed text font (firmware 2.4 glyph_push, §5.9), as sent; gateway/glyphs.py checks it.
+    text_font: dict[str, Any] | None = None
 
 
 @dataclass
@@ -181,6 +183,7 @@ def parse_message(text: str) -> DeviceMessage:
             transport=transport if isinstance(transport, str) else None,
             features=features if isinstance(features, dict) else {},
             audio=audio,
+            text_font=obj["text_font"] if isinstance(obj.get("text_font"), dict) else None,
         )
     if mtype == "listen":
         state = obj.get("state")
@@ -233,8 +236,14 @@ def server_hello(session_id: str, sample_rate: int, frame_duration: int, version
     )
 
 
-def stt(session_id: str, text: str) -> str:
-    return _dump({"type": "stt", "text": text, "session_id": session_id})
+def _glyphs(message: dict[str, Any], glyph_push: dict[str, Any] | None) -> dict[str, Any]:
+    if glyph_push:
+        message["glyph_push"] = glyph_push
+    return message
+
+
+def stt(session_id: str, text: str, glyph_push: dict[str, Any] | None = None) -> str:
+    return _dump(_glyphs({"type": "stt", "text": text, "session_id": session_id}, glyph_push))
 
 
 def tts_start(session_id: str) -> str:
@@ -245,8 +254,8 @@ def tts_stop(session_id: str) -> str:
     return _dump({"type": "tts", "state": "stop", "session_id": session_id})
 
 
-def sentence_start(session_id: str, text: str) -> str:
-    return _dump({"type": "tts", "state": "sentence_start", "text": text, "session_id": session_id})
+def sentence_start(session_id: str, text: str, glyph_push: dict[str, Any] | None = None) -> str:
+    return _dump(_glyphs({"type": "tts", "state": "sentence_start", "text": text, "session_id": session_id}, glyph_push))
 
 
 EMOTION_EMOJI = {

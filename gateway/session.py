@@ -15,7 +15,7 @@ from nats.aio.msg import Msg
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from gateway import auth, firmware, iot, mcp, protocol
+from gateway import auth, firmware, glyphs, iot, mcp, protocol
 from gateway import metrics as m
 from gateway.downlink import PacedSender
 from gateway.turns import Flush, Stop, TurnAssembler
@@ -299,6 +299,7 @@ class DeviceSession:
         except Exception as exc:  # noqa: BLE001 - NATS slow: carry on, as before
             log.warning("subscriptions not confirmed before hello: %s", exc)
         await self._send(protocol.server_hello(self.session_id, self.settings.sample_rate, self.settings.frame_duration, self.version))
+        self.downlink.glyphs = glyphs.for_hello(self.settings, hello)
         if hello.features.get("mcp"):
             # Valid for this session's life, refused once it ended (gateway/vision.py).
             token = auth.issue_vision_token(self.auth_key, self.device_id, int(time.time()), self.settings.auth.vision_ttl_seconds, self.session_id) if self.vision_url else None

@@ -271,6 +271,16 @@ class GatewaySettings(BaseModel):
         return value
 
     wake_words: list[str] = Field(default_factory=lambda: ["你好小智", "你好小志", "小爱同学", "hi esp", "hey jarvis"])
+    # glyph_push (firmware 2.4, protocol.md §5.9): a device whose hello has features.glyph_push and
+    # a text_font gets bitmaps for the characters of stt and sentence_start text its font charset
+    # lacks, rasterised from a CJK font at its size and bpp. glyph_font_path empty: the Noto Sans
+    # CJK of Debian's fonts-noto-cjk (`make tools`) or another distribution's usual place; no font
+    # found: logged once at start, no glyphs. glyph_font_index: the face in a .ttc (-1: the SC one).
+    glyph_push: bool = True
+    glyph_font_path: str = ""
+    glyph_font_index: int = -1
+    # Rendered glyphs kept (LRU), shared by all sessions: (code point, size, bpp) each.
+    glyph_cache_size: int = Field(default=4096, ge=1)
 
 
 class VadSettings(BaseModel):

@@ -197,6 +197,7 @@ class SimDevice:
         ssl_context: "ssl.SSLContext | None" = None,
         status_ssid_bytes: bytes | None = None,
         tool_delays: dict[str, float] | None = None,
+        text_font: dict[str, Any] | None = None,
     ) -> None:
         if not ota_url and not ws_url:
             raise ValueError("give an OTA URL or a WebSocket URL")
@@ -241,6 +242,9 @@ class SimDevice:
         self.screen: dict[str, str] = {}
         self.alerts: list[dict[str, str]] = []
         self.rebooted = False
+        # Firmware 2.4's installed text font ({"bundle", "charset", "size", "bpp"}): given, the
+        # hello announces features.glyph_push with it, and the server may push glyphs (§5.9).
+        self.text_font = text_font
 
     async def __aenter__(self) -> "SimDevice":
         await self.connect()
@@ -335,6 +339,9 @@ class SimDevice:
             "transport": "websocket",
             "audio_params": {"format": "opus", "sample_rate": UPLINK_RATE, "channels": 1, "frame_duration": self.frame_ms},
         }
+        if self.text_font is not None:
+            hello["features"] = {**hello["features"], "glyph_push": True}
+            hello["text_font"] = self.text_font
         await self.send_json(hello)
         reply = await self.wait_for(lambda r: r.kind == "json" and r.message.get("type") == "hello", timeout=10)
         if reply is None:
