@@ -28,3 +28,8 @@ VAD_RECLAIMS = Counter("xz_gateway_vad_reclaims_total", "Sessions handed to anot
 REJECTED = Counter("xz_gateway_connections_rejected_total", "WebSocket handshakes refused, by reason (full, draining, rate_limited)", ["reason"])
 DEVICE_COMMANDS = Counter("xz_gateway_device_commands_total", "Owners' commands from the manager sent to a device here, by command (notice, reboot) and result (delivered, failed)", ["command", "result"])
 INVALID_UTF8 = Counter("xz_gateway_invalid_utf8_total", "Device text frames that were not valid UTF-8 (raw GBK from cJSON, say), read with the bad bytes replaced")
+WAKE_WORDS = Counter(
+    "xz_gateway_wake_words_total",
+    "Wake words, by outcome (end: greeted after the VAD heard nothing more; more: a question in the same breath, no greeting; no_verdict: greeted without the VAD's word; no_preroll: greeted at once)",
+    ["outcome"],
+)
