@@ -303,7 +303,7 @@ class VadWorker:
     async def _release_later(self, session_id: str) -> None:
         await asyncio.sleep(HOLD_S + 0.05)
         stream = self.streams.get(session_id)
-        if stream is not None and stream.held:
+        if stream is not None and stream.held and time.monotonic() - stream.held_since > HOLD_S:
             DROPPED.labels("vad", "control_held_too_long").inc()
             await self._release_held(stream, all_of_them=True)
 
@@ -335,8 +335,11 @@ class VadWorker:
                     # The device listens after its wake word: the utterance goes on.
                     stream.mode = mode
                 else:
+                    if stream.wake_pending:
+                        stream._wake_end()  # push-to-talk after a wake word: greet, then listen
                     stream.reset()
                     stream.mode = mode
+                    await self._tell_wake(stream)
                 log.info("listening", extra={"fields": {"mode": stream.mode, "after_wake_word": stream.wake_pending}})
             elif ctl.kind == "listen_stop":
                 packets = stream.stop()
