@@ -30,3 +30,8 @@ DEVICE_COMMANDS = Counter("xz_gateway_device_commands_total", "Owners' commands 
 INVALID_UTF8 = Counter("xz_gateway_invalid_utf8_total", "Device text frames that were not valid UTF-8 (raw GBK from cJSON, say), read with the bad bytes replaced")
 GLYPHS = Counter("xz_gateway_glyphs_total", "glyph_push glyph look-ups, by result (rendered, cache, missing: the font has none or it is over 64 px)", ["result"])
 GLYPH_PUSHES = Counter("xz_gateway_glyph_pushes_total", "stt and sentence_start messages sent with a glyph_push")
+WAKE_WORDS = Counter(
+    "xz_gateway_wake_words_total",
+    "Wake words, by outcome (end: greeted after the VAD heard nothing more; more: a question in the same breath, no greeting; no_verdict: greeted without the VAD's word; no_preroll: greeted at once)",
+    ["outcome"],
+)

@@ -8,6 +8,7 @@ import logging
 import re
 import time
 import uuid
+from collections import deque
 from typing import Any, Callable
 
 from nats.aio.client import Client as NATS
@@ -51,6 +52,10 @@ def normalise_wake_word(text: str) -> str:
 
 # One uplink frame in this many carries the time the gateway received it.
 UPLINK_LAG_SAMPLE = 8
+# The firmware's wake-word pre-roll (up to 2 s of buffered audio) comes as a burst right before
+# `listen detect`: frames in the last PREROLL_WINDOW_S carrying well more audio than wall time.
+PREROLL_WINDOW_S = 1.0
+PREROLL_MIN_FRAMES = 5
 
 
 class DeviceSession:
@@ -112,8 +117,15 @@ class DeviceSession:
         self.vad_claimed_at = 0.0
         # The VAD heard speech start and no utterance came of it yet.
         self._speech_open_at: float | None = None
-        self._uplink: asyncio.Queue[tuple[str, bytes, bool, float]] = asyncio.Queue(maxsize=256)
+        self._uplink: asyncio.Queue[tuple[str, bytes | Control, bool, float]] = asyncio.Queue(maxsize=256)
         self._uplink_frames = 0
+        # Audio frames published to the VAD owner since it claimed the session: control messages
+        # carry the count, so the VAD applies them after the audio sent before them.
+        self._audio_published = 0
+        # Arrival times of recent uplink frames, to tell the wake word's pre-roll burst.
+        self._frame_arrivals: deque[float] = deque(maxlen=64)
+        # After a wake word with its pre-roll: the VAD's verdict (`wake_end` or `wake_more`).
+        self._wake_verdict: asyncio.Future | None = None
         self._claim_task: asyncio.Task | None = None
         self._pump_task: asyncio.Task | None = None
         self._closing = False
@@ -325,6 +337,7 @@ class DeviceSession:
                 log.info("vad claimed", extra={"fields": {"worker": ack.worker_id}})
                 self.vad_owner = ack.worker_id
                 self.vad_claimed_at = time.monotonic()
+                self._audio_published = 0  # a fresh stream on that worker
                 self._claimed = True
                 self._claim_done.set()
                 return
@@ -372,7 +385,10 @@ class DeviceSession:
                 m.DROPPED.labels("gateway", "no_vad_owner").inc()
                 continue
             headers = None
+            if isinstance(payload, Control):
+                payload = payload.model_copy(update={"frames": self._audio_published}).encode()
             if is_audio:
+                self._audio_published += 1
                 # One frame in UPLINK_LAG_SAMPLE carries its arrival time, for the VAD's
                 # frame-lag histogram (headers on every frame would cost both sides CPU).
                 self._uplink_frames += 1
@@ -384,7 +400,7 @@ class DeviceSession:
                 m.ERRORS.labels("gateway", "publish").inc()
                 log.warning("uplink publish failed: %s", exc)
 
-    def _enqueue_uplink(self, subject: str, payload: bytes, is_audio: bool) -> None:
+    def _enqueue_uplink(self, subject: str, payload: bytes | Control, is_audio: bool) -> None:
         try:
             self._uplink.put_nowait((subject, payload, is_audio, time.time()))
         except asyncio.QueueFull:
@@ -458,6 +474,7 @@ class DeviceSession:
             self._bad_input(exc)
             return
         m.FRAMES_IN.inc()
+        self._frame_arrivals.append(time.monotonic())
         if self._muted_until and time.monotonic() < self._muted_until:
             m.DROPPED.labels("gateway", "rate_limited").inc()
             return
@@ -473,26 +490,59 @@ class DeviceSession:
             await self._publish_ctl(Control(session_id=self.session_id, kind="listen_stop"))
         elif listen.state == "detect":
             text = (listen.text or "").strip()
-            await self._publish_ctl(Control(session_id=self.session_id, kind="detect", text=text))
-            if not text:
+            # Right after the pre-roll burst, `detect` names the device's own wake word, listed
+            # here or not (小土豆, "Alexa"): a greeting, never a question to the LLM. Without a
+            # burst, text that is no listed wake word is typed input (protocol.md §6.7).
+            preroll = self._preroll_burst()
+            wake = preroll or normalise_wake_word(text) in self._wake_words
+            await self._publish_ctl(Control(session_id=self.session_id, kind="detect", text=text, wake=preroll))
+            if not text and not preroll:
                 return
             self._last_voice = time.monotonic()
-            if normalise_wake_word(text) in self._wake_words:
-                log.info("wake word", extra={"fields": {"text": text}})
+            if wake:
+                log.info("wake word", extra={"fields": {"text": text, "preroll": preroll, "listed": normalise_wake_word(text) in self._wake_words}})
                 # The firmware sends `detect` before it switches to listening and sends
                 # `listen start`; a `tts start` that arrives while it is still connecting is
-                # ignored (protocol.md §9.11). Greet once it listens (or after 0.5 s).
+                # ignored (protocol.md §9.11). Greet once it listens (or after 0.5 s), and
+                # after a pre-roll only once the VAD heard the wake word was all.
                 self._listening.clear()
-                task = asyncio.create_task(self._greet_when_listening())
-                self._greeting_task = task
+                if self._wake_verdict is not None and not self._wake_verdict.done():
+                    self._wake_verdict.cancel()
+                self._wake_verdict = asyncio.get_running_loop().create_future() if preroll else None
+                if self._greeting_task is not None and not self._greeting_task.done():
+                    self._greeting_task.cancel()
+                self._greeting_task = asyncio.create_task(self._greet_when_listening(self._wake_verdict))
                 return
             await self._text_turn(text)
 
-    async def _greet_when_listening(self) -> None:
+    def _preroll_burst(self) -> bool:
+        """Did the wake word's pre-roll just arrive? The firmware sends its buffered audio as
+        fast as it can right before `detect`; a live microphone sends in real time."""
+        now = time.monotonic()
+        recent = [t for t in self._frame_arrivals if now - t <= PREROLL_WINDOW_S]
+        if len(recent) < PREROLL_MIN_FRAMES:
+            return False
+        frame_s = (self.hello.audio.frame_duration if self.hello else 60) / 1000
+        return now - recent[0] < 0.25 * len(recent) * frame_s
+
+    async def _greet_when_listening(self, verdict: asyncio.Future | None = None) -> None:
         try:
             await asyncio.wait_for(self._listening.wait(), 0.5)
         except asyncio.TimeoutError:
             pass
+        if verdict is not None:
+            try:
+                outcome = await asyncio.wait_for(verdict, self.settings.wake_verdict_timeout_s)
+            except asyncio.TimeoutError:
+                outcome = "no_verdict"  # a client that sends no audio after `listen start`
+            m.WAKE_WORDS.labels(outcome).inc()
+            if outcome == "more":
+                # A question in the same breath: its utterance (wake word and question) is
+                # the turn, and a greeting would talk over it.
+                log.info("question after the wake word: no greeting")
+                return
+        else:
+            m.WAKE_WORDS.labels("no_preroll").inc()
         await self._greet()
 
     async def _greet(self) -> None:
@@ -575,15 +625,16 @@ class DeviceSession:
         # Always answer with `tts stop`: a button-abort device stays in speaking until it comes.
         await self._stop_reply("abort", abort.reason)
 
-    async def _stop_reply(self, why: str, reason: str | None = None) -> None:
-        """Stop the reply now: fence its turn, empty the queue, `tts stop`, tell the stages."""
+    async def _stop_reply(self, why: str, reason: str | None = None, keep_speech: bool = False) -> None:
+        """Stop the reply now: fence its turn, empty the queue, `tts stop`, tell the stages.
+        ``keep_speech``: the VAD keeps the utterance that interrupted (a voice barge-in)."""
         turn_id, _was_started = self.assembler.abort()
         self.downlink.abort()
         await self._send(protocol.tts_stop(self.session_id))
         m.ABORTS.inc()
         with xlog.bind(turn_id=turn_id):
             log.info(why, extra={"fields": {"reason": reason}})
-        await self._publish_ctl(Control(session_id=self.session_id, kind="abort", turn_id=turn_id))
+        await self._publish_ctl(Control(session_id=self.session_id, kind="abort", turn_id=turn_id, keep_speech=keep_speech))
 
     def _push(self, actions: list) -> None:
         """Hand actions to the paced sender; a superseded turn is cancelled at the stages too,
@@ -595,7 +646,7 @@ class DeviceSession:
 
     async def _publish_ctl(self, ctl: Control) -> None:
         if ctl.kind != "close":
-            self._enqueue_uplink(self.subjects.ctl(self.session_id), ctl.encode(), False)
+            self._enqueue_uplink(self.subjects.ctl(self.session_id), ctl, False)
             return
         try:
             await self.nc.publish(self.subjects.ctl(self.session_id), ctl.encode())
@@ -623,6 +674,10 @@ class DeviceSession:
                 return
             if event.kind in ("utterance", "discard", "busy"):
                 await self._on_utterance_event(event)
+                return
+            if event.kind in ("wake_end", "wake_more"):
+                if self._wake_verdict is not None and not self._wake_verdict.done():
+                    self._wake_verdict.set_result(event.kind.removeprefix("wake_"))
                 return
             if event.kind == "progress":
                 # A slow server tool is working on the current turn: it is not lost.
@@ -679,7 +734,7 @@ class DeviceSession:
         # reply as speech: without server-side AEC here, no voice barge-in for it.
         aec = bool(self.hello and self.hello.features.get("aec"))
         if self.mode == "realtime" and self.assembler.speaking and not aec:
-            await self._stop_reply("voice barge-in", "speech over the reply")
+            await self._stop_reply("voice barge-in", "speech over the reply", keep_speech=True)
 
     def _first_audio(self) -> None:
         turn_id = self.assembler.current_turn_id

@@ -66,6 +66,17 @@ class Control(Message):
     mode: ListenMode | None = None
     turn_id: str | None = None
     text: str | None = None
+    # Uplink audio frames the gateway queued before this message: the VAD's audio and control
+    # subscriptions are served by separate tasks, so it holds a control message until it has
+    # scored the frames that came before it (the wake word's pre-roll burst before `detect`).
+    frames: int = 0
+    # ``detect`` right after the pre-roll burst: a wake word. The burst is the start of the
+    # utterance, not noise to drop; the VAD says whether a question followed (``wake_end`` or
+    # ``wake_more``).
+    wake: bool = False
+    # ``abort`` for a voice barge-in: the speech that interrupted is the next turn, so the VAD
+    # keeps the utterance it is hearing instead of resetting.
+    keep_speech: bool = False
 
 
 class Utterance(Message):
@@ -143,7 +154,7 @@ class SentenceJob(Message):
 
 OutKind = Literal[
     "stt", "emotion", "sentence_start", "sentence_end", "turn_end", "error", "speech_start", "utterance", "discard", "busy",
-    "progress",
+    "progress", "wake_end", "wake_more",
 ]
 
 
@@ -166,6 +177,9 @@ class OutEvent(Message):
       try again.
     - ``progress``: turn ``turn_id`` is waiting on a slow server tool that is still working (sent
       each second): the gateway's turn watchdog waits on.
+    - ``wake_end``: after a wake word (``detect`` with ``wake``), the user said no more: the
+      gateway greets. ``wake_more``: speech went on after the wake word (a question in one
+      breath): no greeting, the utterance (wake word and question) is the next turn.
     """
 
     kind: OutKind

@@ -243,6 +243,9 @@ class GatewaySettings(BaseModel):
     # cached by the TTS worker per voice, with no LLM. Empty: no greeting.
     wake_word_greeting: str = "Hi! I'm listening."
     greeting_voice: str | None = None
+    # After a wake word with its pre-roll the VAD tells whether a question followed; without its
+    # word by then, greet anyway.
+    wake_verdict_timeout_s: float = 2.0
     # Spoken when a stage is saturated and refused the turn.
     busy_text: str = "Sorry, I'm a bit busy right now. Please try again in a moment."
     # Spoken when a turn got lost (a worker died twice, a queue unreachable) or made no sound.
@@ -300,6 +303,10 @@ class VadSettings(BaseModel):
     # Audio kept before the detected speech onset, so the first syllable is not clipped.
     preroll_ms: int = 300
     max_utterance_s: float = 30.0
+    # After a wake word's pre-roll (protocol.md §6.3): this much non-speech in the live audio
+    # means the user said only the wake word (a greeting); speech first means a question in the
+    # same breath, answered with the wake word as one utterance.
+    wake_follow_ms: int = 500
 
 
 class AsrSettings(BaseModel):

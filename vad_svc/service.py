@@ -23,13 +23,18 @@ from shared.metrics import DROPPED, ERRORS, FRAME_BUCKETS, histogram
 from shared.settings import Settings, VadSettings
 from shared.subjects import QUEUE_VAD, Subjects
 from shared.workqueue import StageBusy, StageUnavailable, publish_work
-from vad_svc.detector import Segmenter, SegmenterConfig, SileroModel, SpeechScorer
+from vad_svc.detector import WINDOW_MS, Segmenter, SegmenterConfig, SileroModel, SpeechScorer
 
 log = logging.getLogger("vad_svc")
 
 SESSIONS = Gauge("xz_vad_sessions", "Sessions owned by this VAD worker")
 FRAMES = Counter("xz_vad_frames_total", "Uplink Opus frames processed")
 UTTERANCES = Counter("xz_vad_utterances_total", "Utterances sent to ASR, by how they ended", ["reason"])
+WAKES = Counter("xz_vad_wake_words_total", "Wake words with their pre-roll, by what followed (end: nothing, a greeting; more: a question in the same breath)", ["outcome"])
+# Live speech after a wake word's pre-roll that makes it a question in one breath.
+WAKE_MORE_MS = 96
+# A control message waits at most this long for the audio frames sent before it.
+HOLD_S = 0.5
 DECISION_DELAY = histogram("xz_vad_end_of_turn_delay_seconds", "Last speech window to end-of-turn decision")
 FRAME_SECONDS = histogram("xz_vad_frame_processing_seconds", "Time to decode and score one frame", buckets=FRAME_BUCKETS)
 FRAME_LAG = histogram(
@@ -65,6 +70,43 @@ class SessionStream:
         self.max_frames = int(settings.max_utterance_s * 1000 / self.frame_ms)
         self.last_seen = time.monotonic()
         self.subs: list[Any] = []
+        # Audio frames scored, and control messages waiting for the frames sent before them.
+        self.frames_seen = 0
+        self.held: deque[Control] = deque()
+        self.held_since = 0.0
+        # After a wake word's pre-roll: live speech and non-speech heard since, until a verdict.
+        self.wake_pending = False
+        self.wake_speech_ms = 0.0
+        self.wake_quiet_ms = 0.0
+        self.wake_verdict: str | None = None
+
+    def begin_wake(self) -> None:
+        """`detect` after the pre-roll burst: the burst (the wake word) stays the start of the
+        utterance; the live audio that follows decides whether a question came with it."""
+        self.wake_pending = True
+        self.wake_speech_ms = self.wake_quiet_ms = 0.0
+        self.wake_verdict = None
+        if self.mode == "manual":
+            self._wake_end()
+
+    def _wake_end(self) -> None:
+        """Nothing followed the wake word: its audio is no turn (the gateway greets)."""
+        self.wake_pending = False
+        self.wake_verdict = "end"
+        self.utterance = None
+        self.segmenter.reset()
+        self.preroll.clear()
+
+    def _wake_step(self, prob: float) -> None:
+        if prob >= self.settings.threshold:
+            self.wake_speech_ms += WINDOW_MS
+            if self.wake_speech_ms >= WAKE_MORE_MS:
+                self.wake_pending = False
+                self.wake_verdict = "more"
+        else:
+            self.wake_quiet_ms += WINDOW_MS
+            if self.wake_quiet_ms >= self.settings.wake_follow_ms:
+                self._wake_end()
 
     def reset(self) -> None:
         self.scorer.reset()
@@ -73,6 +115,7 @@ class SessionStream:
         self.preroll.clear()
         self.utterance = None
         self.manual = []
+        self.wake_pending = False
 
     def on_frame(self, packet: bytes) -> tuple[list[bytes], str, float] | None:
         """Feed one Opus packet; returns (packets, reason, silence_s) when an utterance ends."""
@@ -88,7 +131,14 @@ class SessionStream:
             return None
         finished: tuple[list[bytes], str, float] | None = None
         for prob in self.scorer.push(pcm):
+            if self.wake_pending:
+                self._wake_step(prob)
+                if self.wake_verdict == "end":
+                    return None
             decision = self.segmenter.push(prob)
+            if decision == "end" and self.wake_pending:
+                self._wake_end()  # silence after the wake word ended its utterance: no question
+                return None
             if decision == "start":
                 self.utterance = list(self.preroll)
                 self.preroll.clear()
@@ -211,6 +261,7 @@ class VadWorker:
         started = time.perf_counter()
         was_speaking = stream.utterance is not None
         result = stream.on_frame(msg.data)
+        stream.frames_seen += 1
         FRAME_SECONDS.observe(time.perf_counter() - started)
         received = msg.headers.get(HDR_RECEIVED) if msg.headers else None
         if received:
@@ -225,6 +276,36 @@ class VadWorker:
             packets, reason, silence_s = result
             DECISION_DELAY.observe(max(0.0, silence_s))
             await self._emit(stream, packets, reason, speech_end_ms=now_ms() - int(silence_s * 1000))
+        await self._tell_wake(stream)
+        if stream.held and (stream.frames_seen >= stream.held[0].frames or time.monotonic() - stream.held_since > HOLD_S):
+            await self._release_held(stream)
+
+    async def _tell_wake(self, stream: SessionStream) -> None:
+        """The verdict on a wake word: the gateway greets (``wake_end``) or waits for the turn."""
+        verdict, stream.wake_verdict = stream.wake_verdict, None
+        if verdict is None or self.nc is None:
+            return
+        WAKES.labels(verdict).inc()
+        with xlog.bind(session_id=stream.session_id):
+            log.info("wake word verdict", extra={"fields": {"verdict": verdict, "speech_ms": round(stream.wake_speech_ms), "quiet_ms": round(stream.wake_quiet_ms)}})
+        await self.nc.publish(self.subjects.out(stream.session_id), OutEvent(kind=f"wake_{verdict}", session_id=stream.session_id, turn_id="").encode())  # type: ignore[arg-type]
+
+    async def _release_held(self, stream: SessionStream, all_of_them: bool = False) -> None:
+        """Apply held control messages whose audio has been scored (or that waited too long)."""
+        while stream.held:
+            ctl = stream.held[0]
+            if not all_of_them and stream.frames_seen < ctl.frames and time.monotonic() - stream.held_since <= HOLD_S:
+                return
+            stream.held.popleft()
+            stream.held_since = time.monotonic()
+            await self._apply_ctl(stream, ctl)
+
+    async def _release_later(self, session_id: str) -> None:
+        await asyncio.sleep(HOLD_S + 0.05)
+        stream = self.streams.get(session_id)
+        if stream is not None and stream.held and time.monotonic() - stream.held_since > HOLD_S:
+            DROPPED.labels("vad", "control_held_too_long").inc()
+            await self._release_held(stream, all_of_them=True)
 
     async def _on_ctl(self, session_id: str, msg: Msg) -> None:
         stream = self.streams.get(session_id)
@@ -236,17 +317,43 @@ class VadWorker:
             DROPPED.labels("vad", "bad_control").inc()
             return
         stream.last_seen = time.monotonic()
+        if ctl.kind != "close" and (stream.held or stream.frames_seen < ctl.frames):
+            # Its audio is still on the way (another subscription's task): keep the order.
+            if not stream.held:
+                stream.held_since = time.monotonic()
+                asyncio.create_task(self._release_later(session_id))
+            stream.held.append(ctl)
+            return
+        await self._apply_ctl(stream, ctl)
+
+    async def _apply_ctl(self, stream: SessionStream, ctl: Control) -> None:
+        session_id = stream.session_id
         with xlog.bind(session_id=session_id):
             if ctl.kind == "listen_start":
-                stream.reset()
-                stream.mode = ctl.mode or "auto"
-                log.info("listening", extra={"fields": {"mode": stream.mode}})
+                mode = ctl.mode or "auto"
+                if stream.wake_pending and mode != "manual":
+                    # The device listens after its wake word: the utterance goes on.
+                    stream.mode = mode
+                else:
+                    if stream.wake_pending:
+                        stream._wake_end()  # push-to-talk after a wake word: greet, then listen
+                    stream.reset()
+                    stream.mode = mode
+                    await self._tell_wake(stream)
+                log.info("listening", extra={"fields": {"mode": stream.mode, "after_wake_word": stream.wake_pending}})
             elif ctl.kind == "listen_stop":
                 packets = stream.stop()
                 if packets:
                     await self._emit(stream, packets, "listen_stop", speech_end_ms=now_ms())
+            elif ctl.kind == "detect" and ctl.wake:
+                stream.begin_wake()
+                log.info("wake word pre-roll", extra={"fields": {"text": ctl.text, "in_speech": stream.utterance is not None}})
+                await self._tell_wake(stream)
+            elif ctl.kind == "abort" and ctl.keep_speech:
+                # A voice barge-in: the speech that interrupted (with its pre-roll) is the next turn.
+                log.info("barge-in: keeping the utterance", extra={"fields": {"in_speech": stream.utterance is not None}})
             elif ctl.kind in ("detect", "abort"):
-                # Wake-word pre-roll and audio around an abort are not a user turn.
+                # Typed text and audio around a button abort are not a user turn.
                 stream.reset()
             elif ctl.kind == "close":
                 await self._drop(session_id)
