@@ -144,6 +144,7 @@ class TurnReport:
     # `tts stop` are lost, and the switch to speaking takes a moment (protocol.md §9.1-2).
     lost_frames: int = 0
     start_gap_s: float | None = None  # first audio frame minus `tts start`
+    max_gap_s: float | None = None  # longest wait between two reply frames (jitter, stalls)
     # Arrival times (monotonic) of the reply's landmarks, for the stage breakdown.
     stt_at: float | None = None
     tts_start_at: float | None = None
@@ -245,11 +246,13 @@ class SimDevice:
         self.fw = DeviceStateMachine(firmware_version, channel_timeout_s=channel_timeout_s)
         self.auto_listen = auto_listen
         self._listen_timer: asyncio.TimerHandle | None = None
+        self._fw_sent_mark = 0  # fw.sent up to here went out (or was left to the test)
         # Downlink delays and stalls (Wi-Fi/4G): messages reach the device later, in order.
         self.jitter = Jitter.parse(jitter) if isinstance(jitter, str) else jitter
         self._delivery: asyncio.Queue | None = None
         self._deliverer: asyncio.Task | None = None
         self.reconnects = 0
+        self.sent: list[dict[str, Any]] = []  # every JSON message this device sent
         self.mcp_requests: list[dict[str, Any]] = []
         self.mcp_calls_running = 0
         self.mcp_calls_max_running = 0  # the firmware never runs two tool calls at once
@@ -473,19 +476,23 @@ class SimDevice:
         if self._listen_timer:
             self._listen_timer.cancel()
             self._listen_timer = None
+        self.fw.poll(time.monotonic())
+        self._send_device_messages()
         due = self.fw.listen_start_due()
         if due is None:
-            self._send_device_messages(self.fw.poll(time.monotonic()))
             return
         loop = asyncio.get_running_loop()
         self._listen_timer = loop.call_at(loop.time() + max(0.0, due - time.monotonic()) + 0.001, self._listen_timer_fired)
 
     def _listen_timer_fired(self) -> None:
         self._listen_timer = None
-        self._send_device_messages(self.fw.poll(time.monotonic()))
+        self.fw.poll(time.monotonic())
+        self._send_device_messages()
 
-    def _send_device_messages(self, messages: list[dict[str, Any]]) -> None:
-        """Messages the firmware sends by itself (its `listen start`), unless the test drives them."""
+    def _send_device_messages(self) -> None:
+        """Messages the firmware sent by itself (its `listen start`), unless the test drives them."""
+        messages = [{k: v for k, v in m.items() if k != "at"} for m in self.fw.sent[self._fw_sent_mark :]]
+        self._fw_sent_mark = len(self.fw.sent)
         for message in messages:
             if self.auto_listen and not self.closed:
                 task = asyncio.ensure_future(self.send_json(dict(message)))
@@ -618,6 +625,7 @@ class SimDevice:
     async def send_json(self, message: dict[str, Any]) -> None:
         if self.session_id and "session_id" not in message:
             message = {"session_id": self.session_id, **message}
+        self.sent.append(message)
         await self.ws.send(json.dumps(message, ensure_ascii=False))
 
     async def listen_start(self, mode: str = "auto") -> None:
@@ -653,6 +661,7 @@ class SimDevice:
         """
         barge = self.fw.wake_word(time.monotonic(), mode)
         if barge:
+            self._fw_sent_mark = len(self.fw.sent)  # an immediate `listen start` is in ``barge``
             for message in barge:
                 await self.send_json(message)
             self._arm_listen_timer()
@@ -839,6 +848,8 @@ class SimDevice:
                 elif report.start_gap_s is None and started_at is not None:
                     report.start_gap_s = item.at - started_at
         arrivals = [item.at for item in self.received[mark:end] if item.kind == "audio"]
+        if len(arrivals) > 1:
+            report.max_gap_s = max(b - a for a, b in zip(arrivals, arrivals[1:]))
         playout = simulate_playout(arrivals)
         report.max_buffered, report.overflow_frames, report.underruns = playout.max_buffered, playout.overflow, playout.underruns
         if stop is not None:

@@ -30,6 +30,9 @@ def test_bench_three_devices_two_turns(pipeline, tmp_path):
     # The device sees stt before tts start before the first sentence before the first frame.
     assert stages["stt"]["p50"] <= stages["tts_start"]["p50"] <= stages["first_sentence_start"]["p50"] <= stages["first_audio_frame"]["p50"]
     assert data["downlink"]["frames_over_device_buffer"] == 0 and data["downlink"]["frames"] > 0
+    # The strict device (xiaozhi/firmware.py) played every frame: none outside speaking, none
+    # beyond its decode queue, none flushed; and it sent its own `listen start` between turns.
+    assert data["downlink"]["frames_dropped_by_device"] == 0
     assert data["sessions"]["connected"] == 3 and data["sessions"]["held_at_end"] == 3
     assert set(data) >= {"config", "elapsed_s", "turns", "voice_to_voice_s", "stages_after_speech_end_s", "downlink", "sessions", "server_processes", "records"}
     assert all(r["stt"] and "time" in r["stt"].lower() for r in data["records"])
