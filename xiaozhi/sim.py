@@ -341,6 +341,7 @@ class SimDevice:
 
     async def connect(self, features: dict[str, Any] | None = None) -> None:
         """OTA (when given), WebSocket handshake with the firmware's headers, then hello."""
+        self._features = features
         if self.ota_url and not self.ota_response:
             await self.ota()
         assert self.ws_url, "OTA gave no websocket url"
@@ -376,7 +377,7 @@ class SimDevice:
         if self.closed or not self.fw.channel_expired(time.monotonic()):
             return False
         await self.close()
-        await self.connect()
+        await self.connect(getattr(self, "_features", None))  # OTA only at boot: not again
         self.reconnects += 1
         return True
 
