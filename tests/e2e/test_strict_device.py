@@ -245,3 +245,25 @@ async def test_jitter_stalls_show_as_underruns():
             assert report.underruns == 0 and report.max_gap_s < 0.2, report
     finally:
         ws_server.close()
+
+
+async def test_wake_word_barge_in_against_the_gateway(pipeline):
+    """The firmware's wake-word barge-in, against the real pipeline: the gateway ends the reply
+    (its `tts stop` finds the device already listening), and the next spoken turn works."""
+    from tests.conftest import fixture_wav
+    from xiaozhi.sim import read_wav
+
+    async with SimDevice(ws_url=pipeline.ws_url) as device:
+        mark = len(device.received)
+        await device.detect("Tell me a long story about a dragon and a knight.")
+        assert await device.wait_for(lambda r: r.kind == "audio", timeout=60, start_index=mark)
+        await asyncio.sleep(0.5)
+        barge = len(device.received)
+        await device.wake_word("你好小智")
+        assert device.sent[-1] == {"session_id": device.session_id, "type": "abort", "reason": "wake_word_detected"}
+        assert await device.wait_for(device._is_tts("stop"), timeout=5, start_index=barge), "abort not answered with tts stop"
+        assert ("tts stop", "listening") in device.fw.ignored
+        report = await device.speak(read_wav(fixture_wav("en_what_time.wav")), reply_timeout=60)
+        assert report.error is None and "time" in (report.stt or "").lower(), report
+        assert report.frames > 0 and device.fw.drops.queue_full == 0
+        assert "entering speaking" not in device.fw.drops.not_speaking, device.fw.drops
