@@ -63,6 +63,7 @@ class TurnRecord:
     overflow_frames: int = 0
     max_gap_s: float | None = None  # longest wait between two reply frames as they arrived
     dropped_frames: int = 0  # frames the firmware would not have played (xiaozhi/firmware.py)
+    drops: dict[str, int] = field(default_factory=dict)  # the same, by cause
     stt: str | None = None
 
 
@@ -174,6 +175,7 @@ class Bench:
                 self.records.append(TurnRecord(index, turn, Path(wav).name, False, reason="connection closed"))
                 break
             drops = device.drops
+            causes = device.fw.drops.by_cause()
             try:
                 # The next `listen start` is the device's own: auto mode sends it once playback
                 # drained (speak waits for it), realtime never re-sends it.
@@ -183,6 +185,7 @@ class Bench:
                 break
             record = self._record(index, turn, wav, report)
             record.dropped_frames = device.drops - drops
+            record.drops = {k: v - causes.get(k, 0) for k, v in device.fw.drops.by_cause().items() if v - causes.get(k, 0)}
             self.records.append(record)
             await asyncio.sleep(self.config.think_s * (0.5 + rng.random()))
         return device
@@ -245,6 +248,7 @@ class Bench:
                 "turns_with_underruns": sum(1 for r in ok if r.underruns),
                 "frames_over_device_buffer": sum(r.overflow_frames for r in ok),
                 "frames_dropped_by_device": sum(r.dropped_frames for r in ok),
+                "dropped_by_cause": {k: sum(r.drops.get(k, 0) for r in ok) for k in sorted({k for r in ok for k in r.drops})},
                 "max_gap_s": summary(values("max_gap_s")),
             },
             "sessions": {"connected": self.connected, "held_at_end": held, "connect_failures": len(self.failed_connects)},
@@ -267,7 +271,7 @@ def print_table(result: dict[str, Any]) -> None:
     for label, stats in rows:
         print(f"{label:<34}{ms(stats['p50']):>8}{ms(stats['p95']):>8}{ms(stats['p99']):>8}{ms(stats['max']):>8}")
     down = result["downlink"]
-    print(f"\ndownlink: {down['frames']} frames, {down['underruns']} underruns in {down['turns_with_underruns']} turns, {down['frames_over_device_buffer']} frames beyond the 40-frame buffer, {down['frames_dropped_by_device']} dropped by the device")
+    print(f"\ndownlink: {down['frames']} frames, {down['underruns']} underruns in {down['turns_with_underruns']} turns, {down['frames_over_device_buffer']} frames beyond the 40-frame buffer, {down['frames_dropped_by_device']} dropped by the device" + (f" {down['dropped_by_cause']}" if down["dropped_by_cause"] else ""))
     gap = down["max_gap_s"]
     print(f"longest gap between reply frames (ms): p50 {ms(gap['p50'])}  p95 {ms(gap['p95'])}  max {ms(gap['max'])}" + (f"  (jitter {result['config']['jitter']})" if result["config"].get("jitter") else ""))
     sessions = result["sessions"]

@@ -51,6 +51,12 @@ class Drops:
     queue_full: int = 0  # arrived to a full 40-packet decode queue
     flushed: int = 0  # queued but thrown away (ResetDecoder: < 2.4.0 `tts stop`, wake word)
 
+    def by_cause(self) -> dict[str, int]:
+        """``{"not speaking (listening)": n, "queue full": n, "flushed": n}``, zeros left out."""
+        out = {f"not speaking ({state})": n for state, n in self.not_speaking.items() if n}
+        out.update({k: v for k, v in (("queue full", self.queue_full), ("flushed", self.flushed)) if v})
+        return out
+
     @property
     def total(self) -> int:
         return sum(self.not_speaking.values()) + self.queue_full + self.flushed
