@@ -179,8 +179,11 @@ _RAW_SSID = "@@raw-ssid@@"
 class SimDevice:
     """One simulated device. Use as ``async with SimDevice(...) as dev:``.
 
-    Like the firmware it is an MCP server: it answers ``initialize``, pages ``tools/list`` at
-    ~8000 bytes with ``nextCursor``, and runs ``tools/call`` on its (simulated) speaker and screen.
+    Like the firmware it is an MCP server: it answers ``initialize``, pages ``tools/list`` as
+    ``GetToolsList`` does (8000 bytes with ``nextCursor``), and runs ``tools/call`` one at a time
+    on its (simulated) speaker and screen. Its device state and audio output are the firmware's
+    (``self.fw``, xiaozhi/firmware.py): ``self.drops`` counts the downlink frames a real device
+    would not have played, and in auto mode it sends its own ``listen start`` once playback drained.
     """
 
     def __init__(
