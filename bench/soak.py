@@ -81,8 +81,7 @@ class Soak:
                             report = await device.type_text(rng.choice(["What time is it?", "Tell me a short joke.", "What day is it today?"]), reply_timeout=60)
                         ok = report.error is None and report.stopped and report.frames > 0
                         self.turns.append({"at": started, "ok": ok, "latency_s": report.latency_s, "error": report.error})
-                        if report.stopped and not device.closed:
-                            await device.listen_start("auto")
+                        # The device sends its own `listen start` once the reply has played.
                         await asyncio.sleep(rng.uniform(0.5, 2.0))
             except Exception as exc:  # noqa: BLE001 - a failed session is a result
                 self.turns.append({"at": time.monotonic(), "ok": False, "latency_s": None, "error": f"session: {type(exc).__name__}"})

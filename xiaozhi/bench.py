@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from xiaozhi.procstat import cpu_seconds, rss_bytes
+from xiaozhi.firmware import Jitter
 from xiaozhi.sim import SimDevice, TurnReport, read_wav
 
 SERVICE_MODULES = ("gateway", "vad_svc", "asr_svc", "llm_svc", "tts_svc", "tools_svc", "manager")
@@ -60,6 +61,9 @@ class TurnRecord:
     frames: int = 0
     underruns: int = 0
     overflow_frames: int = 0
+    max_gap_s: float | None = None  # longest wait between two reply frames as they arrived
+    dropped_frames: int = 0  # frames the firmware would not have played (xiaozhi/firmware.py)
+    drops: dict[str, int] = field(default_factory=dict)  # the same, by cause
     stt: str | None = None
 
 
@@ -75,6 +79,7 @@ class BenchConfig:
     protocol_version: int = 1
     think_s: float = 1.0
     reply_timeout_s: float = 60.0
+    jitter: str | None = None  # downlink delays and stalls: wifi, 4g or delay=,jitter=,stall_every=,stall=
 
 
 class ProcessWatcher:
@@ -154,7 +159,8 @@ class Bench:
 
     async def _device(self, index: int, delay: float) -> SimDevice | None:
         await asyncio.sleep(delay)
-        device = SimDevice(ota_url=self.config.ota_url, ws_url=self.config.ws_url, protocol_version=self.config.protocol_version)
+        jitter = Jitter.parse(self.config.jitter, seed=index) if self.config.jitter else None
+        device = SimDevice(ota_url=self.config.ota_url, ws_url=self.config.ws_url, protocol_version=self.config.protocol_version, jitter=jitter)
         try:
             await device.connect()
         except Exception as exc:  # noqa: BLE001 - a refused device is a result, not a crash
@@ -168,17 +174,19 @@ class Bench:
             if device.closed:
                 self.records.append(TurnRecord(index, turn, Path(wav).name, False, reason="connection closed"))
                 break
+            drops = device.drops
+            causes = device.fw.drops.by_cause()
             try:
+                # The next `listen start` is the device's own: auto mode sends it once playback
+                # drained (speak waits for it), realtime never re-sends it.
                 report = await device.speak(self.audio[wav], mode=self.config.mode, reply_timeout=self.config.reply_timeout_s)
             except Exception as exc:  # noqa: BLE001
                 self.records.append(TurnRecord(index, turn, Path(wav).name, False, reason=f"{type(exc).__name__}"))
                 break
-            self.records.append(self._record(index, turn, wav, report))
-            if report.stopped and report.stop_margin_s is not None and report.stop_margin_s < 0:
-                # `tts stop` came before play-out ended: the device would still be playing.
-                await asyncio.sleep(-report.stop_margin_s)
-            if self.config.mode == "auto" and report.stopped and not device.closed:
-                await device.listen_start("auto")  # as the firmware does after playback
+            record = self._record(index, turn, wav, report)
+            record.dropped_frames = device.drops - drops
+            record.drops = {k: v - causes.get(k, 0) for k, v in device.fw.drops.by_cause().items() if v - causes.get(k, 0)}
+            self.records.append(record)
             await asyncio.sleep(self.config.think_s * (0.5 + rng.random()))
         return device
 
@@ -194,6 +202,7 @@ class Bench:
             first_sentence_s=report.after_speech(report.sentence_at),
             first_audio_s=report.after_speech(report.first_audio),
             frames=report.frames, underruns=report.underruns, overflow_frames=report.overflow_frames, stt=report.stt,
+            max_gap_s=report.max_gap_s,
         )
 
     async def _progress(self) -> None:
@@ -238,6 +247,9 @@ class Bench:
                 "underruns": sum(r.underruns for r in ok),
                 "turns_with_underruns": sum(1 for r in ok if r.underruns),
                 "frames_over_device_buffer": sum(r.overflow_frames for r in ok),
+                "frames_dropped_by_device": sum(r.dropped_frames for r in ok),
+                "dropped_by_cause": {k: sum(r.drops.get(k, 0) for r in ok) for k in sorted({k for r in ok for k in r.drops})},
+                "max_gap_s": summary(values("max_gap_s")),
             },
             "sessions": {"connected": self.connected, "held_at_end": held, "connect_failures": len(self.failed_connects)},
             "server_processes": server,
@@ -259,7 +271,9 @@ def print_table(result: dict[str, Any]) -> None:
     for label, stats in rows:
         print(f"{label:<34}{ms(stats['p50']):>8}{ms(stats['p95']):>8}{ms(stats['p99']):>8}{ms(stats['max']):>8}")
     down = result["downlink"]
-    print(f"\ndownlink: {down['frames']} frames, {down['underruns']} underruns in {down['turns_with_underruns']} turns, {down['frames_over_device_buffer']} frames beyond the 40-frame buffer")
+    print(f"\ndownlink: {down['frames']} frames, {down['underruns']} underruns in {down['turns_with_underruns']} turns, {down['frames_over_device_buffer']} frames beyond the 40-frame buffer, {down['frames_dropped_by_device']} dropped by the device" + (f" {down['dropped_by_cause']}" if down["dropped_by_cause"] else ""))
+    gap = down["max_gap_s"]
+    print(f"longest gap between reply frames (ms): p50 {ms(gap['p50'])}  p95 {ms(gap['p95'])}  max {ms(gap['max'])}" + (f"  (jitter {result['config']['jitter']})" if result["config"].get("jitter") else ""))
     sessions = result["sessions"]
     print(f"sessions: {sessions['connected']} connected, {sessions['held_at_end']} held at the end, {sessions['connect_failures']} failed to connect")
     if result["server_processes"]:

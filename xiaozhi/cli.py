@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--abort-after", type=float, help="press the button (abort) this many seconds into each reply")
     sim.add_argument("--no-mcp", action="store_true", help="do not announce MCP in hello (older firmware)")
     sim.add_argument("--mcp-tools", help="JSON file with the MCP tools the device offers (default: the firmware's built-ins)")
+    sim.add_argument("--firmware-version", default="2.4.2", help="firmware the device behaves as (< 2.4.0 drops queued audio at tts stop)")
+    sim.add_argument("--jitter", help="downlink delays and stalls: wifi, 4g, or delay=MS,jitter=MS,stall_every=S,stall=MS")
     sim.add_argument("--out", default="reply.wav", help="where to write the reply audio (default reply.wav)")
     sim.add_argument("--timeout", type=float, default=60, help="seconds to wait for each reply")
     sim.add_argument("--json", action="store_true", help="print a JSON report instead of text")
@@ -87,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--think", type=float, default=1.0, help="mean think time between turns, seconds")
     bench.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each reply")
     bench.add_argument("--json", dest="json_path", default="bench.json", help="where to write the JSON results")
+    bench.add_argument("--jitter", help="downlink delays and stalls as on a real link: wifi, 4g, or delay=MS,jitter=MS,stall_every=S,stall=MS")
 
     bind = sub.add_parser("bind", help="bind the device that is showing this activation code")
     bind.add_argument("code", help="the 6-digit code the device speaks")
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         fixtures = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "audio"
         wavs = args.wav or [str(fixtures / "en_what_time.wav"), str(fixtures / "en_joke.wav")]
         ota = args.ota or (None if args.ws else "http://127.0.0.1:8003/xiaozhi/ota/")
-        config = BenchConfig(ota, args.ws, args.devices, args.ramp_up, args.turns, wavs, args.mode, args.protocol_version, args.think, args.timeout)
+        config = BenchConfig(ota, args.ws, args.devices, args.ramp_up, args.turns, wavs, args.mode, args.protocol_version, args.think, args.timeout, args.jitter)
         return asyncio.run(run_bench(config, args.json_path))
     if args.command == "up":
         return up_command(args)
@@ -394,7 +397,8 @@ async def sim_command(args: argparse.Namespace) -> int:
         print("nothing to say: give --wav FILE or --text TEXT", file=sys.stderr)
         return 2
     tools = json.loads(Path(args.mcp_tools).read_text()) if args.mcp_tools else None
-    device = SimDevice(ota_url=ota, ws_url=args.ws, device_id=args.device_id, protocol_version=args.protocol_version, token=args.token, mcp_tools=tools, frame_ms=args.frame_ms)
+    device = SimDevice(ota_url=ota, ws_url=args.ws, device_id=args.device_id, protocol_version=args.protocol_version, token=args.token, mcp_tools=tools, frame_ms=args.frame_ms,
+                       firmware_version=args.firmware_version, jitter=args.jitter)
     reports = []
     say = lambda *a: None if args.json else print(*a)  # noqa: E731
     try:
@@ -440,8 +444,9 @@ async def sim_command(args: argparse.Namespace) -> int:
             say(f"  latency:   {latency * 1000:.0f} ms (end of speech to first reply audio)" if latency is not None else "  latency:   n/a (no audio)")
             if report.error:
                 say(f"  error:     {report.error}")
-            if args.mode == "auto" and kind == "wav" and report.stopped:
-                await device.listen_start("auto")  # as the firmware does after playback
+            if device.drops or report.underruns:
+                drops = device.fw.drops
+                say(f"  device:    {report.underruns} underruns, dropped {dict(drops.not_speaking) or 0} outside speaking, {drops.queue_full} to a full queue, {drops.flushed} flushed")
     finally:
         await device.close()
     pcm = device.reply_audio()

@@ -25,6 +25,7 @@ import numpy as np
 import websockets
 
 from shared.audio import OpusDecoder, OpusEncoder, resample
+from xiaozhi.firmware import DECODE_QUEUE_PACKETS, PLAYBACK_TASKS, DeviceStateMachine, Jitter, tools_list_page
 
 FRAME_MS = 60
 UPLINK_RATE = 16000
@@ -74,7 +75,8 @@ def wrap_audio(opus: bytes, version: int) -> bytes:
     return opus
 
 
-DEVICE_QUEUE_FRAMES = 40  # the firmware's decode queue (protocol.md §4.4)
+# The firmware's output path: a 40-packet decode queue, two decoded frames and the one playing.
+DEVICE_QUEUE_FRAMES = DECODE_QUEUE_PACKETS + PLAYBACK_TASKS + 1
 
 
 @dataclass
@@ -142,6 +144,7 @@ class TurnReport:
     # `tts stop` are lost, and the switch to speaking takes a moment (protocol.md §9.1-2).
     lost_frames: int = 0
     start_gap_s: float | None = None  # first audio frame minus `tts start`
+    max_gap_s: float | None = None  # longest wait between two reply frames (jitter, stalls)
     # Arrival times (monotonic) of the reply's landmarks, for the stage breakdown.
     stt_at: float | None = None
     tts_start_at: float | None = None
@@ -176,8 +179,11 @@ _RAW_SSID = "@@raw-ssid@@"
 class SimDevice:
     """One simulated device. Use as ``async with SimDevice(...) as dev:``.
 
-    Like the firmware it is an MCP server: it answers ``initialize``, pages ``tools/list`` at
-    ~8000 bytes with ``nextCursor``, and runs ``tools/call`` on its (simulated) speaker and screen.
+    Like the firmware it is an MCP server: it answers ``initialize``, pages ``tools/list`` as
+    ``GetToolsList`` does (8000 bytes with ``nextCursor``), and runs ``tools/call`` one at a time
+    on its (simulated) speaker and screen. Its device state and audio output are the firmware's
+    (``self.fw``, xiaozhi/firmware.py): ``self.drops`` counts the downlink frames a real device
+    would not have played, and in auto mode it sends its own ``listen start`` once playback drained.
     """
 
     def __init__(
@@ -198,6 +204,9 @@ class SimDevice:
         status_ssid_bytes: bytes | None = None,
         tool_delays: dict[str, float] | None = None,
         text_font: dict[str, Any] | None = None,
+        auto_listen: bool = True,
+        channel_timeout_s: float = 120,
+        jitter: "Jitter | str | None" = None,
     ) -> None:
         if not ota_url and not ws_url:
             raise ValueError("give an OTA URL or a WebSocket URL")
@@ -234,7 +243,23 @@ class SimDevice:
         # Seconds a tool takes before it answers (a camera: upload plus the vision model).
         self.tool_delays = dict(tool_delays or {})
         self._tool_tasks: set[asyncio.Task] = set()
+        # tools/call runs on the firmware's main loop (Schedule): one at a time, in order.
+        self._tool_queue: asyncio.Queue | None = None
+        # The firmware's device state and audio output (xiaozhi/firmware.py): drops, deferred
+        # `listen start`, channel expiry. ``auto_listen``: send that `listen start` itself.
+        self.fw = DeviceStateMachine(firmware_version, channel_timeout_s=channel_timeout_s)
+        self.auto_listen = auto_listen
+        self._listen_timer: asyncio.TimerHandle | None = None
+        self._fw_sent_mark = 0  # fw.sent up to here went out (or was left to the test)
+        # Downlink delays and stalls (Wi-Fi/4G): messages reach the device later, in order.
+        self.jitter = Jitter.parse(jitter) if isinstance(jitter, str) else jitter
+        self._delivery: asyncio.Queue | None = None
+        self._deliverer: asyncio.Task | None = None
+        self.reconnects = 0
+        self.sent: list[dict[str, Any]] = []  # every JSON message this device sent
         self.mcp_requests: list[dict[str, Any]] = []
+        self.mcp_calls_running = 0
+        self.mcp_calls_max_running = 0  # the firmware never runs two tool calls at once
         self.vision: dict[str, Any] | None = None
         self.state: dict[str, Any] = {"volume": 70, "brightness": 80}
         # What the screen shows after ``alert`` messages (the firmware's Alert(): status bar,
@@ -323,6 +348,7 @@ class SimDevice:
 
     async def connect(self, features: dict[str, Any] | None = None) -> None:
         """OTA (when given), WebSocket handshake with the firmware's headers, then hello."""
+        self._features = features
         if self.ota_url and not self.ota_response:
             await self.ota()
         assert self.ws_url, "OTA gave no websocket url"
@@ -330,6 +356,8 @@ class SimDevice:
         if self.token:
             headers["Authorization"] = self.token if " " in self.token else f"Bearer {self.token}"
         tls = {"ssl": self.ssl_context} if self.ssl_context and self.ws_url.startswith("wss://") else {}
+        self.fw.connecting(time.monotonic())
+        self.closed = False
         self.ws = await websockets.connect(self.ws_url, additional_headers=headers, compression=None, open_timeout=10, max_size=None, ping_interval=None, **tls)
         self._reader = asyncio.create_task(self._read())
         hello = {
@@ -351,6 +379,17 @@ class SimDevice:
             raise RuntimeError(f"server hello without transport websocket: {reply.message}")
         self.session_id = reply.message.get("session_id") or ""
         self.downlink_rate = int((reply.message.get("audio_params") or {}).get("sample_rate") or 24000)
+        self.fw.channel_opened(reply.at)
+
+    async def reopen_if_expired(self) -> bool:
+        """As the firmware before a turn: a channel without incoming data for more than 120 s is
+        dead (Protocol::IsTimeout), so it drops the socket and opens a new one with a new hello."""
+        if self.closed or not self.fw.channel_expired(time.monotonic()):
+            return False
+        await self.close()
+        await self.connect(getattr(self, "_features", None))  # OTA only at boot: not again
+        self.reconnects += 1
+        return True
 
     async def close(self, graceful: bool = False) -> None:
         """Close as the firmware does: drop TCP without a close frame (``graceful`` sends one)."""
@@ -360,43 +399,118 @@ class SimDevice:
                 await self.ws.close()
             else:
                 self.ws.transport.abort()
-        if self._reader:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+        for task in (self._reader, self._deliverer):
+            if task:
+                task.cancel()
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                    pass
+        self._deliverer = None
         for task in list(self._tool_tasks):
             task.cancel()
+        self._tool_queue = None
+        if self._listen_timer:
+            self._listen_timer.cancel()
+        self.fw.channel_closed(time.monotonic())
 
     async def _read(self) -> None:
         try:
             async for message in self.ws:
-                now = time.monotonic()
-                if isinstance(message, bytes):
-                    self.received.append(Received(now, "audio", data=unwrap_audio(message, self.protocol_version)))
-                else:
-                    try:
-                        parsed = json.loads(message)
-                        self.received.append(Received(now, "json", parsed if isinstance(parsed, dict) else {"value": parsed}))
-                    except ValueError:
-                        self.received.append(Received(now, "text", {"text": message}))
-                    else:
-                        if isinstance(parsed, dict) and parsed.get("type") == "mcp" and isinstance(parsed.get("payload"), dict):
-                            await self._on_mcp(parsed["payload"])
-                        elif isinstance(parsed, dict) and parsed.get("type") == "alert":
-                            self._on_alert(parsed)
-                        elif isinstance(parsed, dict) and parsed.get("type") == "system" and parsed.get("command") == "reboot":
-                            # The firmware closes the channel and restarts: TCP drops, no close frame.
-                            self.rebooted = True
-                            self.ws.transport.abort()
-                            return
-                self._new_message.set()
+                if self.jitter is not None:
+                    if self._delivery is None or self._deliverer is None:
+                        self._delivery = asyncio.Queue()
+                        self._deliverer = asyncio.create_task(self._deliver())
+                    self._delivery.put_nowait((self.jitter.deliver_at(time.monotonic()), message))
+                    continue
+                if await self._handle(message, time.monotonic()):
+                    return
         except websockets.ConnectionClosed:
             pass
         finally:
+            if self._delivery is not None and self._deliverer is not None:
+                self._delivery.put_nowait(None)  # what is still on the link arrives, then closed
+                try:
+                    await asyncio.shield(self._deliverer)
+                except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                    pass
             self.closed = True
+            self.fw.channel_closed(time.monotonic())
             self._new_message.set()
+
+    async def _deliver(self) -> None:
+        """The jittered link: each message reaches the device at its delivery time, in order."""
+        assert self._delivery is not None
+        while (item := await self._delivery.get()) is not None:
+            at, message = item
+            delay = at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if await self._handle(message, time.monotonic()):
+                return
+
+    async def _handle(self, message: Any, now: float) -> bool:
+        """One message as the device gets it; True once the device has dropped the socket."""
+        if isinstance(message, bytes):
+            self.fw.on_audio(now)
+            self.received.append(Received(now, "audio", data=unwrap_audio(message, self.protocol_version)))
+        else:
+            try:
+                parsed = json.loads(message)
+                self.received.append(Received(now, "json", parsed if isinstance(parsed, dict) else {"value": parsed}))
+            except ValueError:
+                self.fw.on_data(now)
+                self.received.append(Received(now, "text", {"text": message}))
+            else:
+                if isinstance(parsed, dict):
+                    self.fw.on_json(parsed, now)
+                    self._arm_listen_timer()
+                else:
+                    self.fw.on_data(now)
+                if isinstance(parsed, dict) and parsed.get("type") == "mcp" and isinstance(parsed.get("payload"), dict):
+                    await self._on_mcp(parsed["payload"])
+                elif isinstance(parsed, dict) and parsed.get("type") == "alert":
+                    self._on_alert(parsed)
+                elif isinstance(parsed, dict) and parsed.get("type") == "system" and parsed.get("command") == "reboot":
+                    # The firmware closes the channel and restarts: TCP drops, no close frame.
+                    self.rebooted = True
+                    self.ws.transport.abort()
+                    self._new_message.set()
+                    return True
+        self._new_message.set()
+        return False
+
+    # ------------------------------------------------------------------ the device's own `listen start`
+
+    def _arm_listen_timer(self) -> None:
+        """Auto mode after `tts stop`: `listen start` goes out once playback has drained."""
+        if self._listen_timer:
+            self._listen_timer.cancel()
+            self._listen_timer = None
+        self.fw.poll(time.monotonic())
+        self._send_device_messages()
+        due = self.fw.listen_start_due()
+        if due is None:
+            return
+        loop = asyncio.get_running_loop()
+        self._listen_timer = loop.call_at(loop.time() + max(0.0, due - time.monotonic()) + 0.001, self._listen_timer_fired)
+
+    def _listen_timer_fired(self) -> None:
+        self._listen_timer = None
+        self.fw.poll(time.monotonic())
+        self._send_device_messages()
+
+    def _send_device_messages(self) -> None:
+        """Messages the firmware sent by itself (its `listen start`), unless the test drives them."""
+        messages = [{k: v for k, v in m.items() if k != "at"} for m in self.fw.sent[self._fw_sent_mark :]]
+        self._fw_sent_mark = len(self.fw.sent)
+        for message in messages:
+            if self.auto_listen and not self.closed:
+                task = asyncio.ensure_future(self.send_json(dict(message)))
+                self._tool_tasks.add(task)
+                task.add_done_callback(self._tool_tasks.discard)
+            elif message.get("type") == "listen":
+                self.fw.processor_running = False  # not sent: the test sends its own
 
     def _on_alert(self, message: dict[str, Any]) -> None:
         """As the firmware: shown only when status, message and emotion are all strings."""
@@ -421,20 +535,39 @@ class SimDevice:
             result: dict[str, Any] = {"protocolVersion": "2024-11-05", "capabilities": {"tools": {}}, "serverInfo": {"name": self.board, "version": self.firmware_version}}
             await self._mcp_reply(msg_id, result=result)
         elif method == "tools/list":
-            await self._mcp_list(msg_id, str(params.get("cursor") or ""))
+            await self._mcp_list(msg_id, str(params.get("cursor") or ""), params.get("withUserTools") is True)
         elif method == "tools/call":
             if not self.answer_mcp_calls:
                 return  # a device that hangs: the server must time out
             name = str(params.get("name") or "")
-            call = self._mcp_call(msg_id, name, params.get("arguments") if isinstance(params.get("arguments"), dict) else {})
-            if self.tool_delays.get(name, 0.0) > 0:
-                # A slow tool runs on its own (the firmware's tool thread): the reader goes on.
-                self._tool_tasks.add(task := asyncio.create_task(call))
-                task.add_done_callback(self._tool_tasks.discard)
-            else:
-                await call
+            arguments = params.get("arguments") if isinstance(params.get("arguments"), dict) else {}
+            # The firmware schedules each call on its main loop: calls run one at a time, in the
+            # order they came, while the network side goes on reading (a slow tool delays the next).
+            if self._tool_queue is None:
+                self._tool_queue = asyncio.Queue()
+                self._tool_tasks.add(worker := asyncio.create_task(self._tool_worker(self._tool_queue)))
+                worker.add_done_callback(self._tool_tasks.discard)
+            self._tool_queue.put_nowait((msg_id, name, arguments))
         else:
             await self._mcp_reply(msg_id, error=f"Method not implemented: {method}")
+
+    async def _tool_worker(self, queue: asyncio.Queue) -> None:
+        while True:
+            msg_id, name, arguments = await queue.get()
+            self.mcp_calls_running += 1
+            self.mcp_calls_max_running = max(self.mcp_calls_max_running, self.mcp_calls_running)
+            try:
+                await self._mcp_call(msg_id, name, arguments)
+            except websockets.ConnectionClosed:
+                return
+            finally:
+                self.mcp_calls_running -= 1
+                queue.task_done()
+
+    async def mcp_idle(self) -> None:
+        """Wait until every queued ``tools/call`` has been answered."""
+        if self._tool_queue is not None:
+            await self._tool_queue.join()
 
     async def _mcp_reply(self, msg_id: int, result: Any = None, error: str | None = None) -> None:
         payload: dict[str, Any] = {"jsonrpc": "2.0", "id": msg_id}
@@ -444,34 +577,10 @@ class SimDevice:
             payload["result"] = result
         await self.send_json({"type": "mcp", "payload": payload})
 
-    async def _mcp_list(self, msg_id: int, cursor: str) -> None:
-        """One page of at most ``mcp_page_bytes`` of tools; ``nextCursor`` names the next tool."""
-        tools = self.mcp_tools
-        start = 0
-        if cursor:
-            names = [t["name"] for t in tools]
-            if cursor not in names:
-                # What the firmware answers: it finds no tool to start the page with.
-                await self._mcp_reply(msg_id, error="Failed to add tool  because of payload size limit")
-                return
-            start = names.index(cursor)
-        page: list[dict[str, Any]] = []
-        size = 0
-        next_cursor = None
-        for tool in tools[start:]:
-            tool_size = len(json.dumps(tool))
-            if size + tool_size > self.mcp_page_bytes:
-                if not page:
-                    await self._mcp_reply(msg_id, error=f"Failed to add tool {tool['name']} because of payload size limit")
-                    return
-                next_cursor = tool["name"]
-                break
-            page.append(tool)
-            size += tool_size
-        result: dict[str, Any] = {"tools": page}
-        if next_cursor:
-            result["nextCursor"] = next_cursor
-        await self._mcp_reply(msg_id, result=result)
+    async def _mcp_list(self, msg_id: int, cursor: str, with_user_tools: bool = False) -> None:
+        """One page as McpServer::GetToolsList computes it (xiaozhi/firmware.py)."""
+        result, error = tools_list_page(self.mcp_tools, cursor, with_user_tools, self.mcp_page_bytes)
+        await self._mcp_reply(msg_id, result=result, error=error)
 
     async def _mcp_call(self, msg_id: int, name: str, arguments: dict[str, Any]) -> None:
         tool = next((t for t in self.mcp_tools if t["name"] == name), None)
@@ -527,20 +636,48 @@ class SimDevice:
     async def send_json(self, message: dict[str, Any]) -> None:
         if self.session_id and "session_id" not in message:
             message = {"session_id": self.session_id, **message}
+        self.sent.append(message)
         await self.ws.send(json.dumps(message, ensure_ascii=False))
 
     async def listen_start(self, mode: str = "auto") -> None:
+        self.fw.listen_start(mode, time.monotonic())
         await self.send_json({"type": "listen", "state": "start", "mode": mode})
 
     async def listen_stop(self) -> None:
+        self.fw.listen_stop(time.monotonic())
         await self.send_json({"type": "listen", "state": "stop"})
+
+    async def listen_for_turn(self, mode: str = "auto", max_wait_s: float = 10.0) -> None:
+        """`listen start` as the firmware would before the next utterance: none when it already
+        listens in that mode (auto: sent by itself once playback drained; realtime: never
+        re-sent); it waits for a deferred one rather than talking over its own playback."""
+        deadline = time.monotonic() + max_wait_s
+        while self.auto_listen and self.fw.pending_listen and not self.closed and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        fw = self.fw
+        if self.auto_listen and mode != "manual" and fw.state == "listening" and fw.processor_running and fw.mode == mode:
+            return
+        await self.listen_start(mode)
 
     async def detect(self, text: str) -> None:
         await self.send_json({"type": "listen", "state": "detect", "text": text})
 
     async def wake_word(self, text: str, preroll: np.ndarray | None = None, mode: str = "auto") -> None:
         """As a device whose on-board wake word fired (protocol.md §6.3): the buffered wake-word
-        audio (at most 2 s) as a burst, then `listen detect` with the word, then `listen start`."""
+        audio (at most 2 s) as a burst, then `listen detect` with the word, then `listen start`.
+
+        While speaking or listening the firmware instead aborts (reason wake_word_detected) and
+        listens again (HandleWakeWordDetectedEvent): no pre-roll, no detect; in auto mode the
+        `listen start` waits until playback drained.
+        """
+        barge = self.fw.wake_word(time.monotonic(), mode)
+        if barge:
+            self._fw_sent_mark = len(self.fw.sent)  # an immediate `listen start` is in ``barge``
+            for message in barge:
+                await self.send_json(message)
+            self._arm_listen_timer()
+            return
+        await self.reopen_if_expired()
         if preroll is not None and len(preroll):
             encoder = OpusEncoder(UPLINK_RATE, self.frame_ms, complexity=0, dtx=True)
             samples = UPLINK_RATE * self.frame_ms // 1000
@@ -657,8 +794,9 @@ class SimDevice:
 
     async def speak(self, pcm: np.ndarray, mode: str = "auto", reply_timeout: float = 60, trailing_silence_max_s: float = 15) -> TurnReport:
         """One spoken turn, as the firmware does it in auto mode; waits for `tts stop`."""
+        await self.reopen_if_expired()
         mark = len(self.received)
-        await self.listen_start(mode)
+        await self.listen_for_turn(mode)
         speech_end = await self.stream_pcm(pcm)
         if mode == "manual":
             await self.listen_stop()
@@ -670,6 +808,7 @@ class SimDevice:
 
     async def type_text(self, text: str, reply_timeout: float = 60) -> TurnReport:
         """A typed-text turn through `listen detect` (protocol.md §6.7)."""
+        await self.reopen_if_expired()
         mark = len(self.received)
         sent = time.monotonic()
         await self.detect(text)
@@ -720,6 +859,8 @@ class SimDevice:
                 elif report.start_gap_s is None and started_at is not None:
                     report.start_gap_s = item.at - started_at
         arrivals = [item.at for item in self.received[mark:end] if item.kind == "audio"]
+        if len(arrivals) > 1:
+            report.max_gap_s = max(b - a for a, b in zip(arrivals, arrivals[1:]))
         playout = simulate_playout(arrivals)
         report.max_buffered, report.overflow_frames, report.underruns = playout.max_buffered, playout.overflow, playout.underruns
         if stop is not None:
@@ -727,6 +868,11 @@ class SimDevice:
         if stop is not None and arrivals:
             report.stop_margin_s = stop.at - playout.end
         return report
+
+    @property
+    def drops(self) -> int:
+        """Downlink frames the firmware would not have played (not speaking, queue full, flushed)."""
+        return self.fw.drops.total
 
     def reply_audio(self, start_index: int = 0) -> np.ndarray:
         """Every audio frame received (from ``start_index``), decoded at the announced rate."""

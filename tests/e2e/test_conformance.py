@@ -32,6 +32,9 @@ async def test_reply_is_paced_for_the_device_buffer(pipeline):
         assert report.max_buffered <= 7, report.max_buffered  # ~5 ahead of real time
         assert report.underruns == 0, report.underruns
         assert report.stop_margin_s is not None and report.stop_margin_s >= 0.0, report.stop_margin_s
+        # The strict device (2.3.0 flushes at tts stop) lost nothing: the gap before the first
+        # frame let it enter speaking, the pacing kept within its queue, stop came after play-out.
+        assert device.drops == 0, device.fw.drops
         decoder = OpusDecoder(24000)
         for item in device.received[mark:]:
             if item.kind == "audio":
@@ -48,6 +51,7 @@ async def test_server_json_is_small(pipeline):
         texts = [r for r in device.received if r.kind == "json"]
         assert texts
         assert max(len(json.dumps(r.message, ensure_ascii=False).encode()) for r in texts) < 4096
+        assert device.drops == 0, device.fw.drops
 
 
 async def test_every_connection_is_a_fresh_session(pipeline):
@@ -100,6 +104,7 @@ async def test_dtx_uplink_and_wake_word_preroll(pipeline):
         # Silence from the firmware's encoder is DTX: mostly 1-byte packets. Speech still works.
         report = await device.speak(read_wav(fixture_wav("en_what_time.wav")))
         assert "time" in (report.stt or "").lower()
+        assert device.drops == 0, device.fw.drops
 
 
 async def test_hello_reply_first_then_mcp(pipeline):
@@ -120,6 +125,7 @@ async def test_listen_stop_in_auto_mode_ends_the_utterance(pipeline):
         await device.listen_stop()
         report = await device.collect_turn(mark, end, timeout=30)
         assert report.stt and report.events[-1] == "tts.stop"
+        assert device.drops == 0, device.fw.drops
 
 
 async def test_newer_turn_stops_the_playing_reply_first(pipeline):
@@ -164,6 +170,9 @@ async def test_newer_turn_stops_the_playing_reply_first(pipeline):
         # the story now in its history), and nothing of the old reply is played after it.
         assert report.sentences and not set(report.sentences) & old_sentences, (report.sentences, old_sentences)
         assert report.lost_frames == 0
+        # Entering speaking for the new reply flushes what was left of the old one (that is the
+        # point of stop-then-start); nothing arrived outside speaking or beyond the queue.
+        assert device.fw.drops.not_speaking == {} and device.fw.drops.queue_full == 0, device.fw.drops
 
 
 async def test_the_devices_agent_greets_with_its_own_words(pipeline):
@@ -185,3 +194,4 @@ async def test_the_devices_agent_greets_with_its_own_words(pipeline):
         await device.wake_word("hi esp")
         greeting = await device.collect_turn(mark, time.monotonic(), timeout=20)
         assert greeting.sentences == ["Ahoy, I am listening."] and greeting.frames > 0, greeting
+        assert device.drops == 0, device.fw.drops
