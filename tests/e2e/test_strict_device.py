@@ -13,6 +13,7 @@ import time
 import pytest
 import websockets
 
+from xiaozhi.firmware import Jitter
 from xiaozhi.sim import SimDevice
 
 pytestmark = pytest.mark.e2e
@@ -233,13 +234,16 @@ async def test_an_idle_channel_expires_and_the_next_turn_opens_a_new_socket():
 async def test_jitter_stalls_show_as_underruns():
     async def script(ws, message):
         if message.get("state") == "detect":
-            await reply(ws, 40)
+            await reply(ws, 80)
 
     ws_server = await serve(Scripted(script))
     try:
-        async with SimDevice(ws_url=url(ws_server), jitter="delay=5,jitter=2,stall_every=0.5,stall=600") as device:
+        # Seeded (the same stall schedule each run) and long enough (4.8 s of audio) that stalls
+        # fall while the device plays, not only before its first frame.
+        stalls = Jitter(delay_ms=5, jitter_ms=2, stall_every_s=0.5, stall_ms=600, seed=7)
+        async with SimDevice(ws_url=url(ws_server), jitter=stalls) as device:
             report = await device.type_text("hi")
-            assert report.frames == 40 and report.underruns > 0 and report.max_gap_s > 0.4, report
+            assert report.frames == 80 and report.underruns > 0 and report.max_gap_s > 0.4, report
         async with SimDevice(ws_url=url(ws_server)) as device:
             report = await device.type_text("hi")
             assert report.underruns == 0 and report.max_gap_s < 0.2, report
