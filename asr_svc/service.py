@@ -46,6 +46,20 @@ def is_noise(text: str) -> bool:
     return re.sub(r"[^\w\s]", "", text).strip().lower() in _HALLUCINATIONS
 
 
+def _letters(text: str) -> str:
+    return re.sub(r"[^\w]", "", text).lower()
+
+
+def only_wake_word(text: str, wake_word: str) -> bool:
+    """Is the transcript the wake word and nothing else (said once or repeated)? Then the
+    utterance that began with it held no question."""
+    word = _letters(wake_word)
+    if not word:
+        return False
+    rest = _letters(text).replace(word, "")
+    return not rest or is_noise(rest)
+
+
 class AsrWorker:
     name = "asr"
 
@@ -183,6 +197,11 @@ class AsrWorker:
             log.info("transcript", extra={"fields": {"text": text, "audio_s": round(transcript.audio_s, 2), "seconds": round(elapsed, 3)}})
             if is_noise(text):
                 UTTERANCES.labels("empty").inc()
+                await self._tell(meta, "discard")
+                return
+            if meta.wake_word and only_wake_word(text, meta.wake_word):
+                # The wake word was all the "question" held (said twice, or a breath after it).
+                UTTERANCES.labels("wake_word_only").inc()
                 await self._tell(meta, "discard")
                 return
             UTTERANCES.labels("ok").inc()

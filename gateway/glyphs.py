@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from gateway import metrics as m
-from gateway.glyph_charsets import BASIC_LOCALE_CHARS
+from gateway.glyph_charsets import BASIC_LOCALE_CHARS, COMMON_CHARS
 
 log = logging.getLogger("gateway.glyphs")
 
@@ -92,23 +92,14 @@ _LATIN = {cp for cp in range(0x20, 0x7F)} | {cp for cp in range(0xA1, 0x100)}
 _BASIC = frozenset(_LATIN | {ord(c) for c in "".join(BASIC_LOCALE_CHARS)})
 
 
-def _gb2312_level1() -> set[int]:
-    out = set()
-    for hi in range(0xB0, 0xD8):
-        for lo in range(0xA1, 0xFF):
-            try:
-                out.add(ord(bytes((hi, lo)).decode("gb2312")))
-            except UnicodeDecodeError:
-                pass
-    return out
-
-
 # ``common`` is basic plus every character of the DeepSeek-V4-Flash tokenizer's vocabulary
-# (78/xiaozhi-fonts README); its list (charsets/common.json) is not in the firmware repository.
-# Assumed here: GB2312 level 1 (the 3755 most frequent hanzi), CJK punctuation and full-width
-# forms. A character pushed needlessly costs only bytes (the installed font is searched first);
-# one assumed wrongly would show blank, so the guess stays on the safe, smaller side.
-_COMMON = frozenset(_BASIC | _gb2312_level1() | set(range(0x3000, 0x3040)) | set(range(0xFF01, 0xFF5F)))
+# (78/xiaozhi-fonts scripts/build.py ``build_charsets``); its list is built at font build time
+# and is in neither repository. COMMON_CHARS stands in for it: the DeepSeek-V3 vocabulary's
+# characters that are also GB2312 level 1, CJK punctuation or full-width forms (see
+# scripts/gen_glyph_charsets.py). That leaves out frequent-looking hanzi the vocabulary lacks
+# (佰, 叁, 沏): a device shows those blank unless pushed. A character pushed needlessly costs
+# only bytes (the installed font is searched first), so the list stays on the smaller side.
+_COMMON = frozenset(_BASIC | {ord(c) for c in "".join(COMMON_CHARS)})
 
 _CHARSET_SETS = {"basic": _BASIC, "common": _COMMON}
 

@@ -32,6 +32,6 @@ GLYPHS = Counter("xz_gateway_glyphs_total", "glyph_push glyph look-ups, by resul
 GLYPH_PUSHES = Counter("xz_gateway_glyph_pushes_total", "stt and sentence_start messages sent with a glyph_push")
 WAKE_WORDS = Counter(
     "xz_gateway_wake_words_total",
-    "Wake words, by outcome (end: greeted after the VAD heard nothing more; more: a question in the same breath, no greeting; no_verdict: greeted without the VAD's word; no_preroll: greeted at once)",
+    "Wake words, by outcome (end: greeted after the VAD heard nothing more; more: a question in the same breath, no greeting; no_verdict: greeted without the VAD's word; no_preroll: greeted at once; nothing_after: a more verdict whose transcript held no question, greeted then)",
     ["outcome"],
 )

@@ -126,6 +126,9 @@ class DeviceSession:
         self._frame_arrivals: deque[float] = deque(maxlen=64)
         # After a wake word with its pre-roll: the VAD's verdict (`wake_end` or `wake_more`).
         self._wake_verdict: asyncio.Future | None = None
+        # After a "more" verdict, until its utterance is heard (or this deadline): a transcript
+        # with nothing to answer (the wake word alone, noise) gets the greeting, not silence.
+        self._greet_if_discarded_until = 0.0
         self._claim_task: asyncio.Task | None = None
         self._pump_task: asyncio.Task | None = None
         self._closing = False
@@ -540,6 +543,7 @@ class DeviceSession:
                 # A question in the same breath: its utterance (wake word and question) is
                 # the turn, and a greeting would talk over it.
                 log.info("question after the wake word: no greeting")
+                self._greet_if_discarded_until = time.monotonic() + self.settings.stt_timeout_s
                 return
         else:
             m.WAKE_WORDS.labels("no_preroll").inc()
@@ -690,6 +694,7 @@ class DeviceSession:
                     log.info(event.kind, extra={"fields": {"text": event.text}})
                 if event.kind == "stt":
                     self._awaiting_stt.pop(event.turn_id, None)
+                    self._greet_if_discarded_until = 0.0
                 if event.kind == "stt" and event.speech_end_ms:
                     self._speech_end_ms[event.turn_id] = event.speech_end_ms
                     while len(self._speech_end_ms) > 8:
@@ -719,6 +724,11 @@ class DeviceSession:
             elif event.kind == "discard":
                 self._awaiting_stt.pop(event.turn_id, None)
                 log.info("utterance had nothing to answer")
+                if time.monotonic() < self._greet_if_discarded_until:
+                    # The wake word's utterance held no question after all: greet.
+                    self._greet_if_discarded_until = 0.0
+                    m.WAKE_WORDS.labels("nothing_after").inc()
+                    await self._greet()
             else:
                 self._awaiting_stt.pop(event.turn_id, None)
                 if self.assembler.is_stale(event.turn_id):

@@ -88,6 +88,9 @@ class Utterance(Message):
     sample_rate: int = 16000
     speech_end_ms: int = Field(default_factory=now_ms)
     frames: int = 0
+    # The wake word this utterance began with (a question in the same breath): a transcript
+    # that is that word alone is no question, and the gateway greets instead.
+    wake_word: str = ""
 
     def pack(self, opus_frames: list[bytes]) -> bytes:
         """JSON header, then each Opus packet prefixed by its 2-byte big-endian length."""

@@ -200,7 +200,7 @@ class GatewaySettings(BaseModel):
     max_sessions: int = 5000
     # SIGTERM: stop accepting, let replies in flight finish for up to this long, then close (a
     # reply still playing ends with `tts stop` first). Devices reconnect only at their next wake word.
-    drain_s: float = 25.0
+    drain_s: float = 40.0  # a long story (tests: en_long_story) plays ~27 s
     rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
     # A turn that produces nothing for this long is ended with `tts stop` (a pending device tool
     # call, bounded by mcp_call_timeout_s, or a server tool's progress counts as something).

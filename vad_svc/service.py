@@ -79,13 +79,15 @@ class SessionStream:
         self.wake_speech_ms = 0.0
         self.wake_quiet_ms = 0.0
         self.wake_verdict: str | None = None
+        self.wake_word = ""  # the wake word said, while its utterance goes on (verdict "more")
 
-    def begin_wake(self) -> None:
+    def begin_wake(self, word: str = "") -> None:
         """`detect` after the pre-roll burst: the burst (the wake word) stays the start of the
         utterance; the live audio that follows decides whether a question came with it."""
         self.wake_pending = True
         self.wake_speech_ms = self.wake_quiet_ms = 0.0
         self.wake_verdict = None
+        self.wake_word = word
         if self.mode == "manual":
             self._wake_end()
 
@@ -93,6 +95,7 @@ class SessionStream:
         """Nothing followed the wake word: its audio is no turn (the gateway greets)."""
         self.wake_pending = False
         self.wake_verdict = "end"
+        self.wake_word = ""
         self.utterance = None
         self.segmenter.reset()
         self.preroll.clear()
@@ -116,6 +119,7 @@ class SessionStream:
         self.utterance = None
         self.manual = []
         self.wake_pending = False
+        self.wake_word = ""
 
     def on_frame(self, packet: bytes) -> tuple[list[bytes], str, float] | None:
         """Feed one Opus packet; returns (packets, reason, silence_s) when an utterance ends."""
@@ -346,7 +350,7 @@ class VadWorker:
                 if packets:
                     await self._emit(stream, packets, "listen_stop", speech_end_ms=now_ms())
             elif ctl.kind == "detect" and ctl.wake:
-                stream.begin_wake()
+                stream.begin_wake(ctl.text or "")
                 log.info("wake word pre-roll", extra={"fields": {"text": ctl.text, "in_speech": stream.utterance is not None}})
                 await self._tell_wake(stream)
             elif ctl.kind == "abort" and ctl.keep_speech:
@@ -361,7 +365,9 @@ class VadWorker:
     async def _emit(self, stream: SessionStream, packets: list[bytes], reason: str, speech_end_ms: int) -> None:
         assert self.nc is not None
         turn_id = new_turn_id()
-        utterance = Utterance(session_id=stream.session_id, turn_id=turn_id, device_id=stream.device_id, speech_end_ms=speech_end_ms)
+        utterance = Utterance(session_id=stream.session_id, turn_id=turn_id, device_id=stream.device_id, speech_end_ms=speech_end_ms, wake_word=stream.wake_word if not stream.wake_pending else "")
+        if not stream.wake_pending:
+            stream.wake_word = ""  # only the utterance that began with it
         UTTERANCES.labels(reason).inc()
         with xlog.bind(session_id=stream.session_id, turn_id=turn_id):
             log.info("utterance", extra={"fields": {"frames": len(packets), "reason": reason, "seconds": round(len(packets) * stream.frame_ms / 1000, 2)}})

@@ -139,9 +139,13 @@ def test_missing_follows_the_charset() -> None:
     # Locale strings are in basic (the firmware's own zh-CN texts); 龘 is in no charset.
     assert glyphs.missing("龘", "basic") == [ord("龘")] and glyphs.missing("龘", "common") == [ord("龘")]
     assert glyphs.missing("你好龘", "basic") == [ord("龘")]  # 你好 are in the zh-CN strings
-    # GB2312 level 1 is in common (the assumed DeepSeek vocabulary part): 妈 is pushed to a basic
-    # device only.
+    # The tokenizer's frequent hanzi are in common: 妈 is pushed to a basic device only.
     assert glyphs.missing("妈妈", "basic") == [ord("妈")] and glyphs.missing("妈妈", "common") == []
+    # GB2312 level 1 hanzi that the DeepSeek vocabulary lacks are pushed to common devices too:
+    # 佰 and 叁 (financial numerals) would otherwise show blank.
+    assert glyphs.missing("叁佰元", "common") == [ord("叁"), ord("佰")]
+    # Full-width forms the vocabulary has are in; those it lacks (＠) are pushed.
+    assert glyphs.missing("！＠", "common") == [ord("＠")]
     # Once each, in order; controls out.
     assert glyphs.missing("龘\n龘𠮷\t龘", "common") == [ord("龘"), ord("𠮷")]
 
