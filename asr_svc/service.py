@@ -46,17 +46,17 @@ def is_noise(text: str) -> bool:
     return re.sub(r"[^\w\s]", "", text).strip().lower() in _HALLUCINATIONS
 
 
-def _letters(text: str) -> str:
-    return re.sub(r"[^\w]", "", text).lower()
+def _words(text: str) -> str:
+    return " ".join(re.sub(r"[^\w]", " ", text).lower().split())
 
 
 def only_wake_word(text: str, wake_word: str) -> bool:
     """Is the transcript the wake word and nothing else (said once or repeated)? Then the
     utterance that began with it held no question."""
-    word = _letters(wake_word)
+    word = _words(wake_word)
     if not word:
         return False
-    rest = _letters(text).replace(word, "")
+    rest = " ".join(_words(text).replace(word, " ").split())
     return not rest or is_noise(rest)
 
 

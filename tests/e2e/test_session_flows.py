@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import numpy as np
@@ -112,6 +113,34 @@ async def test_wake_word_and_question_in_one_breath_in_mandarin(pipeline):
         # The small base model may mishear one syllable (起点 for 几点): compare characters.
         assert sum(1 for char in "现在几点了" if char in (report.stt or "")) >= 4, report.stt
         assert GREETING not in sentences_said(device, mark), report
+
+
+async def test_wake_word_said_twice_in_one_breath_gets_the_greeting(pipeline):
+    """你好小智，你好小智 without a pause: speech went on after the wake word (the VAD says
+    "more", so no greeting yet), but the transcript is the wake word alone. That is no question:
+    the greeting, not an LLM answer to the wake word, and not silence."""
+    from nats.aio.client import Client as NATS
+
+    from shared.agents import AgentConfig, save_agent
+    from xiaozhi.sim import random_mac
+
+    device_id = random_mac()
+    nc = NATS()
+    await nc.connect(pipeline.nats_url)
+    try:
+        await save_agent(await nc.jetstream().key_value("xz_agents"), device_id, AgentConfig(memory="none", language="zh", asr_model="base"))
+    finally:
+        await nc.close()
+    again = read_wav(fixture_wav("zh_wake.wav"))
+    async with SimDevice(ws_url=pipeline.ws_url, device_id=device_id) as device:
+        mark = await wake_then(device, "你好小智", again)
+        report = await device.collect_turn(mark, time.monotonic(), timeout=90)
+        assert report.stt is None and report.sentences == [GREETING], report
+    vad, asr = pipeline.log("vad"), pipeline.log("asr")
+    assert '"verdict": "more"' in vad, vad[-2000:]
+    # Heard (with punctuation between), then found to be the wake word alone.
+    heard = [json.loads(line).get("text", "") for line in asr.splitlines() if '"msg": "transcript"' in line]
+    assert ["".join(words(text)) for text in heard] == ["你好小智你好小智"], heard
 
 
 async def test_bare_wake_word_with_its_preroll_gets_the_greeting(pipeline):
