@@ -80,6 +80,7 @@ class SessionStream:
         self.wake_quiet_ms = 0.0
         self.wake_verdict: str | None = None
         self.wake_word = ""  # the wake word said, while its utterance goes on (verdict "more")
+        self.wake_listens = 0  # `listen start`s since the wake word's `detect`
 
     def begin_wake(self, word: str = "") -> None:
         """`detect` after the pre-roll burst: the burst (the wake word) stays the start of the
@@ -88,6 +89,7 @@ class SessionStream:
         self.wake_speech_ms = self.wake_quiet_ms = 0.0
         self.wake_verdict = None
         self.wake_word = word
+        self.wake_listens = 0
         if self.mode == "manual":
             self._wake_end()
 
@@ -335,12 +337,17 @@ class VadWorker:
         with xlog.bind(session_id=session_id):
             if ctl.kind == "listen_start":
                 mode = ctl.mode or "auto"
-                if stream.wake_pending and mode != "manual":
+                if stream.wake_pending and mode != "manual" and stream.wake_listens == 0:
                     # The device listens after its wake word: the utterance goes on.
+                    stream.wake_listens += 1
                     stream.mode = mode
                 else:
                     if stream.wake_pending:
-                        stream._wake_end()  # push-to-talk after a wake word: greet, then listen
+                        # Push-to-talk after a wake word (greet, then listen), or the device
+                        # listens again with no live audio heard since its wake word (it sent
+                        # none; the gateway greeted without a verdict): the pre-roll is no part
+                        # of what comes next.
+                        stream._wake_end()
                     stream.reset()
                     stream.mode = mode
                     await self._tell_wake(stream)

@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--token", help="token for the Authorization header (default: from OTA)")
     sim.add_argument("--frame-ms", type=int, choices=[20, 40, 60, 120], default=60, help="uplink packet duration (firmware: 60)")
     sim.add_argument("--wake-word", help="start like an on-device wake word: pre-roll audio, `listen detect` with this text")
+    sim.add_argument("--wake-wav", help="the wake word's audio sent as the pre-roll (default: the checkout's 你好小智 recording, tests/fixtures/audio/zh_wake.wav, if there; else none)")
     sim.add_argument("--abort-after", type=float, help="press the button (abort) this many seconds into each reply")
     sim.add_argument("--no-mcp", action="store_true", help="do not announce MCP in hello (older firmware)")
     sim.add_argument("--mcp-tools", help="JSON file with the MCP tools the device offers (default: the firmware's built-ins)")
@@ -390,6 +391,8 @@ def up_command(args: argparse.Namespace) -> int:
 
 
 async def sim_command(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from xiaozhi.sim import SimDevice, read_wav, write_wav
 
     ota = args.ota or (None if args.ws else "http://127.0.0.1:8003/xiaozhi/ota/")
@@ -413,8 +416,11 @@ async def sim_command(args: argparse.Namespace) -> int:
     try:
         if args.wake_word:
             mark = len(device.received)
-            preroll = read_wav(args.wav[0])[: 16000 * 2] if args.wav else None
-            await device.wake_word(args.wake_word, preroll=preroll, mode=args.mode)
+            await device.wake_word(args.wake_word, preroll=_wake_preroll(args.wake_wav), mode=args.mode)
+            if args.mode != "manual":
+                # As the firmware: the microphone streams (silence here) while the greeting comes.
+                started = lambda: any(r.kind == "json" and r.message.get("type") == "tts" and r.message.get("state") == "start" for r in device.received[mark:])  # noqa: E731
+                await device.stream_pcm(np.zeros(0, dtype=np.int16), until=started, max_s=args.timeout)
             greeting = await device.collect_turn(mark, time.monotonic(), timeout=args.timeout)
             say(f"> wake word {args.wake_word!r}: {' -> '.join(_compact(greeting.events)) or 'no greeting'}")
             for sentence in greeting.sentences:
@@ -477,6 +483,22 @@ async def _activated(device, timeout_s: float, say) -> bool:
             await asyncio.sleep(1.0)
             await device.ota()
     return True
+
+
+WAKE_WAV = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "audio" / "zh_wake.wav"
+
+
+def _wake_preroll(path: str | None):
+    """The wake word's audio, as the firmware buffers it (at most 2 s, the end kept): the given
+    WAV, else the checkout's 你好小智 recording cut where the word ends, else none (then the
+    gateway greets at once: a `detect` without a pre-roll)."""
+    from xiaozhi.sim import read_wav
+
+    if path:
+        return read_wav(path)[-2 * 16000:]
+    if WAKE_WAV.exists():
+        return read_wav(WAKE_WAV)[: 16 * 960]  # speech ends at 0.96 s
+    return None
 
 
 async def _abort_after(device, seconds: float) -> None:

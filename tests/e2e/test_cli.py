@@ -37,6 +37,8 @@ def test_sim_wake_word_abort_and_json(pipeline, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     reports = json.loads(result.stdout)
     assert len(reports) == 2
+    # The wake word's pre-roll is the recorded 你好小智, not the question: heard once, alone.
+    assert reports[0]["stt"] == "What time is it?", reports[0]
     story = reports[1]
     assert story["stopped"] and story["events"][-1] == "tts.stop"
     # Aborted half a second into the reply: far less audio than a long story.

@@ -109,3 +109,28 @@ def test_the_preroll_burst_is_told_from_a_live_microphone(monkeypatch) -> None:
     assert not s._preroll_burst()
     s._frame_arrivals = deque([now - 0.002, now - 0.001], maxlen=64)  # two stray frames
     assert not s._preroll_burst()
+
+
+async def test_a_second_listen_start_ends_a_wake_no_audio_followed(worker: VadWorker, monkeypatch) -> None:
+    """A client that sends no live audio after its wake word gets the greeting without a
+    verdict; when it listens again, the pre-roll must not start its next utterance (it would be
+    transcribed in front of the question)."""
+    told: list[OutEvent] = []
+
+    async def publish(subject, data):
+        told.append(OutEvent.decode(data))
+
+    monkeypatch.setattr(worker, "nc", SimpleNamespace(publish=publish), raising=False)
+    stream = stream_for(worker)
+    feed(stream, wake_packets())
+    await worker._apply_ctl(stream, Control(session_id="s", kind="detect", text="你好小智", wake=True))
+    await worker._apply_ctl(stream, Control(session_id="s", kind="listen_start", mode="auto"))
+    assert stream.wake_pending and stream.utterance is not None  # the first: the utterance goes on
+    # No audio; the greeting plays; the device listens again.
+    await worker._apply_ctl(stream, Control(session_id="s", kind="listen_start", mode="auto"))
+    assert not stream.wake_pending and stream.utterance is None and stream.wake_word == ""
+    assert [e.kind for e in told] == ["wake_end"]
+    # The question that follows is an utterance of its own, without the wake word.
+    question = encode_pcm(np.concatenate([read_wav(fixture_wav("en_what_time.wav")), np.zeros(16000, dtype=np.int16)]), 16000, 60)
+    (done,) = feed(stream, question)
+    assert len(done[0]) <= len(question), len(done[0])
