@@ -79,10 +79,21 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-class WhisperEngine:
-    """faster-whisper on the CPU, from a local model directory (never a hub download)."""
+def cuda_devices() -> int:
+    """CUDA devices CTranslate2 can use here (0 without a GPU or a CUDA build)."""
+    try:
+        import ctranslate2
 
-    def __init__(self, model: str = "tiny.en", language: str | None = "en", beam_size: int = 1, threads: int = 2, initial_prompt: str | None = None, beam_size_zh: int = 5) -> None:
+        return int(ctranslate2.get_cuda_device_count())
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+class WhisperEngine:
+    """faster-whisper from a local model directory (never a hub download), on the CPU or, with
+    ``device`` cuda (or auto where CUDA is there), a GPU."""
+
+    def __init__(self, model: str = "tiny.en", language: str | None = "en", beam_size: int = 1, threads: int = 2, initial_prompt: str | None = None, beam_size_zh: int = 5, device: str = "cpu", compute_type: str = "default") -> None:
         from faster_whisper import WhisperModel
 
         path = packaged_model_dir(model)
@@ -98,8 +109,13 @@ class WhisperEngine:
         if self.multilingual and language == "zh" and initial_prompt is None:
             # Without it Whisper writes Traditional characters (models.md).
             self.initial_prompt = "以下是普通话的句子。"
-        self.model = WhisperModel(path, device="cpu", compute_type="int8", cpu_threads=threads, local_files_only=True)
-        log.info("whisper loaded", extra={"fields": {"model": model, "path": path, "language": self.language}})
+        if device == "auto":
+            device = "cuda" if cuda_devices() > 0 else "cpu"
+        self.device = device
+        if compute_type == "default":
+            compute_type = "float16" if device == "cuda" else "int8"
+        self.model = WhisperModel(path, device=device, compute_type=compute_type, cpu_threads=threads, local_files_only=True)
+        log.info("whisper loaded", extra={"fields": {"model": model, "path": path, "language": self.language, "device": device, "compute_type": compute_type}})
 
     def transcribe(self, audio: np.ndarray, language: str | None = None) -> Transcript:
         """``language`` (a device's agent) overrides the configured one on a multilingual model;

@@ -12,25 +12,19 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from prometheus_client import Counter, Gauge
-
-from asr_svc.engine import AsrEngine, WhisperEngine
+from asr_svc.metrics import CORRECTIONS, IN_FLIGHT, RTF, SECONDS, UTTERANCES
+from asr_svc.providers import AsrFailed, AsrRequest, Engine, EngineSet
 from shared import logging as xlog
 from shared.agents import AgentDirectory
 from shared.ogg import ogg_opus
-from shared.audio import decode_packets, int16_to_float
+from shared.audio import decode_packets
 from shared.messages import OutEvent, UserTurn, Utterance
-from shared.metrics import DROPPED, ERRORS, histogram
+from shared.metrics import DROPPED, ERRORS
 from shared.settings import Settings
 from shared.subjects import Subjects, session_from_subject
 from shared.workqueue import StageBusy, StageUnavailable, WorkPuller, publish_work
 
 log = logging.getLogger("asr_svc")
-
-SECONDS = histogram("xz_asr_seconds", "Time to transcribe one utterance")
-RTF = histogram("xz_asr_real_time_factor", "Transcription time divided by audio duration")
-UTTERANCES = Counter("xz_asr_utterances_total", "Utterances transcribed, by outcome", ["outcome"])
-IN_FLIGHT = Gauge("xz_asr_in_flight", "Utterances being transcribed now")
 
 # Whisper's stock hallucinations on noise or silence; they are not a user turn.
 _HALLUCINATIONS = {"", "you", "thank you", "thanks for watching", "bye", ".", "thank you for watching"}
@@ -44,6 +38,18 @@ def clean_text(text: str) -> str:
 
 def is_noise(text: str) -> bool:
     return re.sub(r"[^\w\s]", "", text).strip().lower() in _HALLUCINATIONS
+
+
+def correct(text: str, corrections: dict[str, str]) -> str:
+    """An agent's correction list (heard -> meant) applied to a transcript in one pass: the
+    longest match wins (a phrase over a word inside it), letters match in any case, and a
+    replacement is never corrected again."""
+    heard = sorted((h for h in corrections if h), key=len, reverse=True)
+    if not heard:
+        return text
+    meant = {h.casefold(): corrections[h] for h in heard}
+    pattern = re.compile("|".join(re.escape(h) for h in heard), re.IGNORECASE)
+    return pattern.sub(lambda m: meant.get(m.group(0).casefold(), m.group(0)), text)
 
 
 def _words(text: str) -> str:
@@ -66,7 +72,7 @@ class AsrWorker:
     agents: AgentDirectory | None = None
     _audio_store = None
 
-    def __init__(self, settings: Settings, engine: AsrEngine | None = None) -> None:
+    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
         # CTranslate2's OpenMP threads sleep when a transcription is done instead of spinning:
         # the next stage (the LLM) runs right then, on the same cores. (Not for llama.cpp, whose
         # OpenMP threads must not sleep between tokens: it would triple its time per sentence.)
@@ -74,12 +80,11 @@ class AsrWorker:
         self.settings = settings
         self.asr = settings.asr
         self.subjects = Subjects(settings.nats.prefix)
-        self.engine = engine or WhisperEngine(self.asr.model, self.asr.language, self.asr.beam_size, self.asr.threads, self.asr.initial_prompt, self.asr.beam_size_zh)
-        # The configured model and those agents chose (asr.models), each loaded once.
-        self.engines: dict[str, AsrEngine] = {self.asr.model: self.engine}
-        self._loading = asyncio.Lock()
         # One model, one thread: Whisper uses all its cpu_threads per call already.
         self._pool = ThreadPoolExecutor(max_workers=max(1, settings.work.asr.concurrency), thread_name_prefix="whisper")
+        # Every engine by name (asr.engines and the built-in Whisper models), built at first use;
+        # ``engine`` (tests) stands as the default one.
+        self.engines = EngineSet(self.asr, self._pool, {self.asr.default_engine(): engine} if engine else None)
         self.nc: NATS | None = None
         self._puller: WorkPuller | None = None
 
@@ -103,44 +108,24 @@ class AsrWorker:
             log.warning("utterance audio not kept: %s", exc)
             return None
 
-    async def _engine_for(self, model: str | None) -> AsrEngine:
-        """The Whisper model an agent chose (one of asr.models), loaded at its first utterance."""
-        if not model or model == self.asr.model:
-            return self.engine
-        engine = self.engines.get(model)
-        if engine is not None:
-            return engine
-        if model not in self.asr.models:
-            ERRORS.labels("asr", "unknown_model").inc()
-            log.warning("agent names an ASR model not in asr.models: %s (using %s)", model, self.asr.model)
-            return self.engine
-        async with self._loading:
-            engine = self.engines.get(model)
-            if engine is None:
-                try:
-                    engine = await asyncio.get_running_loop().run_in_executor(
-                        self._pool, WhisperEngine, model, self.asr.language, self.asr.beam_size, self.asr.threads, self.asr.initial_prompt, self.asr.beam_size_zh
-                    )
-                except Exception as exc:  # noqa: BLE001 - a broken model: the configured one answers
-                    ERRORS.labels("asr", "model_load").inc()
-                    log.error("ASR model %s did not load: %s (using %s)", model, exc, self.asr.model)
-                    return self.engine
-                self.engines[model] = engine
-        return engine
-
     async def start(self, nc: NATS) -> None:
         self.nc = nc
         self.agents = AgentDirectory(nc, self.subjects.kv_agents)
-        # Warm up so the first user does not pay for lazy initialisation.
+        # Build the default engine and the fallback now, and warm a local model up, so the
+        # first user does not pay for lazy initialisation (a remote engine is asked nothing).
         import numpy as np
 
-        await asyncio.get_running_loop().run_in_executor(self._pool, self.engine.transcribe, np.zeros(16000, dtype=np.float32))
+        for name in dict.fromkeys(n for n in (self.engines.default, self.engines.fallback) if n):
+            engine = await self.engines.get(name)
+            if engine.type == "whisper":
+                await engine.transcribe(np.zeros(16000, dtype=np.int16), AsrRequest())
         self._puller = WorkPuller(nc, self.subjects, "asr", self.settings.work, self._on_work, self.settings.work.asr.concurrency, "asr")
         await self._puller.start()
 
     async def stop(self) -> None:
         if self._puller is not None:
             await self._puller.stop(self.settings.nats.drain_timeout_s)
+        await self.engines.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def queue_depths(self) -> dict[str, int]:
@@ -157,7 +142,7 @@ class AsrWorker:
             log.warning("could not tell the gateway: %s", exc)
 
     def health(self) -> dict[str, Any]:
-        return {"ok": True, "model": self.asr.model, "models": sorted(self.engines)}
+        return {"ok": True, "model": self.asr.model, "engine": self.engines.default, "fallback": self.engines.fallback, "engines": self.engines.describe(), "loaded": sorted(self.engines.engines)}
 
     async def _on_utterance(self, msg: Msg) -> None:
         session_id = session_from_subject(msg.subject)
@@ -171,22 +156,27 @@ class AsrWorker:
             IN_FLIGHT.inc()
             try:
                 pcm = decode_packets(packets, 16000)
-                audio = int16_to_float(pcm)
                 started = time.perf_counter()
                 agent = await self.agents.get(meta.device_id)
-                engine = await self._engine_for(agent.asr_model if agent else None)
-                # The agent's language, where the model is multilingual.
-                language = agent.language if agent and getattr(engine, "multilingual", False) else None
-                if language:
-                    transcript = await asyncio.get_running_loop().run_in_executor(self._pool, engine.transcribe, audio, language)
-                else:
-                    transcript = await asyncio.get_running_loop().run_in_executor(self._pool, engine.transcribe, audio)
+                request = AsrRequest(
+                    language=agent.language if agent else None,
+                    hotwords=list(agent.asr_hotwords) if agent else [],
+                    session_id=meta.session_id,
+                    turn_id=meta.turn_id,
+                )
+                transcript, used = await self.engines.transcribe(agent.asr_model if agent else None, pcm, request)
                 elapsed = time.perf_counter() - started
+            except AsrFailed as exc:
+                # Neither the chosen engine nor the fallback: the user hears a sorry, not silence.
+                UTTERANCES.labels("failed").inc()
+                log.error("no engine transcribed the utterance", extra={"fields": {"tried": str(exc)}})
+                await self._tell(meta, "failed")
+                return
             except Exception:  # noqa: BLE001
                 ERRORS.labels("asr", "transcribe").inc()
                 UTTERANCES.labels("error").inc()
                 log.exception("transcription failed")
-                await self._tell(meta, "discard")
+                await self._tell(meta, "failed")
                 return
             finally:
                 IN_FLIGHT.dec()
@@ -194,7 +184,11 @@ class AsrWorker:
             if transcript.audio_s > 0:
                 RTF.observe(elapsed / transcript.audio_s)
             text = clean_text(transcript.text)
-            log.info("transcript", extra={"fields": {"text": text, "audio_s": round(transcript.audio_s, 2), "seconds": round(elapsed, 3)}})
+            corrected = correct(text, agent.asr_corrections if agent else {})
+            log.info("transcript", extra={"fields": {"text": text, "engine": used, "audio_s": round(transcript.audio_s, 2), "seconds": round(elapsed, 3), **({"corrected": corrected} if corrected != text else {})}})
+            if corrected != text:
+                CORRECTIONS.inc()
+                text = corrected
             if is_noise(text):
                 UTTERANCES.labels("empty").inc()
                 await self._tell(meta, "discard")

@@ -676,7 +676,7 @@ class DeviceSession:
             if event.kind == "speech_start":
                 await self._on_speech_start()
                 return
-            if event.kind in ("utterance", "discard", "busy"):
+            if event.kind in ("utterance", "discard", "busy", "failed"):
                 await self._on_utterance_event(event)
                 return
             if event.kind in ("wake_end", "wake_more"):
@@ -729,6 +729,13 @@ class DeviceSession:
                     self._greet_if_discarded_until = 0.0
                     m.WAKE_WORDS.labels("nothing_after").inc()
                     await self._greet()
+            elif event.kind == "failed":
+                self._awaiting_stt.pop(event.turn_id, None)
+                self._greet_if_discarded_until = 0.0
+                if self.assembler.is_stale(event.turn_id):
+                    return
+                log.warning("speech recognition failed for the turn")
+                await self._say(self.settings.error_text, reason="asr_failed")
             else:
                 self._awaiting_stt.pop(event.turn_id, None)
                 if self.assembler.is_stale(event.turn_id):

@@ -27,7 +27,7 @@ import logging
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 log = logging.getLogger("shared.agents")
 
@@ -85,8 +85,13 @@ class AgentConfig(BaseModel):
     llm_model: str | None = None
     # Which LLM backend answers: a name from the LLM stage's `llm.providers`; None: its default.
     llm_backend: str | None = None
-    # Which Whisper model transcribes: one of the ASR stage's `asr.models`; None: `asr.model`.
+    # Which ASR engine transcribes: a name from the ASR stage's engines (`asr.engines`, and the
+    # built-in Whisper models by model name: `asr.model`, `asr.models`); None: `asr.engine`.
     asr_model: str | None = None
+    # Words the engine should expect (names, device names), for engines that take hotwords.
+    asr_hotwords: list[str] = Field(default_factory=list)
+    # Heard -> meant, applied to every engine's transcript (the reference manager's correct_words).
+    asr_corrections: dict[str, str] = Field(default_factory=dict)
     # The devices' clock (OTA ``server_time.timezone_offset``, minutes east of UTC, e.g. 480 for
     # China); None: the gateway's ``gateway.timezone_offset_minutes``.
     timezone_offset_minutes: int | None = None

@@ -157,7 +157,7 @@ class SentenceJob(Message):
 
 OutKind = Literal[
     "stt", "emotion", "sentence_start", "sentence_end", "turn_end", "error", "speech_start", "utterance", "discard", "busy",
-    "progress", "wake_end", "wake_more",
+    "progress", "wake_end", "wake_more", "failed",
 ]
 
 
@@ -178,6 +178,8 @@ class OutEvent(Message):
     - ``discard``: ASR heard nothing worth answering in ``turn_id`` (noise, a cough).
     - ``busy``: a stage's queue was full and refused ``turn_id``: the gateway tells the user to
       try again.
+    - ``failed``: no ASR engine (the chosen one, then the fallback) could transcribe
+      ``turn_id``: the gateway says sorry (``error_text``) rather than leave the user in silence.
     - ``progress``: turn ``turn_id`` is waiting on a slow server tool that is still working (sent
       each second): the gateway's turn watchdog waits on.
     - ``wake_end``: after a wake word (``detect`` with ``wake``), the user said no more: the

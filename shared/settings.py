@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import SecretStr, BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -309,23 +309,140 @@ class VadSettings(BaseModel):
     wake_follow_ms: int = 500
 
 
+class _AsrEngineBase(BaseModel):
+    """What every ASR engine has: a bound on one utterance's transcription, and a key (inline,
+    from a file such as a mounted secret, or from an environment variable) for remote ones."""
+
+    model_config = {"extra": "forbid"}
+
+    # One utterance may take this long (connect, send, final text); then the fallback answers.
+    timeout_s: float = 15.0
+    api_key: SecretStr | None = None
+    api_key_file: str | None = None
+    api_key_env: str | None = None
+
+    def key(self) -> str | None:
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        if self.api_key_file:
+            return Path(self.api_key_file).read_text(encoding="utf-8").strip()
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env) or None
+        return None
+
+
+class WhisperEngineSettings(_AsrEngineBase):
+    """faster-whisper in the worker: a packaged model name (``tiny.en``, ``base``) or a
+    CTranslate2 model directory; on a GPU (``device: cuda``) waiting utterances go as a batch."""
+
+    type: Literal["whisper"] = "whisper"
+    model: str = "tiny.en"
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    compute_type: str = "default"  # int8 on the CPU, float16 on a GPU
+    language: str | None = None  # None: the ASR stage's ``asr.language``
+    beam_size: int | None = None
+    batch_size: int = 8  # on a GPU: utterances transcribed together at most
+
+
+class OpenAiAsrEngineSettings(_AsrEngineBase):
+    """An OpenAI-compatible ``POST {base_url}/audio/transcriptions`` (OpenAI, Groq, SiliconFlow,
+    vLLM, speaches)."""
+
+    type: Literal["openai"] = "openai"
+    base_url: str = "https://api.openai.com/v1"
+    model: str = "whisper-1"
+    language: str | None = None
+    prompt: str | None = None
+
+
+class FunAsrEngineSettings(_AsrEngineBase):
+    """The FunASR runtime server's WebSocket protocol (``offline`` or ``2pass``)."""
+
+    type: Literal["funasr"] = "funasr"
+    url: str = "ws://127.0.0.1:10095"
+    mode: Literal["offline", "2pass", "online"] = "offline"
+    itn: bool = True
+    # The server's certificate is self-signed by default (funasr-wss-server): verify or not.
+    verify_tls: bool = True
+
+
+class DoubaoAsrEngineSettings(_AsrEngineBase):
+    """Volcengine's big-model streaming ASR (binary WebSocket protocol); the key is the
+    access token (X-Api-Access-Key)."""
+
+    type: Literal["doubao"] = "doubao"
+    url: str = "wss://openspeech.bytedance.com/api/v3/sauc/bigmodel"
+    app_key: str = ""  # X-Api-App-Key (the app id)
+    resource_id: str = "volc.bigasr.sauc.duration"
+
+
+class AliyunAsrEngineSettings(_AsrEngineBase):
+    """DashScope realtime ASR over its WebSocket task protocol (Paraformer, Fun-ASR)."""
+
+    type: Literal["aliyun"] = "aliyun"
+    url: str = "wss://dashscope.aliyuncs.com/api-ws/v1/inference"
+    model: str = "paraformer-realtime-v2"
+
+
+AsrEngineSettings = Annotated[
+    WhisperEngineSettings | OpenAiAsrEngineSettings | FunAsrEngineSettings | DoubaoAsrEngineSettings | AliyunAsrEngineSettings,
+    Field(discriminator="type"),
+]
+
+# Engine types whose protocol takes audio while the user speaks.
+STREAMING_ASR_TYPES = frozenset({"funasr", "doubao", "aliyun"})
+
+
 class AsrSettings(BaseModel):
     metrics_port: int = 9102
     # Keep each transcribed utterance as Ogg Opus (the packets the device sent) in the NATS
     # object store xz_audio, so owners can play it in their chat history. Off: privacy first.
     keep_audio: bool = False
     keep_audio_days: float = 30.0
-    # "tiny.en" (packaged, English), "base" (packaged, multilingual) or a CTranslate2 model dir.
+    # The built-in engine: "tiny.en" (packaged, English), "base" (packaged, multilingual) or a
+    # CTranslate2 model dir, faster-whisper on the CPU. It is an engine named after the model.
     model: str = "tiny.en"
-    # The models an agent may choose in the manager (besides `model`); each is loaded on a
-    # worker at its first utterance and kept (base: ~150 MB more memory).
+    # More built-in Whisper engines an agent may choose, by model name (each loaded on a worker
+    # at its first utterance and kept; base: ~150 MB more memory).
     models: list[str] = Field(default_factory=lambda: ["tiny.en", "base"])
+    # Named engines of any type ({type: whisper|openai|funasr|doubao|aliyun, ...}), besides the
+    # built-in ones; an agent chooses one by name in the manager.
+    engines: dict[str, AsrEngineSettings] = Field(default_factory=dict)
+    # The default engine's name; None: the built-in one (``model``).
+    engine: str | None = None
+    # The engine that answers when the chosen one fails or times out; None: the built-in one.
+    # "" turns the fallback off.
+    fallback: str | None = None
     language: str | None = "en"
     beam_size: int = 1
     # Beam width when transcribing Mandarin (a multilingual model), as models.md recommends.
     beam_size_zh: int = 5
     threads: int = 2
     initial_prompt: str | None = None
+
+    def engine_settings(self) -> dict[str, Any]:
+        """Every engine by name: the built-in Whisper ones first, then ``engines``."""
+        out: dict[str, Any] = {}
+        for model in [self.model] + [m for m in self.models if m != self.model]:
+            out[model] = WhisperEngineSettings(model=model)
+        out.update(self.engines)
+        return out
+
+    def default_engine(self) -> str:
+        return self.engine or self.model
+
+    def fallback_engine(self) -> str | None:
+        if self.fallback == "":
+            return None
+        return self.fallback or self.model
+
+    @field_validator("engines")
+    @classmethod
+    def _names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if not name or len(name) > 64 or not all(c.isalnum() or c in "._-" for c in name):
+                raise ValueError(f"ASR engine name {name!r}: 1-64 letters, digits, '.', '_' or '-'")
+        return value
 
 
 class LlmProvider(BaseModel):
