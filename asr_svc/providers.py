@@ -213,6 +213,18 @@ class EngineSet:
                 log.info("ASR engine ready", extra={"fields": {"engine": name, "type": cfg.type}})
         return engine
 
+    def fallback_for(self, name: str) -> str | None:
+        """The engine that answers when ``name`` fails: its own ``fallback``, else the stage's."""
+        cfg = self.configs.get(name)
+        own = getattr(cfg, "fallback", None)
+        if own == "":
+            return None
+        chosen = own or self.fallback
+        if chosen is not None and chosen not in self.configs and chosen not in self.engines:
+            ERRORS.labels("asr", "unknown_fallback").inc()
+            return self.fallback
+        return chosen
+
     def choose(self, name: str | None) -> str:
         """The engine an agent named, or the default when it names none or one not configured."""
         if not name:
@@ -236,8 +248,9 @@ class EngineSet:
         from asr_svc.metrics import ENGINE_CALLS, ENGINE_SECONDS, FALLBACKS
 
         chosen = self.choose(name)
+        fallback = self.fallback_for(chosen)
         tried: list[tuple[str, str]] = []
-        for candidate in [chosen] + ([self.fallback] if self.fallback and self.fallback != chosen else []):
+        for candidate in [chosen] + ([fallback] if fallback and fallback != chosen else []):
             started = time.perf_counter()
             try:
                 transcript = await self._call(candidate, pcm, request)
@@ -248,7 +261,7 @@ class EngineSet:
                 ENGINE_CALLS.labels(candidate, reason).inc()
                 tried.append((candidate, reason))
                 log.error("ASR engine failed", extra={"fields": {"engine": candidate, "reason": reason, "error": str(exc)[:300]}})
-                if candidate == chosen and self.fallback and self.fallback != chosen:
+                if candidate == chosen and fallback and fallback != chosen:
                     FALLBACKS.labels(chosen, reason).inc()
                 continue
             ENGINE_CALLS.labels(candidate, "ok").inc()

@@ -317,6 +317,8 @@ class _AsrEngineBase(BaseModel):
 
     # One utterance may take this long (connect, send, final text); then the fallback answers.
     timeout_s: float = 15.0
+    # The engine that answers when this one fails: None: ``asr.fallback``; "": none.
+    fallback: str | None = None
     api_key: SecretStr | None = None
     api_key_file: str | None = None
     api_key_env: str | None = None

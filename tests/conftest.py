@@ -18,6 +18,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from shared.messages import OutEvent, SentenceJob, UserTurn
+from tests.standins import engines as standin_engines
 from shared.natsauth import generate as generate_nats_users
 from shared.natsauth import inbox_prefix
 from shared.subjects import Subjects
@@ -171,6 +172,8 @@ def pipeline(tmp_session_dir: Path):
             "XZ_TOOLS__MUSIC_DIR": str(music),
             # A real MCP server (stdio) from the test fixtures, as users configure "mcpServers".
             "XZ_TOOLS__MCP_SERVERS": json.dumps({"demo": {"command": sys.executable, "args": [str(Path(__file__).parent / "fixtures" / "mcp_server.py")]}}),
+            # Remote ASR engines, each at the port its stand-in serves on when a test runs it.
+            **standin_engines.env(),
         },
         log_dir=log_dir,
     )

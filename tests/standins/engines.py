@@ -1,0 +1,35 @@
+"""The remote ASR engines the session pipeline's ASR worker is configured with, each pointed at
+a port fixed here before the pipeline starts. A test serves the stand-in on that port
+(:class:`tests.standins.ThreadedServer`) for as long as it needs it, and gives a fresh device an
+agent that chooses the engine by name. Nothing listens on a port while its stand-in is down: the
+engine fails to connect and the fallback (the built-in Whisper) answers.
+
+Each vendor's engines are one block below, with the stand-in module that serves them.
+"""
+
+from __future__ import annotations
+
+import json
+
+from xiaozhi.stack import free_port
+
+PORTS: dict[str, int] = {name: free_port() for name in ("openai", "dead", "funasr", "doubao", "aliyun")}
+
+ENGINES: dict[str, dict] = {
+    # tests/standins/openai_asr.py: POST /v1/audio/transcriptions.
+    "openai": {"type": "openai", "base_url": f"http://127.0.0.1:{PORTS['openai']}/v1", "model": "whisper-1", "api_key": "sk-test-good", "timeout_s": 10},
+    "openai-badkey": {"type": "openai", "base_url": f"http://127.0.0.1:{PORTS['openai']}/v1", "model": "whisper-1", "api_key": "sk-test-revoked", "timeout_s": 10},
+    # Slow on purpose: the stand-in holds the answer of a request for model "slow" past this.
+    "openai-slow": {"type": "openai", "base_url": f"http://127.0.0.1:{PORTS['openai']}/v1", "model": "slow", "api_key": "sk-test-good", "timeout_s": 2},
+    # Nothing ever listens here.
+    "dead": {"type": "openai", "base_url": f"http://127.0.0.1:{PORTS['dead']}/v1", "model": "whisper-1", "timeout_s": 5},
+    "openai-garbage": {"type": "openai", "base_url": f"http://127.0.0.1:{PORTS['openai']}/v1", "model": "garbage", "api_key": "sk-test-good", "timeout_s": 10},
+    "openai-quota": {"type": "openai", "base_url": f"http://127.0.0.1:{PORTS['openai']}/v1", "model": "quota", "api_key": "sk-test-good", "timeout_s": 10},
+    # Dead with no fallback: the device must hear the spoken sorry.
+    "dead-alone": {"type": "openai", "base_url": f"http://127.0.0.1:{PORTS['dead']}/v1", "model": "whisper-1", "timeout_s": 5, "fallback": ""},
+}
+
+
+def env() -> dict[str, str]:
+    """The ASR worker's environment for these engines."""
+    return {"XZ_ASR__ENGINES": json.dumps(ENGINES)}
