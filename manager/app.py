@@ -156,8 +156,13 @@ class AgentIn(BaseModel):
     llm_backend: str | None = Field(default=None, max_length=32)
     # The model asked of an OpenAI-compatible server (one serving several); None: the backend's.
     llm_model: str | None = Field(default=None, max_length=255)
-    # One of GET /api/options' asr_models; None: the ASR stage's configured model.
+    # An engine from GET /api/options' asr_engines (asr_models lists their names); None: the
+    # ASR stage's default engine.
     asr_model: str | None = Field(default=None, max_length=255)
+    # Names the engine should expect (people, the device's name), for engines that take them.
+    asr_hotwords: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(default=None, max_length=100)
+    # Heard -> meant, applied to every engine's transcript (longest match first, one pass).
+    asr_corrections: dict[Annotated[str, Field(min_length=1, max_length=64)], Annotated[str, Field(max_length=128)]] | None = Field(default=None, max_length=200)
     language: str | None = Field(default=None, max_length=16)
     tools: list[Annotated[str, Field(min_length=1, max_length=100)]] | None = Field(default=None, max_length=200)
     memory: Literal["none", "short", "summary"] = "short"
@@ -173,10 +178,19 @@ class LlmBackendOption(BaseModel):
     model: str | None = None
 
 
+class AsrEngineOption(BaseModel):
+    name: str
+    type: str  # whisper, openai, funasr, doubao, aliyun
+    streaming: bool = False  # takes audio while the user speaks
+    model: str | None = None
+
+
 class AgentOptions(BaseModel):
     """What an agent can choose from, as this deployment's settings configure it."""
 
     llm_backends: list[LlmBackendOption] = Field(default_factory=lambda: [LlmBackendOption(name="default", backend="llamacpp")])
+    # The ASR engines by name (asr_models: the same names, for older clients).
+    asr_engines: list[AsrEngineOption] = Field(default_factory=lambda: [AsrEngineOption(name="tiny.en", type="whisper", model="tiny.en")])
     asr_models: list[str] = Field(default_factory=lambda: ["tiny.en"])
     asr_default: str = "tiny.en"
     # TTS voices by name (the TTS stage's tts.voices); an agent's voice None: the default voice.
@@ -189,8 +203,13 @@ def agent_options(settings: Any) -> AgentOptions:
     backends = [LlmBackendOption(name="default", backend=llm.backend, model=llm.model if llm.backend != "llamacpp" else None)]
     for name, provider in sorted(llm.providers.items()):
         backends.append(LlmBackendOption(name=name, backend=provider.backend, model=provider.model))
-    models = [settings.asr.model] + [m for m in settings.asr.models if m != settings.asr.model]
-    return AgentOptions(llm_backends=backends, asr_models=models, asr_default=settings.asr.model, voices=list(settings.tts.voices))
+    from shared.settings import STREAMING_ASR_TYPES
+
+    engines = [
+        AsrEngineOption(name=name, type=cfg.type, streaming=cfg.type in STREAMING_ASR_TYPES, model=getattr(cfg, "model", None))
+        for name, cfg in settings.asr.engine_settings().items()
+    ]
+    return AgentOptions(llm_backends=backends, asr_engines=engines, asr_models=[e.name for e in engines], asr_default=settings.asr.default_engine(), voices=list(settings.tts.voices))
 
 
 class AgentOut(AgentIn):
@@ -602,7 +621,7 @@ def create_app(
         if body.llm_backend is not None and body.llm_backend not in backends:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, f"unknown LLM backend {body.llm_backend!r}: one of {backends}")
         if body.asr_model is not None and body.asr_model not in options.asr_models:
-            raise HTTPException(status.HTTP_400_BAD_REQUEST, f"unknown ASR model {body.asr_model!r}: one of {options.asr_models}")
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, f"unknown ASR engine {body.asr_model!r}: one of {options.asr_models}")
         # A voice is a name the TTS stage has (tts.voices), never a path on the server.
         if body.voice is not None and body.voice not in options.voices:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, f"unknown voice {body.voice[:100]!r}: one of {options.voices} (or none: the default voice)")

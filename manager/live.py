@@ -38,6 +38,8 @@ def agent_config(agent: Agent) -> AgentConfig:
         llm_model=agent.llm_model or None,
         llm_backend=agent.llm_backend or None,
         asr_model=agent.asr_model or None,
+        asr_hotwords=list(agent.asr_hotwords or []),
+        asr_corrections=dict(agent.asr_corrections or {}),
         timezone_offset_minutes=agent.timezone_offset_minutes,
     )
 

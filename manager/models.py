@@ -77,6 +77,9 @@ class Agent(Base):
     llm_backend: Mapped[str | None] = mapped_column(String(32), nullable=True)
     llm_model: Mapped[str | None] = mapped_column(String(255), nullable=True)
     asr_model: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # Names the ASR engine should expect, and heard -> meant corrections; None: none.
+    asr_hotwords: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    asr_corrections: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True)
     language: Mapped[str | None] = mapped_column(String(16), nullable=True)
     tools: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)  # None: every server tool
     memory: Mapped[str] = mapped_column(String(16), nullable=False, default="short")

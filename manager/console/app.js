@@ -310,11 +310,15 @@ async function agentsView() {
 
 async function agentView(id) {
   const [agent, options] = await Promise.all([
-    id === "new" ? { name: "", role_prompt: "", voice: "", language: "", memory: "short", tools: null, wake_greeting: "", llm_backend: null, llm_model: "", asr_model: null, timezone_offset_minutes: null } : api("GET", `/api/agents/${id}`),
+    id === "new" ? { name: "", role_prompt: "", voice: "", language: "", memory: "short", tools: null, wake_greeting: "", llm_backend: null, llm_model: "", asr_model: null, asr_hotwords: null, asr_corrections: null, timezone_offset_minutes: null } : api("GET", `/api/agents/${id}`),
     api("GET", "/api/options"),
   ]);
   const backends = options.llm_backends.map((b) => [b.name, b.name === "default" ? `Default (${b.backend}${b.model ? `, ${b.model}` : ""})` : `${b.name} (${b.backend}${b.model ? `, ${b.model}` : ""})`]);
-  const asrModels = options.asr_models.map((m) => [m, m === options.asr_default ? `${m} (default)` : m]);
+  const asrEngines = (options.asr_engines || options.asr_models.map((name) => ({ name, type: "whisper" }))).map((e) => {
+    const what = `${e.type}${e.model && e.model !== e.name ? `, ${e.model}` : ""}${e.streaming ? ", streaming" : ""}`;
+    return [e.name, `${e.name} (${what})${e.name === options.asr_default ? " (default)" : ""}`];
+  });
+  const corrections = Object.entries(agent.asr_corrections || {}).map(([heard, meant]) => `${heard} => ${meant}`).join("\n");
   const nullable = (value) => (value && value.trim() ? value.trim() : null);
   show(id === "new" ? "New agent" : `Agent: ${agent.name}`,
     el("p", {}, el("a", { href: "#/agents" }, "← Agents")),
@@ -326,13 +330,21 @@ async function agentView(id) {
       field("Voice", "voice", { tag: "select", options: [["", "Default"], ...(options.voices || []).map((v) => [v, v])], value: agent.voice || "" }),
       field("LLM backend", "llm_backend", { tag: "select", options: backends, value: agent.llm_backend || "default" }),
       field("LLM model (asked of an OpenAI-compatible server; empty: the backend's)", "llm_model", { value: agent.llm_model || "", maxlength: 255 }),
-      field("Speech recognition model (multilingual ones follow the language above)", "asr_model", { tag: "select", options: asrModels, value: agent.asr_model || options.asr_default }),
+      field("Speech recognition engine (multilingual ones follow the language above)", "asr_model", { tag: "select", options: asrEngines, value: agent.asr_model || options.asr_default }),
+      field("Hotwords: names it should expect (comma-separated; engines that take them)", "asr_hotwords", { value: (agent.asr_hotwords || []).join(", ") }),
+      field("Corrections, one a line: heard => meant (every engine)", "asr_corrections", { tag: "textarea", value: corrections }),
       field("Wake-word greeting", "wake_greeting", { value: agent.wake_greeting || "", maxlength: 255 }),
       field("Clock: minutes east of UTC (480: China, -300: New York; empty: the server's; from the device's next boot)", "timezone_offset_minutes",
         { type: "number", min: -720, max: 840, step: 15, value: agent.timezone_offset_minutes ?? "" }),
       field("Tools (comma-separated names; empty: all)", "tools", { value: (agent.tools || []).join(", ") }),
     ], id === "new" ? "Create" : "Save", async (data) => {
       const tools = data.get("tools").split(",").map((t) => t.trim()).filter(Boolean);
+      const hotwords = data.get("asr_hotwords").split(/[,，]/).map((t) => t.trim()).filter(Boolean);
+      const fixes = {};
+      for (const line of data.get("asr_corrections").split("\n")) {
+        const at = line.indexOf("=>");
+        if (at > 0 && line.slice(0, at).trim()) fixes[line.slice(0, at).trim()] = line.slice(at + 2).trim();
+      }
       const body = {
         name: data.get("name"), role_prompt: nullable(data.get("role_prompt")), memory: data.get("memory"),
         language: nullable(data.get("language")), voice: nullable(data.get("voice")), wake_greeting: nullable(data.get("wake_greeting")),
@@ -340,6 +352,8 @@ async function agentView(id) {
         llm_backend: data.get("llm_backend") === "default" ? null : data.get("llm_backend"),
         llm_model: nullable(data.get("llm_model")),
         asr_model: data.get("asr_model") === options.asr_default ? null : data.get("asr_model"),
+        asr_hotwords: hotwords.length ? hotwords : null,
+        asr_corrections: Object.keys(fixes).length ? fixes : null,
         timezone_offset_minutes: data.get("timezone_offset_minutes").trim() === "" ? null : Number(data.get("timezone_offset_minutes")),
       };
       if (id === "new") await api("POST", "/api/agents", body);

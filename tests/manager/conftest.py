@@ -155,6 +155,7 @@ def manager(database_url, tmp_path_factory) -> Iterator[ManagerStack]:
             stack, database_url, XZ_MANAGER__LOGIN_ATTEMPTS_PER_MINUTE="5", XZ_MANAGER__HISTORY_MAX_LINES="6", XZ_MANAGER__LIVE_RESYNC_S="0.5",
             # What agents may choose: the manager reads the LLM and ASR stages' settings.
             XZ_LLM__PROVIDERS=json.dumps({"qwen": {"backend": "openai", "base_url": "http://vllm:8000/v1", "model": "Qwen/Qwen2.5-7B-Instruct"}}),
+            XZ_ASR__ENGINES=json.dumps({"sensevoice": {"type": "openai", "base_url": "http://asr:8000/v1", "model": "FunAudioLLM/SenseVoiceSmall"}, "funasr": {"type": "funasr", "url": "ws://funasr:10095"}}),
         )
         yield ManagerStack(stack, base, f"http://127.0.0.1:{http_port}/xiaozhi/ota/", f"ws://127.0.0.1:{ws_port}/xiaozhi/v1/", database_url, tmp / "logs", mgr.metrics_port)
     finally:

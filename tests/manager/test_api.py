@@ -228,14 +228,30 @@ async def test_bind_by_spoken_code_and_live_config(manager):
     status, options = erin.call("GET", "/api/options")
     assert status == 200 and [b["name"] for b in options["llm_backends"]] == ["default", "qwen"], options
     assert options["llm_backends"][1] == {"name": "qwen", "backend": "openai", "model": "Qwen/Qwen2.5-7B-Instruct"}
-    assert options["asr_models"] == ["tiny.en", "base"] and options["asr_default"] == "tiny.en"
+    assert options["asr_models"] == ["tiny.en", "base", "sensevoice", "funasr"] and options["asr_default"] == "tiny.en"
+    assert options["asr_engines"][2:] == [
+        {"name": "sensevoice", "type": "openai", "streaming": False, "model": "FunAudioLLM/SenseVoiceSmall"},
+        {"name": "funasr", "type": "funasr", "streaming": True, "model": None},
+    ], options["asr_engines"]
     edit = {"name": "Captain Pete", "role_prompt": "You are {name}, a grumpy pirate.", "memory": "none", "llm_backend": "qwen", "llm_model": "Qwen/Qwen2.5-7B-Instruct-pirate", "asr_model": "base"}
     status, _ = erin.call("PUT", f"/api/agents/{agent['id']}", edit)
     assert status == 200
     stored = await _kv_agent(manager.stack.nats_url, device.device_id)
     assert stored["role_prompt"] == "You are {name}, a grumpy pirate." and stored["memory"] == "none"
     assert (stored["llm_backend"], stored["llm_model"], stored["asr_model"]) == ("qwen", "Qwen/Qwen2.5-7B-Instruct-pirate", "base")
-    # A backend or model this deployment does not have is refused, and nothing changes.
+    # A remote engine, with the agent's hotwords and corrections, reaches the ASR stage.
+    words = {"asr_model": "funasr", "asr_hotwords": ["小智", "Erin"], "asr_corrections": {"小志": "小智", "Aaron": "Erin"}}
+    status, saved = erin.call("PUT", f"/api/agents/{agent['id']}", {**edit, **words})
+    assert status == 200 and (saved["asr_hotwords"], saved["asr_corrections"]) == (words["asr_hotwords"], words["asr_corrections"]), saved
+    stored = await _kv_agent(manager.stack.nats_url, device.device_id)
+    assert (stored["asr_model"], stored["asr_hotwords"], stored["asr_corrections"]) == ("funasr", ["小智", "Erin"], {"小志": "小智", "Aaron": "Erin"})
+    assert erin.call("GET", f"/api/agents/{agent['id']}")[1]["asr_corrections"] == {"小志": "小智", "Aaron": "Erin"}
+    status, _ = erin.call("PUT", f"/api/agents/{agent['id']}", edit)  # cleared again
+    assert (await _kv_agent(manager.stack.nats_url, device.device_id))["asr_hotwords"] == []
+    # Word lists out of bounds are refused as invalid (422), and nothing changes.
+    for bad in ({"asr_hotwords": [""]}, {"asr_hotwords": ["x" * 65]}, {"asr_corrections": {"": "x"}}, {"asr_corrections": {"a": "b" * 129}}, {"asr_hotwords": ["w"] * 101}):
+        assert erin.call("PUT", f"/api/agents/{agent['id']}", {**edit, **bad})[0] == 422, bad
+    # A backend or engine this deployment does not have is refused, and nothing changes.
     for bad in ({"llm_backend": "gpt-9"}, {"asr_model": "large-v3"}):
         status, problem = erin.call("PUT", f"/api/agents/{agent['id']}", {**edit, **bad})
         assert status == 400 and "unknown" in problem["detail"], problem

@@ -122,7 +122,9 @@ def test_console_pages_work_at_phone_and_desktop_size(manager, browser, size):
         page.get_by_label("Memory").select_option("summary")
         # The LLM backends and speech models this deployment has (GET /api/options).
         page.get_by_label("LLM backend").select_option("qwen")
-        page.get_by_label("Speech recognition model").select_option("base")
+        page.get_by_label("Speech recognition engine").select_option("base")
+        page.get_by_label("Hotwords").fill("小智, Erin")
+        page.get_by_label("Corrections").fill("小志 => 小智\nAaron => Erin")
         page.get_by_label("Clock: minutes east of UTC").fill("480")
         shoot(page, size, "agent-edit")
         page.get_by_role("button", name="Create").click()
@@ -130,6 +132,7 @@ def test_console_pages_work_at_phone_and_desktop_size(manager, browser, size):
         shoot(page, size, "agents")
         made = {a["name"]: a for a in manager.admin().call("GET", "/api/agents")[1]}[agent_name]
         assert (made["llm_backend"], made["llm_model"], made["asr_model"], made["timezone_offset_minutes"]) == ("qwen", None, "base", 480), made
+        assert (made["asr_hotwords"], made["asr_corrections"]) == (["小智", "Erin"], {"小志": "小智", "Aaron": "Erin"}), made
 
         # A device: it boots, asks OTA and speaks its code; the owner types it in.
         device = SimDevice(ota_url=manager.ota_url)
