@@ -242,15 +242,24 @@ class EngineSet:
         except asyncio.TimeoutError as exc:
             raise EngineError("timeout", f"no final text within {engine.timeout_s:g} s") from exc
 
-    async def transcribe(self, name: str | None, pcm: np.ndarray, request: AsrRequest) -> tuple[Transcript, str]:
+    async def transcribe(self, name: str | None, pcm: np.ndarray, request: AsrRequest, chosen_failed: str | None = None, chosen_error: str = "") -> tuple[Transcript, str]:
         """Text of the utterance and the engine that produced it; :class:`AsrFailed` when
-        neither the chosen engine nor the fallback could."""
+        neither the chosen engine nor the fallback could. ``chosen_failed``: the chosen engine
+        already failed on this audio (its stream, for that reason): only the fallback is asked."""
         from asr_svc.metrics import ENGINE_CALLS, ENGINE_SECONDS, FALLBACKS
 
         chosen = self.choose(name)
         fallback = self.fallback_for(chosen)
         tried: list[tuple[str, str]] = []
-        for candidate in [chosen] + ([fallback] if fallback and fallback != chosen else []):
+        candidates = [chosen] + ([fallback] if fallback and fallback != chosen else [])
+        if chosen_failed is not None:
+            ENGINE_CALLS.labels(chosen, chosen_failed).inc()
+            tried.append((chosen, chosen_failed))
+            log.error("ASR engine failed", extra={"fields": {"engine": chosen, "reason": chosen_failed, "error": chosen_error[:300], "streamed": True}})
+            if len(candidates) > 1:
+                FALLBACKS.labels(chosen, chosen_failed).inc()
+            candidates = candidates[1:]
+        for candidate in candidates:
             started = time.perf_counter()
             try:
                 transcript = await self._call(candidate, pcm, request)

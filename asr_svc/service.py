@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import re
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from asr_svc.metrics import CORRECTIONS, IN_FLIGHT, RTF, SECONDS, UTTERANCES
+from asr_svc.live import LIVE, LiveStreams, StreamFailed
 from asr_svc.providers import AsrFailed, AsrRequest, Engine, EngineSet
 from shared import logging as xlog
 from shared.agents import AgentDirectory
@@ -87,6 +89,8 @@ class AsrWorker:
         self.engines = EngineSet(self.asr, self._pool, {self.asr.default_engine(): engine} if engine else None)
         self.nc: NATS | None = None
         self._puller: WorkPuller | None = None
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}"
+        self.live: LiveStreams | None = None
 
     async def _keep_audio(self, turn_id: str, packets: list[bytes]) -> str | None:
         """The utterance as Ogg Opus in the xz_audio object store; its name, or None on failure."""
@@ -119,12 +123,16 @@ class AsrWorker:
             engine = await self.engines.get(name)
             if engine.type == "whisper":
                 await engine.transcribe(np.zeros(16000, dtype=np.int16), AsrRequest())
+        self.live = LiveStreams(nc, self.subjects, self.engines, self.agents, self.worker_id)
+        await self.live.start()
         self._puller = WorkPuller(nc, self.subjects, "asr", self.settings.work, self._on_work, self.settings.work.asr.concurrency, "asr")
         await self._puller.start()
 
     async def stop(self) -> None:
         if self._puller is not None:
             await self._puller.stop(self.settings.nats.drain_timeout_s)
+        if self.live is not None:
+            await self.live.stop()
         await self.engines.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -140,6 +148,27 @@ class AsrWorker:
             await self.nc.publish(self.subjects.out(meta.session_id), OutEvent(kind=kind, session_id=meta.session_id, turn_id=meta.turn_id).encode())  # type: ignore[union-attr,arg-type]
         except Exception as exc:  # noqa: BLE001
             log.warning("could not tell the gateway: %s", exc)
+
+    async def _transcribe(self, meta: Utterance, name: str | None, pcm, request: AsrRequest):
+        """The streamed text where the utterance was streamed while spoken, else (or when the
+        stream has none) the whole utterance through the chosen engine and its fallback."""
+        if meta.streamer and self.live is not None:
+            chosen = self.engines.choose(name)
+            timeout = (await self.engines.get(chosen)).timeout_s
+            try:
+                transcript = await self.live.result(meta.streamer, meta.turn_id, timeout)
+            except StreamFailed as exc:
+                LIVE.labels(exc.reason).inc()
+                log.warning("streamed text unavailable: transcribing the whole utterance", extra={"fields": {"reason": exc.reason, "engine": chosen, "error": str(exc)[:300]}})
+                if exc.reason == "engine_failed":
+                    return await self.engines.transcribe(name, pcm, request, chosen_failed=exc.engine_reason or "error", chosen_error=str(exc))
+            else:
+                LIVE.labels("streamed").inc()
+                from asr_svc.metrics import ENGINE_CALLS
+
+                ENGINE_CALLS.labels(chosen, "ok").inc()
+                return transcript, chosen
+        return await self.engines.transcribe(name, pcm, request)
 
     def health(self) -> dict[str, Any]:
         return {"ok": True, "model": self.asr.model, "engine": self.engines.default, "fallback": self.engines.fallback, "engines": self.engines.describe(), "loaded": sorted(self.engines.engines)}
@@ -164,7 +193,7 @@ class AsrWorker:
                     session_id=meta.session_id,
                     turn_id=meta.turn_id,
                 )
-                transcript, used = await self.engines.transcribe(agent.asr_model if agent else None, pcm, request)
+                transcript, used = await self._transcribe(meta, agent.asr_model if agent else None, pcm, request)
                 elapsed = time.perf_counter() - started
             except AsrFailed as exc:
                 # Neither the chosen engine nor the fallback: the user hears a sorry, not silence.

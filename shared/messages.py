@@ -91,6 +91,9 @@ class Utterance(Message):
     # The wake word this utterance began with (a question in the same breath): a transcript
     # that is that word alone is no question, and the gateway greets instead.
     wake_word: str = ""
+    # The ASR worker that streamed this utterance while it was spoken (asr_svc/live.py): its
+    # final text is asked of it; "" when it was not streamed.
+    streamer: str = ""
 
     def pack(self, opus_frames: list[bytes]) -> bytes:
         """JSON header, then each Opus packet prefixed by its 2-byte big-endian length."""

@@ -112,7 +112,8 @@ def js_permissions(prefix: str = "xz") -> dict[str, list[str]]:
         "gateway": info + _kv_read(agents) + _kv_read(devices) + _obj_read(firmware) + _kv_read(bindings) + _kv_write(bindings) + _kv_read(codes) + _kv_write(codes)
         # A used code is purged (no delete marker keeps its place under the limit).
         + [f"$JS.API.STREAM.PURGE.KV_{codes}"],
-        "vad": info,
+        # Agents: does this device's engine stream (asr_svc/live.py)?
+        "vad": info + _kv_read(agents),
         # Its work; agents (the language, the model); kept utterances into xz_audio.
         "asr": info + _work_pull(p, "asr") + _kv_read(agents) + _obj_write(audio),
         # Its work; agents; the devices' memory, read and written.
@@ -160,12 +161,14 @@ def permissions(prefix: str = "xz") -> dict[str, dict[str, list[str]]]:
             "sub": [f"{p}.out.*", f"{p}.device.*.mcp", f"{p}.vad.alive", f"{p}.gateway.bind", f"{p}.gateway.unbind", f"{p}.gateway.opened", f"{p}.registry.online", f"{p}.gateway.command"],
         },
         "vad": {
-            "pub": [f"{p}.asr.*", f"{p}.out.*", f"{p}.vad.alive"],
+            # Streaming ASR: claim a worker, then the live packets of the utterance.
+            "pub": [f"{p}.asr.*", f"{p}.out.*", f"{p}.vad.alive", f"{p}.asrs.claim", f"{p}.asrs.audio.*.*"],
             "sub": [f"{p}.vad.claim", f"{p}.audio.*", f"{p}.ctl.*"],
         },
         "asr": {
-            "pub": [f"{p}.llm.*", f"{p}.out.*"],
-            "sub": [],
+            # A streamed turn's text, asked of the worker that streamed it.
+            "pub": [f"{p}.llm.*", f"{p}.out.*", f"{p}.asrs.result.*"],
+            "sub": [f"{p}.asrs.claim", f"{p}.asrs.audio.*.*", f"{p}.asrs.result.*"],
         },
         "llm": {
             "pub": [f"{p}.tts.*", f"{p}.out.*", f"{p}.tools.list", f"{p}.tools.call.*", f"{p}.device.*.mcp", f"{p}.history"],

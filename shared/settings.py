@@ -307,6 +307,9 @@ class VadSettings(BaseModel):
     # means the user said only the wake word (a greeting); speech first means a question in the
     # same breath, answered with the wake word as one utterance.
     wake_follow_ms: int = 500
+    # Stream each utterance to the ASR worker while it is spoken when the device's agent uses a
+    # streaming engine (funasr, doubao, aliyun): its final text is ready at the end of turn.
+    stream_to_asr: bool = True
 
 
 class _AsrEngineBase(BaseModel):

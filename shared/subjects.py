@@ -49,6 +49,30 @@ class Subjects:
     def asr_all(self) -> str:
         return f"{self.prefix}.asr.*"
 
+    @property
+    def asr_live_claim(self) -> str:
+        """Request/reply (queue group of the ASR workers): stream the utterance now starting to
+        a streaming engine; the worker that takes it answers with its id."""
+        return f"{self.prefix}.asrs.claim"
+
+    def asr_live(self, session_id: str, turn_id: str) -> str:
+        """The utterance's Opus packets while it is spoken (``Xz-Seq``), then its end (``Xz-End``
+        with the packet count) or a cancel: VAD -> the ASR worker that took the stream."""
+        return f"{self.prefix}.asrs.audio.{session_id}.{turn_id}"
+
+    @property
+    def asr_live_all(self) -> str:
+        return f"{self.prefix}.asrs.audio.*.*"
+
+    def asr_live_result(self, worker_id: str) -> str:
+        """Request/reply: the final text of a turn this worker streamed, for the ASR worker that
+        pulled the turn's work item."""
+        return f"{self.prefix}.asrs.result.{worker_id}"
+
+    @property
+    def asr_live_result_all(self) -> str:
+        return f"{self.prefix}.asrs.result.*"
+
     def llm(self, session_id: str) -> str:
         """One user turn (text), ASR or gateway -> any LLM worker."""
         return f"{self.prefix}.llm.{session_id}"

@@ -18,9 +18,10 @@ from prometheus_client import Counter, Gauge
 
 from shared import logging as xlog
 from shared.audio import OpusDecoder
+from shared.agents import AgentDirectory
 from shared.messages import HDR_RECEIVED, Control, OutEvent, Utterance, VadClaim, VadClaimAck, new_turn_id, now_ms
 from shared.metrics import DROPPED, ERRORS, FRAME_BUCKETS, histogram
-from shared.settings import Settings, VadSettings
+from shared.settings import STREAMING_ASR_TYPES, Settings, VadSettings
 from shared.subjects import QUEUE_VAD, Subjects
 from shared.workqueue import StageBusy, StageUnavailable, publish_work
 from vad_svc.detector import WINDOW_MS, Segmenter, SegmenterConfig, SileroModel, SpeechScorer
@@ -42,6 +43,21 @@ FRAME_LAG = histogram(
     "Gateway receipt of an uplink frame to the VAD having scored it (bus, queueing, decoding; one frame in 8)",
     buckets=FRAME_BUCKETS,
 )
+
+
+LIVE_CLAIM_TIMEOUT_S = 0.5
+LIVE = Counter("xz_vad_live_asr_total", "Utterances the VAD streamed to an ASR worker while spoken, by outcome (ended, cancelled, unclaimed: no worker took it, it went whole)", ["outcome"])
+
+
+class LiveUplink:
+    """An utterance streamed to the ASR worker that claimed it (asr_svc/live.py)."""
+
+    def __init__(self, turn_id: str) -> None:
+        self.turn_id = turn_id
+        self.worker: str | None = None  # set once a worker took it
+        self.sent = 0  # packets of the utterance published so far
+        self.claim: asyncio.Task | None = None
+        self.over = False  # ended or cancelled: nothing more is sent
 
 
 class SessionStream:
@@ -81,6 +97,8 @@ class SessionStream:
         self.wake_verdict: str | None = None
         self.wake_word = ""  # the wake word said, while its utterance goes on (verdict "more")
         self.wake_listens = 0  # `listen start`s since the wake word's `detect`
+        # The utterance being streamed to an ASR worker while spoken (a streaming engine).
+        self.live: LiveUplink | None = None
 
     def begin_wake(self, word: str = "") -> None:
         """`detect` after the pre-roll burst: the burst (the wake word) stays the start of the
@@ -193,9 +211,16 @@ class VadWorker:
         self._gc_task: asyncio.Task | None = None
         self._heartbeat_task: asyncio.Task | None = None
         self._claim_sub = None
+        # Streaming ASR engines configured (asr.engines): utterances of agents on them are
+        # streamed while spoken; with none, nothing here costs a thing.
+        self.agents: AgentDirectory | None = None
+        engines = settings.asr.engine_settings()
+        self._streaming = {name for name, cfg in engines.items() if cfg.type in STREAMING_ASR_TYPES} if self.vad.stream_to_asr else set()
+        self._default_engine = settings.asr.default_engine()
 
     async def start(self, nc: NATS) -> None:
         self.nc = nc
+        self.agents = AgentDirectory(nc, self.subjects.kv_agents)
         self._claim_sub = await nc.subscribe(self.subjects.vad_claim, queue=QUEUE_VAD, cb=self._on_claim)
         self._gc_task = asyncio.create_task(self._gc())
         self._heartbeat_task = asyncio.create_task(self._heartbeat())
@@ -278,6 +303,8 @@ class VadWorker:
         if stream.utterance is not None and not was_speaking and self.nc is not None:
             # Tell the gateway the user started speaking (idle tracking, voice barge-in).
             await self.nc.publish(self.subjects.out(session_id), OutEvent(kind="speech_start", session_id=session_id, turn_id="").encode())
+        if self._streaming:
+            await self._live_step(stream, was_speaking, result is not None)
         if result is not None:
             packets, reason, silence_s = result
             DECISION_DELAY.observe(max(0.0, silence_s))
@@ -285,6 +312,80 @@ class VadWorker:
         await self._tell_wake(stream)
         if stream.held and (stream.frames_seen >= stream.held[0].frames or time.monotonic() - stream.held_since > HOLD_S):
             await self._release_held(stream)
+
+    async def _live_step(self, stream: SessionStream, was_speaking: bool, ended: bool) -> None:
+        """Streaming ASR: claim a worker when speech starts, send it the packets as they come,
+        cancel when the utterance is dropped (too short, a bare wake word, a reset)."""
+        live = stream.live
+        if stream.utterance is not None and not was_speaking and (live is None or live.over):
+            stream.live = live = LiveUplink(new_turn_id())
+            live.claim = asyncio.create_task(self._live_claim(stream, live))
+            return
+        if live is None or live.over:
+            return
+        if stream.utterance is None and not ended:
+            await self._live_cancel(stream, live)
+            return
+        if live.worker is not None and stream.utterance is not None:
+            await self._live_send(stream, live, stream.utterance)
+
+    async def _live_claim(self, stream: SessionStream, live: LiveUplink) -> None:
+        assert self.nc is not None
+        agent = await self.agents.get(stream.device_id) if self.agents else None
+        engine = (agent.asr_model if agent else None) or self._default_engine
+        if engine not in self._streaming:
+            live.over = True
+            return
+        body = json.dumps({"session_id": stream.session_id, "turn_id": live.turn_id, "device_id": stream.device_id}).encode()
+        try:
+            reply = json.loads((await self.nc.request(self.subjects.asr_live_claim, body, timeout=LIVE_CLAIM_TIMEOUT_S)).data)
+        except Exception as exc:  # noqa: BLE001 - no ASR worker answered: the utterance goes whole
+            LIVE.labels("unclaimed").inc()
+            log.info("no ASR worker took the stream: %s", exc, extra={"session_id": stream.session_id})
+            live.over = True
+            return
+        if not reply.get("ok"):
+            LIVE.labels("unclaimed").inc()
+            live.over = True
+            return
+        if live.over:  # the utterance was dropped while the claim was on its way
+            await self._live_publish(stream, live, b"", {"Xz-Cancel": "1"})
+            return
+        live.worker = str(reply.get("worker_id") or "")
+        if stream.utterance is not None and stream.live is live:
+            await self._live_send(stream, live, stream.utterance)
+
+    async def _live_publish(self, stream: SessionStream, live: LiveUplink, data: bytes, headers: dict[str, str]) -> None:
+        try:
+            await self.nc.publish(self.subjects.asr_live(stream.session_id, live.turn_id), data, headers=headers)  # type: ignore[union-attr]
+        except Exception as exc:  # noqa: BLE001 - the stream breaks; the work item still carries the audio
+            ERRORS.labels("vad", "live_publish").inc()
+            log.debug("live packet publish failed: %s", exc)
+
+    async def _live_send(self, stream: SessionStream, live: LiveUplink, packets: list[bytes]) -> None:
+        while live.sent < len(packets):
+            await self._live_publish(stream, live, packets[live.sent], {"Xz-Seq": str(live.sent)})
+            live.sent += 1
+
+    async def _live_cancel(self, stream: SessionStream, live: LiveUplink) -> None:
+        live.over = True
+        if live.worker is not None:
+            await self._live_publish(stream, live, b"", {"Xz-Cancel": "1"})
+            LIVE.labels("cancelled").inc()
+
+    async def _live_end(self, stream: SessionStream, packets: list[bytes]) -> tuple[str | None, str]:
+        """The utterance ended: the rest of its packets and its end to the streaming worker.
+        Returns its turn id and the worker's id ("" when it was not streamed)."""
+        live, stream.live = stream.live, None
+        if live is None or live.over:
+            return None, ""
+        live.over = True
+        if live.worker is None:
+            return live.turn_id, ""  # the claim is still on its way: it will be cancelled
+        await self._live_send(stream, live, packets)
+        await self._live_publish(stream, live, b"", {"Xz-End": str(len(packets))})
+        LIVE.labels("ended").inc()
+        return live.turn_id, live.worker
 
     async def _tell_wake(self, stream: SessionStream) -> None:
         """The verdict on a wake word: the gateway greets (``wake_end``) or waits for the turn."""
@@ -371,8 +472,9 @@ class VadWorker:
 
     async def _emit(self, stream: SessionStream, packets: list[bytes], reason: str, speech_end_ms: int) -> None:
         assert self.nc is not None
-        turn_id = new_turn_id()
-        utterance = Utterance(session_id=stream.session_id, turn_id=turn_id, device_id=stream.device_id, speech_end_ms=speech_end_ms, wake_word=stream.wake_word if not stream.wake_pending else "")
+        live_turn, streamer = await self._live_end(stream, packets) if self._streaming else (None, "")
+        turn_id = live_turn or new_turn_id()
+        utterance = Utterance(session_id=stream.session_id, turn_id=turn_id, device_id=stream.device_id, speech_end_ms=speech_end_ms, wake_word=stream.wake_word if not stream.wake_pending else "", streamer=streamer)
         if not stream.wake_pending:
             stream.wake_word = ""  # only the utterance that began with it
         UTTERANCES.labels(reason).inc()
