@@ -239,6 +239,15 @@ class GatewaySettings(BaseModel):
     # Gap between `tts start` and the first audio frame: the device switches to speaking (and
     # flushes its decoder) asynchronously, and drops audio that arrives before (protocol.md §9.1).
     start_gap_ms: int = 100
+    # ... unless there is evidence when the device switched: a device streaming its microphone
+    # when `tts start` went out stops once it is in speaking (auto and manual mode; realtime
+    # keeps it on), so the first frame waits until the uplink has been quiet for
+    # start_quiet_frames uplink frames (from the last one's arrival), at least start_gap_ms, at
+    # most start_wait_max_ms after `tts start`: a link that stalls `tts start` and then delivers
+    # it with the first frames at once loses nothing (protocol.md §4.4, gateway/pacing.py
+    # SpeakingGate). start_wait_max_ms 0: the fixed gap only, as before.
+    start_wait_max_ms: int = Field(default=1500, ge=0)
+    start_quiet_frames: float = Field(default=2.0, gt=0)
     # A configured wake word (`listen detect` with that text) gets this greeting from a clip
     # cached by the TTS worker per voice, with no LLM. Empty: no greeting.
     wake_word_greeting: str = "Hi! I'm listening."
