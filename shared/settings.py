@@ -180,7 +180,10 @@ class GatewaySettings(BaseModel):
     # Downlink audio, announced in the hello. The firmware's decoder accepts only these values.
     sample_rate: int = 24000
     frame_duration: int = 60
-    # Pacing (protocol.md §4.4): frames sent at once, then one per frame duration.
+    # Pacing (protocol.md §4.4): frames sent at once, then one per frame duration. The device
+    # rides out a stall shorter than this lead; 15 covers 4G's 700 ms stalls, but firmware
+    # >= 2.4.0 plays what it holds after `tts stop`, so a barge-in then hears up to the lead
+    # (docs/benchmarks.md, "a longer lead"). 5 (300 ms) covers Wi-Fi's.
     prebuffer_frames: int = 5
     # After the device has played the last frame (the gateway's clock), wait this long before
     # `tts stop`: firmware before 2.4.0 cuts what it still holds on `tts stop`.

@@ -2,7 +2,7 @@
 
 It POSTs to OTA with the firmware's headers and body, opens the WebSocket with Authorization,
 Protocol-Version, Device-Id and Client-Id, says hello, and talks: ``listen start`` then a WAV's
-speech as real-time 60 ms Opus frames at 16 kHz, then real-time silence until the reply starts.
+speech as real-time 60 ms Opus frames at 16 kHz, then real-time silence until it is speaking (its microphone stops then).
 It records every message it receives (with arrival times) and the reply audio.
 """
 
@@ -183,7 +183,8 @@ class SimDevice:
     ``GetToolsList`` does (8000 bytes with ``nextCursor``), and runs ``tools/call`` one at a time
     on its (simulated) speaker and screen. Its device state and audio output are the firmware's
     (``self.fw``, xiaozhi/firmware.py): ``self.drops`` counts the downlink frames a real device
-    would not have played, and in auto mode it sends its own ``listen start`` once playback drained.
+    would not have played, in auto mode it sends its own ``listen start`` once playback drained,
+    and its microphone stops once *speaking* takes effect (auto and manual mode).
     """
 
     def __init__(
