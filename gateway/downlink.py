@@ -14,7 +14,8 @@ from collections import deque
 from typing import Awaitable, Callable
 
 from gateway import protocol
-from gateway.pacing import PlayoutClock
+from gateway import metrics as m
+from gateway.pacing import PlayoutClock, SpeakingGate
 from gateway.turns import Action, Audio, Flush, Stop, Text
 
 log = logging.getLogger("gateway.downlink")
@@ -38,6 +39,9 @@ class PacedSender:
         on_first_audio: Callable[[], None] | None = None,
         on_stop: Callable[[Stop], Awaitable[None]] | None = None,
         start_gap_s: float = 0.1,
+        start_wait_max_s: float = 0.0,
+        uplink_frame_s: float = 0.060,
+        start_quiet_frames: float = 2.0,
     ) -> None:
         self._send = send
         self.session_id = session_id
@@ -52,7 +56,14 @@ class PacedSender:
         self._on_stop = on_stop
         self._awaiting_first_audio = False
         self.start_gap_s = start_gap_s
-        self._started_at = 0.0
+        # The first frame waits for the device to enter speaking (its uplink goes quiet), see
+        # gateway.pacing.SpeakingGate; ``start_wait_max_s`` 0: the fixed gap only.
+        self.start_quiet_frames = start_quiet_frames
+        self.gate = SpeakingGate(start_gap_s, start_wait_max_s, start_quiet_frames * uplink_frame_s)
+        # Realtime mode: the microphone stays on while speaking, the uplink tells nothing.
+        self.mic_stays_on = False
+        # How the last reply's first frame was released, and its wait after `tts start` (s).
+        self.last_release: tuple[str, float] | None = None
         self._superseded = False
         self._performing = False
         self.frames_sent = 0
@@ -83,6 +94,15 @@ class PacedSender:
             self._queue.append(action)
         if actions:
             self._wake.set()
+
+    def uplink_frame(self, at: float) -> None:
+        """An uplink audio frame arrived (monotonic ``at``): while the device streams its
+        microphone it has not entered speaking."""
+        self.gate.uplink(at)
+
+    def set_uplink_frame(self, frame_s: float) -> None:
+        """The device's uplink frame duration (its hello): quiet is that many frames without one."""
+        self.gate.quiet_s = self.start_quiet_frames * frame_s
 
     def abort(self) -> None:
         """Drop everything queued and stop waiting; the caller sends `tts stop` itself."""
@@ -151,16 +171,30 @@ class PacedSender:
                 self._superseded = False
                 self.clock.reset()
                 self._awaiting_first_audio = True
-                self._started_at = time.monotonic()
                 await self._send(protocol.tts_start(self.session_id))
+                self.gate.start(time.monotonic(), self.mic_stays_on)
             elif action.kind == "emotion":
                 await self._send(protocol.llm_emotion(self.session_id, action.emotion))
             elif action.kind == "sentence_start":
                 await self._send(protocol.sentence_start(self.session_id, action.text, await self._glyph_push(action.text)))
         elif isinstance(action, Audio):
-            delay = self.clock.delay(time.monotonic())
             if self._awaiting_first_audio:
-                delay = max(delay, self._started_at + self.start_gap_s - time.monotonic())
+                # Wait until the device has entered speaking; a later uplink frame moves the
+                # release later, so sleep, look again, and go once it is not in the future.
+                ready = max(time.monotonic(), self.gate.started_at + self.start_gap_s)  # the fixed gap's time
+                while True:
+                    release_at, why = self.gate.release()
+                    wait = release_at - time.monotonic()
+                    if wait <= 0:
+                        break
+                    if not await self._sleep(wait):
+                        return  # aborted while waiting: the frame is dropped with the queue
+                released = time.monotonic()
+                m.FIRST_FRAME_RELEASES.labels(why).inc()
+                m.FIRST_FRAME_HOLD.observe(max(0.0, released - ready))
+                self.last_release = (why, released - self.gate.started_at)
+                log.debug("first frame released", extra={"fields": {"how": why, "after_tts_start_ms": round((released - self.gate.started_at) * 1000), "held_ms": round(max(0.0, released - ready) * 1000)}})
+            delay = self.clock.delay(time.monotonic())
             if not await self._sleep(delay):
                 return  # aborted while waiting: the frame is dropped with the queue
             now = time.monotonic()

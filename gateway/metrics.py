@@ -35,3 +35,13 @@ WAKE_WORDS = Counter(
     "Wake words, by outcome (end: greeted after the VAD heard nothing more; more: a question in the same breath, no greeting; no_verdict: greeted without the VAD's word; no_preroll: greeted at once; nothing_after: a more verdict whose transcript held no question, greeted then)",
     ["outcome"],
 )
+FIRST_FRAME_RELEASES = Counter(
+    "xz_gateway_first_frame_releases_total",
+    "First audio frames of replies, by what released them (uplink_quiet: the device's microphone stopped after `tts start`, it is speaking; fixed_gap: no such evidence, start_gap_ms; bound: still streaming after start_wait_max_ms)",
+    ["how"],
+)
+FIRST_FRAME_HOLD = histogram(
+    "xz_gateway_first_frame_hold_seconds",
+    "How much later a reply's first frame went than the fixed start gap alone would have sent it (waiting for the device to enter speaking)",
+    buckets=(0.001, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.7, 1.0, 1.5, 2.0),
+)

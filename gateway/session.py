@@ -104,6 +104,8 @@ class DeviceSession:
             on_first_audio=self._first_audio,
             on_stop=self._reply_done,
             start_gap_s=settings.start_gap_ms / 1000,
+            start_wait_max_s=settings.start_wait_max_ms / 1000,
+            start_quiet_frames=settings.start_quiet_frames,
         )
         self.firmware_version: str | None = None
         self._use_firmware_version(firmware_version)
@@ -323,6 +325,7 @@ class DeviceSession:
             self._mcp_listed.set()
         self._claim_task = asyncio.create_task(self._claim_vad())
         self._pump_task = asyncio.create_task(self._pump_uplink())
+        self.downlink.set_uplink_frame(hello.audio.frame_duration / 1000)
         log.info("hello", extra={"fields": {"features": hello.features, "uplink_rate": hello.audio.sample_rate, "uplink_frame_ms": hello.audio.frame_duration}})
 
     async def _claim_vad(self) -> None:
@@ -477,7 +480,10 @@ class DeviceSession:
             self._bad_input(exc)
             return
         m.FRAMES_IN.inc()
-        self._frame_arrivals.append(time.monotonic())
+        arrived = time.monotonic()
+        self._frame_arrivals.append(arrived)
+        # While the microphone streams the device is not speaking (SpeakingGate).
+        self.downlink.uplink_frame(arrived)
         if self._muted_until and time.monotonic() < self._muted_until:
             m.DROPPED.labels("gateway", "rate_limited").inc()
             return
@@ -487,6 +493,7 @@ class DeviceSession:
         log.info("listen", extra={"fields": {"state": listen.state, "mode": listen.mode, "text": listen.text}})
         if listen.state == "start":
             self.mode = listen.mode or "auto"
+            self.downlink.mic_stays_on = self.mode == "realtime"
             await self._publish_ctl(Control(session_id=self.session_id, kind="listen_start", mode=self.mode))  # type: ignore[arg-type]
             self._listening.set()
         elif listen.state == "stop":

@@ -180,7 +180,10 @@ class GatewaySettings(BaseModel):
     # Downlink audio, announced in the hello. The firmware's decoder accepts only these values.
     sample_rate: int = 24000
     frame_duration: int = 60
-    # Pacing (protocol.md §4.4): frames sent at once, then one per frame duration.
+    # Pacing (protocol.md §4.4): frames sent at once, then one per frame duration. The device
+    # rides out a stall shorter than this lead; 15 covers 4G's 700 ms stalls, but firmware
+    # >= 2.4.0 plays what it holds after `tts stop`, so a barge-in then hears up to the lead
+    # (docs/benchmarks.md, "a longer lead"). 5 (300 ms) covers Wi-Fi's.
     prebuffer_frames: int = 5
     # After the device has played the last frame (the gateway's clock), wait this long before
     # `tts stop`: firmware before 2.4.0 cuts what it still holds on `tts stop`.
@@ -239,6 +242,15 @@ class GatewaySettings(BaseModel):
     # Gap between `tts start` and the first audio frame: the device switches to speaking (and
     # flushes its decoder) asynchronously, and drops audio that arrives before (protocol.md §9.1).
     start_gap_ms: int = 100
+    # ... unless there is evidence when the device switched: a device streaming its microphone
+    # when `tts start` went out stops once it is in speaking (auto and manual mode; realtime
+    # keeps it on), so the first frame waits until the uplink has been quiet for
+    # start_quiet_frames uplink frames (from the last one's arrival), at least start_gap_ms, at
+    # most start_wait_max_ms after `tts start`: a link that stalls `tts start` and then delivers
+    # it with the first frames at once loses nothing (protocol.md §4.4, gateway/pacing.py
+    # SpeakingGate). start_wait_max_ms 0: the fixed gap only, as before.
+    start_wait_max_ms: int = Field(default=1500, ge=0)
+    start_quiet_frames: float = Field(default=2.0, gt=0)
     # A configured wake word (`listen detect` with that text) gets this greeting from a clip
     # cached by the TTS worker per voice, with no LLM. Empty: no greeting.
     wake_word_greeting: str = "Hi! I'm listening."

@@ -207,6 +207,19 @@ class DeviceStateMachine:
         """When a deferred `listen start` will go out (playback end), or None."""
         return self.playback_end() if self.pending_listen else None
 
+    def microphone_on(self, at: float) -> bool:
+        """Does the device stream its microphone at ``at``? Entering *speaking* turns voice
+        processing off in auto and manual mode (``HandleStateChangedEvent``:
+        ``EnableVoiceProcessing(false)`` unless realtime), when the switch takes effect (20 ms
+        after `tts start` arrived); after `tts stop` in auto mode it stays off until the deferred
+        `listen start` (playback drained). Idle and listening otherwise are left to the caller.
+        """
+        if self.state == SPEAKING:
+            return self.mode == "realtime" or self.speaking_from is None or at < self.speaking_from
+        if self.state == LISTENING and self.pending_listen:
+            return False
+        return True
+
     # ------------------------------------------------------------------ what arrives
 
     def on_data(self, at: float) -> None:
@@ -335,8 +348,9 @@ class Jitter:
         self._stall_until = 0.0
         self._next_stall: float | None = None
 
-    def deliver_at(self, now: float) -> float:
-        """When a message that left the server at ``now`` reaches the device."""
+    def deliver_at(self, now: float, message: "str | bytes | None" = None) -> float:
+        """When a message that left the server at ``now`` reaches the device (``message``, for
+        links that treat some messages specially: scripted stalls in tests)."""
         if self.stall_every_s > 0:
             if self._next_stall is None:
                 self._next_stall = now + self._rng.expovariate(1 / self.stall_every_s)

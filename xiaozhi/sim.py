@@ -2,7 +2,7 @@
 
 It POSTs to OTA with the firmware's headers and body, opens the WebSocket with Authorization,
 Protocol-Version, Device-Id and Client-Id, says hello, and talks: ``listen start`` then a WAV's
-speech as real-time 60 ms Opus frames at 16 kHz, then real-time silence until the reply starts.
+speech as real-time 60 ms Opus frames at 16 kHz, then real-time silence until it is speaking (its microphone stops then).
 It records every message it receives (with arrival times) and the reply audio.
 """
 
@@ -183,7 +183,8 @@ class SimDevice:
     ``GetToolsList`` does (8000 bytes with ``nextCursor``), and runs ``tools/call`` one at a time
     on its (simulated) speaker and screen. Its device state and audio output are the firmware's
     (``self.fw``, xiaozhi/firmware.py): ``self.drops`` counts the downlink frames a real device
-    would not have played, and in auto mode it sends its own ``listen start`` once playback drained.
+    would not have played, in auto mode it sends its own ``listen start`` once playback drained,
+    and its microphone stops once *speaking* takes effect (auto and manual mode).
     """
 
     def __init__(
@@ -421,7 +422,7 @@ class SimDevice:
                     if self._delivery is None or self._deliverer is None:
                         self._delivery = asyncio.Queue()
                         self._deliverer = asyncio.create_task(self._deliver())
-                    self._delivery.put_nowait((self.jitter.deliver_at(time.monotonic()), message))
+                    self._delivery.put_nowait((self.jitter.deliver_at(time.monotonic(), message), message))
                     continue
                 if await self._handle(message, time.monotonic()):
                     return
@@ -718,6 +719,10 @@ class SimDevice:
                 await asyncio.sleep(delay)
             if self.closed:
                 break
+            if until is not None and until():
+                break
+            if not self.fw.microphone_on(time.monotonic()):
+                break  # the device entered speaking: its microphone is off (auto, manual)
             await self.ws.send(wrap_audio(encoder.encode(frame), self.protocol_version))
             last = time.monotonic()
             k += 1
@@ -760,6 +765,9 @@ class SimDevice:
             delay = start + k * self.frame_ms / 1000 - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
+            if not self.fw.microphone_on(time.monotonic()):
+                k += 1  # speaking in auto or manual mode: the microphone is off, the words lost
+                continue
             try:
                 await self.ws.send(wrap_audio(encoder.encode(frame), self.protocol_version))
             except websockets.ConnectionClosed:
@@ -801,8 +809,14 @@ class SimDevice:
         if mode == "manual":
             await self.listen_stop()
         else:
-            started = lambda: any(self._is_tts("start")(r) for r in self.received[mark:] if r.kind == "json")  # noqa: E731
-            # Real-time silence until the reply starts: the device keeps its microphone open.
+            def started() -> bool:
+                """`tts start` was delivered and the switch to speaking took effect."""
+                if not any(self._is_tts("start")(r) for r in self.received[mark:] if r.kind == "json"):
+                    return False
+                return self.fw.speaking_from is None or time.monotonic() >= self.fw.speaking_from
+
+            # Real-time silence until the device is speaking: the microphone stays open until
+            # then (the firmware's voice processing stops on entering speaking, not on arrival).
             await self.stream_pcm(np.zeros(0, dtype=np.int16), until=started, max_s=trailing_silence_max_s)
         return await self.collect_turn(mark, speech_end, reply_timeout)
 

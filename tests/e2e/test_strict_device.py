@@ -271,3 +271,89 @@ async def test_wake_word_barge_in_against_the_gateway(pipeline):
         assert report.error is None and "time" in (report.stt or "").lower(), report
         assert report.frames > 0 and device.fw.drops.queue_full == 0
         assert "entering speaking" not in device.fw.drops.not_speaking, device.fw.drops
+
+
+# ---------------------------------------------------------------------- a stall that holds `tts start`
+
+
+class StallAtTtsStart(Jitter):
+    """A 4g-like link (40 ms + ~25 ms, seeded) that stalls for ``stall_ms`` the moment `tts start`
+    leaves the server: `tts start` and whatever the server sends in the next ``stall_ms`` reach
+    the device together when the stall ends (TCP order), as in the bench's 4g runs that lost the
+    start of replies."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.stalls = 0
+
+    def deliver_at(self, now: float, message=None) -> float:
+        if isinstance(message, str) and '"tts"' in message:
+            parsed = json.loads(message)
+            if parsed.get("type") == "tts" and parsed.get("state") == "start":
+                self._stall_until = max(self._stall_until, now + self.stall_ms / 1000)
+                self.stalls += 1
+        return super().deliver_at(now, message)
+
+
+def spoken_wake_word():
+    """你好小智 (real speech), cut where the wake word engine fires (as test_session_flows)."""
+    from tests.conftest import fixture_wav
+    from xiaozhi.sim import read_wav
+
+    return read_wav(fixture_wav("zh_wake.wav"))[: 16 * 960]
+
+
+async def greeting_over_a_stall(ws_url: str):
+    """The wake word with its pre-roll, then the live microphone (silence) until the device is
+    speaking: the cached greeting's `tts start` and first frames leave the gateway within a
+    moment of each other, and the link stalls 700 ms as `tts start` goes."""
+    import numpy as np
+
+    link = StallAtTtsStart(delay_ms=40, jitter_ms=25, stall_ms=700, seed=11)
+    async with SimDevice(ws_url=ws_url, jitter=link) as device:
+        mark = len(device.received)
+        await device.wake_word("你好小智", preroll=spoken_wake_word())
+        speaking = lambda: device.fw.state == "speaking" and time.monotonic() >= (device.fw.speaking_from or 0)  # noqa: E731
+        await device.stream_pcm(np.zeros(0, dtype=np.int16), until=speaking, max_s=20)
+        report = await device.collect_turn(mark, time.monotonic(), timeout=30)
+        return device.fw.drops, report, link
+
+
+async def test_a_stall_holding_tts_start_loses_nothing_entering_speaking(pipeline):
+    """The gateway holds the first frame until the device's microphone has gone quiet (it
+    entered speaking): the frames do not come with the stalled `tts start`."""
+    from xiaozhi import prom
+
+    before = await asyncio.to_thread(prom.scrape, pipeline.metrics["gateway"])
+    drops, report, link = await greeting_over_a_stall(pipeline.ws_url)
+    after = await asyncio.to_thread(prom.scrape, pipeline.metrics["gateway"])
+    assert link.stalls == 1 and report.stopped and report.sentences == ["Hi! I'm listening."], report
+    assert report.frames > 5 and report.lost_frames == 0, report
+    assert "entering speaking" not in drops.not_speaking and drops.total == 0, drops
+    # The first frame came after the device had switched (20 ms after `tts start` arrived).
+    assert report.start_gap_s is not None and report.start_gap_s >= 0.02, report
+    released = prom.delta(after, before)
+    assert prom.value(released, "xz_gateway_first_frame_releases_total", how="uplink_quiet") >= 1, released
+
+
+@pytest.fixture
+def fixed_gap_gateway(pipeline):
+    """A second gateway on the same pipeline with the old fixed 100 ms start gap only."""
+    from tests.conftest import start_gateway
+
+    gateway = start_gateway(pipeline.stack, start_wait_max_ms="0")
+    yield gateway.ws_url
+    gateway.stop()
+
+
+async def test_the_same_stall_loses_the_first_frames_with_only_the_fixed_gap(fixed_gap_gateway):
+    """The control: without waiting for the device, the same stall delivers `tts start` with the
+    first frames at once, and the device drops them entering speaking (so the test above can
+    fail)."""
+    async with SimDevice(ws_url=fixed_gap_gateway) as device:  # the greeting clip is cached
+        await device.detect("你好小智")
+        await device.listen_start("auto")
+        assert (await device.collect_turn(0, time.monotonic(), timeout=30)).stopped
+    drops, report, link = await greeting_over_a_stall(fixed_gap_gateway)
+    assert link.stalls == 1 and report.stopped, report
+    assert drops.not_speaking.get("entering speaking", 0) > 0, drops

@@ -44,6 +44,27 @@ def test_audio_only_in_speaking():
     assert fw.drops.not_speaking == {"listening": 2, "entering speaking": 1} and fw.accepted == 1
 
 
+def test_microphone_stops_when_speaking_takes_effect_not_on_arrival():
+    """HandleStateChangedEvent(speaking): EnableVoiceProcessing(false) unless realtime, when the
+    scheduled switch runs (20 ms after `tts start` arrived); auto mode reopens it only with its
+    own `listen start` after playback drained."""
+    fw = opened("2.4.2", "auto")
+    assert fw.microphone_on(0.5)
+    tts(fw, "start", 1.0)
+    assert fw.microphone_on(1.0) and fw.microphone_on(1.019)  # `tts start` only scheduled
+    assert not fw.microphone_on(1.02) and not fw.microphone_on(3.0)
+    assert fw.on_audio(1.03)
+    tts(fw, "stop", 1.05)  # 2.4.x plays the queued frame out, `listen start` after it
+    assert fw.state == "listening" and not fw.microphone_on(1.06)
+    assert fw.poll(1.2) and fw.microphone_on(1.2)
+    manual = opened("2.4.2", "manual")
+    tts(manual, "start", 1.0)
+    assert not manual.microphone_on(1.1)
+    realtime = opened("2.4.2", "realtime")
+    tts(realtime, "start", 1.0)
+    assert realtime.state == "speaking" and realtime.microphone_on(1.1)  # AEC: the mic stays on
+
+
 def test_paced_turn_drops_nothing():
     fw = opened()
     tts(fw, "start", 1.0)

@@ -1,4 +1,4 @@
-"""gateway.pacing.PlayoutClock, driven with explicit ``now`` values (no sleeping)."""
+"""gateway.pacing.PlayoutClock and SpeakingGate, driven with explicit ``now`` values (no sleeping)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.pacing import PlayoutClock
+from gateway.pacing import PlayoutClock, SpeakingGate
 
 FRAME = 0.060
 EPS = 1e-9
@@ -159,3 +159,106 @@ def test_pacing_invariants(frame_s: float, lead: int, gaps: list[float]) -> None
         now += d
         clock.sent(now)
         assert clock.buffered(now) <= lead * frame_s + 1e-6
+
+
+# ---------------------------------------------------------------------- SpeakingGate
+
+QUIET = 1.75 * FRAME  # 105 ms without an uplink frame: the microphone is off
+
+
+def streaming_gate(until: float, start: float = 0.0, max_s: float = 1.5) -> SpeakingGate:
+    """A gate that saw one uplink frame per 60 ms from ``start`` up to ``until``."""
+    gate = SpeakingGate(gap_s=0.1, max_s=max_s, quiet_s=QUIET)
+    n = round((until - start) / FRAME)
+    for k in range(n + 1):
+        gate.uplink(until - (n - k) * FRAME)  # the last one exactly at ``until``
+    return gate
+
+
+def test_streaming_uplink_holds_the_first_frame_until_it_goes_quiet() -> None:
+    gate = streaming_gate(until=10.0)
+    gate.start(10.0)  # `tts start` sent while the device streams
+    at, why = gate.release()
+    assert why == "uplink_quiet" and at == pytest.approx(10.0 + QUIET)
+    # the stalled `tts start` has not arrived: the microphone keeps streaming, the release moves
+    for t in (10.06, 10.12, 10.18, 10.24):
+        gate.uplink(t)
+        at2, why2 = gate.release()
+        assert why2 == "uplink_quiet" and at2 == pytest.approx(t + QUIET) and at2 > at
+        at = at2
+
+
+def test_release_never_before_the_start_gap() -> None:
+    gate = streaming_gate(until=5.0)
+    gate.start(5.05)  # the last frame came 50 ms before `tts start`: quiet at 5.105
+    at, why = gate.release()
+    assert why == "uplink_quiet" and at == pytest.approx(5.05 + 0.1)  # the gap is later
+
+
+def test_a_microphone_that_never_stops_is_released_at_the_bound() -> None:
+    gate = streaming_gate(until=1.0)
+    gate.start(1.0)
+    t = 1.0
+    while t < 4.0:
+        t += FRAME
+        gate.uplink(t)
+    at, why = gate.release()
+    assert why == "bound" and at == pytest.approx(1.0 + 1.5)
+
+
+def test_no_evidence_keeps_the_fixed_gap() -> None:
+    # a client that sent no audio
+    gate = SpeakingGate(gap_s=0.1, max_s=1.5, quiet_s=QUIET)
+    gate.start(3.0)
+    assert gate.release() == (pytest.approx(3.1), "fixed_gap")
+    # manual mode after `listen stop`: the uplink was quiet before `tts start`
+    gate = streaming_gate(until=2.0)
+    gate.start(2.0 + QUIET + 0.5)
+    assert gate.release()[1] == "fixed_gap"
+    gate.uplink(2.8)  # a frame after `tts start` does not turn the fixed gap into a wait
+    assert gate.release() == (pytest.approx(2.0 + QUIET + 0.6), "fixed_gap")
+    # realtime mode: the microphone stays on while speaking
+    gate = streaming_gate(until=2.0)
+    gate.start(2.01, mic_stays_on=True)
+    assert gate.release() == (pytest.approx(2.11), "fixed_gap")
+    # the wait turned off (start_wait_max_ms 0)
+    gate = streaming_gate(until=2.0, max_s=0.0)
+    gate.start(2.01)
+    assert gate.release() == (pytest.approx(2.11), "fixed_gap")
+
+
+def test_each_reply_is_judged_afresh() -> None:
+    gate = streaming_gate(until=1.0)
+    gate.start(1.01)
+    assert gate.release()[1] == "uplink_quiet"
+    gate.start(9.0)  # the next reply: the microphone has been quiet since 1.0
+    assert gate.release() == (pytest.approx(9.1), "fixed_gap")
+    gate.uplink(19.96)
+    gate.uplink(20.02)
+    gate.start(20.02)
+    assert gate.release() == (pytest.approx(20.02 + QUIET), "uplink_quiet")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    start=st.floats(min_value=0, max_value=1000),
+    arrivals=st.lists(st.floats(min_value=-0.2, max_value=3.0), max_size=40),
+    max_s=st.floats(min_value=0.0, max_value=3.0),
+    realtime=st.booleans(),
+)
+def test_gate_invariants(start: float, arrivals: list[float], max_s: float, realtime: bool) -> None:
+    """Never before the gap, never after the bound, and never while the microphone streams."""
+    gate = SpeakingGate(gap_s=0.1, max_s=max_s, quiet_s=QUIET)
+    before = [a for a in arrivals if a < 0]
+    after = sorted(a for a in arrivals if a >= 0)
+    for a in before:
+        gate.uplink(start + a)
+    gate.start(start, mic_stays_on=realtime)
+    for a in after:
+        gate.uplink(start + a)
+    at, why = gate.release()
+    assert at >= start + 0.1 - EPS
+    assert at <= start + max(0.1, max_s) + EPS
+    if why == "uplink_quiet":
+        assert not realtime and gate.last_uplink is not None
+        assert at >= gate.last_uplink + QUIET - EPS  # quiet for 1.75 frames when released
