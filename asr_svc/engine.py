@@ -8,7 +8,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -135,3 +135,52 @@ class WhisperEngine:
         )
         text = "".join(segment.text for segment in segments).strip()
         return Transcript(text=text, language=info.language, audio_s=len(audio) / 16000)
+
+    def transcribe_batch(self, audios: list[np.ndarray], languages: list[str | None] | None = None) -> list[Transcript]:
+        """Several utterances in one pass of the model (a GPU's way to serve many devices):
+        each is padded to Whisper's 30 s window and all are encoded and decoded together, with
+        the same language, prompt and beam rules as :meth:`transcribe`. An utterance longer
+        than the window goes alone through :meth:`transcribe`."""
+        from faster_whisper.audio import pad_or_trim
+        from faster_whisper.tokenizer import Tokenizer
+        from faster_whisper.transcribe import get_suppressed_tokens
+
+        languages = list(languages or [None] * len(audios))
+        out: list[Transcript | None] = [None] * len(audios)
+        window = self.model.feature_extractor.n_samples
+        batch: list[int] = []
+        for i, audio in enumerate(audios):
+            if len(audio) > window:
+                out[i] = self.transcribe(audio, languages[i])
+            else:
+                batch.append(i)
+        # generate() wants <|startoftranscript|> at one position in a batch: one pass per
+        # prompt length (an English and a Mandarin utterance differ by the Mandarin prompt).
+        groups: dict[int, list[tuple[int, Any, list[int], int]]] = {}
+        for i in batch:
+            lang, prompt_text = self.language, self.initial_prompt
+            if languages[i] and self.multilingual and languages[i] != self.language:
+                lang = languages[i]
+                prompt_text = "以下是普通话的句子。" if lang == "zh" else None
+            tokenizer = Tokenizer(self.model.hf_tokenizer, self.model.model.is_multilingual, task="transcribe", language=lang or "en")
+            previous = tokenizer.encode(" " + prompt_text.strip()) if prompt_text else []
+            prompt = self.model.get_prompt(tokenizer, previous, without_timestamps=True)
+            beam = self.beam_size_zh if lang == "zh" else self.beam_size
+            groups.setdefault(prompt.index(tokenizer.sot), []).append((i, tokenizer, prompt, beam))
+        for group in groups.values():
+            # As transcribe() does: the utterance's own features, padded to the window in the
+            # feature domain (padding the audio with silence first changes what is heard).
+            features = [pad_or_trim(self.model.feature_extractor(audios[i])) for i, *_ in group]
+            results = self.model.model.generate(
+                self.model.encode(np.stack(features)),
+                [prompt for _, _, prompt, _ in group],
+                beam_size=max(beam for *_, beam in group),
+                max_length=self.model.max_length,
+                suppress_blank=True,
+                suppress_tokens=get_suppressed_tokens(group[0][1], [-1]),
+            )
+            for (i, tokenizer, _, _), result in zip(group, results):
+                tokens = [t for t in result.sequences_ids[0] if t < tokenizer.eot]
+                out[i] = Transcript(text=tokenizer.decode(tokens).strip(), language=tokenizer.language_code, audio_s=len(audios[i]) / 16000)
+        return [t for t in out if t is not None]
+

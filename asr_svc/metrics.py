@@ -14,3 +14,4 @@ ENGINE_CALLS = Counter("xz_asr_engine_calls_total", "Transcriptions asked of eac
 ENGINE_SECONDS = histogram("xz_asr_engine_seconds", "Time an ASR engine took for one utterance that it transcribed", ("engine",))
 FALLBACKS = Counter("xz_asr_fallbacks_total", "Utterances the fallback engine was asked for because the chosen engine failed, by chosen engine and reason", ["engine", "reason"])
 CORRECTIONS = Counter("xz_asr_corrections_total", "Transcripts changed by an agent's correction list")
+BATCH_SIZE = histogram("xz_asr_batch_size", "Utterances transcribed together in one pass of a Whisper model on a GPU", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32))

@@ -120,25 +120,61 @@ class StreamingEngine:
 
 
 class WhisperAdapter:
-    """faster-whisper behind the engine interface, in the worker's thread pool."""
+    """faster-whisper behind the engine interface, in the worker's thread pool. With
+    ``batch_size`` > 1 (a GPU), utterances that wait at the same time go through the model
+    together (:meth:`WhisperEngine.transcribe_batch`)."""
 
     type = "whisper"
     streaming = False
+    BATCH_WAIT_S = 0.005  # how long the first utterance waits for others to join its batch
 
-    def __init__(self, name: str, engine: WhisperEngine, pool: Executor, timeout_s: float) -> None:
+    def __init__(self, name: str, engine: WhisperEngine, pool: Executor, timeout_s: float, batch_size: int = 1) -> None:
         self.name = name
         self.engine = engine
         self.pool = pool
         self.timeout_s = timeout_s
         self.multilingual = engine.multilingual
+        self.batch_size = max(1, batch_size)
+        self.batches = 0  # passes of the model made for batches (tests, logs)
+        self._waiting: list[tuple[np.ndarray, str | None, asyncio.Future]] = []
+        self._runner: asyncio.Task | None = None
 
     async def transcribe(self, pcm: np.ndarray, request: AsrRequest) -> Transcript:
         audio = int16_to_float(pcm)
         language = request.language if self.multilingual else None
         loop = asyncio.get_running_loop()
+        if self.batch_size > 1:
+            future: asyncio.Future = loop.create_future()
+            self._waiting.append((audio, language, future))
+            if self._runner is None or self._runner.done():
+                self._runner = asyncio.create_task(self._run_batches())
+            return await future
         if language:
             return await loop.run_in_executor(self.pool, self.engine.transcribe, audio, language)
         return await loop.run_in_executor(self.pool, self.engine.transcribe, audio)
+
+    async def _run_batches(self) -> None:
+        from asr_svc.metrics import BATCH_SIZE
+
+        loop = asyncio.get_running_loop()
+        while self._waiting:
+            await asyncio.sleep(self.BATCH_WAIT_S)
+            batch, self._waiting = self._waiting[: self.batch_size], self._waiting[self.batch_size :]
+            batch = [item for item in batch if not item[2].done()]  # a caller that gave up
+            if not batch:
+                continue
+            BATCH_SIZE.observe(len(batch))
+            self.batches += 1
+            try:
+                results = await loop.run_in_executor(self.pool, self.engine.transcribe_batch, [a for a, _, _ in batch], [lang for _, lang, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - every caller of the batch hears it
+                for *_, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, _, future), result in zip(batch, results):
+                if not future.done():
+                    future.set_result(result)
 
     async def close(self) -> None:
         return None
@@ -172,7 +208,9 @@ def _whisper(name: str, cfg: Any, asr: AsrSettings, pool: Executor) -> WhisperAd
         device=cfg.device,
         compute_type=cfg.compute_type,
     )
-    return WhisperAdapter(name, engine, pool, cfg.timeout_s)
+    # Batching pays on a GPU; on a CPU one utterance already uses every thread.
+    batch = cfg.batch_size if engine.device == "cuda" else 1
+    return WhisperAdapter(name, engine, pool, cfg.timeout_s, batch)
 
 
 class EngineSet:
