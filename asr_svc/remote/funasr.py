@@ -278,7 +278,7 @@ class FunAsrEngine(StreamingEngine):
 
     async def open_stream(self, request: AsrRequest, on_partial: Callable[[str], Awaitable[None]] | None = None) -> FunAsrStream:
         url = self.cfg.url
-        ssl: Any = None if self.cfg.verify_tls else False
+        ssl: Any = True if self.cfg.verify_tls else False  # False: the self-signed default certificate
         try:
             ws = await self._client().ws_connect(url, protocols=("binary",), ssl=ssl, heartbeat=None, autoping=True, timeout=aiohttp.ClientWSTimeout(ws_close=2.0), max_msg_size=16 * 1024 * 1024)
         except aiohttp.WSServerHandshakeError as exc:
