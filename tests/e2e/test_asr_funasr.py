@@ -43,12 +43,13 @@ async def test_an_agent_on_the_funasr_engine_is_transcribed_there(pipeline, funa
     assert connection["end"] == {"is_speaking": False}
 
 
-async def test_mandarin_on_the_funasr_engine(pipeline, funasr_standin):
+@pytest.mark.parametrize("engine", ["funasr", "funasr-2pass"])
+async def test_mandarin_on_the_funasr_engine(pipeline, funasr_standin, engine):
     mark = len(funasr_standin)
-    report, session = await spoken_turn(pipeline, "zh_what_time.wav", asr_model="funasr", language="zh")
+    report, session = await spoken_turn(pipeline, "zh_what_time.wav", asr_model=engine, language="zh")
     assert sum(1 for char in "现在几点了" if char in (report.stt or "")) >= 4, report.stt
     assert funasr_standin[mark:][0]["start"]["svs_lang"] == "zh"
-    assert engine_records(pipeline, session)[0]["engine"] == "funasr"
+    assert engine_records(pipeline, session)[0]["engine"] == engine
 
 
 async def test_2pass_partials_while_the_audio_streams_then_the_final(pipeline, funasr_standin):
