@@ -381,6 +381,17 @@ class FunAsrEngineSettings(_AsrEngineBase):
     itn: bool = True
     # The server's certificate is self-signed by default (funasr-wss-server): verify or not.
     verify_tls: bool = True
+    # The streaming model's latency [look-back, chunk, look-ahead] in 60 ms units, and how
+    # many pieces a chunk is sent in (the audio goes as 60*chunk_size[1]/chunk_interval ms frames).
+    chunk_size: list[int] = [5, 10, 5]
+    chunk_interval: int = 10
+    encoder_chunk_look_back: int = 4
+    decoder_chunk_look_back: int = 0
+    # Each hotword's weight in the ``hotwords`` JSON string ({"word": weight}).
+    hotword_weight: int = 20
+    wav_name: str = "xiaozhi"
+    # Send the agent's language as ``svs_lang`` (SenseVoice models); others ignore it.
+    send_language: bool = True
 
 
 class DoubaoAsrEngineSettings(_AsrEngineBase):

@@ -27,6 +27,18 @@ ENGINES: dict[str, dict] = {
     "openai-quota": {"type": "openai", "base_url": f"http://127.0.0.1:{PORTS['openai']}/v1", "model": "quota", "api_key": "sk-test-good", "timeout_s": 10},
     # Dead with no fallback: the device must hear the spoken sorry.
     "dead-alone": {"type": "openai", "base_url": f"http://127.0.0.1:{PORTS['dead']}/v1", "model": "whisper-1", "timeout_s": 5, "fallback": ""},
+    # tests/standins/funasr.py: the FunASR runtime WebSocket (plain ws://); the URL path picks
+    # the stand-in's behaviour (/ answers; /slow never does; /die drops the connection
+    # mid-utterance; /garbage answers non-JSON; /empty and /notext: a final with no text).
+    "funasr": {"type": "funasr", "url": f"ws://127.0.0.1:{PORTS['funasr']}/", "mode": "offline", "timeout_s": 10},
+    "funasr-2pass": {"type": "funasr", "url": f"ws://127.0.0.1:{PORTS['funasr']}/", "mode": "2pass", "timeout_s": 10},
+    "funasr-slow": {"type": "funasr", "url": f"ws://127.0.0.1:{PORTS['funasr']}/slow", "mode": "2pass", "timeout_s": 2},
+    "funasr-die": {"type": "funasr", "url": f"ws://127.0.0.1:{PORTS['funasr']}/die", "mode": "2pass", "timeout_s": 10},
+    "funasr-garbage": {"type": "funasr", "url": f"ws://127.0.0.1:{PORTS['funasr']}/garbage", "mode": "offline", "timeout_s": 10},
+    "funasr-empty": {"type": "funasr", "url": f"ws://127.0.0.1:{PORTS['funasr']}/empty", "mode": "offline", "timeout_s": 10},
+    "funasr-notext": {"type": "funasr", "url": f"ws://127.0.0.1:{PORTS['funasr']}/notext", "mode": "offline", "timeout_s": 10},
+    # Nothing ever listens here.
+    "funasr-dead": {"type": "funasr", "url": f"ws://127.0.0.1:{PORTS['dead']}/", "mode": "2pass", "timeout_s": 5},
 }
 
 
