@@ -342,6 +342,8 @@ class DoubaoStream:
     async def _send(self, frame: bytes) -> None:
         from websockets.exceptions import ConnectionClosed
 
+        if self.final.cancelled():
+            raise EngineError("protocol", "the stream was cancelled")
         if self.final.done() and self.final.exception() is not None:
             raise self.final.exception()  # type: ignore[misc]
         try:
