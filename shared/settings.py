@@ -401,7 +401,15 @@ class DoubaoAsrEngineSettings(_AsrEngineBase):
     type: Literal["doubao"] = "doubao"
     url: str = "wss://openspeech.bytedance.com/api/v3/sauc/bigmodel"
     app_key: str = ""  # X-Api-App-Key (the app id)
+    # X-Api-Resource-Id: volc.bigasr.sauc.duration / .concurrent (model 1.0), volc.seedasr.sauc.* (2.0)
     resource_id: str = "volc.bigasr.sauc.duration"
+    model_name: str = "bigmodel"  # request.model_name (the doc: only "bigmodel")
+    # audio.language (e.g. "en-US", "zh-CN"); None: from the agent's language. Only the
+    # ``bigmodel_nostream`` endpoint takes it; the others hear Mandarin and English by themselves.
+    language: str | None = None
+    enable_itn: bool = True
+    enable_punc: bool = True
+    uid: str = ""  # user.uid; "": the session id
 
 
 class AliyunAsrEngineSettings(_AsrEngineBase):

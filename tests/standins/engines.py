@@ -39,7 +39,26 @@ ENGINES: dict[str, dict] = {
     "funasr-notext": {"type": "funasr", "url": f"ws://127.0.0.1:{PORTS['funasr']}/notext", "mode": "offline", "timeout_s": 10},
     # Nothing ever listens here.
     "funasr-dead": {"type": "funasr", "url": f"ws://127.0.0.1:{PORTS['dead']}/", "mode": "2pass", "timeout_s": 5},
+    # tests/standins/doubao.py: Volcengine sauc bigmodel; the app key picks the behaviour.
+    **{
+        name: {"type": "doubao", "url": f"ws://127.0.0.1:{PORTS['doubao']}/api/v3/sauc/{path}", "app_key": app_key, "api_key": token, "resource_id": "volc.bigasr.sauc.duration", "timeout_s": timeout}
+        for name, path, app_key, token, timeout in [
+            ("doubao", "bigmodel", "1234567890", "doubao-test-token", 10),
+            # The streaming-input endpoint: the only one that takes audio.language.
+            ("doubao-nostream", "bigmodel_nostream", "1234567890", "doubao-test-token", 10),
+            ("doubao-badkey", "bigmodel", "1234567890", "doubao-revoked-token", 10),
+            ("doubao-quota", "bigmodel", "quota", "doubao-test-token", 10),
+            ("doubao-badaudio", "bigmodel", "badaudio", "doubao-test-token", 10),
+            ("doubao-garbage", "bigmodel", "garbage", "doubao-test-token", 10),
+            # Slow on purpose: the stand-in never answers the last packet of app key "slow".
+            ("doubao-slow", "bigmodel", "slow", "doubao-test-token", 2),
+            ("doubao-die", "bigmodel", "die", "doubao-test-token", 10),
+            # Nothing ever listens here.
+            ("doubao-dead", "bigmodel", "1234567890", "doubao-test-token", 5),
+        ]
+    },
 }
+ENGINES["doubao-dead"]["url"] = f"ws://127.0.0.1:{PORTS['dead']}/api/v3/sauc/bigmodel"
 
 
 def env() -> dict[str, str]:
