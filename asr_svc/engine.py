@@ -117,9 +117,10 @@ class WhisperEngine:
         self.model = WhisperModel(path, device=device, compute_type=compute_type, cpu_threads=threads, local_files_only=True)
         log.info("whisper loaded", extra={"fields": {"model": model, "path": path, "language": self.language, "device": device, "compute_type": compute_type}})
 
-    def transcribe(self, audio: np.ndarray, language: str | None = None) -> Transcript:
+    def transcribe(self, audio: np.ndarray, language: str | None = None, hotwords: str | None = None) -> Transcript:
         """``language`` (a device's agent) overrides the configured one on a multilingual model;
-        an English-only model transcribes English whatever is asked."""
+        an English-only model transcribes English whatever is asked. ``hotwords`` (the agent's,
+        comma-separated) go to faster-whisper's ``hotwords``: text put before the prompt."""
         lang, prompt = self.language, self.initial_prompt
         if language and self.multilingual and language != self.language:
             lang = language
@@ -132,6 +133,7 @@ class WhisperEngine:
             condition_on_previous_text=False,
             vad_filter=False,
             without_timestamps=True,
+            hotwords=hotwords or None,
         )
         text = "".join(segment.text for segment in segments).strip()
         return Transcript(text=text, language=info.language, audio_s=len(audio) / 16000)

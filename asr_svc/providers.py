@@ -143,6 +143,9 @@ class WhisperAdapter:
         audio = int16_to_float(pcm)
         language = request.language if self.multilingual else None
         loop = asyncio.get_running_loop()
+        hotwords = ", ".join(request.hotwords) if request.hotwords else None
+        if hotwords:
+            return await loop.run_in_executor(self.pool, self.engine.transcribe, audio, language, hotwords)
         if self.batch_size > 1:
             future: asyncio.Future = loop.create_future()
             self._waiting.append((audio, language, future))

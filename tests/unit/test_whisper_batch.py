@@ -49,3 +49,13 @@ async def test_utterances_waiting_together_share_one_pass(base: WhisperEngine) -
         results = await asyncio.gather(*(adapter.transcribe(p, AsrRequest()) for p in pcm))
         assert adapter.batches == 1
         assert [words(r.text)[:2] for r in results] == [["what", "time"], ["goodbye", "see"], ["tell", "me"]]
+
+
+async def test_hotwords_reach_whisper_and_leave_the_words_alone(base: WhisperEngine) -> None:
+    """The agent's hotwords go in (faster-whisper's ``hotwords``); a question without them is
+    still heard as it was said."""
+    with ThreadPoolExecutor(1) as pool:
+        adapter = WhisperAdapter("base", base, pool, timeout_s=60, batch_size=8)
+        result = await adapter.transcribe(read_wav(fixture_wav("en_what_time.wav")), AsrRequest(hotwords=["Xiaozhi", "Erin"]))
+        assert words(result.text) == ["what", "time", "is", "it"]
+        assert adapter.batches == 0  # an utterance with hotwords goes alone
