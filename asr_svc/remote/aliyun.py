@@ -222,7 +222,14 @@ class AliyunStream:
             else:
                 self.finished.set_result(None)
         if self.error is not None:
-            await self.ws.close()
+            self._drop()
+
+    def _drop(self) -> None:
+        """Close the connection now, without the closing handshake (a server that stopped
+        reading must not hold the caller for ``close_timeout``)."""
+        transport = getattr(self.ws, "transport", None)
+        if transport is not None:
+            transport.abort()
 
     def _raise_if_failed(self) -> None:
         if self.error is not None:
@@ -251,8 +258,10 @@ class AliyunStream:
             raise EngineError("unavailable", f"connection closed before finish-task: {exc}") from exc
         try:
             await asyncio.shield(self.finished)
-        finally:
-            await self.ws.close()
+        except BaseException:
+            self._drop()
+            raise
+        await self.ws.close()
         joiner = "" if (self.language or "") in _NO_SPACE else " "
         text = joiner.join(part.strip() for part in self.finals).strip()
         log.info("aliyun task finished", extra={"fields": {"engine": self.engine.name, "task_id": self.task_id, "partials": self.partials, "sentences": len(self.finals)}})
@@ -260,10 +269,7 @@ class AliyunStream:
 
     async def cancel(self) -> None:
         self.reader.cancel()
-        try:
-            await self.ws.close()
-        except Exception:  # noqa: BLE001
-            pass
+        self._drop()
         if not self.finished.done():
             self.finished.cancel()
         elif not self.finished.cancelled():
@@ -297,7 +303,7 @@ class AliyunAsrEngine(StreamingEngine):
             log.debug("DashScope realtime ASR takes no per-request hotwords: the agent's are not sent (set vocabulary_id)", extra={"fields": {"engine": self.name}})
         language = language_hint(self.cfg.language or request.language)
         try:
-            ws = await connect(self.cfg.url, additional_headers=self._headers(), open_timeout=self.timeout_s, max_size=2**22)
+            ws = await connect(self.cfg.url, additional_headers=self._headers(), open_timeout=self.timeout_s, close_timeout=2, max_size=2**22)
         except InvalidStatus as exc:
             raise handshake_failure(exc.response.status_code, exc.response.body or b"") from exc
         except InvalidURI as exc:
@@ -319,7 +325,7 @@ class AliyunAsrEngine(StreamingEngine):
         except ConnectionClosed as exc:
             raise EngineError("unavailable", f"connection closed before task-started: {exc}") from exc
         except BaseException:
-            await ws.close()
+            ws.transport.abort()
             raise
         return AliyunStream(self, ws, task_id, language, on_partial)
 

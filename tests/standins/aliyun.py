@@ -93,10 +93,17 @@ def make_app(seen: list[dict] | None = None) -> web.Application:
     partial results sent."""
 
     async def inference(request: web.Request) -> web.StreamResponse:
+        try:
+            return await _inference(request)
+        except ConnectionResetError:  # the client dropped the connection: nothing to answer
+            return request["ws"]
+
+    async def _inference(request: web.Request) -> web.StreamResponse:
         scheme, _, key = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or key.strip() != GOOD_KEY:
             return web.json_response({"code": "InvalidApiKey", "message": "Invalid API-key provided.", "request_id": str(uuid.uuid4())}, status=401)
         ws = web.WebSocketResponse(max_msg_size=4 * 1024 * 1024)
+        request["ws"] = ws
         await ws.prepare(request)
         record: dict = {"headers": {k: v for k, v in request.headers.items() if k.lower() != "authorization"}, "partials": [], "final": None}
         if seen is not None:
