@@ -231,6 +231,12 @@ class AliyunStream:
         if transport is not None:
             transport.abort()
 
+    async def _diagnosis(self) -> None:
+        """The connection closed under a send: the reader has the frames that came before (a
+        task-failed says why); let it read them, then raise what it found."""
+        await asyncio.wait({self.reader}, timeout=2)
+        self._raise_if_failed()
+
     def _raise_if_failed(self) -> None:
         if self.error is not None:
             raise self.error
@@ -243,8 +249,7 @@ class AliyunStream:
         try:
             await self.ws.send(data)
         except ConnectionClosed as exc:
-            await asyncio.sleep(0)  # let the reader say why, if it knows
-            self._raise_if_failed()
+            await self._diagnosis()
             raise EngineError("unavailable", f"connection closed while sending audio: {exc}") from exc
         self.samples += len(pcm)
 
@@ -253,8 +258,7 @@ class AliyunStream:
         try:
             await self.ws.send(finish_task(self.task_id))
         except ConnectionClosed as exc:
-            await asyncio.sleep(0)
-            self._raise_if_failed()
+            await self._diagnosis()
             raise EngineError("unavailable", f"connection closed before finish-task: {exc}") from exc
         try:
             await asyncio.shield(self.finished)

@@ -28,7 +28,7 @@ got with the packaged Whisper (``language_hints[0]`` honoured) and, while audio 
 intermediate result (sentence_end false) for each further second of audio. Models select the
 other behaviours: ``quota`` (task-failed Throttling.AllocationQuota at run-task), ``ratelimit``
 (Throttling.RateQuota), ``bad-audio`` (task-failed InvalidParameter once audio comes: the code
-is the documented one, the message the stand-in's own), ``slow`` (never answers finish-task),
+is the documented one, the message the stand-in's own), ``slow`` (never answers finish-task: reads on until the client leaves),
 ``dies`` (drops the TCP connection after the first audio), ``garbage`` (answers the audio with
 binary noise and an HTML page).
 """
@@ -172,8 +172,7 @@ def make_app(seen: list[dict] | None = None) -> web.Application:
                     await ws.close()
                     return ws
                 if model == "slow":
-                    await asyncio.sleep(60)
-                    return ws
+                    continue  # never answers: reads on until the client gives up
                 if len(audio) % 2:
                     await ws.send_str(failed(task_id, "InvalidParameter", "pcm audio must be whole 16-bit samples"))
                     await ws.close()
