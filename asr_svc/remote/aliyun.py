@@ -272,6 +272,8 @@ class AliyunStream:
         return Transcript(text=text, language=self.language, audio_s=self.samples / SAMPLE_RATE)
 
     async def cancel(self) -> None:
+        if self.error is None:
+            self.error = EngineError("unavailable", "stream cancelled")
         self.reader.cancel()
         self._drop()
         if not self.finished.done():

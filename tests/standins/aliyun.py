@@ -46,6 +46,7 @@ from aiohttp import WSMsgType, web
 from tests.standins import whisper_text
 
 GOOD_KEY = "sk-aliyun-good"
+WS = web.RequestKey("ws", web.WebSocketResponse)
 PATH = "/api-ws/v1/inference"
 MODELS = ("paraformer-realtime-v2", "paraformer-realtime-8k-v2", "fun-asr-realtime", "quota", "ratelimit", "bad-audio", "slow", "dies", "garbage")
 
@@ -96,14 +97,14 @@ def make_app(seen: list[dict] | None = None) -> web.Application:
         try:
             return await _inference(request)
         except ConnectionResetError:  # the client dropped the connection: nothing to answer
-            return request["ws"]
+            return request[WS]
 
     async def _inference(request: web.Request) -> web.StreamResponse:
         scheme, _, key = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or key.strip() != GOOD_KEY:
             return web.json_response({"code": "InvalidApiKey", "message": "Invalid API-key provided.", "request_id": str(uuid.uuid4())}, status=401)
         ws = web.WebSocketResponse(max_msg_size=4 * 1024 * 1024)
-        request["ws"] = ws
+        request[WS] = ws
         await ws.prepare(request)
         record: dict = {"headers": {k: v for k, v in request.headers.items() if k.lower() != "authorization"}, "partials": [], "final": None}
         if seen is not None:
