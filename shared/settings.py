@@ -416,8 +416,18 @@ class AliyunAsrEngineSettings(_AsrEngineBase):
     """DashScope realtime ASR over its WebSocket task protocol (Paraformer, Fun-ASR)."""
 
     type: Literal["aliyun"] = "aliyun"
+    # Beijing: wss://dashscope.aliyuncs.com/api-ws/v1/inference (or the workspace domain
+    # wss://{WorkspaceId}.cn-beijing.maas.aliyuncs.com/api-ws/v1/inference); Singapore:
+    # wss://dashscope-intl.aliyuncs.com/api-ws/v1/inference. The key is the DashScope API key.
     url: str = "wss://dashscope.aliyuncs.com/api-ws/v1/inference"
-    model: str = "paraformer-realtime-v2"
+    model: str = "paraformer-realtime-v2"  # or fun-asr-realtime, paraformer-realtime-8k-v2, ...
+    # A hotword list made with DashScope's customization API (per-request hotwords do not exist).
+    vocabulary_id: str | None = None
+    language: str | None = None  # language_hints[0]; None: the agent's language
+    workspace: str | None = None  # X-DashScope-WorkSpace
+    data_inspection: bool = False  # X-DashScope-DataInspection: enable
+    # More run-task parameters as documented (e.g. max_sentence_silence, disfluency_removal_enabled).
+    parameters: dict[str, Any] = Field(default_factory=dict)
 
 
 AsrEngineSettings = Annotated[

@@ -15,6 +15,8 @@ from xiaozhi.stack import free_port
 
 PORTS: dict[str, int] = {name: free_port() for name in ("openai", "dead", "funasr", "doubao", "aliyun")}
 
+ALIYUN = f"ws://127.0.0.1:{PORTS['aliyun']}/api-ws/v1/inference"
+
 ENGINES: dict[str, dict] = {
     # tests/standins/openai_asr.py: POST /v1/audio/transcriptions.
     "openai": {"type": "openai", "base_url": f"http://127.0.0.1:{PORTS['openai']}/v1", "model": "whisper-1", "api_key": "sk-test-good", "timeout_s": 10},
@@ -57,6 +59,16 @@ ENGINES: dict[str, dict] = {
             ("doubao-dead", "bigmodel", "1234567890", "doubao-test-token", 5),
         ]
     },
+    # tests/standins/aliyun.py: DashScope realtime ASR, wss://.../api-ws/v1/inference.
+    "aliyun": {"type": "aliyun", "url": ALIYUN, "model": "paraformer-realtime-v2", "api_key": "sk-aliyun-good", "vocabulary_id": "vocab-xiaozhi-0001", "timeout_s": 20},
+    "aliyun-badkey": {"type": "aliyun", "url": ALIYUN, "api_key": "sk-aliyun-revoked", "timeout_s": 10},
+    "aliyun-quota": {"type": "aliyun", "url": ALIYUN, "model": "quota", "api_key": "sk-aliyun-good", "timeout_s": 10},
+    "aliyun-badaudio": {"type": "aliyun", "url": ALIYUN, "model": "bad-audio", "api_key": "sk-aliyun-good", "timeout_s": 10},
+    "aliyun-garbage": {"type": "aliyun", "url": ALIYUN, "model": "garbage", "api_key": "sk-aliyun-good", "timeout_s": 10},
+    # Slow on purpose: the stand-in never answers finish-task for model "slow".
+    "aliyun-slow": {"type": "aliyun", "url": ALIYUN, "model": "slow", "api_key": "sk-aliyun-good", "timeout_s": 2},
+    "aliyun-dies": {"type": "aliyun", "url": ALIYUN, "model": "dies", "api_key": "sk-aliyun-good", "timeout_s": 10},
+    "aliyun-dead": {"type": "aliyun", "url": f"ws://127.0.0.1:{PORTS['dead']}/api-ws/v1/inference", "api_key": "sk-aliyun-good", "timeout_s": 5},
 }
 ENGINES["doubao-dead"]["url"] = f"ws://127.0.0.1:{PORTS['dead']}/api/v3/sauc/bigmodel"
 
