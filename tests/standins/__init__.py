@@ -20,6 +20,7 @@ _ENGINES: dict[str, Any] = {}
 _LOCK = threading.Lock()
 # Seconds the stand-ins spent in Whisper (the vendor's own work), for bench/asr_engines.py.
 WHISPER_SECONDS = [0.0]
+LAST_WHISPER_S = [0.0]  # how long the latest call took (the final text's, once an answer is out)
 
 
 def whisper_text(pcm: np.ndarray, language: str | None = None) -> str:
@@ -38,6 +39,7 @@ def whisper_text(pcm: np.ndarray, language: str | None = None) -> str:
             return engine.transcribe(int16_to_float(pcm), language).text.strip()
         finally:
             WHISPER_SECONDS[0] += time.perf_counter() - started
+            LAST_WHISPER_S[0] = time.perf_counter() - started
 
 
 class ThreadedServer:
