@@ -58,6 +58,9 @@ class LiveUplink:
         self.sent = 0  # packets of the utterance published so far
         self.claim: asyncio.Task | None = None
         self.over = False  # ended or cancelled: nothing more is sent
+        # The claim's task and the audio loop both send: one at a time, so every packet goes
+        # once and in order.
+        self.sending = asyncio.Lock()
 
 
 class SessionStream:
@@ -363,9 +366,11 @@ class VadWorker:
             log.debug("live packet publish failed: %s", exc)
 
     async def _live_send(self, stream: SessionStream, live: LiveUplink, packets: list[bytes]) -> None:
-        while live.sent < len(packets):
-            await self._live_publish(stream, live, packets[live.sent], {"Xz-Seq": str(live.sent)})
-            live.sent += 1
+        async with live.sending:
+            while live.sent < len(packets):
+                seq = live.sent
+                live.sent += 1
+                await self._live_publish(stream, live, packets[seq], {"Xz-Seq": str(seq)})
 
     async def _live_cancel(self, stream: SessionStream, live: LiveUplink) -> None:
         live.over = True
@@ -383,7 +388,8 @@ class VadWorker:
         if live.worker is None:
             return live.turn_id, ""  # the claim is still on its way: it will be cancelled
         await self._live_send(stream, live, packets)
-        await self._live_publish(stream, live, b"", {"Xz-End": str(len(packets))})
+        async with live.sending:
+            await self._live_publish(stream, live, b"", {"Xz-End": str(len(packets))})
         LIVE.labels("ended").inc()
         return live.turn_id, live.worker
 
