@@ -49,7 +49,7 @@ tools:
 	fi
 
 test: install tools
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=30
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit

@@ -45,9 +45,22 @@ def engine_records(pipeline, session_id: str) -> list[dict]:
 
 
 async def spoken_turn(pipeline, wav: str, **agent):
+    """One spoken turn from a fresh device with this agent. What these tests judge is the
+    transcript; the reply is heard starting (its first frames), then the device aborts it, as
+    a user pressing the button would, so the suite does not wait out every answer."""
     device_id = await device_with(pipeline, **agent)
     async with SimDevice(ws_url=pipeline.ws_url, device_id=device_id) as device:
-        report = await device.speak(read_wav(fixture_wav(wav)), reply_timeout=90)
+        mark = len(device.received)
+
+        async def abort_when_heard() -> None:
+            if await device.wait_for(lambda r: r.kind == "audio", timeout=90, start_index=mark) is not None:
+                await device.abort()
+
+        watcher = asyncio.create_task(abort_when_heard())
+        try:
+            report = await device.speak(read_wav(fixture_wav(wav)), reply_timeout=90)
+        finally:
+            watcher.cancel()
         return report, device.session_id
 
 

@@ -63,7 +63,9 @@ class ThreadedServer:
             app = self.make_app()
             if asyncio.iscoroutine(app):
                 app = await app
-            self._runner = web.AppRunner(app)
+            # A stand-in holding a request open on purpose (a slow vendor) must not hold up
+            # the test's teardown: connections get a second to finish.
+            self._runner = web.AppRunner(app, shutdown_timeout=1.0)
             await self._runner.setup()
             await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
 
@@ -87,7 +89,14 @@ class ThreadedServer:
 
     def stop(self) -> None:
         if self._thread.is_alive():
-            self.loop.call_soon_threadsafe(self.loop.stop)
+
+            async def halt() -> None:
+                for task in asyncio.all_tasks(self.loop):
+                    if task is not asyncio.current_task():
+                        task.cancel()  # handlers still waiting (slow, never-answering vendors)
+                self.loop.stop()
+
+            asyncio.run_coroutine_threadsafe(halt(), self.loop)
             self._thread.join(10)
 
     def __enter__(self) -> "ThreadedServer":
