@@ -167,10 +167,7 @@ class LiveStreams:
             except ValueError:
                 count = -1
             if count != entry.next_seq:
-                entry.failed = "gap"
-                entry.error = f"{entry.next_seq} of {count} packets"
-                await self._unsubscribe(entry)
-                await entry.stream.cancel()
+                await self._fail(entry, "gap", f"{entry.next_seq} of {count} packets")
                 return
             await self._unsubscribe(entry)
             entry.result = asyncio.create_task(self._finish(entry))
@@ -180,10 +177,7 @@ class LiveStreams:
         except ValueError:
             seq = -1
         if seq != entry.next_seq:
-            entry.failed = "gap"
-            entry.error = f"packet {seq} where {entry.next_seq} was due"
-            await self._unsubscribe(entry)
-            await entry.stream.cancel()
+            await self._fail(entry, "gap", f"packet {seq} where {entry.next_seq} was due")
             return
         entry.next_seq += 1
         try:
@@ -194,11 +188,14 @@ class LiveStreams:
         try:
             await entry.stream.send(pcm)
         except Exception as exc:  # noqa: BLE001 - the engine broke mid-utterance
-            entry.failed = "engine_failed"
-            entry.error = str(exc)[:300]
             entry.reason = exc.reason if isinstance(exc, EngineError) else "error"
-            await self._unsubscribe(entry)
-            await entry.stream.cancel()
+            await self._fail(entry, "engine_failed", str(exc)[:300])
+
+    async def _fail(self, entry: Live, why: str, error: str) -> None:
+        """The stream can give no final text (the turn's audio is transcribed whole instead)."""
+        entry.failed, entry.error = why, error
+        await self._unsubscribe(entry)
+        await entry.stream.cancel()
 
     async def _finish(self, entry: Live) -> Transcript:
         engine = await self.engines.get(entry.engine)

@@ -26,6 +26,7 @@ from typing import Any, Awaitable, Callable, Protocol
 import numpy as np
 
 from asr_svc.engine import Transcript, WhisperEngine
+from asr_svc.metrics import BATCH_SIZE, ENGINE_CALLS, ENGINE_SECONDS, FALLBACKS
 from shared.audio import int16_to_float
 from shared.metrics import ERRORS
 from shared.settings import STREAMING_ASR_TYPES, AsrSettings
@@ -157,8 +158,6 @@ class WhisperAdapter:
         return await loop.run_in_executor(self.pool, self.engine.transcribe, audio)
 
     async def _run_batches(self) -> None:
-        from asr_svc.metrics import BATCH_SIZE
-
         loop = asyncio.get_running_loop()
         while self._waiting:
             await asyncio.sleep(self.BATCH_WAIT_S)
@@ -287,8 +286,6 @@ class EngineSet:
         """Text of the utterance and the engine that produced it; :class:`AsrFailed` when
         neither the chosen engine nor the fallback could. ``chosen_failed``: the chosen engine
         already failed on this audio (its stream, for that reason): only the fallback is asked."""
-        from asr_svc.metrics import ENGINE_CALLS, ENGINE_SECONDS, FALLBACKS
-
         chosen = self.choose(name)
         fallback = self.fallback_for(chosen)
         tried: list[tuple[str, str]] = []

@@ -13,7 +13,7 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from asr_svc.metrics import CORRECTIONS, IN_FLIGHT, RTF, SECONDS, UTTERANCES
+from asr_svc.metrics import CORRECTIONS, ENGINE_CALLS, IN_FLIGHT, RTF, SECONDS, UTTERANCES
 from asr_svc.live import LIVE, LiveStreams, StreamFailed
 from asr_svc.providers import AsrFailed, AsrRequest, Engine, EngineSet
 from shared import logging as xlog
@@ -164,8 +164,6 @@ class AsrWorker:
                     return await self.engines.transcribe(name, pcm, request, chosen_failed=exc.engine_reason or "error", chosen_error=str(exc))
             else:
                 LIVE.labels("streamed").inc()
-                from asr_svc.metrics import ENGINE_CALLS
-
                 ENGINE_CALLS.labels(chosen, "ok").inc()
                 return transcript, chosen
         return await self.engines.transcribe(name, pcm, request)

@@ -269,6 +269,22 @@ def violation(errors: list[str]) -> bool:
     return any("permissions violation" in e.lower() for e in errors)
 
 
+async def device_with_agent(pipeline, **agent) -> str:
+    """A fresh device id whose agent (in the manager's KV bucket) is ``agent``, e.g.
+    asr_model, language; memory is off."""
+    from shared.agents import AgentConfig, save_agent
+    from xiaozhi.sim import random_mac
+
+    device_id = random_mac()
+    client = NATS()
+    await client.connect(pipeline.nats_url)
+    try:
+        await save_agent(await client.jetstream().key_value("xz_agents"), device_id, AgentConfig(memory=agent.pop("memory", "none"), **agent))
+    finally:
+        await client.close()
+    return device_id
+
+
 def log_records(text: str, msg: str, session_id: str | None = None) -> list[dict]:
     """A service log's JSON records with this ``msg`` (and session), oldest first."""
     out = []

@@ -16,11 +16,9 @@ from asr_svc.providers import AsrRequest, EngineError
 from asr_svc.remote.aliyun import AliyunAsrEngine
 from shared.settings import AliyunAsrEngineSettings
 from tests.conftest import fixture_wav, log_records
-from tests.e2e.test_asr_engines import engine_records, spoken_turn
-from tests.standins import ThreadedServer
+from tests.e2e.asr_checks import assert_falls_back, engine_records, serving, spoken_turn
 from tests.standins import aliyun
 from tests.standins import engines as standin
-from xiaozhi import prom
 from xiaozhi.sim import read_wav
 
 pytestmark = pytest.mark.e2e
@@ -28,8 +26,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def aliyun_standin():
-    seen: list[dict] = []
-    with ThreadedServer(lambda: aliyun.make_app(seen), standin.PORTS["aliyun"]):
+    with serving(aliyun, "aliyun") as seen:
         yield seen
 
 
@@ -128,18 +125,7 @@ async def test_a_cancelled_stream_closes(aliyun_standin):
     ],
 )
 async def test_a_failing_aliyun_engine_falls_back_to_the_built_in_whisper(pipeline, aliyun_standin, engine, reason):
-    before = await asyncio.to_thread(prom.scrape, pipeline.metrics["asr"])
-    report, session = await spoken_turn(pipeline, "en_what_time.wav", asr_model=engine)
-    assert report.stt == "What time is it?", report
-    assert report.frames > 0
-    (record,) = engine_records(pipeline, session)
-    assert record["engine"] == "tiny.en"  # the fallback answered
-    failures = log_records(pipeline.log("asr"), "ASR engine failed", session)
-    assert [(r["engine"], r["reason"]) for r in failures] == [(engine, reason)], failures
-    after = await asyncio.to_thread(prom.scrape, pipeline.metrics["asr"])
-    window = prom.delta(after, before)
-    assert prom.value(window, "xz_asr_fallbacks_total", engine=engine, reason=reason) == 1
-    assert prom.value(window, "xz_asr_engine_calls_total", engine=engine, outcome=reason) == 1
+    await assert_falls_back(pipeline, engine, reason)
 
 
 @pytest.mark.parametrize(

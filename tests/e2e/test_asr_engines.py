@@ -5,63 +5,20 @@ answers, counted and logged; with no fallback the device hears the spoken sorry.
 
 from __future__ import annotations
 
-import asyncio
 
 import pytest
-from nats.aio.client import Client as NATS
 
-from shared.agents import AgentConfig, save_agent
-from tests.conftest import fixture_wav, log_records
-from tests.standins import ThreadedServer
-from tests.standins import engines as standin
+from tests.conftest import log_records
+from tests.e2e.asr_checks import assert_falls_back, engine_records, serving, spoken_turn
 from tests.standins import openai_asr
-from xiaozhi import prom
-from xiaozhi.sim import SimDevice, random_mac, read_wav
 
 pytestmark = pytest.mark.e2e
 
 
-async def device_with(pipeline, **agent) -> str:
-    """A fresh device id whose agent is ``agent`` (e.g. asr_model, language)."""
-    device_id = random_mac()
-    nc = NATS()
-    await nc.connect(pipeline.nats_url)
-    try:
-        await save_agent(await nc.jetstream().key_value("xz_agents"), device_id, AgentConfig(memory="none", **agent))
-    finally:
-        await nc.close()
-    return device_id
-
-
 @pytest.fixture(scope="module")
 def openai_standin():
-    seen: list[dict] = []
-    with ThreadedServer(lambda: openai_asr.make_app(seen), standin.PORTS["openai"]):
+    with serving(openai_asr, "openai") as seen:
         yield seen
-
-
-def engine_records(pipeline, session_id: str) -> list[dict]:
-    return log_records(pipeline.log("asr"), "transcript", session_id)
-
-
-async def spoken_turn(pipeline, wav: str, **agent):
-    """One spoken turn from a fresh device with this agent. What these tests judge is the
-    transcript; the reply is heard starting (its first frames), then the device aborts it, as
-    a user pressing the button would, so the suite does not wait out every answer."""
-    device_id = await device_with(pipeline, **agent)
-    async with SimDevice(ws_url=pipeline.ws_url, device_id=device_id) as device:
-        mark = len(device.received)
-
-        async def abort_when_heard() -> None:
-            if await device.wait_for(lambda r: r.kind == "audio", timeout=90, start_index=mark) is not None:
-                await device.abort()
-
-        watcher = asyncio.create_task(abort_when_heard())
-        try:
-            report = await device.speak(read_wav(fixture_wav(wav)), reply_timeout=90)
-        finally:
-            watcher.cancel()
-        return report, device.session_id
 
 
 async def test_an_agent_on_the_openai_engine_is_transcribed_there(pipeline, openai_standin):
@@ -89,18 +46,7 @@ async def test_mandarin_on_the_openai_engine(pipeline, openai_standin):
     [("openai-badkey", "auth"), ("openai-quota", "quota"), ("openai-garbage", "protocol"), ("openai-slow", "timeout"), ("dead", "unavailable")],
 )
 async def test_a_failing_engine_falls_back_to_the_built_in_whisper(pipeline, openai_standin, engine, reason):
-    before = await asyncio.to_thread(prom.scrape, pipeline.metrics["asr"])
-    report, session = await spoken_turn(pipeline, "en_what_time.wav", asr_model=engine)
-    assert report.stt == "What time is it?", report
-    assert report.frames > 0
-    (record,) = engine_records(pipeline, session)
-    assert record["engine"] == "tiny.en"  # the fallback answered
-    failures = [r for r in log_records(pipeline.log("asr"), "ASR engine failed", session)]
-    assert [(r["engine"], r["reason"]) for r in failures] == [(engine, reason)], failures
-    after = await asyncio.to_thread(prom.scrape, pipeline.metrics["asr"])
-    window = prom.delta(after, before)
-    assert prom.value(window, "xz_asr_fallbacks_total", engine=engine, reason=reason) == 1
-    assert prom.value(window, "xz_asr_engine_calls_total", engine=engine, outcome=reason) == 1
+    await assert_falls_back(pipeline, engine, reason)
 
 
 async def test_the_bad_key_error_names_the_vendors_answer(pipeline, openai_standin):

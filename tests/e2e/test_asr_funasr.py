@@ -7,24 +7,19 @@ logged."""
 
 from __future__ import annotations
 
-import asyncio
 
 import pytest
 
 from tests.conftest import log_records
-from tests.e2e.test_asr_engines import engine_records, spoken_turn
-from tests.standins import ThreadedServer
-from tests.standins import engines as standin
+from tests.e2e.asr_checks import assert_falls_back, engine_records, serving, spoken_turn
 from tests.standins import funasr
-from xiaozhi import prom
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def funasr_standin():
-    seen: list[dict] = []
-    with ThreadedServer(lambda: funasr.make_app(seen), standin.PORTS["funasr"]):
+    with serving(funasr, "funasr") as seen:
         yield seen
 
 
@@ -69,18 +64,7 @@ async def test_2pass_partials_while_the_audio_streams_then_the_final(pipeline, f
     [("funasr-slow", "timeout"), ("funasr-die", "server"), ("funasr-garbage", "protocol"), ("funasr-empty", "server"), ("funasr-notext", "protocol"), ("funasr-dead", "unavailable")],
 )
 async def test_a_failing_funasr_server_falls_back_to_the_built_in_whisper(pipeline, funasr_standin, engine, reason):
-    before = await asyncio.to_thread(prom.scrape, pipeline.metrics["asr"])
-    report, session = await spoken_turn(pipeline, "en_what_time.wav", asr_model=engine)
-    assert report.stt == "What time is it?", report
-    assert report.frames > 0
-    (record,) = engine_records(pipeline, session)
-    assert record["engine"] == "tiny.en"  # the fallback answered
-    failures = log_records(pipeline.log("asr"), "ASR engine failed", session)
-    assert [(r["engine"], r["reason"]) for r in failures] == [(engine, reason)], failures
-    after = await asyncio.to_thread(prom.scrape, pipeline.metrics["asr"])
-    window = prom.delta(after, before)
-    assert prom.value(window, "xz_asr_fallbacks_total", engine=engine, reason=reason) == 1
-    assert prom.value(window, "xz_asr_engine_calls_total", engine=engine, outcome=reason) == 1
+    await assert_falls_back(pipeline, engine, reason)
 
 
 @pytest.mark.parametrize(

@@ -19,8 +19,7 @@ from shared.audio import encode_pcm
 from shared.settings import Settings
 from shared.subjects import Subjects
 from tests.conftest import fixture_wav, log_records
-from tests.e2e.test_asr_engines import engine_records, spoken_turn
-from tests.standins import ThreadedServer
+from tests.e2e.asr_checks import engine_records, serving, spoken_turn
 from tests.standins import engines as standin
 from tests.standins import funasr
 from xiaozhi import prom
@@ -31,8 +30,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def funasr_standin():
-    seen: list[dict] = []
-    with ThreadedServer(lambda: funasr.make_app(seen), standin.PORTS["funasr"]):
+    with serving(funasr, "funasr") as seen:
         yield seen
 
 

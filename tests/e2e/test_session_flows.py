@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import fixture_wav, log_records, start_gateway
+from tests.conftest import device_with_agent, fixture_wav, log_records, start_gateway
 from xiaozhi.sim import SimDevice, read_wav
 
 pytestmark = pytest.mark.e2e
@@ -92,18 +92,7 @@ async def test_wake_word_and_question_in_one_breath_is_answered(pipeline):
 async def test_wake_word_and_question_in_one_breath_in_mandarin(pipeline):
     """你好小智，现在几点了 without a pause, for an agent that hears Mandarin (the multilingual
     model): the question is transcribed and answered, no greeting."""
-    from nats.aio.client import Client as NATS
-
-    from shared.agents import AgentConfig, save_agent
-    from xiaozhi.sim import random_mac
-
-    device_id = random_mac()
-    nc = NATS()
-    await nc.connect(pipeline.nats_url)
-    try:
-        await save_agent(await nc.jetstream().key_value("xz_agents"), device_id, AgentConfig(memory="none", language="zh", asr_model="base"))
-    finally:
-        await nc.close()
+    device_id = await device_with_agent(pipeline, language="zh", asr_model="base")
     question = read_wav(fixture_wav("zh_what_time.wav"))[960:]  # from its first syllable (0.08 s)
     async with SimDevice(ws_url=pipeline.ws_url, device_id=device_id) as device:
         mark = await wake_then(device, "你好小智", question)
@@ -118,18 +107,7 @@ async def test_wake_word_said_twice_in_one_breath_gets_the_greeting(pipeline):
     """你好小智，你好小智 without a pause: speech went on after the wake word (the VAD says
     "more", so no greeting yet), but the transcript is the wake word alone. That is no question:
     the greeting, not an LLM answer to the wake word, and not silence."""
-    from nats.aio.client import Client as NATS
-
-    from shared.agents import AgentConfig, save_agent
-    from xiaozhi.sim import random_mac
-
-    device_id = random_mac()
-    nc = NATS()
-    await nc.connect(pipeline.nats_url)
-    try:
-        await save_agent(await nc.jetstream().key_value("xz_agents"), device_id, AgentConfig(memory="none", language="zh", asr_model="base"))
-    finally:
-        await nc.close()
+    device_id = await device_with_agent(pipeline, language="zh", asr_model="base")
     again = read_wav(fixture_wav("zh_wake.wav"))
     async with SimDevice(ws_url=pipeline.ws_url, device_id=device_id) as device:
         mark = await wake_then(device, "你好小智", again)
