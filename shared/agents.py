@@ -75,6 +75,8 @@ class AgentConfig(BaseModel):
     name: str = "Xiaozhi"
     role_prompt: str | None = None  # None: the LLM stage's configured system prompt
     voice: str | None = None  # a Piper voice path; None: the TTS default
+    # A named TTS engine (tts.engines: "piper", "zh", ...); None: the reply language's engine.
+    tts_engine: str | None = None
     language: str | None = None  # e.g. "en", "zh"; None: the ASR's language
     memory: Literal["none", "short", "summary"] = "short"
     # Server tools this agent may use (None: all). Device tools are always the device's own.

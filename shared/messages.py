@@ -152,6 +152,10 @@ class SentenceJob(Message):
     seq: int
     text: str
     voice: str | None = None
+    # The named TTS engine (tts.engines) the agent chose; None: by ``language``, else tts.engine.
+    engine: str | None = None
+    # The reply's language (the agent's, else the one the ASR heard): picks a voice that speaks it.
+    language: str | None = None
     # Keep the frames for reuse (fixed phrases such as the wake-word greeting).
     cache: bool = False
     sample_rate: int = 24000
@@ -259,6 +263,9 @@ class ToolCall(Message):
     sample_rate: int = 24000
     frame_duration: int = 60
     voice: str | None = None
+    engine: str | None = None  # the agent's TTS engine, for what the tool says itself
+    # The reply's language ("zh", "en"...; None: English): tools answer in it.
+    language: str | None = None
     # What the user said this turn (context for tools whose arguments a small model may miss).
     utterance: str = ""
 

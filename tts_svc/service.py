@@ -28,7 +28,7 @@ from shared.settings import Settings
 from shared.subjects import QUEUE_TTS, Subjects, session_from_subject
 from shared.voices import VoiceRefused, resolve_voice
 from shared.workqueue import WorkPuller
-from tts_svc.engine import PiperEngine, TtsEngine
+from tts_svc.engine import PiperEngine, TtsEngine, build_engine
 
 log = logging.getLogger("tts_svc")
 
@@ -37,6 +37,8 @@ SENTENCE_SECONDS = histogram("xz_tts_sentence_seconds", "Time to synthesise and 
 RTF = histogram("xz_tts_real_time_factor", "Synthesis time divided by audio duration")
 SENTENCES = Counter("xz_tts_sentences_total", "Sentences synthesised, by outcome", ["outcome"])
 IN_FLIGHT = Gauge("xz_tts_in_flight", "Sentences being synthesised now")
+ENGINE_SENTENCES = Counter("xz_tts_engine_sentences_total", "Sentences by the engine that spoke them", ["engine"])
+FALLBACKS = Counter("xz_tts_fallbacks_total", "Sentences the chosen engine could not speak, handed to tts.fallback", ["engine", "reason"])
 
 _DONE = object()
 
@@ -60,7 +62,13 @@ class TtsWorker:
     def __init__(self, settings: Settings, engine: TtsEngine | None = None) -> None:
         self.settings = settings
         self.subjects = Subjects(settings.nats.prefix)
-        self.engine = engine or PiperEngine(settings.tts.voice, settings.tts.length_scale)
+        # Named engines (tts.engines and the built-in ones), each built at its first sentence.
+        self._specs = settings.tts.engine_specs()
+        self._engines: dict[str, TtsEngine] = {}
+        if engine is not None:
+            self._engines[settings.tts.engine] = engine
+        self._engine_lock = threading.Lock()
+        self._broken: dict[str, str] = {}  # engine name -> why it could not be built
         # Chosen voices (tts.voices names) loaded, least recently used first, at most
         # tts.max_loaded_voices; refused voices already logged (bounded).
         self._voices: OrderedDict[str, TtsEngine] = OrderedDict()
@@ -106,12 +114,76 @@ class TtsWorker:
         with xlog.bind(session_id=job.session_id, turn_id=job.turn_id):
             await self._synthesise(job)
 
-    def health(self) -> dict[str, Any]:
-        return {"ok": True, "voice": getattr(self.engine, "name", "custom"), "loaded_voices": list(self._voices)}
+    @property
+    def engine(self) -> TtsEngine:
+        """The default engine (``tts.engine``)."""
+        return self._named(self.settings.tts.engine)
 
-    def _render(self, text: str, voice: str | None, sample_rate: int, frame_duration: int) -> Iterator[bytes]:
-        """Synthesise ``text`` into Opus frames of the device's format (runs in the pool)."""
-        engine = self._engine_for(voice)
+    def _named(self, name: str) -> TtsEngine:
+        """Engine ``name``, built at first use; raises when it cannot be built (remembered)."""
+        with self._engine_lock:
+            engine = self._engines.get(name)
+            if engine is not None:
+                return engine
+            if name in self._broken:
+                raise RuntimeError(self._broken[name])
+            spec = self._specs.get(name)
+            if spec is None:
+                raise KeyError(f"no TTS engine named {name!r}")
+            try:
+                engine = build_engine(spec)
+            except Exception as exc:  # noqa: BLE001 - a missing voice file: counted, the fallback speaks
+                self._broken[name] = f"TTS engine {name!r} ({spec.type}) not usable: {exc}"
+                log.error("%s", self._broken[name])
+                raise RuntimeError(self._broken[name]) from exc
+            self._engines[name] = engine
+            return engine
+
+    def engine_name(self, engine: str | None, language: str | None) -> str:
+        """Which named engine speaks: the agent's choice, else the reply language's
+        (``tts.languages``), else ``tts.engine``. An unknown name is counted and logged."""
+        tts = self.settings.tts
+        if engine and engine != "default":
+            if engine in self._specs:
+                return engine
+            self._fallback(f"engine:{engine}", "unknown_engine", f"TTS engine {engine[:60]!r} is not one of {sorted(self._specs)}")
+        if language:
+            by_language = tts.languages.get(language.split("-")[0].lower())
+            if by_language:
+                return by_language
+        return tts.engine
+
+    def health(self) -> dict[str, Any]:
+        return {"ok": True, "engine": self.settings.tts.engine, "loaded_engines": list(self._engines), "broken_engines": self._broken, "loaded_voices": list(self._voices)}
+
+    def _render(self, text: str, voice: str | None, sample_rate: int, frame_duration: int, engine_name: str | None = None, language: str | None = None) -> Iterator[bytes]:
+        """Synthesise ``text`` into Opus frames of the device's format (runs in the pool).
+
+        A voice (tts.voices) is a Piper voice; otherwise the named engine speaks (see
+        ``engine_name``). When that engine fails before its first frame, ``tts.fallback``
+        speaks the sentence instead (counted): the device never gets silence for it."""
+        name = self.engine_name(engine_name, language)
+        if voice and voice != "default":
+            yield from self._encode(self._engine_for(voice), text, sample_rate, frame_duration)
+            ENGINE_SENTENCES.labels("piper").inc()
+            return
+        fallback = self.settings.tts.fallback
+        produced = False
+        try:
+            for frame in self._encode(self._named(name), text, sample_rate, frame_duration):
+                produced = True
+                yield frame
+            ENGINE_SENTENCES.labels(name).inc()
+            return
+        except Exception as exc:  # noqa: BLE001 - any engine failure: the fallback, or the error
+            if produced or not fallback or fallback == name:
+                raise
+            FALLBACKS.labels(name, type(exc).__name__).inc()
+            log.warning("TTS engine failed, the fallback speaks: %s", exc, extra={"fields": {"engine": name, "fallback": fallback}})
+        yield from self._encode(self._named(fallback), text, sample_rate, frame_duration)
+        ENGINE_SENTENCES.labels(fallback).inc()
+
+    def _encode(self, engine: TtsEngine, text: str, sample_rate: int, frame_duration: int) -> Iterator[bytes]:
         encoder = OpusEncoder(sample_rate, frame_duration)
         resampler = Resampler(engine.sample_rate, sample_rate)
         cutter = FrameCutter(encoder.frame_samples)
@@ -134,7 +206,7 @@ class TtsWorker:
             except Exception as exc:  # noqa: BLE001 - a bad greeting voice must not stop the worker
                 log.warning("could not pre-render a phrase: %s", exc, extra={"fields": {"text": text[:60]}})
                 continue
-            self._clips[(voice or "", text, gw.sample_rate, gw.frame_duration)] = frames
+            self._clips[(voice or "", self.engine_name(None, None), text, gw.sample_rate, gw.frame_duration)] = frames
 
     def _engine_for(self, voice: str | None) -> TtsEngine:
         """The engine of a configured voice name (tts.voices), loaded at its first sentence and
@@ -195,7 +267,7 @@ class TtsWorker:
         queue: asyncio.Queue[Any] = asyncio.Queue()
         started = time.perf_counter()
         await self.nc.publish(out, OutEvent(kind="sentence_start", session_id=job.session_id, turn_id=job.turn_id, seq=job.seq, text=job.text).encode())
-        clip_key = (job.voice or "", job.text, job.sample_rate, job.frame_duration)
+        clip_key = (job.voice or "", self.engine_name(job.engine, job.language), job.text, job.sample_rate, job.frame_duration)
         if job.cache and clip_key in self._clips:
             frames = self._clips[clip_key]
             self._clips.move_to_end(clip_key)
@@ -210,7 +282,7 @@ class TtsWorker:
 
         def work() -> None:
             try:
-                for frame in self._render(job.text, job.voice, job.sample_rate, job.frame_duration):
+                for frame in self._render(job.text, job.voice, job.sample_rate, job.frame_duration, job.engine, job.language):
                     loop.call_soon_threadsafe(queue.put_nowait, frame)
             except Exception as exc:  # noqa: BLE001
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
@@ -249,4 +321,4 @@ class TtsWorker:
         if audio_s:
             RTF.observe(elapsed / audio_s)
         SENTENCES.labels("error" if failed else "ok").inc()
-        log.info("sentence", extra={"fields": {"seq": job.seq, "frames": index, "seconds": round(elapsed, 3), "text": job.text[:80]}})
+        log.info("sentence", extra={"fields": {"seq": job.seq, "engine": "piper" if job.voice and job.voice != "default" else self.engine_name(job.engine, job.language), "frames": index, "seconds": round(elapsed, 3), "text": job.text[:80]}})

@@ -88,7 +88,7 @@ async def call(request: ToolCall, context: dict[str, Any]) -> ToolResult:
         return ToolResult(name=SPEC.name, action="response", text="Sorry, I have no music to play yet.")
     nc, subjects = context["nc"], context["subjects"]
     name = title(song)
-    intro = SentenceJob(session_id=request.session_id, turn_id=request.turn_id, seq=request.seq, text=f"Now playing {name}.", voice=request.voice, sample_rate=request.sample_rate, frame_duration=request.frame_duration)
+    intro = SentenceJob(session_id=request.session_id, turn_id=request.turn_id, seq=request.seq, text=f"Now playing {name}.", voice=request.voice, engine=request.engine, language=request.language, sample_rate=request.sample_rate, frame_duration=request.frame_duration)
     try:
         await publish_work(nc, subjects.tts(request.session_id), intro.encode(), context["work"].publish_timeout_s)
     except (StageBusy, StageUnavailable) as exc:

@@ -1,0 +1,127 @@
+"""What the system itself says, in every language an agent can pick (``llm_svc.prompt.LANGUAGES``).
+
+Fixed phrases (the greeting, "busy", "sorry", the farewell) and tool answers such as the time
+are written here per language, so a Chinese agent never speaks an English template. A language
+not listed falls back to English.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+LANGUAGES = ("en", "zh", "de", "fr", "es", "ja", "ko")
+
+# Fixed phrases by language. The gateway's own settings (gateway.busy_text, ...) are the English
+# ones and, where an operator changed them, replace the English entry.
+PHRASES: dict[str, dict[str, str]] = {
+    "en": {
+        "greeting": "Hi, I'm listening.",
+        "busy": "Sorry, I'm busy right now. Please try again in a moment.",
+        "sorry": "Sorry, something went wrong. Please try again.",
+        "farewell": "Goodbye, talk to you soon.",
+        "not_understood": "Sorry, I didn't catch that.",
+    },
+    "zh": {
+        "greeting": "你好，我在听。",
+        "busy": "抱歉，我现在有点忙，请稍后再试。",
+        "sorry": "抱歉，出了点问题，请再试一次。",
+        "farewell": "再见，下次再聊。",
+        "not_understood": "抱歉，我没听清楚。",
+    },
+    "de": {
+        "greeting": "Hallo, ich höre zu.",
+        "busy": "Entschuldigung, ich bin gerade beschäftigt. Bitte versuch es gleich noch einmal.",
+        "sorry": "Entschuldigung, da ist etwas schiefgegangen. Bitte versuch es noch einmal.",
+        "farewell": "Tschüss, bis bald.",
+        "not_understood": "Entschuldigung, das habe ich nicht verstanden.",
+    },
+    "fr": {
+        "greeting": "Bonjour, je vous écoute.",
+        "busy": "Désolé, je suis occupé. Réessayez dans un instant.",
+        "sorry": "Désolé, un problème est survenu. Veuillez réessayer.",
+        "farewell": "Au revoir, à bientôt.",
+        "not_understood": "Désolé, je n'ai pas compris.",
+    },
+    "es": {
+        "greeting": "Hola, te escucho.",
+        "busy": "Lo siento, estoy ocupado. Inténtalo de nuevo en un momento.",
+        "sorry": "Lo siento, algo salió mal. Inténtalo de nuevo.",
+        "farewell": "Adiós, hasta pronto.",
+        "not_understood": "Lo siento, no te he entendido.",
+    },
+    "ja": {
+        "greeting": "はい、聞いています。",
+        "busy": "すみません、今混み合っています。少し待ってからもう一度お試しください。",
+        "sorry": "すみません、問題が発生しました。もう一度お試しください。",
+        "farewell": "さようなら、またね。",
+        "not_understood": "すみません、聞き取れませんでした。",
+    },
+    "ko": {
+        "greeting": "네, 듣고 있어요.",
+        "busy": "죄송해요, 지금은 바빠요. 잠시 후에 다시 시도해 주세요.",
+        "sorry": "죄송해요, 문제가 생겼어요. 다시 시도해 주세요.",
+        "farewell": "안녕히 가세요, 또 이야기해요.",
+        "not_understood": "죄송해요, 잘 못 들었어요.",
+    },
+}
+
+
+def base_language(language: str | None) -> str:
+    """``zh-CN`` -> ``zh``; None or an unlisted language -> ``en``."""
+    code = (language or "en").split("-")[0].split("_")[0].lower()
+    return code if code in PHRASES else "en"
+
+
+def phrase(key: str, language: str | None, english: str | None = None) -> str:
+    """The fixed phrase ``key`` in ``language``; ``english`` (an operator's setting) replaces
+    the English one."""
+    code = base_language(language)
+    if code == "en" and english:
+        return english
+    return PHRASES[code][key]
+
+
+_ZH_WEEKDAYS = "一二三四五六日"
+_DE_WEEKDAYS = ["Montag", "Dienstag", "Mittwoch", "Donnerstag", "Freitag", "Samstag", "Sonntag"]
+_DE_MONTHS = ["Januar", "Februar", "März", "April", "Mai", "Juni", "Juli", "August", "September", "Oktober", "November", "Dezember"]
+_FR_WEEKDAYS = ["lundi", "mardi", "mercredi", "jeudi", "vendredi", "samedi", "dimanche"]
+_FR_MONTHS = ["janvier", "février", "mars", "avril", "mai", "juin", "juillet", "août", "septembre", "octobre", "novembre", "décembre"]
+_ES_WEEKDAYS = ["lunes", "martes", "miércoles", "jueves", "viernes", "sábado", "domingo"]
+_ES_MONTHS = ["enero", "febrero", "marzo", "abril", "mayo", "junio", "julio", "agosto", "septiembre", "octubre", "noviembre", "diciembre"]
+_JA_WEEKDAYS = "月火水木金土日"
+_KO_WEEKDAYS = "월화수목금토일"
+
+
+def zh_day_part(hour: int) -> str:
+    """凌晨 / 上午 / 中午 / 下午 / 晚上, as a Mandarin speaker names the time of day."""
+    if hour < 6:
+        return "凌晨"
+    if hour < 12:
+        return "上午"
+    if hour < 13:
+        return "中午"
+    if hour < 18:
+        return "下午"
+    return "晚上"
+
+
+def say_time(now: dt.datetime, language: str | None) -> str:
+    """The current time, date and weekday as a person says it in ``language``."""
+    code = base_language(language)
+    wd = now.weekday()
+    if code == "zh":
+        hour12 = now.hour % 12 or 12
+        minute = "整" if now.minute == 0 else (f"零{now.minute}分" if now.minute < 10 else f"{now.minute}分")
+        return f"现在是{now.year}年{now.month}月{now.day}日，星期{_ZH_WEEKDAYS[wd]}，{zh_day_part(now.hour)}{hour12}点{minute}。"
+    if code == "ja":
+        return f"今は{now.year}年{now.month}月{now.day}日、{_JA_WEEKDAYS[wd]}曜日、{now.hour}時{now.minute}分です。"
+    if code == "ko":
+        return f"지금은 {now.year}년 {now.month}월 {now.day}일 {_KO_WEEKDAYS[wd]}요일, {now.hour}시 {now.minute}분이에요."
+    if code == "de":
+        return f"Es ist {now.hour}:{now:%M} Uhr am {_DE_WEEKDAYS[wd]}, dem {now.day}. {_DE_MONTHS[now.month - 1]} {now.year}."
+    if code == "fr":
+        return f"Il est {now.hour} h {now:%M}, le {_FR_WEEKDAYS[wd]} {now.day} {_FR_MONTHS[now.month - 1]} {now.year}."
+    if code == "es":
+        return f"Son las {now.hour}:{now:%M} del {_ES_WEEKDAYS[wd]} {now.day} de {_ES_MONTHS[now.month - 1]} de {now.year}."
+    hour = now.strftime("%I").lstrip("0") or "12"
+    return f"It is {hour}:{now:%M} {now:%p} on {now:%A}, {now:%B} {now.day}, {now.year}."
