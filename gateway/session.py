@@ -22,6 +22,7 @@ from gateway.downlink import PacedSender
 from gateway.turns import Flush, Stop, TurnAssembler
 from shared import logging as xlog
 from shared.agents import AgentConfig, AgentDirectory
+from shared.phrases import phrase
 from shared.messages import (
     HDR_RECEIVED,
     AudioFrameMeta,
@@ -380,7 +381,7 @@ class DeviceSession:
         self.vad_owner = None
         if self._speech_open:
             self._speech_open_at = None
-            await self._say(self.settings.error_text, reason="vad_lost")
+            await self._say_phrase("sorry", reason="vad_lost")
         self._claim_task = asyncio.create_task(self._claim_vad())
 
     async def _pump_uplink(self) -> None:
@@ -560,14 +561,23 @@ class DeviceSession:
         """The wake-word greeting: a fixed phrase from the TTS worker's clip cache, no LLM.
 
         The device's agent (set in the manager) may have its own greeting and voice."""
-        text, voice = self.settings.wake_word_greeting, self.settings.greeting_voice
         agent = await self._agent()
+        language = agent.language if agent is not None else None
+        text = phrase("greeting", language, self.settings.wake_word_greeting) if self.settings.wake_word_greeting else ""
+        voice = self.settings.greeting_voice
         if agent is not None:
             text = agent.wake_greeting or text
             voice = agent.voice or voice
         if not text:
             return
-        await self._say(text, voice=voice, emotion="happy")
+        await self._say(text, voice=voice, emotion="happy", language=language, engine=agent.tts_engine if agent is not None else None)
+
+    async def _say_phrase(self, key: str, reason: str) -> None:
+        """A fixed phrase ("busy", "sorry") in the agent's language, by the engine that speaks it."""
+        agent = await self._agent()
+        language = agent.language if agent is not None else None
+        english = {"busy": self.settings.busy_text, "sorry": self.settings.error_text}.get(key)
+        await self._say(phrase(key, language, english), reason=reason, language=language, engine=agent.tts_engine if agent is not None else None)
 
     async def _agent(self) -> AgentConfig | None:
         """This device's agent from the manager's KV bucket; None when there is none (or NATS
@@ -576,7 +586,7 @@ class DeviceSession:
             self.agents = AgentDirectory(self.nc, self.subjects.kv_agents)
         return await self.agents.get(self.device_id)
 
-    async def _say(self, text: str, voice: str | None = None, emotion: str = "neutral", reason: str | None = None) -> None:
+    async def _say(self, text: str, voice: str | None = None, emotion: str = "neutral", reason: str | None = None, language: str | None = None, engine: str | None = None) -> None:
         """Speak a fixed phrase as a turn of its own (greeting, "busy", "sorry"), from the TTS
         workers' clip cache over plain NATS, so it is heard even when the work queues are full."""
         if reason is not None:
@@ -591,6 +601,8 @@ class DeviceSession:
             seq=0,
             text=text,
             voice=voice,
+            engine=engine,
+            language=language,
             sample_rate=self.settings.sample_rate,
             frame_duration=self.settings.frame_duration,
             cache=True,
@@ -614,7 +626,7 @@ class DeviceSession:
             if turn.source == "idle":
                 self._push(self.assembler.timeout())
                 return False
-            await self._say(self.settings.busy_text if busy else self.settings.error_text, reason="busy" if busy else "unavailable")
+            await self._say_phrase("busy" if busy else "sorry", reason="busy" if busy else "unavailable")
             return False
 
     async def _text_turn(self, text: str) -> None:
@@ -742,13 +754,13 @@ class DeviceSession:
                 if self.assembler.is_stale(event.turn_id):
                     return
                 log.warning("speech recognition failed for the turn")
-                await self._say(self.settings.error_text, reason="asr_failed")
+                await self._say_phrase("sorry", reason="asr_failed")
             else:
                 self._awaiting_stt.pop(event.turn_id, None)
                 if self.assembler.is_stale(event.turn_id):
                     return
                 log.warning("a stage was saturated and refused the turn")
-                await self._say(self.settings.busy_text, reason="busy")
+                await self._say_phrase("busy", reason="busy")
 
     async def _on_speech_start(self) -> None:
         """The VAD heard speech. In realtime mode, speech over a reply interrupts it (barge-in)."""
@@ -795,7 +807,7 @@ class DeviceSession:
                 log.warning("turn timed out")
                 m.ERRORS.labels("gateway", "turn_timeout").inc()
                 self._push(self.assembler.timeout())
-                await self._say(self.settings.error_text, reason="turn_timeout")
+                await self._say_phrase("sorry", reason="turn_timeout")
 
     async def _check_lost_utterances(self) -> None:
         """An utterance whose transcript never came (its ASR worker died, twice): say sorry."""
@@ -807,7 +819,7 @@ class DeviceSession:
                 log.warning("no transcript in time")
             m.ERRORS.labels("gateway", "stt_timeout").inc()
         if lost and not self._closing:
-            await self._say(self.settings.error_text, reason="stt_timeout")
+            await self._say_phrase("sorry", reason="stt_timeout")
 
     # ------------------------------------------------------------------ device MCP
 

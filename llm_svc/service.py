@@ -28,6 +28,7 @@ from llm_svc.memory import MemoryStore
 from llm_svc.prompt import system_prompt
 from llm_svc.sentences import SentenceSplitter, detect_emotion, speakable
 from llm_svc.tools import ToolClient, relevant_tools
+from shared.phrases import phrase
 from shared import logging as xlog
 from shared.agents import AgentConfig, load_agent, open_bucket
 from shared.messages import Control, OutEvent, SentenceJob, SessionEnd, UserTurn, new_turn_id
@@ -217,14 +218,14 @@ class LlmWorker:
                         # alone): say so rather than leave the device silent.
                         log.warning("the model produced nothing to speak")
                         outcome = "empty"
-                        await self._speak(ctx, self.llm.error_reply)
+                        await self._speak(ctx, self._error_reply(ctx))
                 TURNS.labels(outcome).inc()
             except Exception:  # noqa: BLE001 - never leave the device without an ending
                 ERRORS.labels("llm", "turn").inc()
                 TURNS.labels("error").inc()
                 log.exception("turn failed")
                 if not ctx.cancel.is_set():
-                    await self._speak(ctx, self.llm.error_reply)
+                    await self._speak(ctx, self._error_reply(ctx))
             finally:
                 try:
                     await ctl_sub.unsubscribe()
@@ -280,7 +281,7 @@ class LlmWorker:
         except BackendError as exc:
             ERRORS.labels("llm", "backend").inc()
             log.error("backend failed: %s", exc)
-            await self._speak(ctx, self.llm.error_reply)
+            await self._speak(ctx, self._error_reply(ctx))
             return "backend_error"
         memory = await self.memory.load(self._memory_key(turn)) if agent.memory != "none" else None
         prompt = system_prompt(
@@ -311,7 +312,7 @@ class LlmWorker:
         if turn.source == "idle":
             ctx.close_after = True
             if self.llm.farewell_text:
-                await self._speak(ctx, self.llm.farewell_text)
+                await self._speak(ctx, phrase("farewell", self._language(ctx), self.llm.farewell_text))
                 return "farewell"
             # As a user message: small models follow it there rather than read it out.
             messages.append({"role": "user", "content": self.llm.end_prompt})
@@ -352,7 +353,7 @@ class LlmWorker:
             except BackendError as exc:
                 ERRORS.labels("llm", "backend").inc()
                 log.error("backend failed: %s", exc)
-                await self._speak(ctx, self.llm.error_reply)
+                await self._speak(ctx, self._error_reply(ctx))
                 return "backend_error"
             for sentence in splitter.flush():
                 await self._speak(ctx, sentence, splitter.raw)
@@ -477,6 +478,15 @@ class LlmWorker:
             self.subjects.out(turn.session_id),
             OutEvent(kind="emotion", session_id=turn.session_id, turn_id=turn.turn_id, emotion=detect_emotion(text)).encode(),
         )
+
+    @staticmethod
+    def _language(ctx: TurnContext) -> str | None:
+        """The reply's language: the agent's, else the one the ASR heard."""
+        agent = getattr(ctx, "agent", None)
+        return (agent.language if agent is not None else None) or ctx.turn.language
+
+    def _error_reply(self, ctx: TurnContext) -> str:
+        return phrase("sorry", self._language(ctx), self.llm.error_reply)
 
     async def _speak(self, ctx: TurnContext, sentence: str, raw: str = "") -> None:
         """Send one sentence to TTS with the next sequence number."""

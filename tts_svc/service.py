@@ -24,6 +24,7 @@ from shared import logging as xlog
 from shared.audio import FrameCutter, OpusEncoder, Resampler
 from shared.messages import AudioFrameMeta, OutEvent, SentenceJob
 from shared.metrics import DROPPED, ERRORS, histogram
+from shared.phrases import phrase
 from shared.settings import Settings
 from shared.subjects import QUEUE_TTS, Subjects, session_from_subject
 from shared.voices import VoiceRefused, resolve_voice
@@ -194,19 +195,24 @@ class TtsWorker:
             yield encoder.encode(frame)
 
     def _prewarm_clips(self) -> None:
-        """Render the gateway's fixed phrases now, so "busy" and "sorry" cost no synthesis
-        later, when the stage may be saturated."""
+        """Render the gateway's fixed phrases now, in English and in each language that has its
+        own engine (tts.languages), so "busy" and "sorry" cost no synthesis later, when the
+        stage may be saturated."""
         gw = self.settings.gateway
-        phrases = [(gw.busy_text, None), (gw.error_text, None), (gw.wake_word_greeting, gw.greeting_voice)]
-        for text, voice in phrases:
+        phrases: list[tuple[str, str | None, str | None]] = [(gw.busy_text, None, None), (gw.error_text, None, None), (gw.wake_word_greeting, gw.greeting_voice, None)]
+        for language in self.settings.tts.languages:
+            for key, english in (("busy", gw.busy_text), ("sorry", gw.error_text), ("greeting", gw.wake_word_greeting)):
+                if english:
+                    phrases.append((phrase(key, language, english), None, language))
+        for text, voice, language in phrases:
             if not text:
                 continue
             try:
-                frames = list(self._render(text, voice, gw.sample_rate, gw.frame_duration))
+                frames = list(self._render(text, voice, gw.sample_rate, gw.frame_duration, None, language))
             except Exception as exc:  # noqa: BLE001 - a bad greeting voice must not stop the worker
                 log.warning("could not pre-render a phrase: %s", exc, extra={"fields": {"text": text[:60]}})
                 continue
-            self._clips[(voice or "", self.engine_name(None, None), text, gw.sample_rate, gw.frame_duration)] = frames
+            self._clips[(voice or "", self.engine_name(None, language), text, gw.sample_rate, gw.frame_duration)] = frames
 
     def _engine_for(self, voice: str | None) -> TtsEngine:
         """The engine of a configured voice name (tts.voices), loaded at its first sentence and
@@ -276,7 +282,7 @@ class TtsWorker:
             await self.nc.publish(out, OutEvent(kind="sentence_end", session_id=job.session_id, turn_id=job.turn_id, seq=job.seq, frames=len(frames)).encode())
             SENTENCES.labels("cached").inc()
             FIRST_FRAME.observe(time.perf_counter() - started)
-            log.info("sentence from clip cache", extra={"fields": {"seq": job.seq, "frames": len(frames), "text": job.text[:80]}})
+            log.info("sentence from clip cache", extra={"fields": {"seq": job.seq, "engine": clip_key[1], "frames": len(frames), "text": job.text[:80]}})
             return
         produced: list[bytes] = []
 

@@ -8,7 +8,9 @@ import time
 import numpy as np
 import pytest
 
+from shared.phrases import PHRASES
 from tests.conftest import device_with_agent, fixture_wav, log_records, start_gateway
+from tts_svc.engine import zh_voice_dir
 from xiaozhi.sim import SimDevice, read_wav
 
 pytestmark = pytest.mark.e2e
@@ -112,8 +114,14 @@ async def test_wake_word_said_twice_in_one_breath_gets_the_greeting(pipeline):
     async with SimDevice(ws_url=pipeline.ws_url, device_id=device_id) as device:
         mark = await wake_then(device, "你好小智", again)
         report = await device.collect_turn(mark, time.monotonic(), timeout=90)
-        assert report.stt is None and report.sentences == [GREETING], report
+        # A Chinese agent greets in Chinese (never the English template), in the Mandarin voice
+        # where the deployment has it.
+        assert report.stt is None and report.sentences == [PHRASES["zh"]["greeting"]], report
         session = device.session_id
+    if (zh_voice_dir() / "fastspeech2.onnx").is_file():
+        tts_log = pipeline.log("tts")
+        spoken = log_records(tts_log, "sentence", session) + log_records(tts_log, "sentence from clip cache", session)
+        assert [r["engine"] for r in spoken] == ["zh"], spoken
     verdicts = [r["verdict"] for r in log_records(pipeline.log("vad"), "wake word verdict", session)]
     assert verdicts == ["more"], verdicts
     # Heard (with punctuation between), then found to be the wake word alone.
