@@ -122,7 +122,13 @@ class WhisperEngine:
         an English-only model transcribes English whatever is asked. ``hotwords`` (the agent's,
         comma-separated) go to faster-whisper's ``hotwords``: text put before the prompt."""
         lang, prompt = self.language, self.initial_prompt
-        if language and self.multilingual and language != self.language:
+        if language == "auto" and self.multilingual:
+            # The agent speaks any language: detect it first, then transcribe as for that
+            # language (Mandarin with its prompt, else Whisper writes Traditional characters).
+            detected, _probability, _ = self.model.detect_language(audio)
+            lang = detected
+            prompt = "以下是普通话的句子。" if detected == "zh" else None
+        elif language and language != "auto" and self.multilingual and language != self.language:
             lang = language
             prompt = "以下是普通话的句子。" if language == "zh" else None
         segments, info = self.model.transcribe(
@@ -152,7 +158,7 @@ class WhisperEngine:
         window = self.model.feature_extractor.n_samples
         batch: list[int] = []
         for i, audio in enumerate(audios):
-            if len(audio) > window:
+            if len(audio) > window or languages[i] == "auto":  # detection: one at a time
                 out[i] = self.transcribe(audio, languages[i])
             else:
                 batch.append(i)

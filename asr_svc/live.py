@@ -118,7 +118,7 @@ class LiveStreams:
             if cfg is None or cfg.type not in STREAMING_ASR_TYPES:
                 await self._answer(msg, {"ok": False, "why": "not a streaming engine"})
                 return
-            request = AsrRequest(language=agent.language if agent else None, hotwords=list(agent.asr_hotwords) if agent else [], session_id=session_id, turn_id=turn_id)
+            request = AsrRequest(language=agent.language if agent and agent.language != "auto" else None, detect=bool(agent and agent.language == "auto"), hotwords=list(agent.asr_hotwords) if agent else [], session_id=session_id, turn_id=turn_id)
             try:
                 engine = await self.engines.get(name)
                 holder: dict[str, Live] = {}

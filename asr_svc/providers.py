@@ -49,6 +49,7 @@ class AsrRequest:
     """What the turn asks of the engine besides the audio."""
 
     language: str | None = None  # the agent's language (e.g. "zh"); None: the engine's own
+    detect: bool = False  # the agent's language is "auto": a multilingual engine detects it
     hotwords: list[str] = field(default_factory=list)  # names, device names: engines that take them
     session_id: str = ""
     turn_id: str = ""
@@ -142,7 +143,7 @@ class WhisperAdapter:
 
     async def transcribe(self, pcm: np.ndarray, request: AsrRequest) -> Transcript:
         audio = int16_to_float(pcm)
-        language = request.language if self.multilingual else None
+        language = ("auto" if request.detect else request.language) if self.multilingual else None
         loop = asyncio.get_running_loop()
         hotwords = ", ".join(request.hotwords) if request.hotwords else None
         if hotwords:

@@ -186,7 +186,8 @@ class AsrWorker:
                 started = time.perf_counter()
                 agent = await self.agents.get(meta.device_id)
                 request = AsrRequest(
-                    language=agent.language if agent else None,
+                    language=agent.language if agent and agent.language != "auto" else None,
+                    detect=bool(agent and agent.language == "auto"),
                     hotwords=list(agent.asr_hotwords) if agent else [],
                     session_id=meta.session_id,
                     turn_id=meta.turn_id,

@@ -372,7 +372,7 @@ class LlmWorker:
                 result = await self.tools.call(
                     call.name, call.arguments, turn.session_id, turn.turn_id, turn.device_id,
                     seq=ctx.seq, sample_rate=self.settings.gateway.sample_rate, frame_duration=self.settings.gateway.frame_duration,
-                    voice=ctx.agent.voice or self.llm.voice, engine=ctx.agent.tts_engine, language=ctx.agent.language or turn.language, utterance=turn.text,
+                    voice=ctx.agent.voice or self.llm.voice, engine=ctx.agent.tts_engine, language=self._language(ctx), utterance=turn.text,
                     on_progress=lambda: self._keep_alive(ctx),
                 )
                 ctx.seq += max(0, result.seqs_used)
@@ -483,7 +483,8 @@ class LlmWorker:
     def _language(ctx: TurnContext) -> str | None:
         """The reply's language: the agent's, else the one the ASR heard."""
         agent = getattr(ctx, "agent", None)
-        return (agent.language if agent is not None else None) or ctx.turn.language
+        language = agent.language if agent is not None else None
+        return ctx.turn.language if language in (None, "auto") else language
 
     def _error_reply(self, ctx: TurnContext) -> str:
         return phrase("sorry", self._language(ctx), self.llm.error_reply)
@@ -498,7 +499,7 @@ class LlmWorker:
         turn = ctx.turn
         if ctx.seq == 0:
             FIRST_SENTENCE.observe(time.perf_counter() - ctx.started)
-        job = SentenceJob(session_id=turn.session_id, turn_id=turn.turn_id, seq=ctx.seq, text=sentence, voice=ctx.agent.voice or self.llm.voice, engine=ctx.agent.tts_engine, language=ctx.agent.language or turn.language, sample_rate=self.settings.gateway.sample_rate, frame_duration=self.settings.gateway.frame_duration)
+        job = SentenceJob(session_id=turn.session_id, turn_id=turn.turn_id, seq=ctx.seq, text=sentence, voice=ctx.agent.voice or self.llm.voice, engine=ctx.agent.tts_engine, language=self._language(ctx), sample_rate=self.settings.gateway.sample_rate, frame_duration=self.settings.gateway.frame_duration)
         try:
             await publish_work(self.nc, self.subjects.tts(turn.session_id), job.encode(), self.settings.work.publish_timeout_s)
         except (StageBusy, StageUnavailable) as exc:

@@ -77,7 +77,7 @@ class AgentConfig(BaseModel):
     voice: str | None = None  # a Piper voice path; None: the TTS default
     # A named TTS engine (tts.engines: "piper", "zh", ...); None: the reply language's engine.
     tts_engine: str | None = None
-    language: str | None = None  # e.g. "en", "zh"; None: the ASR's language
+    language: str | None = None  # e.g. "en", "zh"; "auto": detected per turn; None: the ASR's language
     memory: Literal["none", "short", "summary"] = "short"
     # Server tools this agent may use (None: all). Device tools are always the device's own.
     tools: list[str] | None = None

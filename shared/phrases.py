@@ -125,3 +125,62 @@ def say_time(now: dt.datetime, language: str | None) -> str:
         return f"Son las {now.hour}:{now:%M} del {_ES_WEEKDAYS[wd]} {now.day} de {_ES_MONTHS[now.month - 1]} de {now.year}."
     hour = now.strftime("%I").lstrip("0") or "12"
     return f"It is {hour}:{now:%M} {now:%p} on {now:%A}, {now:%B} {now.day}, {now.year}."
+
+
+# What the built-in tools say, by language ({name}, {place}... filled in by the tool).
+TOOL_PHRASES: dict[str, dict[str, str]] = {
+    "en": {"goodbye": "Goodbye! Talk to you soon.", "role_changed": "Okay, from now on I am your {role}.",
+           "no_music": "Sorry, I have no music to play yet.", "now_playing": "Now playing {name}.",
+           "no_news": "I found no news right now.", "unknown_place": "Sorry, I could not find a place called {place}."},
+    "zh": {"goodbye": "再见，下次再聊！", "role_changed": "好的，从现在起我就是你的{role}。",
+           "no_music": "抱歉，我还没有可以播放的音乐。", "now_playing": "正在播放{name}。",
+           "no_news": "现在没有找到新闻。", "unknown_place": "抱歉，我找不到叫{place}的地方。"},
+    "de": {"goodbye": "Tschüss, bis bald!", "role_changed": "Okay, ab jetzt bin ich dein {role}.",
+           "no_music": "Entschuldigung, ich habe noch keine Musik.", "now_playing": "Jetzt läuft {name}.",
+           "no_news": "Ich habe gerade keine Nachrichten gefunden.", "unknown_place": "Entschuldigung, ich finde keinen Ort namens {place}."},
+    "fr": {"goodbye": "Au revoir, à bientôt !", "role_changed": "D'accord, désormais je suis votre {role}.",
+           "no_music": "Désolé, je n'ai pas encore de musique.", "now_playing": "Voici {name}.",
+           "no_news": "Je n'ai trouvé aucune actualité pour le moment.", "unknown_place": "Désolé, je ne trouve aucun lieu appelé {place}."},
+    "es": {"goodbye": "¡Adiós, hasta pronto!", "role_changed": "Vale, a partir de ahora soy tu {role}.",
+           "no_music": "Lo siento, todavía no tengo música.", "now_playing": "Ahora suena {name}.",
+           "no_news": "No he encontrado noticias ahora mismo.", "unknown_place": "Lo siento, no encuentro ningún lugar llamado {place}."},
+    "ja": {"goodbye": "さようなら、またね！", "role_changed": "わかりました、これからは{role}です。",
+           "no_music": "すみません、まだ再生できる音楽がありません。", "now_playing": "{name}を再生します。",
+           "no_news": "今はニュースが見つかりませんでした。", "unknown_place": "すみません、{place}という場所が見つかりません。"},
+    "ko": {"goodbye": "안녕히 가세요, 또 만나요!", "role_changed": "좋아요, 지금부터 저는 당신의 {role}이에요.",
+           "no_music": "죄송해요, 아직 재생할 음악이 없어요.", "now_playing": "{name} 재생할게요.",
+           "no_news": "지금은 뉴스를 찾지 못했어요.", "unknown_place": "죄송해요, {place}라는 곳을 찾을 수 없어요."},
+}
+
+
+def tool_phrase(key: str, language: str | None, **values: str) -> str:
+    """A built-in tool's sentence in ``language`` (English where the language is not listed)."""
+    return TOOL_PHRASES[base_language(language)][key].format(**values)
+
+
+def has_script_of(text: str, language: str | None) -> bool:
+    """Whether ``text`` is written in the script ``language`` uses (a CJK language needs CJK
+    characters; the others pass): a model's English goodbye is no goodbye for a Chinese agent."""
+    code = base_language(language)
+    if code == "zh":
+        return any("\u4e00" <= ch <= "\u9fff" for ch in text)
+    if code == "ja":
+        return any("\u3040" <= ch <= "\u30ff" or "\u4e00" <= ch <= "\u9fff" for ch in text)
+    if code == "ko":
+        return any("\uac00" <= ch <= "\ud7a3" for ch in text)
+    return True
+
+
+# WMO weather codes (as Open-Meteo reports them) in Mandarin.
+ZH_WMO = {
+    0: "晴", 1: "晴间多云", 2: "多云", 3: "阴", 45: "有雾", 48: "冻雾", 51: "小毛毛雨", 53: "毛毛雨", 55: "大毛毛雨",
+    56: "冻毛毛雨", 57: "冻毛毛雨", 61: "小雨", 63: "中雨", 65: "大雨", 66: "冻雨", 67: "冻雨", 71: "小雪", 73: "中雪",
+    75: "大雪", 77: "米雪", 80: "阵雨", 81: "阵雨", 82: "强阵雨", 85: "阵雪", 86: "强阵雪", 95: "雷阵雨",
+    96: "雷阵雨伴有冰雹", 99: "雷阵雨伴有冰雹",
+}
+ZH_DAYS = {"today": "今天", "tomorrow": "明天", "day_after_tomorrow": "后天"}
+
+
+def zh_degrees(value: int) -> str:
+    """-3 -> 零下3度, as a forecast says it in Mandarin."""
+    return f"零下{-value}度" if value < 0 else f"{value}度"

@@ -64,3 +64,17 @@ def _hanzi(number: int) -> str:
         return digits[number]
     tens, ones = divmod(number, 10)
     return ("" if tens == 1 else digits[tens]) + "十" + (digits[ones] if ones else "")
+
+
+async def test_mandarin_to_an_agent_of_no_fixed_language_is_answered_in_mandarin(pipeline):
+    """The multilingual model hears Mandarin from an agent with no language: the answer is
+    Chinese and spoken by the Mandarin voice."""
+    device_id = await device_with_agent(pipeline, asr_model="base", language="auto")
+    async with SimDevice(ws_url=pipeline.ws_url, device_id=device_id) as device:
+        report = await device.speak(read_wav(fixture_wav("zh_what_time.wav")), reply_timeout=90)
+        assert report.error is None and report.stopped, report
+        session = device.session_id
+    said = " ".join(report.sentences)
+    assert "星期" in said and not re.search(r"[A-Za-z]{2,}", said), (report.stt, said)
+    engines = [r["engine"] for r in log_records(pipeline.log("tts"), "sentence", session)]
+    assert engines and set(engines) == {"zh"}, engines

@@ -36,6 +36,17 @@ def test_multilingual_base_model_in_mandarin():
     assert transcript.language == "zh"
 
 
+def test_an_auto_agent_gets_its_language_detected():
+    """Agent language "auto" on the English-default base engine: Mandarin is heard as Mandarin
+    (in Simplified characters), English as English."""
+    engine = WhisperEngine("base", "en")
+    zh = engine.transcribe(int16_to_float(read_wav(fixture_wav("zh_what_time.wav"))), language="auto")
+    assert zh.language == "zh" and sum(1 for char in "现在几点了" if char in zh.text) >= 3, zh
+    assert "點" not in zh.text and "現" not in zh.text, zh.text
+    en = engine.transcribe(int16_to_float(read_wav(fixture_wav("en_what_time.wav"))), language="auto")
+    assert en.language == "en" and "time" in en.text.lower(), en
+
+
 def test_unknown_model_name_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown ASR model"):
         packaged_model_dir("large-v3")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from shared.agents import AgentConfig, load_agent, reserved_device_id, save_agent
+from shared.phrases import tool_phrase
 from shared.messages import ToolCall, ToolResult, ToolSpec
 
 SPEC = ToolSpec(
@@ -34,4 +35,4 @@ async def call(request: ToolCall, context: dict[str, Any]) -> ToolResult:
     role = roles[wanted]
     agent = agent.model_copy(update={"role_prompt": role.role_prompt, "voice": role.voice or agent.voice})
     await save_agent(kv, request.device_id, agent)
-    return ToolResult(name=SPEC.name, action="response", text=f"Okay, from now on I am your {wanted}.")
+    return ToolResult(name=SPEC.name, action="response", text=tool_phrase("role_changed", request.language, role=wanted))

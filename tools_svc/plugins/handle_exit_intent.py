@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from shared.messages import ToolCall, ToolResult, ToolSpec
+from shared.phrases import has_script_of, tool_phrase
 
 SPEC = ToolSpec(
     name="handle_exit_intent",
@@ -17,10 +18,14 @@ SPEC = ToolSpec(
     keywords=["goodbye", "bye", "exit", "quit", "再见", "拜拜", "退出"],
 )
 
-DEFAULT_GOODBYE = "Goodbye! Talk to you soon."
+DEFAULT_GOODBYE = tool_phrase("goodbye", "en")
 
 
 async def call(request: ToolCall, context: dict[str, Any]) -> ToolResult:
     goodbye = request.arguments.get("say_goodbye")
-    text = goodbye.strip() if isinstance(goodbye, str) and goodbye.strip() else DEFAULT_GOODBYE
+    # The model's own goodbye, unless it is in another script than the agent's language.
+    if isinstance(goodbye, str) and goodbye.strip() and has_script_of(goodbye, request.language):
+        text = goodbye.strip()
+    else:
+        text = tool_phrase("goodbye", request.language)
     return ToolResult(name=SPEC.name, action="response", text=text, close_after=True)

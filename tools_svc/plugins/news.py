@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 
+from shared.phrases import tool_phrase
 from shared.messages import ToolCall, ToolResult, ToolSpec
 
 SPEC = ToolSpec(
@@ -48,6 +49,6 @@ async def call(request: ToolCall, context: dict[str, Any]) -> ToolResult:
     except ET.ParseError:
         return ToolResult(name=SPEC.name, ok=False, action="error", text="the news feed is not valid RSS")
     if not titles:
-        return ToolResult(name=SPEC.name, action="response", text="I found no news right now.")
+        return ToolResult(name=SPEC.name, action="response", text=tool_phrase("no_news", request.language))
     text = "Here are the latest headlines. " + " ".join(t if t.endswith((".", "!", "?")) else t + "." for t in titles)
     return ToolResult(name=SPEC.name, action="response", text=text)

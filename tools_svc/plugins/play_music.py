@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from shared.audio import FrameCutter, OpusEncoder
+from shared.phrases import tool_phrase
 from shared.messages import AudioFrameMeta, OutEvent, SentenceJob, ToolCall, ToolResult, ToolSpec
 from shared.workqueue import StageBusy, StageUnavailable, publish_work
 
@@ -85,10 +86,10 @@ async def call(request: ToolCall, context: dict[str, Any]) -> ToolResult:
     songs = library(context["settings"].music_dir)
     song = pick(songs, str(request.arguments.get("song") or ""))
     if song is None:
-        return ToolResult(name=SPEC.name, action="response", text="Sorry, I have no music to play yet.")
+        return ToolResult(name=SPEC.name, action="response", text=tool_phrase("no_music", request.language))
     nc, subjects = context["nc"], context["subjects"]
     name = title(song)
-    intro = SentenceJob(session_id=request.session_id, turn_id=request.turn_id, seq=request.seq, text=f"Now playing {name}.", voice=request.voice, engine=request.engine, language=request.language, sample_rate=request.sample_rate, frame_duration=request.frame_duration)
+    intro = SentenceJob(session_id=request.session_id, turn_id=request.turn_id, seq=request.seq, text=tool_phrase("now_playing", request.language, name=name), voice=request.voice, engine=request.engine, language=request.language, sample_rate=request.sample_rate, frame_duration=request.frame_duration)
     try:
         await publish_work(nc, subjects.tts(request.session_id), intro.encode(), context["work"].publish_timeout_s)
     except (StageBusy, StageUnavailable) as exc:

@@ -7,6 +7,7 @@ from typing import Any
 import aiohttp
 
 from shared.messages import ToolCall, ToolResult, ToolSpec
+from shared.phrases import ZH_DAYS, ZH_WMO, base_language, tool_phrase, zh_degrees
 
 SPEC = ToolSpec(
     name="get_weather",
@@ -34,8 +35,15 @@ WMO = {
 DAY_INDEX = {"today": 0, "tomorrow": 1, "day_after_tomorrow": 2}
 
 
-def describe(place: str, data: dict[str, Any], day: str) -> str:
-    """A sentence to speak from a forecast answer."""
+def describe(place: str, data: dict[str, Any], day: str, language: str | None = None) -> str:
+    """A sentence to speak from a forecast answer, in Mandarin for ``zh``, else English."""
+    if base_language(language) == "zh":
+        if day == "now":
+            current = data["current"]
+            return f"{place}现在{ZH_WMO.get(int(current['weather_code']), '天气多变')}，气温{zh_degrees(round(current['temperature_2m']))}。"
+        i = DAY_INDEX[day]
+        low, high = round(data["daily"]["temperature_2m_min"][i]), round(data["daily"]["temperature_2m_max"][i])
+        return f"{place}{ZH_DAYS[day]}{ZH_WMO.get(int(data['daily']['weather_code'][i]), '天气多变')}，{zh_degrees(low)}到{zh_degrees(high)}。"
     if day == "now":
         current = data["current"]
         return f"In {place} it is now {round(current['temperature_2m'])} degrees with {WMO.get(int(current['weather_code']), 'mixed weather')}."
@@ -50,16 +58,18 @@ def describe(place: str, data: dict[str, Any], day: str) -> str:
 async def call(request: ToolCall, context: dict[str, Any]) -> ToolResult:
     settings = context["settings"].weather
     location = str(request.arguments.get("location") or settings.default_location).strip()
-    day = request.arguments.get("day") or ("tomorrow" if "tomorrow" in request.utterance.lower() else "now")
+    said = request.utterance.lower()
+    guessed = "day_after_tomorrow" if "后天" in said else "tomorrow" if ("tomorrow" in said or "明天" in said) else "today" if "今天" in said else "now"
+    day = request.arguments.get("day") or guessed
     if day not in ("now", *DAY_INDEX):
         day = "now"
     http: aiohttp.ClientSession = context["http"]
     timeout = aiohttp.ClientTimeout(total=settings.timeout_s)
-    async with http.get(settings.geocoding_url, params={"name": location, "count": 1, "language": "en", "format": "json"}, timeout=timeout) as response:
+    async with http.get(settings.geocoding_url, params={"name": location, "count": 1, "language": base_language(request.language), "format": "json"}, timeout=timeout) as response:
         response.raise_for_status()
         places = (await response.json(content_type=None)).get("results") or []
     if not places:
-        return ToolResult(name=SPEC.name, action="response", text=f"Sorry, I could not find a place called {location}.")
+        return ToolResult(name=SPEC.name, action="response", text=tool_phrase("unknown_place", request.language, place=location))
     place = places[0]
     params = {
         "latitude": place["latitude"],
@@ -72,4 +82,4 @@ async def call(request: ToolCall, context: dict[str, Any]) -> ToolResult:
     async with http.get(settings.forecast_url, params=params, timeout=timeout) as response:
         response.raise_for_status()
         data = await response.json(content_type=None)
-    return ToolResult(name=SPEC.name, action="response", text=describe(place.get("name", location), data, day))
+    return ToolResult(name=SPEC.name, action="response", text=describe(place.get("name", location), data, day, request.language))
