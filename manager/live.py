@@ -31,6 +31,7 @@ def agent_config(agent: Agent) -> AgentConfig:
         name=agent.name,
         role_prompt=agent.role_prompt or None,
         voice=agent.voice or None,
+        tts_engine=agent.tts_engine or None,
         language=agent.language or None,
         memory=agent.memory,  # type: ignore[arg-type]
         tools=agent.tools,

@@ -74,6 +74,7 @@ class Agent(Base):
     name: Mapped[str] = mapped_column(String(100), nullable=False)
     role_prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
     voice: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    tts_engine: Mapped[str | None] = mapped_column(String(64), nullable=True)  # None: by language
     llm_backend: Mapped[str | None] = mapped_column(String(32), nullable=True)
     llm_model: Mapped[str | None] = mapped_column(String(255), nullable=True)
     asr_model: Mapped[str | None] = mapped_column(String(255), nullable=True)

@@ -568,6 +568,8 @@ class PiperTtsEngineSettings(BaseModel):
     voice: str | None = None  # a path; None: the packaged en_US joe (medium)
     length_scale: float | None = None
     threads: int = 2
+    # cuda / auto: onnxruntime's CUDA provider where this onnxruntime build has it (else the CPU).
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
 
 
 class ZhttsEngineSettings(BaseModel):
@@ -580,6 +582,7 @@ class ZhttsEngineSettings(BaseModel):
     voice_dir: str | None = None  # None: <venv>/share/xiaozhi/voices/zh_CN-baker
     speed: float = Field(default=1.0, gt=0.2, le=3.0)
     threads: int = 2
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
 
 
 TtsEngineSettings = Annotated[PiperTtsEngineSettings | ZhttsEngineSettings, Field(discriminator="type")]

