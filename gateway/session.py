@@ -573,10 +573,11 @@ class DeviceSession:
         await self._say(text, voice=voice, emotion="happy", language=language, engine=agent.tts_engine if agent is not None else None)
 
     async def _say_phrase(self, key: str, reason: str) -> None:
-        """A fixed phrase ("busy", "sorry") in the agent's language, by the engine that speaks it."""
+        """A fixed phrase ("busy", "sorry", "slow_down") in the agent's language, by the engine
+        that speaks it."""
         agent = await self._agent()
         language = agent.language if agent is not None else None
-        english = {"busy": self.settings.busy_text, "sorry": self.settings.error_text}.get(key)
+        english = {"busy": self.settings.busy_text, "sorry": self.settings.error_text, "slow_down": self.settings.rate_limits.slow_down_text}.get(key)
         await self._say(phrase(key, language, english), reason=reason, language=language, engine=agent.tts_engine if agent is not None else None)
 
     async def _agent(self) -> AgentConfig | None:
@@ -633,7 +634,7 @@ class DeviceSession:
         """Typed text (`listen detect` that is no wake word) is a user turn (protocol.md §6.7)."""
         turn_id = new_turn_id()
         if self._over_turn_limit(turn_id):
-            await self._say(self.settings.rate_limits.slow_down_text, reason="rate_limited")
+            await self._say_phrase("slow_down", reason="rate_limited")
             return
         self.assembler.begin_text_turn(turn_id)
         self._turn_started_at[turn_id] = time.monotonic()
@@ -735,7 +736,7 @@ class DeviceSession:
                 if self.assembler.is_stale(event.turn_id):
                     return
                 if self._over_turn_limit(event.turn_id):
-                    await self._say(self.settings.rate_limits.slow_down_text, reason="rate_limited")
+                    await self._say_phrase("slow_down", reason="rate_limited")
                     return
                 self._awaiting_stt[event.turn_id] = time.monotonic() + self.settings.stt_timeout_s
                 while len(self._awaiting_stt) > 8:

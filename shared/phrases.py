@@ -15,6 +15,7 @@ LANGUAGES = ("en", "zh", "de", "fr", "es", "ja", "ko")
 # ones and, where an operator changed them, replace the English entry.
 PHRASES: dict[str, dict[str, str]] = {
     "en": {
+        "slow_down": "You're talking faster than I can keep up. Please wait a moment.",
         "greeting": "Hi, I'm listening.",
         "busy": "Sorry, I'm busy right now. Please try again in a moment.",
         "sorry": "Sorry, something went wrong. Please try again.",
@@ -22,6 +23,7 @@ PHRASES: dict[str, dict[str, str]] = {
         "not_understood": "Sorry, I didn't catch that.",
     },
     "zh": {
+        "slow_down": "你说得太快了，我跟不上，请稍等一下。",
         "greeting": "你好，我在听。",
         "busy": "抱歉，我现在有点忙，请稍后再试。",
         "sorry": "抱歉，出了点问题，请再试一次。",
@@ -29,6 +31,7 @@ PHRASES: dict[str, dict[str, str]] = {
         "not_understood": "抱歉，我没听清楚。",
     },
     "de": {
+        "slow_down": "Du sprichst schneller, als ich folgen kann. Bitte warte einen Moment.",
         "greeting": "Hallo, ich höre zu.",
         "busy": "Entschuldigung, ich bin gerade beschäftigt. Bitte versuch es gleich noch einmal.",
         "sorry": "Entschuldigung, da ist etwas schiefgegangen. Bitte versuch es noch einmal.",
@@ -36,6 +39,7 @@ PHRASES: dict[str, dict[str, str]] = {
         "not_understood": "Entschuldigung, das habe ich nicht verstanden.",
     },
     "fr": {
+        "slow_down": "Vous parlez plus vite que je ne peux suivre. Attendez un instant, s'il vous plaît.",
         "greeting": "Bonjour, je vous écoute.",
         "busy": "Désolé, je suis occupé. Réessayez dans un instant.",
         "sorry": "Désolé, un problème est survenu. Veuillez réessayer.",
@@ -43,6 +47,7 @@ PHRASES: dict[str, dict[str, str]] = {
         "not_understood": "Désolé, je n'ai pas compris.",
     },
     "es": {
+        "slow_down": "Hablas más rápido de lo que puedo seguir. Espera un momento, por favor.",
         "greeting": "Hola, te escucho.",
         "busy": "Lo siento, estoy ocupado. Inténtalo de nuevo en un momento.",
         "sorry": "Lo siento, algo salió mal. Inténtalo de nuevo.",
@@ -50,6 +55,7 @@ PHRASES: dict[str, dict[str, str]] = {
         "not_understood": "Lo siento, no te he entendido.",
     },
     "ja": {
+        "slow_down": "話すのが速すぎてついていけません。少しお待ちください。",
         "greeting": "はい、聞いています。",
         "busy": "すみません、今混み合っています。少し待ってからもう一度お試しください。",
         "sorry": "すみません、問題が発生しました。もう一度お試しください。",
@@ -57,6 +63,7 @@ PHRASES: dict[str, dict[str, str]] = {
         "not_understood": "すみません、聞き取れませんでした。",
     },
     "ko": {
+        "slow_down": "너무 빨리 말씀하셔서 따라갈 수 없어요. 잠시만 기다려 주세요.",
         "greeting": "네, 듣고 있어요.",
         "busy": "죄송해요, 지금은 바빠요. 잠시 후에 다시 시도해 주세요.",
         "sorry": "죄송해요, 문제가 생겼어요. 다시 시도해 주세요.",
