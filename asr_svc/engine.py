@@ -89,6 +89,10 @@ def cuda_devices() -> int:
         return 0
 
 
+# Without it Whisper writes Mandarin in Traditional characters (models.md).
+MANDARIN_PROMPT = "以下是普通话的句子。"
+
+
 class WhisperEngine:
     """faster-whisper from a local model directory (never a hub download), on the CPU or, with
     ``device`` cuda (or auto where CUDA is there), a GPU."""
@@ -108,7 +112,7 @@ class WhisperEngine:
         self.initial_prompt = initial_prompt
         if self.multilingual and language == "zh" and initial_prompt is None:
             # Without it Whisper writes Traditional characters (models.md).
-            self.initial_prompt = "以下是普通话的句子。"
+            self.initial_prompt = MANDARIN_PROMPT
         if device == "auto":
             device = "cuda" if cuda_devices() > 0 else "cpu"
         self.device = device
@@ -127,10 +131,10 @@ class WhisperEngine:
             # language (Mandarin with its prompt, else Whisper writes Traditional characters).
             detected, _probability, _ = self.model.detect_language(audio)
             lang = detected
-            prompt = "以下是普通话的句子。" if detected == "zh" else None
+            prompt = MANDARIN_PROMPT if detected == "zh" else None
         elif language and language != "auto" and self.multilingual and language != self.language:
             lang = language
-            prompt = "以下是普通话的句子。" if language == "zh" else None
+            prompt = MANDARIN_PROMPT if language == "zh" else None
         segments, info = self.model.transcribe(
             audio,
             language=lang,
@@ -169,7 +173,7 @@ class WhisperEngine:
             lang, prompt_text = self.language, self.initial_prompt
             if languages[i] and self.multilingual and languages[i] != self.language:
                 lang = languages[i]
-                prompt_text = "以下是普通话的句子。" if lang == "zh" else None
+                prompt_text = MANDARIN_PROMPT if lang == "zh" else None
             tokenizer = Tokenizer(self.model.hf_tokenizer, self.model.model.is_multilingual, task="transcribe", language=lang or "en")
             previous = tokenizer.encode(" " + prompt_text.strip()) if prompt_text else []
             prompt = self.model.get_prompt(tokenizer, previous, without_timestamps=True)

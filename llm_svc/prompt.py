@@ -6,6 +6,7 @@ import datetime as dt
 
 from shared.agents import AgentConfig
 from shared.calendar import lunar_date
+from shared.phrases import ZH_WEEKDAYS
 from shared.settings import LlmSettings
 
 DEFAULT_ROLE = LlmSettings.model_fields["system_prompt"].default
@@ -47,7 +48,7 @@ def _chinese_prompt(default_role: str, agent: AgentConfig, now: dt.datetime, sum
     """The whole prompt in Chinese: a small model answers in the language it is spoken to in."""
     role = agent.role_prompt or (ZH_ROLE if default_role == DEFAULT_ROLE else default_role)
     lines = [role.replace("{name}", "小智" if agent.name == "Xiaozhi" else agent.name)]
-    when = f"现在是{now.year}年{now.month}月{now.day}日，星期{'一二三四五六日'[now.weekday()]}，{now:%H:%M}。"
+    when = f"现在是{now.year}年{now.month}月{now.day}日，星期{ZH_WEEKDAYS[now.weekday()]}，{now:%H:%M}。"
     lunar = lunar_date(now.date())
     if lunar:
         when = when[:-1] + f"（{lunar}）。"

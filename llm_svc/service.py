@@ -482,8 +482,7 @@ class LlmWorker:
     @staticmethod
     def _language(ctx: TurnContext) -> str | None:
         """The reply's language: the agent's, else the one the ASR heard."""
-        agent = getattr(ctx, "agent", None)
-        language = agent.language if agent is not None else None
+        language = ctx.agent.language
         return ctx.turn.language if language in (None, "auto") else language
 
     def _error_reply(self, ctx: TurnContext) -> str:

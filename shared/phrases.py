@@ -88,7 +88,7 @@ def phrase(key: str, language: str | None, english: str | None = None) -> str:
     return PHRASES[code][key]
 
 
-_ZH_WEEKDAYS = "一二三四五六日"
+ZH_WEEKDAYS = "一二三四五六日"
 _DE_WEEKDAYS = ["Montag", "Dienstag", "Mittwoch", "Donnerstag", "Freitag", "Samstag", "Sonntag"]
 _DE_MONTHS = ["Januar", "Februar", "März", "April", "Mai", "Juni", "Juli", "August", "September", "Oktober", "November", "Dezember"]
 _FR_WEEKDAYS = ["lundi", "mardi", "mercredi", "jeudi", "vendredi", "samedi", "dimanche"]
@@ -119,7 +119,7 @@ def say_time(now: dt.datetime, language: str | None) -> str:
     if code == "zh":
         hour12 = now.hour % 12 or 12
         minute = "整" if now.minute == 0 else (f"零{now.minute}分" if now.minute < 10 else f"{now.minute}分")
-        return f"现在是{now.year}年{now.month}月{now.day}日，星期{_ZH_WEEKDAYS[wd]}，{zh_day_part(now.hour)}{hour12}点{minute}。"
+        return f"现在是{now.year}年{now.month}月{now.day}日，星期{ZH_WEEKDAYS[wd]}，{zh_day_part(now.hour)}{hour12}点{minute}。"
     if code == "ja":
         return f"今は{now.year}年{now.month}月{now.day}日、{_JA_WEEKDAYS[wd]}曜日、{now.hour}時{now.minute}分です。"
     if code == "ko":
